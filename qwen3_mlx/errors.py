@@ -1,0 +1,33 @@
+"""Errors a user can cause. Library code raises these; only the CLI turns them into exit codes."""
+
+
+class Qwen3Error(Exception):
+    """Base class: the message is one line a user can act on."""
+
+
+class ConfigError(Qwen3Error):
+    """config.json is missing, malformed, not Qwen3, or lacks a required key."""
+
+
+class CheckpointError(Qwen3Error):
+    """A weight file is missing, truncated, corrupt, or holds a tensor of the wrong shape."""
+
+
+class ModelNotFoundError(Qwen3Error):
+    """Neither a local folder nor a reachable (or cached) Hugging Face repo."""
+
+
+class QuantizationError(Qwen3Error):
+    """An unknown or unsupported quantization setting."""
+
+
+class TemplateError(Qwen3Error):
+    """The chat template cannot do what was asked (for example, turn thinking off)."""
+
+
+class ContextOverflowError(Qwen3Error):
+    """A prompt does not fit in the model's context window."""
+
+
+class TranscriptError(Qwen3Error):
+    """A transcript file cannot be read or written."""
