@@ -1,0 +1,42 @@
+"""What Chat.send() yields: text deltas by kind, then one frozen result record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FINISH_REASONS = ("stop", "length", "interrupted", "repetition")
+
+
+@dataclass(frozen=True)
+class ThinkingText:
+    """A piece of the reasoning inside <think>…</think>."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerText:
+    """A piece of the final answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """The end of one reply: how it ended, what it said, and what it cost."""
+
+    finish_reason: str  # one of FINISH_REASONS
+    answer: str
+    thinking: str
+    thinking_finished: bool  # False when the reply stopped inside the think block
+    prompt_tokens: int  # tokens of the rendered prompt
+    prefilled_tokens: int  # tokens actually run through the model (after cache reuse)
+    generated_tokens: int
+    time_to_first_token: float  # seconds
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    thinking_seconds: float
+    peak_memory_gb: float
+
+
+ChatEvent = ThinkingText | AnswerText | TurnResult

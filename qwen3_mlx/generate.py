@@ -1,0 +1,84 @@
+"""The token generator: prefill a prompt into a KV cache, then sample tokens one by one.
+
+It yields token ids with timing and knows nothing of text. The cache is advanced in place: after the
+generator stops, `cache_length(cache)` tells how many of prompt + yielded tokens it holds (the step
+for the token after the last one yielded may already have run, as generation overlaps one step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+# A stateful logits processor sees the token sampled last (None on the first step) and the logits.
+LogitsProcessor = Callable[[mx.array | None, mx.array], mx.array]
+
+PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One sampled token and the seconds since generation started."""
+
+    token: int
+    seconds: float
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    """The arg-max sampler."""
+    return mx.argmax(logprobs, axis=-1)
+
+
+def prefill(model: Any, tokens: Sequence[int], cache: list[Any], chunk: int = PREFILL_CHUNK) -> mx.array:
+    """Run all tokens but the last through the model in chunks, filling the cache; return the last."""
+    ids = mx.array(list(tokens), dtype=mx.uint32)
+    while ids.shape[0] > 1:
+        take = min(chunk, ids.shape[0] - 1)
+        model(ids[None, :take], cache=cache)
+        mx.eval([c.state for c in cache])
+        ids = ids[take:]
+    return ids
+
+
+def generate_tokens(
+    model: Any,
+    prompt: Sequence[int],
+    cache: list[Any],
+    *,
+    sampler: Sampler = greedy,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_tokens: int = 256,
+    prefill_chunk: int = PREFILL_CHUNK,
+) -> Iterator[GeneratedToken]:
+    """Yield up to max_tokens sampled tokens after `prompt` (the part not yet in the cache)."""
+    if not prompt:
+        raise ValueError("generate_tokens needs at least one new prompt token")
+    start = time.perf_counter()
+    last = prefill(model, prompt, cache, prefill_chunk)
+    previous: list[mx.array | None] = [None]
+
+    def step(inputs: mx.array) -> mx.array:
+        logits = model(inputs[None], cache=cache)[:, -1, :]
+        for processor in logits_processors:
+            logits = processor(previous[0], logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs).reshape(1)
+        previous[0] = token
+        return token
+
+    token = step(last)
+    mx.async_eval(token)
+    for produced in range(max_tokens):
+        # Queue the next step before waiting on this one, so compute overlaps our Python work.
+        following = step(token) if produced + 1 < max_tokens else None
+        if following is not None:
+            mx.async_eval(following)
+        yield GeneratedToken(int(token.item()), time.perf_counter() - start)
+        if following is None:
+            return
+        token = following

@@ -1,0 +1,141 @@
+"""The Qwen3 dense transformer in MLX. Attribute names equal the checkpoint keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.rope import RoPE
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, head_dim = args.hidden_size, args.head_dim
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(D, self.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, D, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling)
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v projections of x: [B, L, D] -> three [B, L, heads * head_dim]."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = self.project(x)
+        # [B, L, H * head_dim] -> [B, H, L, head_dim]; the norms act per head.
+        q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # The fused kernel handles GQA (fewer kv heads) without repeating k and v.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def gate_up(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """The gate and up projections of x."""
+        return self.gate_proj(x), self.up_proj(x)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = self.gate_up(x)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, the decoder blocks and the final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = causal_mask(h.shape[1], cache[0])
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Qwen3ForCausalLM: token ids [B, L] -> logits [B, L, vocab]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Qwen3Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        """The decoder blocks (mlx-lm's cache helpers look for this)."""
+        return self.model.layers
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop tensors the module tree has no place for (a tied lm_head)."""
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+            for suffix in ("scales", "biases"):
+                weights.pop(f"lm_head.{suffix}", None)
+        return weights
+
+
+def causal_mask(L: int, cache: Any) -> Any:
+    """The attention mask for L new tokens: none for one token, else the fused causal mode."""
+    if L == 1:
+        return None
+    # "causal" lets the kernel align the lower-right corner, so it holds with a cache offset too.
+    return "causal"

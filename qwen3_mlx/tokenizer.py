@@ -1,0 +1,112 @@
+"""The tokenizer and chat-template rendering (transformers), plus mlx-lm's streaming detokenizer.
+
+Rendering goes through transformers' own apply_chat_template so our prompt tokens equal theirs
+exactly; no template is re-implemented here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qwen3_mlx.errors import CheckpointError, TemplateError
+
+THINK_START_ID = 151667  # <think>
+THINK_END_ID = 151668  # </think>
+IM_START_ID = 151644
+IM_END_ID = 151645
+END_OF_TEXT_ID = 151643
+
+
+class Tokenizer:
+    """Encode, decode and render chat prompts for one model folder."""
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: tuple[int, ...]):
+        self.hf = hf_tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.chat_template: str = hf_tokenizer.chat_template or ""
+        if not self.chat_template:
+            raise TemplateError("the model folder has no chat template (tokenizer_config.json or chat_template.jinja)")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows, added tokens included."""
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without special-token additions."""
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of token ids."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the template honours enable_thinking (Qwen3 hybrid models do; 2507 does not)."""
+        return "enable_thinking" in self.chat_template
+
+    @property
+    def opens_think_in_prompt(self) -> bool:
+        """Whether the generation prompt already opens <think> (Thinking-2507), so output shows only </think>."""
+        return self.render_text([{"role": "user", "content": "x"}]).endswith("<think>\n")
+
+    def render_text(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+    ) -> str:
+        """The prompt text the model's own template makes for these messages."""
+        kwargs: dict[str, Any] = {}
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        try:
+            return self.hf.apply_chat_template(
+                messages,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
+            )
+        except Exception as error:  # jinja2 raises many types; the user needs one line
+            raise TemplateError(f"chat template failed: {error}") from None
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+    ) -> list[int]:
+        """Prompt token ids, equal to transformers' apply_chat_template(tokenize=True)."""
+        text = self.render_text(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
+        return self.encode(text)
+
+    def new_detokenizer(self) -> Any:
+        """A fresh streaming detokenizer that holds bytes back until they form valid UTF-8."""
+        from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+        return BPEStreamingDetokenizer(self.hf)
+
+
+def load_tokenizer(model_dir: Path, eos_token_ids: tuple[int, ...]) -> Tokenizer:
+    """Load the tokenizer files of a model folder (never executing code from it)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
+        raise CheckpointError(f"{model_dir}: no tokenizer.json (incomplete model folder?)")
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as error:  # transformers raises many types for bad folders
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({error})") from None
+    return Tokenizer(hf, eos_token_ids)
