@@ -1,0 +1,69 @@
+"""The `qwen3-mlx` Typer app: global options and the list of commands.
+
+Commands import MLX, transformers and the model code inside their functions, so `--help` and
+`--version` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from qwen3_mlx import __version__
+from qwen3_mlx.cli.chat_cmd import chat_command
+from qwen3_mlx.cli.info_cmd import download_command, info_command
+from qwen3_mlx.cli.prompt_cmd import prompt_command
+
+app = typer.Typer(
+    name="qwen3-mlx",
+    help="Chat with Qwen3 models on Apple silicon, with MLX.\n\n"
+    "The model comes from --model, else $QWEN3_MLX_MODEL, else `model` in "
+    "$XDG_CONFIG_HOME/qwen3-mlx/config.toml, else Qwen/Qwen3-4B-MLX-4bit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # Plain Click formatting: usage errors end in one `Error: ...` line, like runtime errors.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"qwen3-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Chat with Qwen3 models on Apple silicon, with MLX."""
+    ctx.obj = {"debug": debug}
+
+
+app.command("chat")(chat_command)
+app.command("prompt")(prompt_command)
+app.command("download")(download_command)
+app.command("info")(info_command)
+
+try:
+    from qwen3_mlx.cli.quantize_cmd import quantize_command
+except ModuleNotFoundError as missing:  # the converter's command is optional until it lands
+    if missing.name != "qwen3_mlx.cli.quantize_cmd":
+        raise
+else:
+    app.command("quantize")(quantize_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="qwen3-mlx")

@@ -1,0 +1,71 @@
+"""How commands fail: one `Error: ...` line on stderr and an exit code; tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+import typer
+
+from qwen3_mlx.errors import Qwen3Error
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPT = 130
+
+
+def is_debug() -> bool:
+    """Whether --debug was given to the app."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    obj = ctx.find_root().obj
+    return bool(isinstance(obj, dict) and obj.get("debug"))
+
+
+def error_line(message: str) -> None:
+    """Print `Error: message` on stderr, as one line."""
+    print(f"Error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _show_warning(
+    message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    # One quiet line instead of Python's two-line "file:line: Category: message".
+    print(f"Warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn Qwen3Error into exit 1, Ctrl-C into 130, anything unexpected into exit 1 + a hint."""
+    debug = is_debug()
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        if not debug:
+            # Library deprecation chatter is for developers, not for someone chatting.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+        try:
+            yield
+        except (typer.Exit, click.ClickException, click.exceptions.Exit, BrokenPipeError):
+            raise
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPT) from None
+        except Qwen3Error as error:
+            if debug:
+                traceback.print_exc()
+            error_line(str(error))
+            raise typer.Exit(EXIT_RUNTIME) from None
+        except Exception as error:
+            if debug:
+                traceback.print_exc()
+                error_line(f"{type(error).__name__}: {error}")
+            else:
+                error_line(f"{type(error).__name__}: {error} (run with --debug for the traceback)")
+            raise typer.Exit(EXIT_RUNTIME) from None

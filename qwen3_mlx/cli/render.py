@@ -1,0 +1,218 @@
+"""How replies look: live Markdown for the answer, dim thinking that folds to one line, stats."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+from rich.text import Text
+
+from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+
+SETTING_LABELS = {
+    "temperature": "temp",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "presence_penalty": "presence_penalty",
+    "max_tokens": "max_tokens",
+    "seed": "seed",
+}
+
+
+class Tail:
+    """Shows only the last lines of a renderable that fit the screen.
+
+    A Live region taller than the terminal cannot be redrawn in place (rich would repeat it in the
+    scrollback), so the streaming view keeps to the bottom of the text; the full answer is printed
+    once the reply ends.
+    """
+
+    def __init__(self, renderable: RenderableType, reserve: int = 1):
+        self.renderable = renderable
+        self.reserve = reserve
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        height = max(console.size.height - self.reserve, 1)
+        lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
+        for line in lines[-height:]:
+            yield from line
+            yield Segment.line()
+
+
+def format_settings(settings: dict[str, Any]) -> str:
+    """`temp 0.6 · top_p 0.95 · …`; an unset seed and a zero presence penalty are left out."""
+    parts = []
+    for name, value in settings.items():
+        if value is None or (name == "presence_penalty" and value == 0):
+            continue
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"{SETTING_LABELS.get(name, name)} {shown}")
+    return " · ".join(parts)
+
+
+def mode_name(thinking: bool) -> str:
+    """The words for a thinking mode."""
+    return "thinking on" if thinking else "thinking off"
+
+
+def print_header(console: Console, chat: Any, version: str) -> None:
+    """The banner: model, mode, context window and sampling preset."""
+    console.print(
+        Text.assemble(
+            ("qwen3-mlx ", "bold"), (version, "dim"), "  ", (chat.model_id or "model", "bold cyan")
+        )
+    )
+    console.print(
+        Text(
+            f"{mode_name(chat.thinking)} · context {chat.context_limit:,} tokens · {format_settings(chat.settings)}",
+            style="dim",
+        )
+    )
+    console.print(
+        Text(
+            "/help for commands · Alt+Enter new line · Ctrl-C stops a reply · Ctrl-D quits",
+            style="dim",
+        )
+    )
+
+
+def stats_line(result: TurnResult) -> str:
+    """The quiet line after a reply: tokens, time to first token, speed, and why it stopped early."""
+    text = (
+        f"{result.generated_tokens} tokens · {result.time_to_first_token:.2f} s to first token · "
+        f"{result.decode_tokens_per_second:.1f} tok/s"
+    )
+    if result.finish_reason == "length":
+        text += " · stopped at max_tokens"
+    elif result.finish_reason == "repetition":
+        text += " · stopped: the reply was repeating itself"
+    return text
+
+
+def stats_lines(result: TurnResult) -> list[str]:
+    """The /stats details of one reply."""
+    return [
+        f"finish reason      {result.finish_reason}",
+        f"prompt tokens      {result.prompt_tokens} ({result.prefilled_tokens} computed, "
+        f"{result.prompt_tokens - result.prefilled_tokens} reused from the cache)",
+        f"generated tokens   {result.generated_tokens}",
+        f"first token after  {result.time_to_first_token:.2f} s",
+        f"prefill speed      {result.prefill_tokens_per_second:.1f} tok/s",
+        f"decode speed       {result.decode_tokens_per_second:.1f} tok/s",
+        f"thinking time      {result.thinking_seconds:.1f} s",
+        f"peak memory        {result.peak_memory_gb:.2f} GB",
+    ]
+
+
+def thought_line(seconds: float, tokens: int, finished: bool = True) -> str:
+    """The one line the thinking folds into."""
+    unit = "token" if tokens == 1 else "tokens"
+    return f"thought for {seconds:.1f} s, {tokens} {unit}" + ("" if finished else " (unfinished)")
+
+
+class ReplyView:
+    """Draws one streamed reply on a console; feed it events, then call finish()."""
+
+    def __init__(self, console: Console, *, show_thinking: bool = False, count_tokens: Any = None):
+        self.console = console
+        self.show_thinking = show_thinking
+        # TurnResult has no thinking-token count and text pieces are not tokens, so the view
+        # re-encodes the thinking text (the model's own tokenization of it, in practice exact).
+        self.count_tokens = count_tokens
+        self.live_mode = console.is_terminal
+        self.thinking = ""
+        self.thinking_pieces = 0
+        self.answer = ""
+        self.thinking_started: float | None = None
+        self.thinking_closed = False
+        self.live: Live | None = None
+
+    def __enter__(self) -> ReplyView:
+        if self.live_mode:
+            self.live = Live(
+                console=self.console, refresh_per_second=10, transient=True, auto_refresh=True
+            )
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop_live()
+
+    def _stop_live(self) -> None:
+        if self.live is not None:
+            self.live.update(Text(""), refresh=True)
+            self.live.stop()
+            self.live = None
+
+    def feed(self, event: Any) -> None:
+        """Show one stream event."""
+        if isinstance(event, ThinkingText):
+            self._on_thinking(event.text)
+        elif isinstance(event, AnswerText):
+            self._close_thinking(finished=True)
+            self.answer += event.text
+            if self.live is not None:
+                self.live.update(Tail(Markdown(self.answer)))
+            else:
+                self.console.file.write(event.text)
+                self.console.file.flush()
+
+    def _on_thinking(self, text: str) -> None:
+        if self.thinking_started is None:
+            self.thinking_started = time.perf_counter()
+        self.thinking += text
+        self.thinking_pieces += 1
+        if self.live is not None:
+            self.live.update(Tail(Text(self.thinking.strip(), style="dim")))
+        elif self.show_thinking:
+            self.console.file.write(text)
+            self.console.file.flush()
+
+    def _close_thinking(self, finished: bool) -> None:
+        if self.thinking_closed:
+            return
+        self.thinking_closed = True
+        if not self.thinking.strip():
+            return
+        seconds = time.perf_counter() - (self.thinking_started or time.perf_counter())
+        tokens = self.count_tokens(self.thinking) if self.count_tokens else self.thinking_pieces
+        line = Text(thought_line(seconds, tokens, finished), style="dim italic")
+        if self.live is not None:
+            self.live.update(Text(""))
+            if self.show_thinking:
+                self.console.print(Text(self.thinking.strip(), style="dim"))
+            self.console.print(line)
+        else:
+            if self.show_thinking:
+                self.console.file.write("\n")
+            self.console.print(line, highlight=False)
+
+    def finish(self, result: TurnResult | None) -> None:
+        """Close the live view, print the whole answer and the stats line."""
+        finished = result.thinking_finished if result is not None else False
+        if result is not None and result.thinking.startswith(self.thinking):
+            self.thinking = result.thinking  # an interrupted reply hands over its held-back text
+        self._close_thinking(finished=finished)
+        answer = self.answer
+        if result is not None and result.answer.startswith(self.answer):
+            answer = result.answer
+        if self.live is not None:
+            self._stop_live()
+            if answer.strip():
+                self.console.print(Markdown(answer))
+        else:
+            self.console.file.write(answer[len(self.answer) :])
+            if answer and not answer.endswith("\n"):
+                self.console.file.write("\n")
+        if result is None:
+            return
+        if result.finish_reason == "interrupted":
+            self.console.print(
+                Text("⏹ interrupted: the partial answer is kept", style="yellow"), highlight=False
+            )
+        self.console.print(Text(stats_line(result), style="dim"), highlight=False)
