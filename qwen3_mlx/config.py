@@ -29,11 +29,13 @@ class ModelArgs:
     num_attention_heads: int
     num_key_value_heads: int
     vocab_size: int
-    head_dim: int
+    # Defaults are transformers' Qwen3Config ones, so a config.json that leaves a key out means
+    # the same model here as in the reference implementation.
+    head_dim: int = 128
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 40_960
-    tie_word_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    max_position_embeddings: int = 32_768
+    tie_word_embeddings: bool = False
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
     model_type: str = "qwen3"
 
@@ -54,9 +56,15 @@ class ModelArgs:
         rope_parameters = config.get("rope_parameters") or {}
         if "rope_theta" not in values and "rope_theta" in rope_parameters:
             values["rope_theta"] = rope_parameters["rope_theta"]
-        if "rope_scaling" not in values and rope_parameters.get("rope_type", "default") != "default":
+        if (
+            "rope_scaling" not in values
+            and rope_parameters.get("rope_type", "default") != "default"
+        ):
             values["rope_scaling"] = dict(rope_parameters)
-        values.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+        max_positions = values.get("max_position_embeddings", cls.max_position_embeddings)
+        values["rope_scaling"] = complete_rope_scaling(
+            values.get("rope_scaling"), max_positions, source
+        )
         args = cls(**values)
         args.validate(source)
         return args
@@ -76,17 +84,42 @@ class ModelArgs:
     def with_rope_scaling(self, rope_scaling: dict[str, Any] | None) -> ModelArgs:
         """A copy with another rope_scaling (YaRN asked for at load time)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["rope_scaling"] = rope_scaling
+        values["rope_scaling"] = complete_rope_scaling(
+            rope_scaling, self.max_position_embeddings, "rope_scaling"
+        )
         return ModelArgs(**values)
 
     @property
     def context_length(self) -> int:
         """Tokens of context the model supports with its current RoPE settings."""
-        scaling = self.rope_scaling or {}
-        if scaling.get("rope_type", scaling.get("type")) == "yarn":
-            original = int(scaling.get("original_max_position_embeddings", 32_768))
-            return max(int(original * float(scaling.get("factor", 1.0))), self.max_position_embeddings)
+        scaling = self.rope_scaling
+        if scaling is not None:
+            original = int(scaling["original_max_position_embeddings"])
+            return max(int(original * float(scaling["factor"])), self.max_position_embeddings)
         return self.max_position_embeddings
+
+
+def complete_rope_scaling(
+    scaling: dict[str, Any] | None, max_position_embeddings: int, source: str = "config.json"
+) -> dict[str, Any] | None:
+    """YaRN settings with transformers' defaults filled in; None for plain RoPE; refuse other types."""
+    if not scaling:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "yarn":
+        raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (yarn only)")
+    completed = {**scaling, "rope_type": "yarn"}
+    # As transformers: no original length means max_position_embeddings, no factor their ratio.
+    completed.setdefault("original_max_position_embeddings", max_position_embeddings)
+    if completed.get("factor") is None:
+        completed["factor"] = (
+            max_position_embeddings / completed["original_max_position_embeddings"]
+        )
+    return completed
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

@@ -14,6 +14,11 @@ def _yarn_correction_dim(rotations: float, dims: int, base: float, original: int
     return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    # The YaRN paper's attention temperature: 0.1 ln(s) + 1, optionally weighted.
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
 def yarn_frequencies(dims: int, base: float, scaling: dict[str, Any]) -> tuple[mx.array, float]:
     """YaRN's per-dimension periods and attention factor, as in the YaRN paper and transformers."""
     factor = float(scaling["factor"])
@@ -33,7 +38,11 @@ def yarn_frequencies(dims: int, base: float, scaling: dict[str, Any]) -> tuple[m
     inv_freq = inv_freq_extra / factor * (1.0 - extrapolate) + inv_freq_extra * extrapolate
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
-        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
     # mx.fast.rope takes periods (1 / inverse frequency).
     return 1.0 / inv_freq, float(attention_factor)
 

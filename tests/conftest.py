@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random-weight Qwen3 checkpoint folders (builder logic in checkpoints.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from checkpoints import FIXTURES
+from checkpoints import make_checkpoint as build_checkpoint
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    """A factory: make_checkpoint(name="model", seed=0, dtype="bfloat16", shards=1, tokenizer=None,
+    **config_overrides) -> a fresh checkpoint folder under tmp_path."""
+
+    def factory(name: str = "model", **kwargs: Any) -> Path:
+        return build_checkpoint(tmp_path / name, **kwargs)
+
+    return factory
+
+
+@pytest.fixture
+def tiny_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
+    """The default tiny checkpoint: bf16, tied, GQA 4/2, 2 layers, vocab 512, single file."""
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """tests/fixtures (real Qwen3 tokenizer, templates, configs; see SOURCES.md)."""
+    return FIXTURES
