@@ -31,3 +31,11 @@ class ContextOverflowError(Qwen3Error):
 
 class TranscriptError(Qwen3Error):
     """A transcript file cannot be read or written."""
+
+
+class SettingsError(Qwen3Error):
+    """A sampling setting has an unknown name or a value out of range."""
+
+
+class HistoryError(Qwen3Error):
+    """The conversation has no exchange to undo or retry."""

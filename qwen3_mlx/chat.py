@@ -1,0 +1,352 @@
+"""The chat session: history, system prompt, thinking switch, sampling settings and KV-cache reuse.
+
+`Chat.send(text)` yields ThinkingText and AnswerText pieces and ends with a TurnResult. History is
+an explicit list of turns; the KV cache is only an accelerator: it remembers the exact tokens it
+holds, and each turn reuses the longest common prefix with the newly rendered prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from qwen3_mlx.cache import make_cache, trim_cache
+from qwen3_mlx.errors import ContextOverflowError, HistoryError, SettingsError, TemplateError
+from qwen3_mlx.events import ChatEvent
+from qwen3_mlx.generate import generate_tokens
+from qwen3_mlx.generation_config import GenerationConfig
+from qwen3_mlx.sampling import build_logits_processors, build_sampler, seed_reply
+from qwen3_mlx.settings import (
+    SETTING_NAMES,
+    GreedyThinkingWarning,
+    effective_settings,
+    validate_overrides,
+    validate_setting,
+)
+from qwen3_mlx.stream import RepetitionGuard, ReplyStream
+from qwen3_mlx.thinking import prompt_phase, thinking_active
+from qwen3_mlx.tokenizer import IM_END_ID, Tokenizer
+from qwen3_mlx.transcript import (
+    TranscriptData,
+    Turn,
+    history_messages,
+    read_transcript,
+    write_transcript,
+)
+
+
+def render_prompt(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    thinking: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Prompt ids from the model's own template; the hard switch goes only to templates that have it."""
+    enable_thinking = thinking if tokenizer.has_thinking_switch else None
+    return tokenizer.render(messages, tools=tools, enable_thinking=enable_thinking)
+
+
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+class PromptCache:
+    """A KV cache plus the exact token list it holds, so any later prompt can reuse its prefix."""
+
+    def __init__(self, model: Any):
+        self.cache = make_cache(model)
+        self.tokens: list[int] = []
+
+    def reuse(self, prompt: Sequence[int]) -> int:
+        """Trim the cache to the prefix it shares with prompt; return how many tokens are reused."""
+        # The last prompt token always runs again: its logits pick the first reply token.
+        keep = min(common_prefix_length(self.tokens, prompt), len(prompt) - 1)
+        trim_cache(self.cache, keep)
+        self.tokens = self.tokens[:keep]
+        return keep
+
+    def settle(self, fed: Sequence[int]) -> None:
+        """Record what the cache holds after a reply that ended or was cut off anywhere.
+
+        The generator may have run one step past the last token we saw, and an interrupt can land
+        between two layers' updates, so every layer is trimmed to the shortest one and to `fed`.
+        """
+        keep = min(min((layer.offset for layer in self.cache), default=0), len(fed))
+        for layer in self.cache:
+            if layer.offset > keep:
+                layer.trim(layer.offset - keep)
+        self.tokens = list(fed[:keep])
+
+
+class Chat:
+    """One conversation with one model: drive it with send(), retry(), undo() and reset()."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Tokenizer,
+        generation_config: GenerationConfig,
+        *,
+        model_id: str = "",
+        system: str | None = None,
+        thinking: bool = True,
+        sampling: dict[str, Any] | None = None,
+        context_length: int | None = None,
+        repetition_guard: RepetitionGuard | None = RepetitionGuard(),  # noqa: B008 (frozen)
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.model_id = model_id
+        self.repetition_guard = repetition_guard
+        self.context_limit = int(context_length or model.args.context_length)
+        self.last_result = None
+        self._system = _clean_system(system)
+        self._thinking = True
+        self.thinking = thinking
+        self._explicit = validate_overrides(sampling)
+        self._turns: list[Turn] = []
+        self._cache = PromptCache(model)
+        self._stop_ids = frozenset(generation_config.eos_token_ids) | {IM_END_ID}
+        self._active: Iterator[ChatEvent] | None = None
+        self._replies = 0
+        self._used: tuple[str, int] = ("", 0)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | Path,
+        *,
+        rope_scaling: dict[str, Any] | None = None,
+        compute_dtype: str = "auto",
+        **chat_kwargs: Any,
+    ) -> Chat:
+        """Load a model folder or repo id and open a chat with it."""
+        from qwen3_mlx.loading import load
+
+        model, tokenizer, generation_config = load(
+            path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype
+        )
+        chat_kwargs.setdefault("model_id", str(path_or_repo))
+        return cls(model, tokenizer, generation_config, **chat_kwargs)
+
+    # --- state a view reads --------------------------------------------------------------------
+
+    @property
+    def system(self) -> str | None:
+        """The system prompt (None for none)."""
+        return self._system
+
+    @system.setter
+    def system(self, value: str | None) -> None:
+        self._system = _clean_system(value)
+
+    @property
+    def thinking(self) -> bool:
+        """The hard thinking switch (enable_thinking)."""
+        return self._thinking
+
+    @thinking.setter
+    def thinking(self, value: bool) -> None:
+        if not value and not self.tokenizer.has_thinking_switch:
+            raise TemplateError(
+                "this model always thinks: its chat template has no enable_thinking switch "
+                "(a Thinking-2507 model), so thinking cannot be turned off"
+            )
+        self._thinking = bool(value)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The history as the template gets it: assistant content is the final answer only."""
+        return history_messages(self._system, self._turns)
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The exchanges so far, thinking kept apart, with how each reply ended."""
+        return list(self._turns)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The sampling settings the next reply would use (mode preset + explicit values)."""
+        thinks = thinking_active(self.messages, self._thinking, self.tokenizer.has_thinking_switch)
+        return effective_settings(self.generation_config, thinks, self._explicit)
+
+    @property
+    def explicit_settings(self) -> dict[str, Any]:
+        """Only the values the user set; these survive a switch of mode."""
+        return dict(self._explicit)
+
+    @property
+    def context_used(self) -> int:
+        """Tokens the conversation so far takes in the context."""
+        messages = self.messages
+        if not messages:
+            return 0
+        key = json.dumps(messages, ensure_ascii=False)
+        if self._used[0] != key:
+            ids = self.tokenizer.render(messages, add_generation_prompt=False)
+            self._used = (key, len(ids))
+        return self._used[1]
+
+    # --- changing the conversation ---------------------------------------------------------------
+
+    def set(self, name: str, value: Any) -> None:
+        """Set a sampling value explicitly (it then holds in both modes); SettingsError if invalid."""
+        self._explicit[name] = validate_setting(name, value)
+
+    def unset(self, name: str) -> None:
+        """Return a sampling value to the mode's preset."""
+        if name not in SETTING_NAMES:
+            raise SettingsError(f"unknown setting {name!r}: use one of {', '.join(SETTING_NAMES)}")
+        self._explicit.pop(name, None)
+
+    def send(self, text: str) -> Iterator[ChatEvent]:
+        """Send a user message: yields ThinkingText / AnswerText pieces, then a TurnResult.
+
+        Raises ContextOverflowError (before anything changes) when the prompt would not fit.
+        Stop iterating (or let KeyboardInterrupt through) to interrupt: the partial reply is kept,
+        marked interrupted, and `last_result` describes it.
+        """
+        self._close_active()
+        return self._begin(str(text), list(self._turns))
+
+    def retry(self) -> Iterator[ChatEvent]:
+        """Generate the last reply again (the old one is dropped once the new one starts)."""
+        self._close_active()
+        if not self._turns:
+            raise HistoryError("nothing to retry: the conversation has no reply yet")
+        return self._begin(self._turns[-1].user, self._turns[:-1])
+
+    def undo(self) -> None:
+        """Drop the last exchange (the user message and its reply)."""
+        self._close_active()
+        if not self._turns:
+            raise HistoryError("nothing to undo: the conversation is empty")
+        self._turns.pop()
+
+    def reset(self) -> None:
+        """Clear the history; the system prompt and settings stay."""
+        self._close_active()
+        self._turns = []
+
+    def save(self, path: str | Path) -> None:
+        """Write the conversation to a JSON transcript."""
+        self._close_active()
+        data = TranscriptData(
+            self.model_id, self._system, self._thinking, dict(self._explicit), list(self._turns)
+        )
+        write_transcript(path, data, self.settings)
+
+    def load(self, path: str | Path) -> None:
+        """Continue the conversation saved in a transcript (history, system, thinking, settings)."""
+        data = read_transcript(path)
+        self._close_active()
+        self.thinking = data.thinking
+        self._system = data.system
+        self._explicit = dict(data.explicit_settings)
+        self._turns = list(data.turns)
+
+    @classmethod
+    def load_transcript(
+        cls,
+        path: str | Path,
+        model: Any,
+        tokenizer: Tokenizer,
+        generation_config: GenerationConfig,
+        **chat_kwargs: Any,
+    ) -> Chat:
+        """A chat that continues a saved transcript."""
+        data = read_transcript(path)
+        chat_kwargs.setdefault("model_id", data.model_id)
+        chat = cls(model, tokenizer, generation_config, thinking=data.thinking, **chat_kwargs)
+        chat.load(path)
+        return chat
+
+    # --- one reply -----------------------------------------------------------------------------------
+
+    def _close_active(self) -> None:
+        active, self._active = self._active, None
+        if active is not None:
+            active.close()  # type: ignore[attr-defined]  # records an interrupted reply
+
+    def _begin(self, user: str, kept: list[Turn]) -> Iterator[ChatEvent]:
+        messages = history_messages(self._system, kept) + [{"role": "user", "content": user}]
+        prompt = render_prompt(self.tokenizer, messages, thinking=self._thinking)
+        self._check_fits(len(prompt))
+        thinks = thinking_active(messages, self._thinking, self.tokenizer.has_thinking_switch)
+        settings = effective_settings(self.generation_config, thinks, self._explicit)
+        if thinks and settings["temperature"] == 0:
+            warnings.warn(
+                "temperature 0 (greedy decoding) in thinking mode can loop endlessly; "
+                "Qwen3 recommends temperature 0.6",
+                GreedyThinkingWarning,
+                stacklevel=3,
+            )
+        reply = self._reply(user, kept, prompt, settings)
+        self._active = reply
+        return reply
+
+    def _check_fits(self, prompt_tokens: int) -> None:
+        if prompt_tokens < self.context_limit:
+            return
+        scaling = getattr(self.model.args, "rope_scaling", None) or {}
+        ways = "/reset to start over, or /undo to drop the last exchange"
+        if scaling.get("rope_type", scaling.get("type")) != "yarn":
+            ways = "/reset to start over, or enable YaRN with --rope-scaling yarn --rope-factor 4"
+        raise ContextOverflowError(
+            f"the prompt needs {prompt_tokens:,} tokens but the context holds {self.context_limit:,} "
+            f"(a reply needs room too): {ways}"
+        )
+
+    def _reply(
+        self, user: str, kept: list[Turn], prompt: list[int], settings: dict[str, Any]
+    ) -> Iterator[ChatEvent]:
+        self._turns = kept  # a retry drops the old reply only now that the new one starts
+        reused = self._cache.reuse(prompt)
+        seed_reply(settings["seed"], self._replies)
+        self._replies += 1
+        mx.reset_peak_memory()
+        reply = ReplyStream(
+            self.tokenizer, prompt_phase(prompt), self._stop_ids, self.repetition_guard
+        )
+        tokens = generate_tokens(
+            self.model,
+            prompt[reused:],
+            self._cache.cache,
+            sampler=build_sampler(settings),
+            logits_processors=build_logits_processors(settings),
+            max_tokens=min(int(settings["max_tokens"]), self.context_limit - len(prompt)),
+        )
+        finish = "interrupted"
+        try:
+            yield from reply.run(tokens)
+            finish = reply.finish_reason
+        finally:
+            tokens.close()
+            self._cache.settle(prompt + reply.tokens)
+            result = reply.result(finish, len(prompt), len(prompt) - reused)
+            self._turns.append(
+                Turn(user, result.answer, result.thinking, result.thinking_finished, finish)
+            )
+            self.last_result = result
+            self._active = None
+        yield result
+
+
+def _clean_system(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text if text.strip() else None

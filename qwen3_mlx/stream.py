@@ -1,0 +1,211 @@
+"""The streaming layer over generate.py: think/answer split, detokenized text, stop rules, stats.
+
+Token ids go in; ThinkingText and AnswerText pieces come out, never half a UTF-8 character (mlx-lm's
+streaming detokenizer holds bytes back). A reply ends on a stop id, at max tokens, when the
+repetition guard fires, or when the consumer stops iterating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+from qwen3_mlx.generate import GeneratedToken
+from qwen3_mlx.thinking import Part, Phase, ThinkParser
+
+
+@dataclass(frozen=True)
+class RepetitionGuard:
+    """End a reply whose last tokens are one block repeated `repeats` times in a row.
+
+    Every block length from 1 to max_block is watched at once, whatever the offset where the loop
+    began; the repeated stretch must also span at least min_tokens, so short legitimate patterns
+    (a table rule, a few identical tokens) never trip it.
+    """
+
+    max_block: int = 256
+    repeats: int = 4
+    min_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_block < 1 or self.repeats < 2 or self.min_tokens < 1:
+            raise ValueError("RepetitionGuard needs max_block >= 1, repeats >= 2, min_tokens >= 1")
+
+    def tracker(self) -> RepetitionTracker:
+        """A fresh detector for one reply."""
+        return RepetitionTracker(self)
+
+
+class RepetitionTracker:
+    """Per block length p, the run of recent tokens equal to the token p places back.
+
+    A run of (repeats - 1) * p means the last repeats * p tokens are one p-token block repeated.
+    Each token costs one vectorized pass over max_block counters, independent of the reply length
+    (a rescan of the reply for every possible period would cost O(length * max_block)).
+    """
+
+    def __init__(self, guard: RepetitionGuard):
+        self.size = guard.max_block
+        self.periods = np.arange(1, self.size + 1)
+        self.needed = np.maximum(
+            (guard.repeats - 1) * self.periods, guard.min_tokens - self.periods
+        )
+        self.recent = np.full(self.size, -1, dtype=np.int64)  # ring buffer of the last tokens
+        self.runs = np.zeros(self.size, dtype=np.int64)
+        self.count = 0
+
+    def add(self, token: int) -> bool:
+        """Record one token; True when the reply has started to loop."""
+        back = self.recent[(self.count - self.periods) % self.size]
+        self.runs = np.where(back == token, self.runs + 1, 0)
+        self.recent[self.count % self.size] = token
+        self.count += 1
+        return bool((self.runs >= self.needed).any())
+
+
+class SectionText:
+    """The detokenized text of one section (thinking or answer), trimmed of edge newlines.
+
+    Leading newlines are dropped and trailing ones held back until more text follows, so the
+    `\\n` around the think block and before <|im_end|> never reach the screen.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.detokenizer = tokenizer.new_detokenizer()
+        self.read = 0
+        self.held = ""
+        self.pieces: list[str] = []
+        self.ids: list[int] = []
+
+    def add(self, token: int) -> str:
+        """Feed one token; return the text that may be shown now (often empty)."""
+        self.ids.append(token)
+        self.detokenizer.add_token(token)
+        return self._take()
+
+    def finish(self) -> str:
+        """Flush what the detokenizer held back; return the last piece to show."""
+        self.detokenizer.finalize()
+        piece = self._take()
+        self.held = ""
+        return piece
+
+    @property
+    def text(self) -> str:
+        """Everything shown so far."""
+        return "".join(self.pieces)
+
+    def _take(self) -> str:
+        new = self.detokenizer.text[self.read :]
+        self.read += len(new)
+        if not self.pieces and not self.held:
+            new = new.lstrip("\n")
+        text = self.held + new
+        shown = text.rstrip("\n")
+        self.held = text[len(shown) :]
+        if shown:
+            self.pieces.append(shown)
+        return shown
+
+
+class ReplyStream:
+    """One reply: label tokens by the think parser, detokenize each section, and decide the end."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        phase: Phase,
+        stop_ids: Iterable[int],
+        guard: RepetitionGuard | None = None,
+    ):
+        self.parser = ThinkParser(phase)
+        self.stop_ids = frozenset(stop_ids)
+        self.tracker = guard.tracker() if guard is not None else None
+        self.thinking = SectionText(tokenizer)
+        self.answer = SectionText(tokenizer)
+        self.tokens: list[int] = []
+        self.finish_reason = "interrupted"  # until run() says otherwise
+        self.first_seconds: float | None = None
+        self.last_seconds = 0.0
+        self.think_end_seconds: float | None = None
+
+    def run(self, generated: Iterable[GeneratedToken]) -> Iterator[ThinkingText | AnswerText]:
+        """Consume the token generator, yielding text pieces; sets finish_reason when it ends."""
+        finish = "length"
+        for item in generated:
+            self._time(item.seconds)
+            self.tokens.append(item.token)
+            if item.token in self.stop_ids:
+                finish = "stop"
+                break
+            event = self._label(item.token, item.seconds)
+            if event is not None:
+                yield event
+            if self.tracker is not None and self.tracker.add(item.token):
+                finish = "repetition"
+                break
+        yield from self._flush()
+        self.finish_reason = finish
+
+    def _time(self, seconds: float) -> None:
+        if self.first_seconds is None:
+            self.first_seconds = seconds
+        self.last_seconds = seconds
+
+    def _label(self, token: int, seconds: float) -> ThinkingText | AnswerText | None:
+        part = self.parser.feed(token)
+        if part is Part.THINKING:
+            text = self.thinking.add(token)
+            return ThinkingText(text) if text else None
+        if part is Part.ANSWER:
+            text = self.answer.add(token)
+            return AnswerText(text) if text else None
+        if part is Part.CLOSE:
+            self.think_end_seconds = seconds
+            piece = self.thinking.finish()
+            return ThinkingText(piece) if piece else None
+        return None
+
+    def _flush(self) -> Iterator[ThinkingText | AnswerText]:
+        thinking = self.thinking.finish()
+        if thinking:
+            yield ThinkingText(thinking)
+        answer = self.answer.finish()
+        if answer:
+            yield AnswerText(answer)
+
+    def result(self, finish_reason: str, prompt_tokens: int, prefilled_tokens: int) -> TurnResult:
+        """The frozen record of this reply (call after run() ended or was cut off)."""
+        for _ in self._flush():  # an interrupted reply still owes its held-back text
+            pass
+        first = self.first_seconds
+        decode_seconds = self.last_seconds - first if first is not None else 0.0
+        generated = len(self.tokens)
+        if self.parser.saw_block and first is not None:
+            end = (
+                self.think_end_seconds if self.think_end_seconds is not None else self.last_seconds
+            )
+            thinking_seconds = max(end - first, 0.0)
+        else:
+            thinking_seconds = 0.0
+        return TurnResult(
+            finish_reason=finish_reason,
+            answer=self.answer.text,
+            thinking=self.thinking.text,
+            thinking_finished=self.parser.thinking_finished,
+            prompt_tokens=prompt_tokens,
+            prefilled_tokens=prefilled_tokens,
+            generated_tokens=generated,
+            time_to_first_token=first or 0.0,
+            prefill_tokens_per_second=prefilled_tokens / first if first else 0.0,
+            decode_tokens_per_second=(generated - 1) / decode_seconds
+            if decode_seconds > 0
+            else 0.0,
+            thinking_seconds=thinking_seconds,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )

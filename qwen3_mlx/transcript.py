@@ -1,0 +1,179 @@
+"""Conversation records: turns with their thinking kept apart, the template's message list, and the
+JSON transcript format (save, validate, load)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen3_mlx.errors import Qwen3Error, TranscriptError
+from qwen3_mlx.events import FINISH_REASONS
+from qwen3_mlx.settings import validate_overrides
+
+TRANSCRIPT_FORMAT = "qwen3-mlx-transcript"
+TRANSCRIPT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange: the user's text, the final answer, and the reasoning kept for display only."""
+
+    user: str
+    answer: str = ""
+    thinking: str = ""
+    thinking_finished: bool = True
+    finish_reason: str = "stop"
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the reply was cut off by the user."""
+        return self.finish_reason == "interrupted"
+
+
+def history_messages(system: str | None, turns: list[Turn]) -> list[dict[str, Any]]:
+    """The messages the template gets: each assistant turn is its final answer, never its thinking."""
+    messages: list[dict[str, Any]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    for turn in turns:
+        messages.append({"role": "user", "content": turn.user})
+        assistant: dict[str, Any] = {"role": "assistant", "content": turn.answer}
+        if "</think>" in turn.answer:
+            # The templates split content at the text "</think>" unless reasoning_content is given;
+            # an answer that merely spells it must stay whole.
+            assistant["reasoning_content"] = ""
+        messages.append(assistant)
+    return messages
+
+
+@dataclass
+class TranscriptData:
+    """What a transcript file holds."""
+
+    model_id: str
+    system: str | None
+    thinking: bool
+    explicit_settings: dict[str, Any]
+    turns: list[Turn] = field(default_factory=list)
+
+
+def write_transcript(path: str | Path, data: TranscriptData, settings: dict[str, Any]) -> None:
+    """Write the transcript as JSON, atomically (a crash never leaves half a file)."""
+    path = Path(path).expanduser()
+    document = {
+        "format": TRANSCRIPT_FORMAT,
+        "version": TRANSCRIPT_VERSION,
+        "model_id": data.model_id,
+        "system": data.system,
+        "thinking": data.thinking,
+        "settings": settings,
+        "explicit_settings": data.explicit_settings,
+        "messages": history_messages(data.system, data.turns),
+        "turns": [
+            {
+                "thinking": turn.thinking,
+                "thinking_finished": turn.thinking_finished,
+                "finish_reason": turn.finish_reason,
+                "interrupted": turn.interrupted,
+            }
+            for turn in data.turns
+        ],
+    }
+    text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".transcript-", dir=path.parent or ".")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise TranscriptError(
+            f"{path}: cannot write the transcript ({error.strerror or error})"
+        ) from None
+
+
+def read_transcript(path: str | Path) -> TranscriptData:
+    """Read and validate a transcript; TranscriptError with one line if it is not a good one."""
+    path = Path(path).expanduser()
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise TranscriptError(
+            f"{path}: cannot read the transcript ({error.strerror or error})"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TranscriptError(f"{path}: not a JSON transcript ({error})") from None
+    try:
+        return _parse(document)
+    except TranscriptError as error:
+        raise TranscriptError(f"{path}: {error}") from None
+    except Qwen3Error as error:
+        raise TranscriptError(f"{path}: bad settings ({error})") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TranscriptError(message)
+
+
+def _parse(document: Any) -> TranscriptData:
+    _require(isinstance(document, dict), "not a transcript (expected a JSON object)")
+    _require(document.get("format") == TRANSCRIPT_FORMAT, f"not a {TRANSCRIPT_FORMAT} file")
+    version = document.get("version")
+    _require(isinstance(version, int), "transcript has no version number")
+    _require(
+        version <= TRANSCRIPT_VERSION,
+        f"transcript version {version} is newer than this program reads ({TRANSCRIPT_VERSION})",
+    )
+    system = document.get("system")
+    _require(system is None or isinstance(system, str), "'system' must be text or null")
+    thinking = document.get("thinking", True)
+    _require(isinstance(thinking, bool), "'thinking' must be true or false")
+    model_id = document.get("model_id", "")
+    _require(isinstance(model_id, str), "'model_id' must be text")
+    explicit = document.get("explicit_settings", {})
+    _require(isinstance(explicit, dict), "'explicit_settings' must be an object")
+    messages = document.get("messages")
+    _require(isinstance(messages, list), "'messages' must be a list")
+    records = document.get("turns", [])
+    _require(isinstance(records, list), "'turns' must be a list")
+    turns = _parse_turns(messages, system, records)
+    return TranscriptData(model_id, system, thinking, validate_overrides(explicit), turns)
+
+
+def _parse_turns(messages: list[Any], system: str | None, records: list[Any]) -> list[Turn]:
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        _require(messages[0].get("content") == system, "the system message differs from 'system'")
+        messages = messages[1:]
+    _require(
+        len(messages) % 2 == 0, "messages must alternate user and assistant, ending with an answer"
+    )
+    _require(
+        len(records) == len(messages) // 2, "'turns' must have one record per assistant message"
+    )
+    turns = []
+    for index, record in enumerate(records):
+        user, assistant = messages[2 * index], messages[2 * index + 1]
+        for message, role in ((user, "user"), (assistant, "assistant")):
+            _require(
+                isinstance(message, dict)
+                and message.get("role") == role
+                and isinstance(message.get("content"), str),
+                f"message {2 * index + 1 + (role == 'assistant')} must be a {role} message with text content",
+            )
+        _require(isinstance(record, dict), f"turn {index + 1} must be an object")
+        reason = record.get("finish_reason", "stop")
+        _require(
+            reason in FINISH_REASONS, f"turn {index + 1} has an unknown finish_reason {reason!r}"
+        )
+        thinking = record.get("thinking", "")
+        finished = record.get("thinking_finished", True)
+        _require(
+            isinstance(thinking, str) and isinstance(finished, bool),
+            f"turn {index + 1} has a malformed thinking record",
+        )
+        turns.append(Turn(user["content"], assistant["content"], thinking, finished, reason))
+    return turns
