@@ -28,10 +28,13 @@ OutputArgument = Annotated[
 ]
 BitsOption = Annotated[
     int | None,
-    typer.Option("--bits", "-b", show_default=False, help="Bits per weight: 2, 3, 4, 5, 6 or 8 [default: 4]."),
+    typer.Option(
+        "--bits", "-b", show_default=False, help="Bits per weight: 2, 3, 4, 5, 6 or 8 [default: 4]."
+    ),
 ]
 GroupSizeOption = Annotated[
-    int, typer.Option("--group-size", "-g", help="Weights sharing one scale and bias: 32, 64 or 128.")
+    int,
+    typer.Option("--group-size", "-g", help="Weights sharing one scale and bias: 32, 64 or 128."),
 ]
 RecipeOption = Annotated[
     str,
@@ -42,10 +45,17 @@ RecipeOption = Annotated[
     ),
 ]
 DtypeOption = Annotated[
-    str, typer.Option("--dtype", help="dtype of scales, biases and unquantized tensors: bfloat16, float16, float32.")
+    str,
+    typer.Option(
+        "--dtype",
+        help="dtype of scales, biases and unquantized tensors: bfloat16, float16, float32.",
+    ),
 ]
 ShardOption = Annotated[
-    str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest weight file, like 5GB or 500MB.")
+    str,
+    typer.Option(
+        "--max-shard-size", metavar="SIZE", help="Largest weight file, like 5GB or 500MB."
+    ),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")]
 VerifyOption = Annotated[
@@ -90,7 +100,9 @@ def quantize_command(
             print(verify_line(verify_quantized(result.source, result.output)))
 
 
-def _parse_options(bits: int | None, group_size: int, recipe: str, dtype: str, max_shard_size: str) -> tuple[Any, int]:
+def _parse_options(
+    bits: int | None, group_size: int, recipe: str, dtype: str, max_shard_size: str
+) -> tuple[Any, int]:
     """Check option values before any work; a bad one is a usage error (exit 2)."""
     from qwen3_mlx.errors import Qwen3Error
     from qwen3_mlx.quant import QuantSpec
@@ -102,7 +114,9 @@ def _parse_options(bits: int | None, group_size: int, recipe: str, dtype: str, m
             raise ValueError(f"unknown dtype {dtype!r}: choose one of bfloat16, float16, float32")
         from quantize.plan import parse_size
 
-        return QuantSpec(bits=4 if bits is None else bits, group_size=group_size, recipe=recipe), parse_size(max_shard_size)
+        return QuantSpec(
+            bits=4 if bits is None else bits, group_size=group_size, recipe=recipe
+        ), parse_size(max_shard_size)
     except (Qwen3Error, ValueError) as error:
         error_line(str(error))
         raise typer.Exit(EXIT_USAGE) from None
@@ -169,7 +183,9 @@ def summary_lines(result: ConversionResult) -> list[str]:
 
 def verify_line(report: VerifyReport) -> str:
     """The quality check as one line."""
-    prompts = "chat-template prompts" if report.templated else "fixed token sequences (no tokenizer)"
+    prompts = (
+        "chat-template prompts" if report.templated else "fixed token sequences (no tokenizer)"
+    )
     return (
         f"  verify        mean KL {report.mean_kl:.4f} nats, top-1 agreement {report.top1_agreement:.1%} "
         f"over {report.positions} positions ({report.prompts} {prompts})"
