@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import typer
+
 from qwen3_mlx import __version__
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.guard import reported_errors
@@ -11,6 +13,7 @@ from qwen3_mlx.cli.user_config import history_path, resolve_model
 
 
 def chat_command(
+    ctx: typer.Context,
     model: o.ModelOption = None,
     no_think: o.NoThinkOption = False,
     system: o.SystemOption = None,
@@ -28,7 +31,7 @@ def chat_command(
     compute_dtype: o.ComputeDtypeOption = o.ComputeDtype.auto,
 ) -> None:
     """Chat with a model in the terminal (type /help inside for the commands)."""
-    with reported_errors():
+    with reported_errors(ctx):
         rope = o.rope_scaling_block(rope_scaling, rope_factor)
         system_text = o.system_prompt(system, system_file)
         from rich.console import Console

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import click
 import typer
 
 from qwen3_mlx.errors import Qwen3Error
@@ -19,9 +18,14 @@ EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
 
 
-def is_debug() -> bool:
+# Typer >= 0.20 vendors Click; older versions re-export click's classes. Either way the usage-error
+# base class is an ancestor of typer.BadParameter, and it must reach Typer untouched (exit 2).
+_USAGE_BASE = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_PASS_THROUGH = (typer.Exit, typer.Abort, _USAGE_BASE, BrokenPipeError)
+
+
+def is_debug(ctx: typer.Context | None) -> bool:
     """Whether --debug was given to the app."""
-    ctx = click.get_current_context(silent=True)
     if ctx is None:
         return False
     obj = ctx.find_root().obj
@@ -41,9 +45,9 @@ def _show_warning(
 
 
 @contextmanager
-def reported_errors() -> Iterator[None]:
+def reported_errors(ctx: typer.Context | None) -> Iterator[None]:
     """Turn Qwen3Error into exit 1, Ctrl-C into 130, anything unexpected into exit 1 + a hint."""
-    debug = is_debug()
+    debug = is_debug(ctx)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         if not debug:
@@ -52,7 +56,7 @@ def reported_errors() -> Iterator[None]:
             warnings.simplefilter("ignore", FutureWarning)
         try:
             yield
-        except (typer.Exit, click.ClickException, click.exceptions.Exit, BrokenPipeError):
+        except _PASS_THROUGH:
             raise
         except KeyboardInterrupt:
             print(file=sys.stderr)

@@ -82,12 +82,13 @@ def info_lines(facts: dict[str, Any]) -> list[str]:
 
 
 def info_command(
+    ctx: typer.Context,
     model: o.ModelArgument = None,
     json_output: InfoJsonOption = False,
     compute_dtype: o.ComputeDtypeOption = o.ComputeDtype.auto,
 ) -> None:
     """Describe a model from its files: size, quantization, memory, context, thinking switches."""
-    with reported_errors():
+    with reported_errors(ctx):
         from qwen3_mlx.cli.model_info import describe_model
 
         facts = describe_model(resolve_model(model), compute_dtype=compute_dtype.value)
@@ -97,9 +98,9 @@ def info_command(
             print("\n".join(info_lines(facts)))
 
 
-def download_command(model: o.ModelArgument = None) -> None:
+def download_command(ctx: typer.Context, model: o.ModelArgument = None) -> None:
     """Fetch a model into the Hugging Face cache (with a progress bar) and print its folder."""
-    with reported_errors():
+    with reported_errors(ctx):
         from qwen3_mlx.loading import download_model
 
         repo = resolve_model(model)

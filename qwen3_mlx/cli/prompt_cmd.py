@@ -83,6 +83,7 @@ def result_json(result: Any, model_id: str) -> str:
 
 
 def prompt_command(
+    ctx: typer.Context,
     text: TextArgument = None,
     model: o.ModelOption = None,
     json_output: JsonOption = False,
@@ -103,7 +104,7 @@ def prompt_command(
     compute_dtype: o.ComputeDtypeOption = o.ComputeDtype.auto,
 ) -> None:
     """Send one message and print the answer (thinking hidden, or on stderr with --show-thinking)."""
-    with reported_errors():
+    with reported_errors(ctx):
         message = read_message(text)
         spec = o.SessionSpec(
             model=resolve_model(model),

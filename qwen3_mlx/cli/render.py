@@ -182,8 +182,9 @@ class ReplyView:
         seconds = time.perf_counter() - (self.thinking_started or time.perf_counter())
         tokens = self.count_tokens(self.thinking) if self.count_tokens else self.thinking_pieces
         line = Text(thought_line(seconds, tokens, finished), style="dim italic")
-        if self.live is not None:
-            self.live.update(Text(""))
+        if self.live_mode:
+            if self.live is not None:
+                self.live.update(Text(""))
             if self.show_thinking:
                 self.console.print(Text(self.thinking.strip(), style="dim"))
             self.console.print(line)
@@ -201,7 +202,7 @@ class ReplyView:
         answer = self.answer
         if result is not None and result.answer.startswith(self.answer):
             answer = result.answer
-        if self.live is not None:
+        if self.live_mode:
             self._stop_live()
             if answer.strip():
                 self.console.print(Markdown(answer))

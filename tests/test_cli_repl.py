@@ -1,0 +1,285 @@
+"""The REPL over a scripted fake Chat: commands reach the Chat, replies render, Ctrl-C keeps the session."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from qwen3_mlx.cli.commands import parse_line
+from qwen3_mlx.cli.render import ReplyView, format_settings, stats_line, thought_line
+from qwen3_mlx.cli.repl import Repl
+from qwen3_mlx.errors import HistoryError, SettingsError
+from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+
+
+def make_result(
+    answer: str, thinking: str = "", finish: str = "stop", generated: int = 7
+) -> TurnResult:
+    return TurnResult(
+        finish_reason=finish,
+        answer=answer,
+        thinking=thinking,
+        thinking_finished=finish != "interrupted",
+        prompt_tokens=12,
+        prefilled_tokens=5,
+        generated_tokens=generated,
+        time_to_first_token=0.25,
+        prefill_tokens_per_second=100.0,
+        decode_tokens_per_second=42.5,
+        thinking_seconds=0.5,
+        peak_memory_gb=0.1,
+    )
+
+
+class FakeTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+
+class FakeChat:
+    """Scripted replies; records what the REPL asks of it. `interrupt_after` pieces raises Ctrl-C."""
+
+    def __init__(
+        self, replies: list[tuple[str, str]] | None = None, interrupt_after: int | None = None
+    ):
+        self.replies = list(replies or [("", "Four.")])
+        self.interrupt_after = interrupt_after
+        self.tokenizer = FakeTokenizer()
+        self.model_id = "fake/model"
+        self.system: str | None = None
+        self.thinking = True
+        self.sent: list[str] = []
+        self.calls: list[tuple[str, Any]] = []
+        self.last_result: TurnResult | None = None
+        self.turns: list[tuple[str, str]] = []
+        self.context_limit = 4096
+        self.context_used = 123
+        self.explicit: dict[str, Any] = {}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        preset = (
+            {"temperature": 0.6, "top_p": 0.95}
+            if self.thinking
+            else {"temperature": 0.7, "top_p": 0.8}
+        )
+        return {**preset, **self.explicit}
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for user, answer in self.turns:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return out
+
+    def send(self, text: str) -> Iterator[Any]:
+        self.sent.append(text)
+        return self._reply(text)
+
+    def retry(self) -> Iterator[Any]:
+        if not self.turns:
+            raise HistoryError("nothing to retry")
+        user, _ = self.turns.pop()
+        self.calls.append(("retry", user))
+        return self._reply(user)
+
+    def _reply(self, user: str) -> Iterator[Any]:
+        thinking, answer = self.replies.pop(0) if self.replies else ("", "again")
+        pieces = [ThinkingText(word + " ") for word in thinking.split()] + [
+            AnswerText(w + " ") for w in answer.split()
+        ]
+        shown = ""
+        finish = "interrupted"
+        try:
+            for index, piece in enumerate(pieces):
+                if index == self.interrupt_after:
+                    self.interrupt_after = None
+                    raise KeyboardInterrupt
+                if isinstance(piece, AnswerText):
+                    shown += piece.text
+                yield piece
+            finish = "stop"
+        finally:
+            self.turns.append((user, shown.strip()))
+            self.last_result = make_result(shown.strip(), thinking, finish)
+        yield self.last_result
+
+    def set(self, name: str, value: Any) -> None:
+        if name == "temperature" and value > 2:
+            raise SettingsError("temperature must be in [0.0, 2.0]")
+        self.explicit[name] = value
+
+    def unset(self, name: str) -> None:
+        self.explicit.pop(name, None)
+
+    def undo(self) -> None:
+        if not self.turns:
+            raise HistoryError("nothing to undo: the conversation is empty")
+        self.turns.pop()
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"messages": self.messages}))
+
+    def load(self, path: Path) -> None:
+        self.calls.append(("load", Path(path)))
+        self.turns = [("q", "a"), ("q2", "a2")]
+
+
+def run_repl(
+    chat: FakeChat, lines: list[str], *, terminal: bool = False, show_thinking: bool = False
+) -> str:
+    output = io.StringIO()
+    console = Console(
+        file=output,
+        force_terminal=terminal,
+        width=80,
+        height=20,
+        color_system=None,
+        highlight=False,
+    )
+    feed = iter(lines)
+
+    def read() -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    Repl(chat, console, read, show_thinking=show_thinking).run()
+    return output.getvalue()
+
+
+def test_a_message_streams_the_answer_and_a_stats_line() -> None:
+    chat = FakeChat([("let me add", "Two plus two is four.")])
+    out = run_repl(chat, ["What is 2+2?"])
+    assert chat.sent == ["What is 2+2?"]
+    assert "Two plus two is four." in out
+    assert stats_line(chat.last_result) in out
+    assert "thought for" in out and "3 tokens" in out  # folded: three words of thinking
+    assert "let me add" not in out
+
+
+def test_show_thinking_prints_the_reasoning() -> None:
+    out = run_repl(FakeChat([("let me add", "Four.")]), ["q"], show_thinking=True)
+    assert "let me add" in out and "thought for" in out
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_ctrl_c_mid_reply_keeps_the_partial_answer_and_the_session(terminal: bool) -> None:
+    chat = FakeChat([("", "one two three four"), ("", "five six")], interrupt_after=2)
+    out = run_repl(chat, ["count", "more"], terminal=terminal)
+    assert chat.sent == ["count", "more"]
+    assert chat.turns[0] == ("count", "one two")
+    assert "interrupted" in out
+    assert "five six" in out
+
+
+def test_live_terminal_rendering_prints_the_final_answer_as_markdown() -> None:
+    out = run_repl(FakeChat([("hmm", "Some **bold** words")]), ["q"], terminal=True)
+    # The live region is transient: after it stops (cursor shown again) the answer is printed once.
+    after_live = out.rsplit("\x1b[?25h", 1)[-1]
+    assert "Some bold words" in after_live  # Markdown rendered: no asterisks
+    assert "**" not in after_live
+    assert "thought for" in out
+
+
+def test_commands_reach_the_chat(tmp_path: Path) -> None:
+    chat = FakeChat([("", "A1"), ("", "A2"), ("", "A3")])
+    saved = tmp_path / "t.json"
+    out = run_repl(
+        chat,
+        [
+            "/no_think",
+            "/set temp 0.2",
+            "/system Be brief.",
+            "first",
+            "second",
+            "/undo",
+            "/retry",
+            f"/save {saved}",
+            "/context",
+            "/stats",
+            "/settings",
+            "/set top_p default",
+            "/bogus",
+            "//literal",
+        ],
+    )
+    assert chat.thinking is False
+    assert chat.explicit == {"temperature": 0.2}
+    assert chat.system == "Be brief."
+    assert chat.sent == ["first", "second", "/literal"]
+    assert ("retry", "first") in chat.calls
+    assert saved.is_file() and saved.with_suffix(".md").is_file()
+    markdown = saved.with_suffix(".md").read_text()
+    assert "## System" in markdown and "Be brief." in markdown and "## You" in markdown
+    assert "123 of 4,096 tokens" in out
+    assert "decode speed" in out and "42.5 tok/s" in out
+    assert "Unknown command /bogus" in out
+
+
+def test_errors_from_the_chat_are_shown_and_the_repl_goes_on() -> None:
+    chat = FakeChat([("", "fine")])
+    out = run_repl(chat, ["/undo", "/set temp 5", "/retry", "hello"])
+    assert "Error: nothing to undo" in out
+    assert "Error: temperature must be in" in out
+    assert "Error: nothing to retry" in out
+    assert chat.sent == ["hello"]
+
+
+def test_exit_stops_reading() -> None:
+    chat = FakeChat()
+    run_repl(chat, ["/exit", "never sent"])
+    assert chat.sent == []
+
+
+def test_load_and_reset(tmp_path: Path) -> None:
+    chat = FakeChat()
+    out = run_repl(chat, [f"/load {tmp_path / 'x.json'}", "/reset"])
+    assert ("load", tmp_path / "x.json") in chat.calls
+    assert "2 exchanges" in out
+    assert chat.turns == []
+
+
+def test_thinking_view_toggle() -> None:
+    chat = FakeChat([("secret plan", "A"), ("other plan", "B")])
+    out = run_repl(chat, ["/thinking show", "q1", "/thinking hide", "q2"])
+    assert "secret plan" in out and "other plan" not in out
+
+
+def test_help_lists_commands() -> None:
+    out = run_repl(FakeChat(), ["/help"])
+    assert "/set name value" in out and "/save [file]" in out
+
+
+def test_view_helpers() -> None:
+    assert thought_line(4.21, 183) == "thought for 4.2 s, 183 tokens"
+    assert thought_line(1.0, 1, finished=False) == "thought for 1.0 s, 1 token (unfinished)"
+    assert (
+        format_settings({"temperature": 0.6, "top_k": 20, "seed": None, "presence_penalty": 0.0})
+        == "temp 0.6 · top_k 20"
+    )
+    assert "stopped at max_tokens" in stats_line(make_result("x", finish="length"))
+
+
+def test_reply_view_without_result_still_closes() -> None:
+    output = io.StringIO()
+    view = ReplyView(Console(file=output, force_terminal=True, width=60, height=10))
+    with view:
+        view.feed(AnswerText("partial"))
+    view.finish(None)
+    assert "partial" in output.getvalue()
+
+
+def test_parse_line_is_what_the_repl_uses() -> None:
+    # The REPL is a view over parse_line: the same text makes the same decision.
+    assert parse_line("/no_think hello").kind == "send"
