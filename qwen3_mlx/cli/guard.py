@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
 import warnings
@@ -24,8 +25,22 @@ _USAGE_BASE = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Click
 _PASS_THROUGH = (typer.Exit, typer.Abort, _USAGE_BASE, BrokenPipeError)
 
 
-def is_debug(ctx: typer.Context | None) -> bool:
-    """Whether --debug was given to the app."""
+def _current_context() -> Any:
+    # Typer >= 0.20 keeps its (vendored) Click context stack in typer._click; older ones use click's.
+    for name in ("typer._click.globals", "click.globals"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        ctx = module.get_current_context(silent=True)
+        if ctx is not None:
+            return ctx
+    return None
+
+
+def is_debug(ctx: typer.Context | None = None) -> bool:
+    """Whether --debug was given to the app (ctx: the command's context, else the current one)."""
+    ctx = ctx or _current_context()
     if ctx is None:
         return False
     obj = ctx.find_root().obj
@@ -45,7 +60,7 @@ def _show_warning(
 
 
 @contextmanager
-def reported_errors(ctx: typer.Context | None) -> Iterator[None]:
+def reported_errors(ctx: typer.Context | None = None) -> Iterator[None]:
     """Turn Qwen3Error into exit 1, Ctrl-C into 130, anything unexpected into exit 1 + a hint."""
     debug = is_debug(ctx)
     with warnings.catch_warnings():
