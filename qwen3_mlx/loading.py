@@ -70,7 +70,7 @@ def download_model(repo_id: str, *, progress: bool = True) -> Path:
             snapshot_download(
                 repo_id,
                 allow_patterns=MODEL_FILE_PATTERNS,
-                tqdm_class=None if progress else _SilentProgress,
+                tqdm_class=None if progress else _silent_progress_class(),
             )
         )
     except GatedRepoError:
@@ -85,23 +85,20 @@ def download_model(repo_id: str, *, progress: bool = True) -> Path:
         raise ModelNotFoundError(f"{repo_id}: download failed ({error.__class__.__name__}: {error})") from None
 
 
-class _SilentProgress:
-    """A tqdm stand-in that shows nothing (library code never prints)."""
+def _silent_progress_class() -> type:
+    """huggingface_hub's tqdm, always disabled (library code never prints).
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        self.n = 0
+    snapshot_download drives its bars through the whole tqdm API (total, refresh, set_description,
+    thread locks), so a hand-written stand-in breaks downloads; a disabled real bar does not.
+    """
+    from huggingface_hub.utils import tqdm as hf_tqdm
 
-    def update(self, n: int = 1) -> None:
-        self.n += n
+    class SilentProgress(hf_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
 
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _SilentProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
+    return SilentProgress
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -199,6 +196,9 @@ def load_model(
         apply_checkpoint_quantization(model, block, set(weights))
     check_weights(model, weights, model_dir)
     model.load_weights(list(weights.items()), strict=True)
+    # Only the model may keep the loaded arrays: then evaluation frees each checkpoint tensor as
+    # soon as its cast or quantized copy exists, so loading peaks near the final size, not at 2x.
+    del weights
     if quantize_on_load is not None:
         spec = quantize_on_load if isinstance(quantize_on_load, QuantSpec) else QuantSpec(bits=int(quantize_on_load))
         quantize_model(model, spec)
@@ -206,7 +206,10 @@ def load_model(
     if dtype is not None:
         cast_floating(model, dtype)
     if not lazy:
-        mx.eval(model.parameters())
+        # One tensor at a time, so each checkpoint tensor is freed as soon as its cast or
+        # quantized copy exists: loading peaks near the final size, not at both sizes together.
+        for _, value in tree_flatten(model.parameters()):
+            mx.eval(value)
     model.eval()
     return model, config
 
