@@ -1,0 +1,151 @@
+"""`qwen3-mlx chat` in a real pseudo-terminal (pexpect): typing, streaming, Ctrl-C, Tab, Esc Enter, Ctrl-D.
+
+Timeouts are generous and every step waits for the prompt, so a loaded 2-core machine only slows
+the tests down. HOME and the XDG folders point into tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from checkpoints import make_checkpoint
+
+PROMPT = "› "
+# prompt_toolkit turns bracketed paste on when it starts reading a line: a fresh prompt, as opposed
+# to the redraw of the line just typed (which also shows the prompt).
+READY = "\x1b[?2004h"
+START_TIMEOUT = 120  # interpreter start, imports and model load on a busy machine
+STEP_TIMEOUT = 60
+REPO = Path(__file__).resolve().parent.parent
+TRAINED = REPO / "models" / "qwen3-tiny-chat"
+# The live view redraws its lines as "erase line, then text": text after an erase is the reply.
+STREAMED_TEXT = r"\x1b\[2K[^\x1b\r\n]"
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("pty") / "random", tokenizer="qwen3-4b")
+
+
+@pytest.fixture(scope="module")
+def babbling_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights with a tiny tied embedding: logits are nearly flat, so sampling draws
+    near-uniform tokens that neither loop (the repetition guard) nor hit <|im_end|> soon."""
+    import mlx.core as mx
+
+    folder = make_checkpoint(tmp_path_factory.mktemp("pty") / "babble", tokenizer="qwen3-4b")
+    path = folder / "model.safetensors"
+    weights = dict(mx.load(str(path)))
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] * 0.01
+    mx.save_safetensors(str(path), weights)
+    return folder
+
+
+def spawn_chat(tmp_path: Path, *args: str, log_name: str = "pty.log") -> pexpect.spawn:
+    env = dict(os.environ)
+    env.update(
+        HOME=str(tmp_path / "home"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        HF_HUB_OFFLINE="1",
+        TERM="xterm-256color",
+        # prompt_toolkit asks the terminal for the cursor position; pexpect never answers.
+        PROMPT_TOOLKIT_NO_CPR="1",
+    )
+    env.pop("QWEN3_MLX_MODEL", None)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwen3_mlx", "chat", *args],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        dimensions=(40, 120),
+        timeout=STEP_TIMEOUT,
+    )
+    child.logfile_read = open(tmp_path / log_name, "w", encoding="utf-8")  # noqa: SIM115 (closed with the child)
+    wait_for_prompt(child, timeout=START_TIMEOUT)
+    return child
+
+
+def wait_for_prompt(child: pexpect.spawn, timeout: float = STEP_TIMEOUT) -> str:
+    """Wait for a fresh input prompt; return what was printed before it."""
+    child.expect_exact(READY, timeout=timeout)
+    before = child.before
+    child.expect_exact(PROMPT, timeout=timeout)
+    return before
+
+
+def ask(child: pexpect.spawn, text: str) -> str:
+    """Send a line and return everything printed until the next prompt (the reply, its stats)."""
+    child.sendline(text)
+    return wait_for_prompt(child)
+
+
+def command(child: pexpect.spawn, text: str) -> str:
+    """Send a slash command and return what it printed before the next prompt."""
+    child.sendline(text)
+    return wait_for_prompt(child)
+
+
+def quit_with_ctrl_d(child: pexpect.spawn) -> int:
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF, timeout=STEP_TIMEOUT)
+    child.close()
+    return child.exitstatus
+
+
+def test_ctrl_c_stops_the_reply_not_the_app(tmp_path: Path, babbling_model: Path) -> None:
+    child = spawn_chat(
+        tmp_path, "-m", str(babbling_model), "--no-think", "--temp", "1", "--top-p", "1",
+        "--top-k", "0", "--max-tokens", "100000", "--seed", "1",
+    )
+    child.sendline("Tell me a long story.")
+    child.expect(STREAMED_TEXT)  # the reply is streaming: interrupt it now
+    child.sendintr()
+    out = wait_for_prompt(child)
+    assert "interrupted" in out and "tok/s" in out
+    assert child.isalive()
+    command(child, "/set max_tokens 3")
+    out = ask(child, "And now a short one?")
+    assert "3 tokens" in out and "stopped at max_tokens" in out
+    saved = tmp_path / "after.json"
+    command(child, f"/save {saved}")
+    turns = json.loads(saved.read_text())["turns"]
+    assert [turn["finish_reason"] for turn in turns] == ["interrupted", "length"]
+    assert quit_with_ctrl_d(child) == 0
+
+
+def test_editing_keys_tab_and_multiline(tmp_path: Path, random_model: Path) -> None:
+    child = spawn_chat(tmp_path, "-m", str(random_model), "--no-think", "--max-tokens", "4")
+    # Tab completes a unique command prefix.
+    child.send("/sett")
+    child.send("\t")
+    child.expect_exact("ings")  # the completion is drawn after what was typed
+    out = ask(child, "")
+    assert "thinking off · temp 0.7" in out and "Unknown command" not in out
+    # Esc Enter (what Alt+Enter sends) inserts a newline instead of sending.
+    child.send("first line")
+    child.send("\x1b\r")
+    child.send("second line")
+    assert "tok/s" in ask(child, "")
+    # Ctrl-C on an empty line only explains how to leave.
+    child.sendintr()
+    assert "Ctrl-D or /exit quits" in wait_for_prompt(child)
+    # Ctrl-C on a typed line clears it: the line is never sent.
+    child.send("never sent")
+    child.sendintr()
+    saved = tmp_path / "chat.json"
+    assert "saved" in command(child, f"/save {saved}")
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["first line\nsecond line"]
+    assert saved.with_suffix(".md").is_file()
+    # An unknown command is not sent.
+    assert "Unknown command /nope" in command(child, "/nope")
+    assert quit_with_ctrl_d(child) == 0
+    history = (tmp_path / "data" / "qwen3-mlx" / "history").read_text()
+    assert "first line" in history and "/settings" in history
