@@ -189,6 +189,11 @@ class Chat:
         return dict(self._explicit)
 
     @property
+    def cached_tokens(self) -> list[int]:
+        """The exact token ids the KV cache holds now (the last prompt and reply)."""
+        return list(self._cache.tokens)
+
+    @property
     def context_used(self) -> int:
         """Tokens the conversation so far takes in the context."""
         messages = self.messages
