@@ -101,8 +101,20 @@ def quit_with_ctrl_d(child: pexpect.spawn) -> int:
 
 def test_ctrl_c_stops_the_reply_not_the_app(tmp_path: Path, babbling_model: Path) -> None:
     child = spawn_chat(
-        tmp_path, "-m", str(babbling_model), "--no-think", "--temp", "1", "--top-p", "1",
-        "--top-k", "0", "--max-tokens", "100000", "--seed", "1",
+        tmp_path,
+        "-m",
+        str(babbling_model),
+        "--no-think",
+        "--temp",
+        "1",
+        "--top-p",
+        "1",
+        "--top-k",
+        "0",
+        "--max-tokens",
+        "100000",
+        "--seed",
+        "1",
     )
     child.sendline("Tell me a long story.")
     child.expect(STREAMED_TEXT)  # the reply is streaming: interrupt it now
@@ -133,6 +145,9 @@ def test_editing_keys_tab_and_multiline(tmp_path: Path, random_model: Path) -> N
     child.send("\x1b\r")
     child.send("second line")
     assert "tok/s" in ask(child, "")
+    # A bracketed paste of several lines stays one message.
+    child.send("\x1b[200~pasted one\npasted two\x1b[201~")
+    assert "tok/s" in ask(child, "")
     # Ctrl-C on an empty line only explains how to leave.
     child.sendintr()
     assert "Ctrl-D or /exit quits" in wait_for_prompt(child)
@@ -142,10 +157,55 @@ def test_editing_keys_tab_and_multiline(tmp_path: Path, random_model: Path) -> N
     saved = tmp_path / "chat.json"
     assert "saved" in command(child, f"/save {saved}")
     messages = json.loads(saved.read_text())["messages"]
-    assert [m["content"] for m in messages if m["role"] == "user"] == ["first line\nsecond line"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == [
+        "first line\nsecond line",
+        "pasted one\npasted two",
+    ]
     assert saved.with_suffix(".md").is_file()
     # An unknown command is not sent.
     assert "Unknown command /nope" in command(child, "/nope")
     assert quit_with_ctrl_d(child) == 0
     history = (tmp_path / "data" / "qwen3-mlx" / "history").read_text()
     assert "first line" in history and "/settings" in history
+
+
+def test_prompt_ctrl_c_exits_130_with_the_partial_answer(
+    tmp_path: Path, babbling_model: Path
+) -> None:
+    env = dict(
+        os.environ, HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "config"), HF_HUB_OFFLINE="1"
+    )
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "qwen3_mlx",
+            "prompt",
+            "Tell me a long story.",
+            "-m",
+            str(babbling_model),
+            "--no-think",
+            "--temp",
+            "1",
+            "--top-p",
+            "1",
+            "--top-k",
+            "0",
+            "--max-tokens",
+            "100000",
+            "--seed",
+            "2",
+        ],
+        env=env,
+        encoding="utf-8",
+        dimensions=(40, 120),
+        timeout=START_TIMEOUT,
+    )
+    child.logfile_read = open(tmp_path / "prompt.log", "w", encoding="utf-8")  # noqa: SIM115
+    child.expect_exact("\x1b[1A\x1b[2K")  # the loading spinner is erased: the model is loaded
+    child.expect(r"[^\s\x1b]")  # answer text is streaming
+    child.sendintr()
+    child.expect("interrupted")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
