@@ -117,8 +117,8 @@ atexit.register(shutil.rmtree, _FOLDERS, ignore_errors=True)
 
 
 @functools.cache
-def load_fixture_tokenizer(variant: str = "qwen3-4b") -> Tokenizer:
-    """The real Qwen3 tokenizer with one of the three templates (from tests/fixtures), loaded once.
+def fixture_tokenizer_folder(variant: str = "qwen3-4b") -> Path:
+    """A folder with the real Qwen3 tokenizer files and one of the three chat templates.
 
     variant: "qwen3-4b" (current hybrid template), "qwen3-4b-original" (April 2025 template) or
     "qwen3-4b-thinking-2507".
@@ -126,4 +126,10 @@ def load_fixture_tokenizer(variant: str = "qwen3-4b") -> Tokenizer:
     folder = _FOLDERS / variant
     folder.mkdir()
     write_tokenizer_files(folder, variant)
-    return load_tokenizer(folder, GenerationConfig().eos_token_ids)
+    return folder
+
+
+@functools.cache
+def load_fixture_tokenizer(variant: str = "qwen3-4b") -> Tokenizer:
+    """Our Tokenizer for fixture_tokenizer_folder(variant), loaded once per test session."""
+    return load_tokenizer(fixture_tokenizer_folder(variant), GenerationConfig().eos_token_ids)
