@@ -209,3 +209,44 @@ def test_prompt_ctrl_c_exits_130_with_the_partial_answer(
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
+
+
+@pytest.mark.skipif(
+    not (TRAINED / "model.safetensors").is_file(), reason="models/qwen3-tiny-chat not built"
+)
+def test_chat_with_the_trained_model(tmp_path: Path) -> None:
+    child = spawn_chat(tmp_path, "-m", str(TRAINED), "--seed", "0", "--max-tokens", "200")
+    # A question in thinking mode: the reasoning streams, then folds to one line.
+    first = ask(child, "What is 12 + 30?")
+    assert "thought for" in first and "tok/s" in first
+    # The hard switch: no think block at all.
+    assert "thinking off" in command(child, "/no_think")
+    second = ask(child, "Reverse these words: lake bird")
+    assert "thought for" not in second and "tok/s" in second
+    # A soft switch inside a message is sent as written; the model skips its reasoning.
+    command(child, "/think")
+    third = ask(child, "Sort these words alphabetically: tree apple /no_think")
+    assert "tok/s" in third
+    saved = tmp_path / "session.json"
+    assert "saved" in command(child, f"/save {saved}")
+    data = json.loads(saved.read_text())
+    users = [m["content"] for m in data["messages"] if m["role"] == "user"]
+    answers = [m["content"] for m in data["messages"] if m["role"] == "assistant"]
+    assert users == [
+        "What is 12 + 30?",
+        "Reverse these words: lake bird",
+        "Sort these words alphabetically: tree apple /no_think",
+    ]
+    # The history holds answers only; the reasoning is kept apart, per turn.
+    assert data["turns"][0]["thinking"] and data["turns"][0]["thinking"] not in answers[0]
+    assert all("<think>" not in answer and "</think>" not in answer for answer in answers)
+    assert data["turns"][1]["thinking"] == "" and data["turns"][2]["thinking"] == ""
+    # Each answer was streamed to the screen.
+    for reply, answer in zip((first, second, third), answers, strict=True):
+        assert answer.strip() and answer.split()[0] in reply
+    # /load continues the saved conversation after a /reset.
+    assert "conversation cleared" in command(child, "/reset")
+    assert "3 exchanges" in command(child, f"/load {saved}")
+    assert "tokens used" in command(child, "/context")
+    assert "tok/s" in ask(child, "What is 1 + 1?")
+    assert quit_with_ctrl_d(child) == 0
