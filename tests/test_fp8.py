@@ -179,6 +179,19 @@ def test_fp8_checkpoint_quantized_on_load_to_4_bits(fp8_pair, tmp_path):
     np.testing.assert_array_equal(logits(model), logits(reference))
 
 
+def test_fp8_float32_scales(fp8_pair):
+    """DeepSeek-style float32 weight_scale_inv loads like the bf16 scales Qwen ships."""
+    _, fp8_dir, _ = fp8_pair
+    bf16_scales, _ = load_model(fp8_dir)
+    path = fp8_dir / "model.safetensors"
+    weights = safetensors_torch.load_file(str(path))
+    for name in [name for name in weights if name.endswith("_scale_inv")]:
+        weights[name] = weights[name].float()
+    safetensors_torch.save_file(weights, str(path), metadata={"format": "pt"})
+    float32_scales, _ = load_model(fp8_dir)
+    np.testing.assert_array_equal(logits(float32_scales), logits(bf16_scales))
+
+
 def test_fp8_scale_with_the_wrong_shape(fp8_pair):
     _, fp8_dir, _ = fp8_pair
     path = fp8_dir / "model.safetensors"

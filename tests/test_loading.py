@@ -128,6 +128,17 @@ def test_4bit_tensor_names_equal_mlx_community_qwen3_4b():
     assert set(dict(tree_flatten(loader_view.parameters()))) == published
 
 
+def test_load_returns_model_tokenizer_and_generation_config(make_checkpoint):
+    model_dir = make_checkpoint(tokenizer="qwen3-4b")
+    model, tokenizer, generation = load(model_dir)
+    assert model.args.vocab_size == 151936
+    assert tokenizer.encode("Hello world") == [9707, 1879]
+    # Qwen3-4B's generation_config.json
+    assert (generation.temperature, generation.top_p, generation.top_k) == (0.6, 0.95, 20)
+    assert generation.eos_token_ids == (151645, 151643)
+    assert tokenizer.eos_token_ids == (151645, 151643)
+
+
 # --- lazy loading ---------------------------------------------------------------------------
 
 
