@@ -28,11 +28,6 @@ STREAMED_TEXT = r"\x1b\[2K[^\x1b\r\n]"
 
 
 @pytest.fixture(scope="module")
-def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("pty") / "random", tokenizer="qwen3-4b")
-
-
-@pytest.fixture(scope="module")
 def babbling_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random weights with a tiny tied embedding: logits are nearly flat, so sampling draws
     near-uniform tokens that neither loop (the repetition guard) nor hit <|im_end|> soon."""
@@ -99,23 +94,12 @@ def quit_with_ctrl_d(child: pexpect.spawn) -> int:
     return child.exitstatus
 
 
-def test_ctrl_c_stops_the_reply_not_the_app(tmp_path: Path, babbling_model: Path) -> None:
-    child = spawn_chat(
-        tmp_path,
-        "-m",
-        str(babbling_model),
-        "--no-think",
-        "--temp",
-        "1",
-        "--top-p",
-        "1",
-        "--top-k",
-        "0",
-        "--max-tokens",
-        "100000",
-        "--seed",
-        "1",
-    )
+BABBLE_FLAGS = ("--no-think", "--temp", "1", "--top-p", "1", "--top-k", "0", "--seed", "1")
+
+
+def test_ctrl_c_editing_keys_save_and_ctrl_d(tmp_path: Path, babbling_model: Path) -> None:
+    # One session (each start costs seconds of imports): interrupt a reply, then the editing keys.
+    child = spawn_chat(tmp_path, "-m", str(babbling_model), *BABBLE_FLAGS, "--max-tokens", "100000")
     child.sendline("Tell me a long story.")
     child.expect(STREAMED_TEXT)  # the reply is streaming: interrupt it now
     child.sendintr()
@@ -125,21 +109,12 @@ def test_ctrl_c_stops_the_reply_not_the_app(tmp_path: Path, babbling_model: Path
     command(child, "/set max_tokens 3")
     out = ask(child, "And now a short one?")
     assert "3 tokens" in out and "stopped at max_tokens" in out
-    saved = tmp_path / "after.json"
-    command(child, f"/save {saved}")
-    turns = json.loads(saved.read_text())["turns"]
-    assert [turn["finish_reason"] for turn in turns] == ["interrupted", "length"]
-    assert quit_with_ctrl_d(child) == 0
-
-
-def test_editing_keys_tab_and_multiline(tmp_path: Path, random_model: Path) -> None:
-    child = spawn_chat(tmp_path, "-m", str(random_model), "--no-think", "--max-tokens", "4")
     # Tab completes a unique command prefix.
     child.send("/sett")
     child.send("\t")
     child.expect_exact("ings")  # the completion is drawn after what was typed
     out = ask(child, "")
-    assert "thinking off · temp 0.7" in out and "Unknown command" not in out
+    assert "thinking off · temp 1" in out and "Unknown command" not in out
     # Esc Enter (what Alt+Enter sends) inserts a newline instead of sending.
     child.send("first line")
     child.send("\x1b\r")
@@ -154,16 +129,19 @@ def test_editing_keys_tab_and_multiline(tmp_path: Path, random_model: Path) -> N
     # Ctrl-C on a typed line clears it: the line is never sent.
     child.send("never sent")
     child.sendintr()
+    # An unknown command is not sent.
+    assert "Unknown command /nope" in command(child, "/nope")
     saved = tmp_path / "chat.json"
     assert "saved" in command(child, f"/save {saved}")
-    messages = json.loads(saved.read_text())["messages"]
-    assert [m["content"] for m in messages if m["role"] == "user"] == [
+    data = json.loads(saved.read_text())
+    assert [m["content"] for m in data["messages"] if m["role"] == "user"] == [
+        "Tell me a long story.",
+        "And now a short one?",
         "first line\nsecond line",
         "pasted one\npasted two",
     ]
+    assert [turn["finish_reason"] for turn in data["turns"]] == ["interrupted"] + ["length"] * 3
     assert saved.with_suffix(".md").is_file()
-    # An unknown command is not sent.
-    assert "Unknown command /nope" in command(child, "/nope")
     assert quit_with_ctrl_d(child) == 0
     history = (tmp_path / "data" / "qwen3-mlx" / "history").read_text()
     assert "first line" in history and "/settings" in history
