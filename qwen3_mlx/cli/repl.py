@@ -99,19 +99,24 @@ class Repl:
         return result
 
     def do_help(self, action: Action) -> None:
+        """/help: the commands."""
         self.console.print(Text(help_text()), highlight=False)
 
     def _set_thinking(self, on: bool) -> None:
+        # The Chat switches the sampling preset with the mode; show the settings now in force.
         self.chat.thinking = on
         self.note(f"{mode_name(on)} · {format_settings(self.chat.settings)}")
 
     def do_think(self, action: Action) -> None:
+        """/think: thinking on."""
         self._set_thinking(True)
 
     def do_no_think(self, action: Action) -> None:
+        """/no_think: thinking off."""
         self._set_thinking(False)
 
     def do_system(self, action: Action) -> None:
+        """/system [text|none]: show, set or clear the system prompt."""
         if not action.argument:
             self.note(
                 f"system prompt: {self.chat.system}" if self.chat.system else "no system prompt"
@@ -121,17 +126,21 @@ class Repl:
         self.note("system prompt cleared" if self.chat.system is None else "system prompt set")
 
     def do_reset(self, action: Action) -> None:
+        """/reset: forget the conversation."""
         self.chat.reset()
         self.note("conversation cleared")
 
     def do_undo(self, action: Action) -> None:
+        """/undo: drop the last exchange."""
         self.chat.undo()
         self.note("last exchange removed")
 
     def do_retry(self, action: Action) -> None:
+        """/retry: a new answer to the last question."""
         self.stream(self.chat.retry)
 
     def do_save(self, action: Action) -> None:
+        """/save [file]: JSON transcript plus a Markdown copy."""
         path = (
             Path(action.argument).expanduser()
             if action.argument
@@ -142,6 +151,7 @@ class Repl:
         self.note(f"saved {path} (and {markdown.name})")
 
     def do_load(self, action: Action) -> None:
+        """/load file: continue a saved conversation."""
         path = Path(action.argument).expanduser()
         self.chat.load(path)
         turns = len(self.chat.turns)
@@ -150,25 +160,30 @@ class Repl:
         )
 
     def do_set(self, action: Action) -> None:
+        """/set name value: an explicit sampling value."""
         self.chat.set(action.argument, action.value)
         self.note(format_settings(self.chat.settings))
 
     def do_unset(self, action: Action) -> None:
+        """/set name default: back to the preset."""
         self.chat.unset(action.argument)
         self.note(format_settings(self.chat.settings))
 
     def do_settings(self, action: Action) -> None:
+        """/settings: the sampling settings in use."""
         self.note(
             f"{mode_name(self.chat.thinking)} · {format_settings(self.chat.settings)}", style=""
         )
 
     def do_context(self, action: Action) -> None:
+        """/context: tokens used of the window."""
         used, limit = self.chat.context_used, self.chat.context_limit
         self.note(
             f"{used:,} of {limit:,} tokens used ({100 * used / max(limit, 1):.1f}%)", style=""
         )
 
     def do_stats(self, action: Action) -> None:
+        """/stats: details of the last reply."""
         result = self.chat.last_result
         if result is None:
             self.note("no reply yet")
@@ -176,6 +191,7 @@ class Repl:
         self.console.print(Text("\n".join(stats_lines(result))), highlight=False)
 
     def do_thinking(self, action: Action) -> None:
+        """/thinking show|hide: how the reasoning is drawn."""
         self.show_thinking = action.argument == "show"
         self.note(
             "thinking will be shown in full"
