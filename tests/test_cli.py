@@ -216,19 +216,12 @@ def test_greedy_thinking_warns_on_one_stderr_line(model_dir: Path) -> None:
 
 def test_prompt_transcript_continues_and_is_saved(model_dir: Path, tmp_path: Path) -> None:
     transcript = tmp_path / "conversation.json"
-    flags = [
-        "-m",
-        str(model_dir),
-        "--transcript",
-        str(transcript),
-        "--max-tokens",
-        "4",
-        "--system",
-        "Be brief.",
-    ]
-    first = invoke("prompt", "first question", *flags)
-    second = invoke("prompt", "second question", *flags[:-2])
+    base = ["-m", str(model_dir), "--transcript", str(transcript)]
+    first = invoke("prompt", "first question", *base, "--max-tokens", "4", "--system", "Be brief.")
+    # Continuing: the system prompt comes from the file; a flag given now overrides the file.
+    second = invoke("prompt", "second question", *base, "--max-tokens", "3", "--json")
     assert first.exit_code == second.exit_code == 0, first.stderr + second.stderr
+    assert json.loads(second.stdout)["stats"]["generated_tokens"] == 3
     saved = json.loads(transcript.read_text())
     assert [m["role"] for m in saved["messages"]] == [
         "system",
@@ -238,10 +231,12 @@ def test_prompt_transcript_continues_and_is_saved(model_dir: Path, tmp_path: Pat
         "assistant",
     ]
     assert saved["messages"][0]["content"] == "Be brief."
+    assert saved["messages"][4]["content"] == json.loads(second.stdout)["answer"]
     assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == [
         "first question",
         "second question",
     ]
+    assert saved["explicit_settings"]["max_tokens"] == 3
     assert all("<think>" not in m["content"] for m in saved["messages"])
 
 

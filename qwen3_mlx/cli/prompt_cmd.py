@@ -51,8 +51,8 @@ def read_message(text: str | None) -> str:
     return message.strip("\n")
 
 
-def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool) -> None:
-    """Write answer text to stdout as it comes; thinking goes to stderr when asked for."""
+def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool, shown: list[str]) -> None:
+    """Write answer text to stdout as it comes (and to `shown`); thinking to stderr when asked for."""
     from qwen3_mlx.events import AnswerText, ThinkingText
 
     thinking_open = False
@@ -67,6 +67,7 @@ def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool) -> Non
                 thinking_open = False
             sys.stdout.write(event.text)
             sys.stdout.flush()
+            shown.append(event.text)
 
 
 def result_json(result: Any, model_id: str) -> str:
@@ -133,6 +134,8 @@ def prompt_command(
                 chat.system = spec.system
             if no_think:
                 chat.thinking = False
+            for name, value in spec.sampling.items():
+                chat.set(name, value)
         interrupted = _run_turn(chat, message, show_thinking=show_thinking, json_output=json_output)
         if transcript is not None and not interrupted:
             chat.save(transcript)
@@ -143,17 +146,23 @@ def prompt_command(
 
 def _run_turn(chat: Any, message: str, *, show_thinking: bool, json_output: bool) -> bool:
     """Stream one reply; True when Ctrl-C stopped it."""
+    before = chat.last_result
     events = chat.send(message)
     interrupted = False
+    shown: list[str] = []
     try:
-        stream_reply(events, show_thinking=show_thinking, collect_only=json_output)
+        stream_reply(events, show_thinking=show_thinking, collect_only=json_output, shown=shown)
     except KeyboardInterrupt:
-        events.close()
+        events.close()  # Chat records the partial reply, marked interrupted
         interrupted = True
-    result = chat.last_result
+    result = chat.last_result if chat.last_result is not before else None
     if json_output and result is not None:
         sys.stdout.write(result_json(result, chat.model_id) + "\n")
-    elif result is not None and result.answer and not result.answer.endswith("\n"):
-        sys.stdout.write("\n")
+    elif result is not None and not json_output:
+        streamed = "".join(shown)
+        if result.answer.startswith(streamed):
+            sys.stdout.write(result.answer[len(streamed) :])  # text held back when Ctrl-C came
+        if result.answer and not result.answer.endswith("\n"):
+            sys.stdout.write("\n")
     sys.stdout.flush()
     return interrupted
