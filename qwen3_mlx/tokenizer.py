@@ -96,25 +96,16 @@ class Tokenizer:
     def new_detokenizer(self) -> Any:
         """A fresh streaming detokenizer that holds bytes back until they form valid UTF-8."""
         if self._detokenizer is None:
-            self._detokenizer = _byte_level_detokenizer(self.hf)
+            from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+            # Note: it drops a leading space of the first text, which decode() keeps; the stream
+            # layer (qwen3_mlx.stream) relies on that trim at the start of each section.
+            self._detokenizer = BPEStreamingDetokenizer(self.hf)
         # Building one maps all 151,669 ids to strings (~0.3 s); copies share that read-only map,
         # and reset() gives each its own streaming state.
         detokenizer = copy.copy(self._detokenizer)
         detokenizer.reset()
         return detokenizer
-
-
-def _byte_level_detokenizer(hf_tokenizer: Any) -> Any:
-    """mlx-lm's BPE streaming detokenizer, keeping a leading space as Qwen's decode() does."""
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
-
-    class ByteLevelDetokenizer(BPEStreamingDetokenizer):
-        # mlx-lm drops the leading space of the first text (a SentencePiece habit); Qwen's
-        # byte-level decode keeps it, and the streamed text must equal decode().
-        def _maybe_trim_space(self, current_text: str) -> str:
-            return current_text
-
-    return ByteLevelDetokenizer(hf_tokenizer)
 
 
 def load_tokenizer(model_dir: Path, eos_token_ids: tuple[int, ...]) -> Tokenizer:

@@ -74,6 +74,8 @@ def test_decode_round_trips_the_vectors(tokenizer):
 
 
 def test_streaming_detokenizer_holds_partial_utf8(tokenizer):
+    """Streamed pieces rebuild decode(), except that mlx-lm's detokenizer drops one leading space
+    of the first text (qwen3_mlx.stream relies on that at the start of each section)."""
     for _, ids in VECTORS:
         detokenizer = tokenizer.new_detokenizer()
         detokenizer.reset()
@@ -84,7 +86,8 @@ def test_streaming_detokenizer_holds_partial_utf8(tokenizer):
             assert "\ufffd" not in detokenizer.last_segment  # never half a character
         detokenizer.finalize()
         pieces.append(detokenizer.last_segment)
-        assert "".join(pieces) == tokenizer.decode(ids)
+        decoded = tokenizer.decode(ids)
+        assert "".join(pieces) == (decoded[1:] if decoded.startswith(" ") else decoded)
 
 
 def test_special_tokens(tokenizer):
