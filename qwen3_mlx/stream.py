@@ -71,8 +71,8 @@ class RepetitionTracker:
 class SectionText:
     """The detokenized text of one section (thinking or answer), trimmed of edge newlines.
 
-    Leading newlines are dropped and trailing ones held back until more text follows, so the
-    `\\n` around the think block and before <|im_end|> never reach the screen.
+    Leading newlines and spaces are dropped and trailing newlines held back until more text
+    follows, so the `\\n` around the think block and before <|im_end|> never reach the screen.
     """
 
     def __init__(self, tokenizer: Any):
@@ -104,7 +104,9 @@ class SectionText:
         new = self.detokenizer.text[self.read :]
         self.read += len(new)
         if not self.pieces and not self.held:
-            new = new.lstrip("\n")
+            # Leading spaces go too: mlx-lm's detokenizer drops one only when it flushes (an
+            # SentencePiece habit), so only dropping all of them gives the same text every way.
+            new = new.lstrip(" \n")
         text = self.held + new
         shown = text.rstrip("\n")
         self.held = text[len(shown) :]

@@ -162,7 +162,8 @@ def _parse_turns(messages: list[Any], system: str | None, records: list[Any]) ->
                 isinstance(message, dict)
                 and message.get("role") == role
                 and isinstance(message.get("content"), str),
-                f"message {2 * index + 1 + (role == 'assistant')} must be a {role} message with text content",
+                f"message {2 * index + 1 + (role == 'assistant')} must be "
+                f"{'an assistant' if role == 'assistant' else 'a user'} message with text content",
             )
         _require(isinstance(record, dict), f"turn {index + 1} must be an object")
         reason = record.get("finish_reason", "stop")
