@@ -55,6 +55,16 @@ def format_settings(settings: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+PRESET_NAMES = ("temperature", "top_p", "top_k", "min_p")
+
+
+def preset_summary(chat: Any) -> str:
+    """The sampling preset plus whatever was set explicitly (not every default)."""
+    explicit = getattr(chat, "explicit_settings", {})
+    shown = {k: v for k, v in chat.settings.items() if k in PRESET_NAMES or k in explicit}
+    return format_settings(shown)
+
+
 def mode_name(thinking: bool) -> str:
     """The words for a thinking mode."""
     return "thinking on" if thinking else "thinking off"
@@ -69,7 +79,7 @@ def print_header(console: Console, chat: Any, version: str) -> None:
     )
     console.print(
         Text(
-            f"{mode_name(chat.thinking)} · context {chat.context_limit:,} tokens · {format_settings(chat.settings)}",
+            f"{mode_name(chat.thinking)} · context {chat.context_limit:,} tokens · {preset_summary(chat)}",
             style="dim",
         )
     )

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from qwen3_mlx.cli.commands import Action, help_text, parse_line
 from qwen3_mlx.cli.line_input import LineReader
-from qwen3_mlx.cli.render import ReplyView, format_settings, mode_name, stats_lines
+from qwen3_mlx.cli.render import ReplyView, format_settings, mode_name, preset_summary, stats_lines
 from qwen3_mlx.cli.transcript_files import default_save_path, write_markdown_copy
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import TurnResult
@@ -105,7 +105,7 @@ class Repl:
     def _set_thinking(self, on: bool) -> None:
         # The Chat switches the sampling preset with the mode; show the settings now in force.
         self.chat.thinking = on
-        self.note(f"{mode_name(on)} · {format_settings(self.chat.settings)}")
+        self.note(f"{mode_name(on)} · {preset_summary(self.chat)}")
 
     def do_think(self, action: Action) -> None:
         """/think: thinking on."""
