@@ -90,7 +90,7 @@ def test_help_imports_neither_mlx_nor_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY [] CODE 0" in out.stdout, out.stdout + out.stderr
-    for command in ("chat", "prompt", "download", "info"):
+    for command in ("chat", "prompt", "download", "info", "quantize"):
         assert command in out.stdout
 
 
