@@ -123,3 +123,22 @@ def test_trimmed_cache_gives_the_same_logits_as_a_fresh_one(model: object) -> No
     with_reuse = model(mx.array([second[reused:]]), cache=cache.cache)[0, -1]
     fresh = model(mx.array([second]), cache=make_cache(model))[0, -1]
     assert mx.allclose(with_reuse, fresh, atol=1e-4, rtol=1e-4).item()
+
+
+def test_from_pretrained_and_yarn_as_a_runtime_option(tmp_path: Path) -> None:
+    from checkpoints import make_checkpoint
+
+    from qwen3_mlx.config import yarn_scaling
+
+    folder = make_checkpoint(tmp_path / "m", tokenizer="qwen3-4b", max_position_embeddings=4096)
+    config_before = (folder / "config.json").read_bytes()
+    plain = Chat.from_pretrained(str(folder), sampling={"max_tokens": 3})
+    assert plain.model_id == str(folder) and plain.context_limit == 4096
+    assert plain.settings["max_tokens"] == 3 and plain.thinking
+    stretched = Chat.from_pretrained(
+        str(folder), rope_scaling=yarn_scaling(4.0), system="S", sampling={"max_tokens": 3}
+    )
+    assert stretched.context_limit == 4 * 32_768 and stretched.system == "S"
+    assert (folder / "config.json").read_bytes() == config_before  # no config.json edit
+    result = list(stretched.send("hi"))[-1]
+    assert result.prompt_tokens > 0 and result.generated_tokens > 0
