@@ -16,6 +16,7 @@ from qwen3_mlx.cli.render import ReplyView, format_settings, stats_line, thought
 from qwen3_mlx.cli.repl import Repl
 from qwen3_mlx.errors import HistoryError, SettingsError
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+from qwen3_mlx.transcript import Turn
 
 
 def make_result(
@@ -57,7 +58,7 @@ class FakeChat:
         self.sent: list[str] = []
         self.calls: list[tuple[str, Any]] = []
         self.last_result: TurnResult | None = None
-        self.turns: list[tuple[str, str]] = []
+        self.turns: list[Turn] = []
         self.context_limit = 4096
         self.context_used = 123
         self.explicit: dict[str, Any] = {}
@@ -74,8 +75,11 @@ class FakeChat:
     @property
     def messages(self) -> list[dict[str, str]]:
         out = [{"role": "system", "content": self.system}] if self.system else []
-        for user, answer in self.turns:
-            out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        for turn in self.turns:
+            out += [
+                {"role": "user", "content": turn.user},
+                {"role": "assistant", "content": turn.answer},
+            ]
         return out
 
     def send(self, text: str) -> Iterator[Any]:
@@ -85,7 +89,7 @@ class FakeChat:
     def retry(self) -> Iterator[Any]:
         if not self.turns:
             raise HistoryError("nothing to retry")
-        user, _ = self.turns.pop()
+        user = self.turns.pop().user
         self.calls.append(("retry", user))
         return self._reply(user)
 
@@ -106,7 +110,9 @@ class FakeChat:
                 yield piece
             finish = "stop"
         finally:
-            self.turns.append((user, shown.strip()))
+            self.turns.append(
+                Turn(user, shown.strip(), thinking.strip(), finish != "interrupted", finish)
+            )
             self.last_result = make_result(shown.strip(), thinking, finish)
         yield self.last_result
 
@@ -131,7 +137,7 @@ class FakeChat:
 
     def load(self, path: Path) -> None:
         self.calls.append(("load", Path(path)))
-        self.turns = [("q", "a"), ("q2", "a2")]
+        self.turns = [Turn("q", "a"), Turn("q2", "a2")]
 
 
 def run_repl(
@@ -178,7 +184,8 @@ def test_ctrl_c_mid_reply_keeps_the_partial_answer_and_the_session(terminal: boo
     chat = FakeChat([("", "one two three four"), ("", "five six")], interrupt_after=2)
     out = run_repl(chat, ["count", "more"], terminal=terminal)
     assert chat.sent == ["count", "more"]
-    assert chat.turns[0] == ("count", "one two")
+    assert (chat.turns[0].user, chat.turns[0].answer) == ("count", "one two")
+    assert chat.turns[0].finish_reason == "interrupted"
     assert "interrupted" in out
     assert "five six" in out
 
@@ -193,7 +200,7 @@ def test_live_terminal_rendering_prints_the_final_answer_as_markdown() -> None:
 
 
 def test_commands_reach_the_chat(tmp_path: Path) -> None:
-    chat = FakeChat([("", "A1"), ("", "A2"), ("", "A3")])
+    chat = FakeChat([("", "A1"), ("", "A2"), ("pondering", "A3")])
     saved = tmp_path / "t.json"
     out = run_repl(
         chat,
@@ -222,6 +229,8 @@ def test_commands_reach_the_chat(tmp_path: Path) -> None:
     assert saved.is_file() and saved.with_suffix(".md").is_file()
     markdown = saved.with_suffix(".md").read_text()
     assert "## System" in markdown and "Be brief." in markdown and "## You" in markdown
+    assert "<summary>Thinking</summary>\n\npondering" in markdown and "A3" in markdown
+    assert "A2" not in markdown  # undone
     assert "123 of 4,096 tokens" in out
     assert "decode speed" in out and "42.5 tok/s" in out
     assert "Unknown command /bogus" in out

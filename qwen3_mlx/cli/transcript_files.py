@@ -8,20 +8,31 @@ from typing import Any
 
 from qwen3_mlx.errors import TranscriptError
 
-ROLE_TITLES = {"system": "System", "user": "You", "assistant": "Assistant", "tool": "Tool"}
-
 
 def default_save_path(now: time.struct_time, folder: Path | None = None) -> Path:
     """qwen3-chat-YYYYMMDD-HHMMSS.json in the current folder."""
     return (folder or Path.cwd()) / time.strftime("qwen3-chat-%Y%m%d-%H%M%S.json", now)
 
 
-def transcript_markdown(messages: list[dict[str, Any]], model_id: str = "") -> str:
-    """The conversation as Markdown: one heading per message, the text as written."""
+def transcript_markdown(system: str | None, turns: list[Any], model_id: str = "") -> str:
+    """The conversation as Markdown for people: each reasoning folded in a <details> block."""
     lines = [f"# Chat with {model_id}" if model_id else "# Chat", ""]
-    for message in messages:
-        title = ROLE_TITLES.get(message.get("role", ""), str(message.get("role", "")).title())
-        lines += [f"## {title}", "", str(message.get("content", "")).strip(), ""]
+    if system:
+        lines += ["## System", "", system.strip(), ""]
+    for turn in turns:
+        lines += ["## You", "", turn.user.strip(), "", "## Assistant", ""]
+        if turn.thinking.strip():
+            lines += [
+                "<details><summary>Thinking</summary>",
+                "",
+                turn.thinking.strip(),
+                "",
+                "</details>",
+                "",
+            ]
+        lines += [turn.answer.strip(), ""]
+        if turn.finish_reason == "interrupted":
+            lines += ["*(interrupted)*", ""]
     return "\n".join(lines)
 
 
@@ -29,7 +40,9 @@ def write_markdown_copy(chat: Any, json_path: Path) -> Path:
     """Write the Markdown copy next to a saved JSON transcript; return its path."""
     path = json_path.with_suffix(".md")
     try:
-        path.write_text(transcript_markdown(list(chat.messages), chat.model_id), encoding="utf-8")
+        path.write_text(
+            transcript_markdown(chat.system, chat.turns, chat.model_id), encoding="utf-8"
+        )
     except OSError as error:
         raise TranscriptError(f"{path}: cannot be written ({error.strerror})") from None
     return path
