@@ -292,3 +292,27 @@ def test_reply_view_without_result_still_closes() -> None:
 def test_parse_line_is_what_the_repl_uses() -> None:
     # The REPL is a view over parse_line: the same text makes the same decision.
     assert parse_line("/no_think hello").kind == "send"
+
+
+def test_markdown_tail_cuts_at_a_paragraph_and_reopens_code() -> None:
+    from qwen3_mlx.cli.render import markdown_tail
+
+    assert markdown_tail("short", 100) == "short"
+    text = "para one\n\n```py\nx = 1\n\nmore code\n"
+    assert markdown_tail(text, 12) == "```\nmore code\n"
+    assert markdown_tail("intro\n\nsecond paragraph here", 25) == "second paragraph here"
+    assert markdown_tail("x" * 50, 10) == "x" * 50  # no break to cut at: keep it all
+
+
+def test_live_view_redraws_are_throttled() -> None:
+    output = io.StringIO()
+    view = ReplyView(Console(file=output, force_terminal=True, width=60, height=10))
+    draws = []
+    with view:
+        original = view.live.update
+        view.live.update = lambda *a, **k: (draws.append(1), original(*a, **k))
+        for _ in range(200):
+            view.feed(AnswerText("word "))
+    view.finish(make_result("word " * 200))
+    assert 1 <= len(draws) < 20  # 200 pieces in well under a second: a handful of redraws
+    assert output.getvalue().count("word") >= 200

@@ -44,6 +44,22 @@ class Tail:
             yield Segment.line()
 
 
+def markdown_tail(text: str, max_chars: int) -> str:
+    """The end of a Markdown text, cut at a paragraph break, with an open code fence reopened.
+
+    The live view shows only the bottom of the answer; rendering just the end keeps each redraw
+    cheap however long the answer grows (the whole answer is rendered once, at the end).
+    """
+    if len(text) <= max_chars:
+        return text
+    cut = text.find("\n\n", len(text) - max_chars)
+    if cut < 0:
+        return text
+    fences = sum(1 for line in text[:cut].splitlines() if line.lstrip().startswith("```"))
+    tail = text[cut + 2 :]
+    return "```\n" + tail if fences % 2 else tail
+
+
 def format_settings(settings: dict[str, Any]) -> str:
     """`temp 0.6 · top_p 0.95 · …`; an unset seed and a zero presence penalty are left out."""
     parts = []
@@ -141,17 +157,35 @@ class ReplyView:
         self.thinking_started: float | None = None
         self.thinking_closed = False
         self.live: Live | None = None
+        self.next_draw = 0.0
 
     def __enter__(self) -> ReplyView:
         if self.live_mode:
-            self.live = Live(
-                console=self.console, refresh_per_second=10, transient=True, auto_refresh=True
-            )
+            self.live = Live(console=self.console, transient=True, auto_refresh=False)
             self.live.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop_live()
+
+    def _window_chars(self) -> int:
+        # A screen shows at most width x height characters; twice that covers Markdown markup
+        # (link targets, emphasis marks) that takes no room once rendered.
+        return 2 * self.console.size.width * self.console.size.height
+
+    def _draw(self, make: Any) -> None:
+        """Redraw the live region, at most 10 times a second and never more than ~20% of the time.
+
+        Rendering Markdown costs milliseconds per kilobyte, and it shares the CPU with the model.
+        """
+        if self.live is None:
+            return
+        now = time.perf_counter()
+        if now < self.next_draw:
+            return
+        self.live.update(make(), refresh=True)
+        cost = time.perf_counter() - now
+        self.next_draw = now + max(0.1, 5 * cost)
 
     def _stop_live(self) -> None:
         if self.live is not None:
@@ -167,7 +201,7 @@ class ReplyView:
             self._close_thinking(finished=True)
             self.answer += event.text
             if self.live is not None:
-                self.live.update(Tail(Markdown(self.answer)))
+                self._draw(lambda: Tail(Markdown(markdown_tail(self.answer, self._window_chars()))))
             else:
                 self.console.file.write(event.text)
                 self.console.file.flush()
@@ -178,7 +212,9 @@ class ReplyView:
         self.thinking += text
         self.thinking_pieces += 1
         if self.live is not None:
-            self.live.update(Tail(Text(self.thinking.strip(), style="dim")))
+            self._draw(
+                lambda: Tail(Text(self.thinking[-self._window_chars() :].strip(), style="dim"))
+            )
         elif self.show_thinking:
             self.console.file.write(text)
             self.console.file.flush()
