@@ -275,7 +275,8 @@ class Chat:
         """A chat that continues a saved transcript."""
         data = read_transcript(path)
         chat_kwargs.setdefault("model_id", data.model_id)
-        chat = cls(model, tokenizer, generation_config, thinking=data.thinking, **chat_kwargs)
+        chat_kwargs.setdefault("thinking", data.thinking)
+        chat = cls(model, tokenizer, generation_config, **chat_kwargs)
         chat.load(path)
         return chat
 
