@@ -161,8 +161,11 @@ class ReplyView:
 
     def __enter__(self) -> ReplyView:
         if self.live_mode:
-            self.live = Live(console=self.console, transient=True, auto_refresh=False)
-            self.live.start()
+            # A dim ellipsis until the first token: the prompt is being read (prefill).
+            self.live = Live(
+                Text("…", style="dim"), console=self.console, transient=True, auto_refresh=False
+            )
+            self.live.start(refresh=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
