@@ -202,7 +202,7 @@ def write_model_card(
         f"| quantization | affine, group-wise |\n"
         f"| bits | {bits} |\n| group size | {spec.group_size} |\n| recipe | {spec.recipe} |\n"
         f"| scales, biases and norms | {plan.dtype_name} |\n"
-        f"| size | {size / 1e9:.2f} GB ({8 * size / plan.parameters:.2f} bits per weight) |\n\n"
+        f"| size | {_size_text(size)} ({8 * size / plan.parameters:.2f} bits per weight) |\n\n"
         "Loads in qwen3-mlx, mlx-lm (`mlx_lm.generate --model <folder>`) and LM Studio.\n"
     )
     try:
@@ -211,6 +211,13 @@ def write_model_card(
         raise ConversionError(
             f"{folder / 'README.md'}: cannot be written ({error.strerror})"
         ) from None
+
+
+def _size_text(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count / 1e3:.1f} kB"
 
 
 def _is_repo_id(name: str) -> bool:

@@ -177,6 +177,18 @@ def test_4b_names_shapes_and_size_equal_the_real_index() -> None:
     assert {name: (outputs[name].dtype, outputs[name].shape) for name in expected} == expected
 
 
+def test_tied_source_with_an_lm_head_writes_none(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path
+) -> None:
+    source = make_checkpoint("src")
+    weights = read_safetensors(source)
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # some tied exports keep it
+    save_weights(source, weights)
+    result = quantize_checkpoint(source, tmp_path / "out")
+    assert not any(name.startswith("lm_head") for name in index_of(result.output)["weight_map"])
+    assert mx.array_equal(mlx_lm_logits(result.output), our_logits(result.output)).item()
+
+
 def test_small_shard_size_writes_a_valid_sharded_index(
     make_checkpoint: MakeCheckpoint, tmp_path: Path
 ) -> None:
