@@ -391,3 +391,21 @@ def test_download_errors(tmp_path: Path, model_dir: Path) -> None:
     )
     local = invoke("download", str(model_dir))
     assert local.exit_code == 2 and "local folder" in local.stderr
+
+
+TRAINED = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"
+
+
+@pytest.mark.skipif(
+    not (TRAINED / "model.safetensors").is_file(), reason="models/qwen3-tiny-chat not built"
+)
+def test_prompt_answer_to_stdout_thinking_to_stderr() -> None:
+    flags = ["What is 12 + 30?", "-m", str(TRAINED), "--seed", "0", "--max-tokens", "150"]
+    body = json.loads(invoke("prompt", *flags, "--json").stdout)
+    assert body["thinking"] and body["answer"] and body["finish_reason"] == "stop"
+    shown = invoke("prompt", *flags, "--show-thinking")
+    assert shown.exit_code == 0
+    assert shown.stdout == body["answer"] + "\n"
+    assert shown.stderr == body["thinking"] + "\n"
+    hidden = invoke("prompt", *flags)
+    assert hidden.stdout == body["answer"] + "\n" and hidden.stderr == ""
