@@ -14,8 +14,10 @@ from mlx.utils import tree_flatten
 from qwen3_mlx.config import ModelArgs, read_config
 from qwen3_mlx.errors import CheckpointError, ModelNotFoundError, QuantizationError
 from qwen3_mlx.fp8 import dequantize_fp8_weights, fp8_block_size
+from qwen3_mlx.fuse import fuse_projections
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.model import Model
+from qwen3_mlx.prefill_gemm import use_prefill_gemm
 from qwen3_mlx.quant import QuantSpec, apply_checkpoint_quantization, cast_floating, quantize_model
 from qwen3_mlx.quant import read_quantization
 from qwen3_mlx.safetensors_check import read_header
@@ -176,8 +178,13 @@ def load_model(
     quantize_on_load: int | QuantSpec | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
     lazy: bool = False,
+    fuse: bool = False,
 ) -> tuple[Model, dict[str, Any]]:
-    """Build the model from a folder in any of the three formats; return it with its config dict."""
+    """Build the model from a folder in any of the three formats; return it with its config dict.
+
+    fuse=True joins q/k/v and gate/up into single matmuls (qwen3_mlx.fuse): faster, but the module
+    tree then no longer matches the checkpoint keys, so a fused model must not be saved.
+    """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     source = str(model_dir / "config.json")
@@ -205,6 +212,9 @@ def load_model(
     dtype = resolve_compute_dtype(compute_dtype)
     if dtype is not None:
         cast_floating(model, dtype)
+    if fuse:
+        fuse_projections(model)
+    use_prefill_gemm(model)  # only where it is faster: quantized layers on the CPU backend
     if not lazy:
         # One tensor at a time, so each checkpoint tensor is freed as soon as its cast or
         # quantized copy exists: loading peaks near the final size, not at both sizes together.
@@ -221,6 +231,7 @@ def load(
     quantize_on_load: int | QuantSpec | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
     lazy: bool = False,
+    fuse: bool = True,
 ) -> tuple[Model, Tokenizer, GenerationConfig]:
     """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id."""
     model_dir = resolve_model_path(path_or_repo)
@@ -230,6 +241,7 @@ def load(
         quantize_on_load=quantize_on_load,
         compute_dtype=compute_dtype,
         lazy=lazy,
+        fuse=fuse,
     )
     generation_config = GenerationConfig.from_model_dir(model_dir, config)
     tokenizer = load_tokenizer(model_dir, generation_config.eos_token_ids)

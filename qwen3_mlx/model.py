@@ -31,6 +31,10 @@ class Attention(nn.Module):
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q, k, v projections of x: [B, L, D] -> three [B, L, heads * head_dim]."""
+        if "qkv_proj" in self:  # joined at load time by qwen3_mlx.fuse: one matmul instead of three
+            q_dim = self.n_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_dim, q_dim + self.n_kv_heads * self.head_dim], axis=-1)
+            return q, k, v
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
@@ -61,6 +65,9 @@ class MLP(nn.Module):
 
     def gate_up(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """The gate and up projections of x."""
+        if "gate_up_proj" in self:  # joined at load time by qwen3_mlx.fuse
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            return gate, up
         return self.gate_proj(x), self.up_proj(x)
 
     def __call__(self, x: mx.array) -> mx.array:
