@@ -52,22 +52,40 @@ def read_message(text: str | None) -> str:
 
 
 def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool, shown: list[str]) -> None:
-    """Write answer text to stdout as it comes (and to `shown`); thinking to stderr when asked for."""
+    """Write answer text to stdout as it comes (and to `shown`); thinking to stderr when asked for.
+
+    With hidden thinking and a person at the terminal, a 'thinking…' spinner on stderr shows that
+    the model is working; in pipes nothing but the answer is written.
+    """
     from qwen3_mlx.events import AnswerText, ThinkingText
 
     thinking_open = False
-    for event in events:
-        if isinstance(event, ThinkingText) and show_thinking and not collect_only:
-            sys.stderr.write(event.text)
-            sys.stderr.flush()
-            thinking_open = True
-        elif isinstance(event, AnswerText) and not collect_only:
-            if thinking_open:
-                sys.stderr.write("\n")
-                thinking_open = False
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-            shown.append(event.text)
+    spinner = None
+    watching = sys.stdout.isatty() and sys.stderr.isatty()
+    try:
+        for event in events:
+            if isinstance(event, ThinkingText) and not collect_only:
+                if show_thinking:
+                    sys.stderr.write(event.text)
+                    sys.stderr.flush()
+                    thinking_open = True
+                elif watching and spinner is None:
+                    from rich.console import Console
+
+                    spinner = Console(stderr=True).status("thinking…", spinner_style="dim")
+                    spinner.start()
+            elif isinstance(event, AnswerText) and not collect_only:
+                if spinner is not None:
+                    spinner.stop()
+                if thinking_open:
+                    sys.stderr.write("\n")
+                    thinking_open = False
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+                shown.append(event.text)
+    finally:
+        if spinner is not None:
+            spinner.stop()
 
 
 def result_json(result: Any, model_id: str) -> str:
