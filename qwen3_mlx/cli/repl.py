@@ -93,6 +93,10 @@ class Repl:
                 events.close()  # lets Chat record the partial answer, marked interrupted
             latest = self.chat.last_result
             result = latest if latest is not before else None
+        except Qwen3Error:
+            latest = self.chat.last_result
+            view.finish(latest if latest is not before else None)  # keep what was shown
+            raise
         view.finish(result)
         if interrupted and (result is None or result.finish_reason != "interrupted"):
             self.note("⏹ interrupted", style="yellow")
