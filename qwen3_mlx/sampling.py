@@ -1,4 +1,4 @@
-"""Turn settings into a sampler (mlx-lm's building blocks) and logits processors (presence penalty)."""
+"""Turn settings into a sampler and logits processors (presence penalty)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
-from qwen3_mlx.generate import LogitsProcessor, Sampler
+from qwen3_mlx.generate import LogitsProcessor, Sampler, greedy
 
 
 class PresencePenalty:
@@ -32,13 +31,42 @@ class PresencePenalty:
 
 
 def build_sampler(settings: Mapping[str, Any]) -> Sampler:
-    """mlx-lm's sampler for temperature, top_p, top_k and min_p (temperature 0 = arg-max)."""
-    return make_sampler(
-        temp=float(settings["temperature"]),
-        top_p=float(settings["top_p"]),
-        min_p=float(settings["min_p"]),
-        top_k=int(settings["top_k"]),
-    )
+    """A sampler for temperature, top_k, top_p and min_p (temperature 0 = arg-max).
+
+    Hand-written rather than mlx-lm's make_sampler for two reasons. Speed: make_sampler's top_p
+    sorts the whole 151,936-token vocabulary every step (~86 ms per token on the CPU backend);
+    taking the top_k candidates first with an O(V) partition leaves 20 values to sort. Fidelity:
+    Qwen's recommended settings assume transformers' order (temperature, then top_k, then top_p
+    and min_p on the tempered, renormalized candidates), while make_sampler applies top_p to the
+    untempered full distribution before top_k.
+    """
+    temperature = float(settings["temperature"])
+    if temperature <= 0:
+        return greedy
+    top_k, top_p, min_p = int(settings["top_k"]), float(settings["top_p"]), float(settings["min_p"])
+
+    def sample(logprobs: mx.array) -> mx.array:
+        vocab = logprobs.shape[-1]
+        if 0 < top_k < vocab:
+            # [B, V] -> [B, k]: candidate ids in no particular order, then their values.
+            ids = mx.argpartition(-logprobs, kth=top_k - 1, axis=-1)[..., :top_k]
+        else:
+            ids = mx.broadcast_to(mx.arange(vocab), logprobs.shape)
+        values = mx.take_along_axis(logprobs, ids, axis=-1) / temperature
+        order = mx.argsort(-values, axis=-1)  # descending
+        ids = mx.take_along_axis(ids, order, axis=-1)
+        values = mx.take_along_axis(values, order, axis=-1)
+        probs = mx.softmax(values, axis=-1)
+        keep = mx.ones(values.shape, dtype=mx.bool_)
+        if 0 < top_p < 1:
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            keep = keep & ((mx.cumsum(probs, axis=-1) - probs) < top_p)
+        if min_p > 0:
+            keep = keep & (probs >= min_p * probs[..., :1])
+        choice = mx.random.categorical(mx.where(keep, values, -mx.inf), axis=-1)
+        return mx.take_along_axis(ids, choice[..., None], axis=-1).squeeze(-1)
+
+    return sample
 
 
 def build_logits_processors(settings: Mapping[str, Any]) -> list[LogitsProcessor]:

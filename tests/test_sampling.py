@@ -190,3 +190,28 @@ def test_guard_matches_brute_force(
 def test_guard_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError):
         RepetitionGuard(repeats=1)
+
+
+def _hf_order_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """transformers' order: temperature, top_k, then top_p on the renormalized candidates."""
+    scaled = logits / temperature
+    order = np.argsort(-scaled)
+    kept = order[:top_k] if top_k else order
+    probs = np.exp(scaled[kept] - scaled[kept].max())
+    probs /= probs.sum()
+    cutoff = (np.cumsum(probs) - probs) < top_p
+    out = np.zeros_like(logits)
+    out[kept[cutoff]] = probs[cutoff] / probs[cutoff].sum()
+    return out
+
+
+def test_sampler_follows_transformers_order_of_top_k_then_top_p() -> None:
+    logits = np.array([3.0, 2.6, 2.2, 1.0, 0.9, 0.8, 0.7, -1.0], dtype=np.float32)
+    settings_ = {"temperature": 0.7, "top_k": 4, "top_p": 0.9, "min_p": 0.0}
+    expected = _hf_order_probs(logits, 0.7, 4, 0.9)
+    batch = mx.broadcast_to(mx.array(logits)[None], (40_000, logits.size))
+    mx.random.seed(7)
+    counts = np.bincount(np.array(build_sampler(settings_)(batch)), minlength=logits.size)
+    observed = counts / counts.sum()
+    assert set(np.nonzero(observed)[0]) == set(np.nonzero(expected)[0])
+    assert np.abs(observed - expected).max() < 0.015
