@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen3_mlx.prefill_gemm import PrefillGemmLinear
+from qwen3_mlx.cpu_quantized import CpuQuantizedLinear
 
 # Exact classes only: a subclass (LoRA, say) may compute something else than its weights say.
-JOINABLE = (nn.Linear, nn.QuantizedLinear, PrefillGemmLinear)
+JOINABLE = (nn.Linear, nn.QuantizedLinear, CpuQuantizedLinear)
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 
@@ -30,7 +30,7 @@ def _same(values: Sequence[object]) -> bool:
 def concatenate_linears(layers: Sequence[nn.Module]) -> nn.Module | None:
     """One layer whose output is the layers' outputs side by side, or None if they cannot be joined.
 
-    Joins layers of one class (nn.Linear, nn.QuantizedLinear or PrefillGemmLinear) without bias
+    Joins layers of one class (nn.Linear, nn.QuantizedLinear or CpuQuantizedLinear) without bias
     that agree on input width, dtypes and (quantized) bits, group size and mode.
     """
     kind = type(layers[0])

@@ -12,12 +12,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from qwen3_mlx.config import ModelArgs, read_config
+from qwen3_mlx.cpu_quantized import use_cpu_kernels
 from qwen3_mlx.errors import CheckpointError, ModelNotFoundError, QuantizationError
 from qwen3_mlx.fp8 import dequantize_fp8_weights, fp8_block_size
 from qwen3_mlx.fuse import fuse_projections
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.model import Model
-from qwen3_mlx.prefill_gemm import use_prefill_gemm
 from qwen3_mlx.quant import QuantSpec, apply_checkpoint_quantization, cast_floating, quantize_model
 from qwen3_mlx.quant import read_quantization
 from qwen3_mlx.safetensors_check import read_header
@@ -214,7 +214,7 @@ def load_model(
         cast_floating(model, dtype)
     if fuse:
         fuse_projections(model)
-    use_prefill_gemm(model)  # only where it is faster: quantized layers on the CPU backend
+    use_cpu_kernels(model)  # quantized layers on the CPU backend: threaded decode, GEMM prefill
     if not lazy:
         # One tensor at a time, so each checkpoint tensor is freed as soon as its cast or
         # quantized copy exists: loading peaks near the final size, not at both sizes together.

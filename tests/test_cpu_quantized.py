@@ -1,0 +1,124 @@
+"""Quantized matmuls on the CPU backend (qwen3_mlx.cpu_quantized): decode split over threads gives
+the kernel's results bit for bit, the dequantize + GEMM prefill path gives them to float32
+rounding, and the loader installs the layers on the CPU backend only, keeping the checkpoint keys."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import qwen3_mlx.cpu_quantized as cpu_quantized
+from qwen3_mlx.cache import make_cache
+from qwen3_mlx.cpu_quantized import (
+    MIN_ROWS,
+    CpuQuantizedEmbedding,
+    CpuQuantizedLinear,
+    prefill_gemm_helps,
+    use_cpu_kernels,
+)
+from qwen3_mlx.loading import load_model, read_weights
+
+SHAPES = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
+ON_CPU = mx.default_device() == mx.cpu
+OPENBLAS = "/usr/lib/libopenblas.so.0"  # a stand-in name: only whether one is active matters
+
+
+def quantized_layer(bits: int = 4, group_size: int = 64) -> nn.QuantizedLinear:
+    """A float32 quantized layer 256 -> 300 with random weights (300 rows: uneven thread blocks)."""
+    mx.random.seed(0)
+    return nn.QuantizedLinear.from_linear(nn.Linear(256, 300, bias=False), group_size, bits)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (8, 32), (3, 64)])
+def test_threaded_decode_is_bit_identical(monkeypatch, threads, bits, group_size):
+    monkeypatch.setattr(cpu_quantized, "THREADS", threads)
+    layer = quantized_layer(bits, group_size)
+    fast = CpuQuantizedLinear.from_quantized(layer)
+    assert fast.weight is layer.weight  # shares the arrays, no copy
+    assert len(cpu_quantized._blocks(300)) == min(threads, 300 // cpu_quantized.MIN_BLOCK)
+    for shape in [(1, 1, 256), (1, MIN_ROWS - 1, 256)]:  # one token; a few rows (below the GEMM path)
+        x = mx.random.normal(shape)
+        assert mx.array_equal(fast(x), layer(x)).item()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_gemm_matches_the_kernel(monkeypatch, threads):
+    monkeypatch.setattr(cpu_quantized, "THREADS", threads)
+    monkeypatch.setattr(cpu_quantized, "openblas_active", lambda: OPENBLAS)
+    layer = quantized_layer()
+    x = mx.random.normal((2, 3 * MIN_ROWS, 256))
+    expected = np.array(layer(x))
+    actual = np.array(CpuQuantizedLinear.from_quantized(layer)(x))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+def test_gemm_only_for_float32_on_the_cpu_with_openblas(monkeypatch):
+    monkeypatch.setattr(cpu_quantized, "openblas_active", lambda: OPENBLAS)
+    assert prefill_gemm_helps(mx.float32) is ON_CPU
+    assert not prefill_gemm_helps(mx.bfloat16)  # keeps bit-parity with mlx-lm at checkpoint dtype
+    monkeypatch.setattr(cpu_quantized, "openblas_active", lambda: None)
+    assert not prefill_gemm_helps(mx.float32)  # the reference BLAS is no faster than the kernel
+
+
+@pytest.mark.skipif(not ON_CPU, reason="these layers are for the CPU backend")
+@pytest.mark.parametrize("gemm", [False, True], ids=["kernel", "gemm"])
+def test_loaded_model_gives_the_same_logits(make_checkpoint, monkeypatch, gemm):
+    model_dir = make_checkpoint(
+        dtype="bfloat16", **SHAPES
+    )  # tied: the embedding is the output layer
+    monkeypatch.setattr(cpu_quantized, "openblas_active", lambda: OPENBLAS if gemm else None)
+    monkeypatch.setattr(cpu_quantized, "THREADS", 2)
+    fast, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32", fuse=True)
+    assert type(fast.layers[0].mlp.down_proj) is CpuQuantizedLinear
+    assert type(fast.layers[0].self_attn.qkv_proj) is CpuQuantizedLinear  # fusion keeps the class
+    assert type(fast.model.embed_tokens) is CpuQuantizedEmbedding
+    assert use_cpu_kernels(fast) == 0  # nothing left to swap
+    plain, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32")
+    plain.update_modules(_plain_modules(plain))
+    ids = mx.array(np.random.default_rng(5).integers(0, 512, (1, 24)))
+    cache, plain_cache = make_cache(fast), make_cache(plain)
+    actual = [
+        fast(ids, cache=cache),
+        fast(ids[:, :1], cache=cache),
+    ]  # prefill, then one decode step
+    expected = [plain(ids, cache=plain_cache), plain(ids[:, :1], cache=plain_cache)]
+    actual, expected = (np.array(mx.concatenate(pair, axis=1)) for pair in (actual, expected))
+    if gemm:  # float32 rounding of another summation order
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    else:
+        np.testing.assert_array_equal(actual, expected)
+
+
+def _plain_modules(model: nn.Module) -> list:
+    """The model's leaf modules with the CPU layers turned back into MLX's own classes."""
+    from mlx.utils import tree_map_with_path
+
+    def plain(_: str, module: nn.Module) -> nn.Module:
+        if type(module) is CpuQuantizedLinear:
+            layer = nn.QuantizedLinear(
+                64, 1, bias=False, group_size=module.group_size, bits=module.bits
+            )
+            layer.update(dict(module.parameters()))
+            return layer
+        if type(module) is CpuQuantizedEmbedding:
+            layer = nn.QuantizedEmbedding(1, 64, group_size=module.group_size, bits=module.bits)
+            layer.update(dict(module.parameters()))
+            layer.num_embeddings, layer.dims = module.num_embeddings, module.dims
+            return layer
+        return module
+
+    return tree_map_with_path(plain, model.leaf_modules(), is_leaf=nn.Module.is_module)
+
+
+def test_checkpoint_keys_are_kept(make_checkpoint):
+    model_dir = make_checkpoint(dtype="bfloat16", **SHAPES)
+    model, _ = load_model(model_dir, quantize_on_load=4)
+    names = {name.rsplit(".", 1)[0] for name, _ in tree_flatten(model.parameters())}
+    dense_names = {name.rsplit(".", 1)[0] for name in read_weights(model_dir)}
+    assert names == dense_names
+    if ON_CPU:
+        assert type(model.layers[1].self_attn.o_proj) is CpuQuantizedLinear
