@@ -409,3 +409,69 @@ def test_prompt_answer_to_stdout_thinking_to_stderr() -> None:
     assert shown.stderr == body["thinking"] + "\n"
     hidden = invoke("prompt", *flags)
     assert hidden.stdout == body["answer"] + "\n" and hidden.stderr == ""
+
+
+def test_info_on_an_uncached_repo_reads_headers_not_weights(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub is played by the local checkpoint: small files are copied, headers parsed from it."""
+    import shutil
+    from fnmatch import fnmatch
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from qwen3_mlx.safetensors_check import read_header
+
+    fetched: list[str] = []
+
+    def fake_snapshot_download(
+        repo_id, *, allow_patterns, local_dir=None, local_files_only=False, **_
+    ):
+        assert repo_id == "owner/tiny"
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        for path in model_dir.iterdir():
+            if any(fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy(path, Path(local_dir) / path.name)
+                fetched.append(path.name)
+        return local_dir
+
+    def fake_metadata(repo_id, **_):
+        header = read_header(model_dir / "model.safetensors")
+        tensors = {
+            name: SimpleNamespace(
+                dtype=entry["dtype"], shape=entry["shape"], data_offsets=entry["data_offsets"]
+            )
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+        return SimpleNamespace(
+            files_metadata={"model.safetensors": SimpleNamespace(tensors=tensors)}
+        )
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", fake_metadata)
+    remote = invoke("info", "owner/tiny", "--json")
+    assert remote.exit_code == 0, remote.stderr
+    assert fetched and not any(name.endswith(".safetensors") for name in fetched)
+    facts = json.loads(remote.stdout)
+    local = json.loads(invoke("info", str(model_dir), "--json").stdout)
+    assert facts["path"] is None
+    assert {k: v for k, v in facts.items() if k not in ("model", "path")} == {
+        k: v for k, v in local.items() if k not in ("model", "path")
+    }
+    assert "not downloaded" in invoke("info", "owner/tiny").stdout
+
+
+def test_info_on_a_cached_repo_uses_the_cache(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    snapshot = tmp_path / "hf" / "hub" / "models--owner--cached" / "snapshots" / ("b" * 40)
+    shutil.copytree(model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("b" * 40)
+    result = invoke("info", "owner/cached", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == str(snapshot)

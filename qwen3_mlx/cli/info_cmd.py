@@ -41,7 +41,7 @@ def info_lines(facts: dict[str, Any]) -> list[str]:
     preset = ", ".join(f"{k} {v:g}" for k, v in defaults["thinking"].items())
     rows = [
         ("model", facts["model"]),
-        ("folder", facts["path"]),
+        ("folder", facts["path"] or "not downloaded (files and tensor headers read from the Hub)"),
         (
             "architecture",
             f"{facts['architecture']}: {facts['layers']} layers, hidden {facts['hidden_size']}, "

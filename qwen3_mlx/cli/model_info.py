@@ -109,17 +109,30 @@ def describe_model(
     path_or_repo: str, *, compute_dtype: str = "auto", rope_factor: float = YARN_DEFAULT_FACTOR
 ) -> dict[str, Any]:
     """Architecture, size, quantization, memory, context, thinking switches and sampling defaults."""
+    from qwen3_mlx.cli.model_files import model_files
+
+    with model_files(path_or_repo) as (model_dir, entries):
+        facts = _describe_folder(model_dir, entries, compute_dtype, rope_factor)
+    # A folder fetched for the occasion is gone by now: only a lasting one is worth naming.
+    return {
+        "model": str(path_or_repo),
+        "path": str(model_dir) if entries is None else None,
+        **facts,
+    }
+
+
+def _describe_folder(
+    model_dir: Path, entries: dict[str, Any] | None, compute_dtype: str, rope_factor: float
+) -> dict[str, Any]:
     from qwen3_mlx.config import ModelArgs, read_config, yarn_scaling
     from qwen3_mlx.generation_config import NON_THINKING_DEFAULTS, GenerationConfig
-    from qwen3_mlx.loading import resolve_model_path
     from qwen3_mlx.tokenizer import load_tokenizer
 
-    model_dir = resolve_model_path(path_or_repo, progress=True)
     config = read_config(model_dir)
     source = str(model_dir / "config.json")
     args = ModelArgs.from_dict(config, source)
     dtype_name = compute_dtype_name(compute_dtype)
-    disk, memory = weight_bytes(tensor_headers(model_dir), dtype_name)
+    disk, memory = weight_bytes(entries or tensor_headers(model_dir), dtype_name)
     generation = GenerationConfig.from_model_dir(model_dir, config)
     tokenizer = load_tokenizer(model_dir, generation.eos_token_ids)
     hybrid = tokenizer.has_thinking_switch
@@ -128,8 +141,6 @@ def describe_model(
         yarn = args.with_rope_scaling(yarn_scaling(rope_factor)).context_length
         yarn = yarn if yarn > args.context_length else None
     return {
-        "model": str(path_or_repo),
-        "path": str(model_dir),
         "architecture": (config.get("architectures") or ["Qwen3ForCausalLM"])[0],
         "layers": args.num_hidden_layers,
         "hidden_size": args.hidden_size,
