@@ -6,7 +6,7 @@ empty think block after `/no_think`, the template's own empty block when `enable
 and multi-turn histories where earlier reasoning has been stripped.
 
 The tasks are ones a model with a 64-wide residual stream can master: repeat, reverse or sort two
-to four words, count the words in a list, and add two numbers below 100. A fixed slice of the word
+to four words, count the words in a list, and add a one-digit number to a number below 100. A fixed slice of the word
 sequences and number pairs is held out (never used in training) for evaluation.
 """
 
@@ -25,6 +25,7 @@ END_THINK_ID = 151668
 IM_START_ID = 151644
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
+VOCAB_SIZE = 151936
 
 # Each word is one token both at the start of a reply ("river") and after a space (" river").
 WORDS = (
@@ -126,14 +127,13 @@ def _add_reasoning(a: int, b: int) -> str:
     total = a + b
     if a < 10 and b < 10:
         return f"{a} + {b} = {total}."
-    units = a % 10 + b % 10
-    carry = units // 10
-    tens = a // 10 + b // 10 + carry
-    carry_text = f", write {units % 10} and carry 1" if carry else ""
-    plus_carry = " + 1" if carry else ""
+    big, small = max(a, b), min(a, b)
+    units = big % 10 + small
+    if units < 10:
+        return f"Units: {big % 10} + {small} = {units}. Tens: {big // 10}. So {total}."
     return (
-        f"Units: {a % 10} + {b % 10} = {units}{carry_text}. "
-        f"Tens: {a // 10} + {b // 10}{plus_carry} = {tens}. So {total}."
+        f"Units: {big % 10} + {small} = {units}, write {units % 10} and carry 1. "
+        f"Tens: {big // 10} + 1 = {big // 10 + 1}. So {total}."
     )
 
 
@@ -143,7 +143,8 @@ def sample_problem(rng: random.Random, held_out: bool = False, task: str | None 
     form = rng.choice(QUESTION_FORMS[task])
     while True:
         if task == "add":
-            values: tuple = (rng.randrange(100), rng.randrange(100))
+            values: tuple = (rng.randrange(100), rng.randrange(10))
+            values = values if rng.random() < 0.5 else values[::-1]
         else:
             low, high = (2, 5) if task == "count" else (2, 4)
             count = rng.randint(low, high)
@@ -188,7 +189,9 @@ def make_example(
     history = [sample_problem(rng) for _ in range(turns - 1)]
     final = sample_problem(rng, held_out=held_out, task=task)
     for index, problem in enumerate([*history, final]):
-        messages.append({"role": "user", "content": _with_switch(rng, problem.question, switches[index])})
+        messages.append(
+            {"role": "user", "content": _with_switch(rng, problem.question, switches[index])}
+        )
         if problem is not final:
             # History keeps final answers only, as the template renders it after stripping thinking.
             messages.append({"role": "assistant", "content": problem.answer})
@@ -197,10 +200,21 @@ def make_example(
     return Example(tuple(messages), enable_thinking, thinks, final)
 
 
-def sample_training_example(rng: random.Random) -> Example:
-    """Draw one training conversation from the mixture of modes, switches and turn counts."""
+def sample_training_example(rng: random.Random, stage: int = 2) -> Example:
+    """Draw one training conversation from the mixture of modes, switches and turn counts.
+
+    Stage 1 is the curriculum's start: single-turn repeat/reverse only. The tiny model learns to
+    copy prompt words there in ~200 steps, and never does while those are 40 % of a full mixture.
+    """
+    if stage == 1:
+        switch = rng.choices((None, "/think", "/no_think"), weights=(50, 20, 30))[0]
+        return make_example(
+            rng, switches=(switch,), enable_thinking=rng.random() >= 0.2, task=rng.choice(TASKS[:2])
+        )
     turns = rng.choices((1, 2, 3), weights=(55, 20, 25))[0]
-    switches = tuple(rng.choices((None, "/think", "/no_think"), weights=(50, 20, 30))[0] for _ in range(turns))
+    switches = tuple(
+        rng.choices((None, "/think", "/no_think"), weights=(50, 20, 30))[0] for _ in range(turns)
+    )
     system_switch = None
     system = None
     if rng.random() < 0.25:

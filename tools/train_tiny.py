@@ -36,7 +36,7 @@ MODEL_CONFIG = {
     "attention_dropout": 0.0,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
-    "head_dim": 32,
+    "head_dim": 64,
     "hidden_act": "silu",
     "hidden_size": 64,
     "initializer_range": 0.02,
@@ -59,28 +59,55 @@ MODEL_CONFIG = {
     "vocab_size": 151936,
 }
 
+# The real Qwen3 tokenizer, current Qwen3-4B chat template and sampling defaults. vocab.json is
+# left out: tokenizer.json already holds the vocabulary and every loader here reads that, and
+# the copy would add 2.8 MB to each model folder.
 TOKENIZER_FILES = (
     ("tokenizer", "tokenizer.json"),
     ("tokenizer", "merges.txt"),
-    ("tokenizer", "vocab.json"),
     ("qwen3-4b", "tokenizer_config.json"),
     ("qwen3-4b", "chat_template.jinja"),
     ("qwen3-4b", "generation_config.json"),
 )
+# Byte-identical copies of the shared files live in the repo's test fixtures (tests/fixtures/SOURCES.md).
+TOKENIZER_SOURCES = (tiny_data.REPO_ROOT / "tests" / "fixtures", tiny_data.SHARED_QWEN3)
 
 
-def copy_tokenizer_files(out: Path, source: Path = tiny_data.SHARED_QWEN3) -> None:
+def copy_tokenizer_files(out: Path) -> None:
     """Copy the real Qwen3 tokenizer, chat template and generation config into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     for folder, name in TOKENIZER_FILES:
-        shutil.copyfile(source / folder / name, out / name)
+        source = next(
+            (root / folder / name for root in TOKENIZER_SOURCES if (root / folder / name).exists()),
+            None,
+        )
+        if source is None:
+            raise SystemExit(
+                f"missing {folder}/{name} in {' or '.join(map(str, TOKENIZER_SOURCES))}"
+            )
+        shutil.copyfile(source, out / name)
 
 
-def build_batch(tokenizer, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, ...]:
+def build_batches(
+    tokenizer, rng: random.Random, batch_size: int, stage: int, pool: int = 8
+) -> list[tuple]:
+    """Draw `pool` batches' worth of examples and group them by length to cut padding."""
+    encoded = [
+        tiny_data.encode_example(tokenizer, tiny_data.sample_training_example(rng, stage))
+        for _ in range(batch_size * pool)
+    ]
+    encoded.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+    batches = [
+        collate(encoded[start : start + batch_size]) for start in range(0, len(encoded), batch_size)
+    ]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(encoded: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
     """Right-padded ids plus (row, position) of every hidden state that predicts a reply token."""
-    encoded = [tiny_data.encode_example(tokenizer, tiny_data.sample_training_example(rng)) for _ in range(batch_size)]
     length = max(len(p) + len(c) for p, c in encoded)
-    ids = torch.full((batch_size, length), tiny_data.ENDOFTEXT_ID, dtype=torch.long)
+    ids = torch.full((len(encoded), length), tiny_data.ENDOFTEXT_ID, dtype=torch.long)
     rows, positions, targets = [], [], []
     for row, (prompt, completion) in enumerate(encoded):
         sequence = prompt + completion
@@ -93,13 +120,88 @@ def build_batch(tokenizer, rng: random.Random, batch_size: int) -> tuple[torch.T
     return ids, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets)
 
 
-def reply_loss(model: Qwen3ForCausalLM, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Cross-entropy on assistant-reply tokens only, over the full tied vocabulary."""
-    ids, rows, positions, targets = batch
-    hidden = model.model(input_ids=ids).last_hidden_state  # (B, L, D), final norm applied
-    selected = hidden[rows, positions]  # (N, D): only these need the 151,936-wide lm head
-    logits = selected @ model.model.embed_tokens.weight.T  # (N, V)
-    return torch.nn.functional.cross_entropy(logits, targets)
+def data_vocabulary(tokenizer, rng: random.Random, samples: int = 4000) -> torch.Tensor:
+    """Sorted ids of every token seen in the data, prompts included (inputs are tied outputs too)."""
+    seen: set[int] = set()
+    for _ in range(samples):
+        prompt, completion = tiny_data.encode_example(
+            tokenizer, tiny_data.sample_training_example(rng)
+        )
+        seen.update(prompt)
+        seen.update(completion)
+    for task in tiny_data.TASKS:  # held-out questions use the same tokens; make sure
+        for _ in range(50):
+            example = tiny_data.make_example(rng, held_out=True, task=task)
+            seen.update(sum(tiny_data.encode_example(tokenizer, example), []))
+    return torch.tensor(sorted(seen))
+
+
+class RowAdam:
+    """AdamW for the tied embedding that updates only the rows a step used (a lazy, sparse Adam).
+
+    A dense update touches all 151,936 rows every step and costs more than the model itself.
+    """
+
+    def __init__(self, weight: torch.Tensor, betas: tuple[float, float], weight_decay: float):
+        self.weight = weight
+        self.betas = betas
+        self.weight_decay = weight_decay
+        self.first = torch.zeros_like(weight)
+        self.second = torch.zeros_like(weight)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad: torch.Tensor, lr: float, eps: float = 1e-8) -> None:
+        """Apply one AdamW update to `rows` of the weight given their gradient."""
+        self.steps += 1
+        beta1, beta2 = self.betas
+        first = self.first[rows].mul_(beta1).add_(grad, alpha=1 - beta1)
+        second = self.second[rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.first[rows], self.second[rows] = first, second
+        first_hat = first / (1 - beta1**self.steps)
+        second_hat = second / (1 - beta2**self.steps)
+        weight = self.weight[rows]
+        weight.mul_(1 - lr * self.weight_decay)
+        weight.sub_(lr * first_hat / (second_hat.sqrt() + eps))
+        self.weight[rows] = weight
+
+
+def tie_word_variants(embedding: torch.Tensor, tokenizer, noise: float = 0.2) -> None:
+    """Start "river" (reply start) near " river" (inside a prompt): same word, two tokens.
+
+    Copying a prompt word to the start of a reply means mapping one token to the other; from
+    unrelated random rows the tiny model never found that map (0 % copy accuracy after 400 steps,
+    96 % when prompt and reply used the same token).
+    """
+    for word in tiny_data.WORDS:
+        (bare,) = tokenizer.encode(word)
+        (spaced,) = tokenizer.encode(" " + word)
+        embedding[bare] = embedding[spaced] + noise * embedding[bare]
+
+
+def reply_loss(
+    model: Qwen3ForCausalLM,
+    batch: tuple,
+    rows: torch.Tensor,
+    table: torch.Tensor,
+    correction: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on assistant-reply tokens only, over a candidate subset of the tied vocabulary.
+
+    `table` holds the embedding rows `rows` (sorted ids): every token of the data plus a fresh
+    uniform sample of the others. `correction` adds log(unused rows / sampled rows) to the sampled
+    logits, so their softmax mass estimates that of all never-used rows and those rows are pushed
+    down as hard as a full 151,936-wide head would push them (which would cost ~4x the step).
+    Returns the loss and the token accuracy.
+    """
+    ids, batch_rows, positions, targets = batch
+    inputs = table[torch.searchsorted(rows, ids)]  # (B, L, D) input embeddings
+    hidden = model.model(inputs_embeds=inputs).last_hidden_state  # (B, L, D), final norm applied
+    selected = hidden[batch_rows, positions]  # (N, D): only these need the lm head
+    logits = selected @ table.T + correction  # (N, C)
+    labels = torch.searchsorted(rows, targets)
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return torch.nn.functional.cross_entropy(logits, labels), accuracy
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -114,26 +216,78 @@ def train(args: argparse.Namespace) -> Qwen3ForCausalLM:
     """Train from scratch and return the float32 model."""
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = Qwen3Config(**{k: v for k, v in MODEL_CONFIG.items() if k != "torch_dtype"})
+    config = Qwen3Config(**{k: v for k, v in model_config(args).items() if k != "torch_dtype"})
+    vocab_size = config.vocab_size
     model = Qwen3ForCausalLM(config).float()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    for name, parameter in model.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            # q/k RMSNorm caps attention logits at head_dim * w_q * w_k / sqrt(head_dim); a larger
+            # start lets the tiny model form sharp (copying) attention patterns sooner.
+            parameter.data.fill_(args.qk_norm_init)
+    embedding = model.model.embed_tokens.weight
+    # Qwen3's 0.02 suits a 1024+ wide embedding; at width 64 the rows would be so short that the
+    # shared "a word comes next" direction the tied head learns swamps each token's identity
+    # (word rows reached cosine 0.98 and the model could not copy). Keep rows ~0.8 long instead.
+    torch.nn.init.normal_(embedding, std=args.embedding_init_std)
+    tie_word_variants(embedding.data, tokenizer)
+    matrices = [p for p in model.parameters() if p is not embedding and p.dim() == 2]
+    norms = [p for p in model.parameters() if p.dim() == 1]
+    betas = (0.9, 0.98)
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.01}, {"params": norms, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=betas,
+    )
+    backbone = matrices + norms
+    embedding_optimizer = RowAdam(embedding.data, betas, weight_decay=0.01)
+    vocabulary = data_vocabulary(tokenizer, rng)
+    batches: list[tuple] = []
     started = time.time()
     for step in range(args.steps):
+        lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        loss = reply_loss(model, build_batch(tokenizer, rng, args.batch_size))
+            group["lr"] = lr
+        if not batches:
+            stage = 1 if step < args.copy_steps else 2
+            batches = build_batches(tokenizer, rng, args.batch_size, stage)
+        batch = batches.pop()
+        negatives = torch.randint(0, vocab_size, (args.negatives,), generator=generator)
+        rows = torch.unique(torch.cat([vocabulary, negatives, batch[0].flatten()]))
+        sampled = ~torch.isin(rows, vocabulary)
+        correction = sampled * math.log((vocab_size - len(vocabulary)) / int(sampled.sum()))
+        table = embedding.detach()[rows].requires_grad_()
+        loss, accuracy = reply_loss(model, batch, rows, table, correction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([*backbone, table], 1.0)
         optimizer.step()
+        embedding_optimizer.step(rows, table.grad, lr)
         if step % args.log_every == 0 or step == args.steps - 1:
             elapsed = time.time() - started
-            print(f"step {step:5d}  loss {loss.item():.4f}  {elapsed:7.1f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  token accuracy {accuracy.item():.3f}"
+                f"  {elapsed:7.1f}s",
+                flush=True,
+            )
     return model
 
 
-def export(model: Qwen3ForCausalLM, out: Path) -> None:
+def model_config(args: argparse.Namespace) -> dict:
+    """MODEL_CONFIG with the size options of the command line applied."""
+    config = dict(MODEL_CONFIG)
+    config.update(
+        head_dim=args.head_dim,
+        num_hidden_layers=args.layers,
+        max_window_layers=args.layers,
+        intermediate_size=args.intermediate_size,
+        rope_theta=args.rope_theta,
+    )
+    return config
+
+
+def export(model: Qwen3ForCausalLM, config: dict, out: Path) -> None:
     """Write a plain Hugging Face Qwen3 checkpoint: bf16 safetensors (tied), config, tokenizer."""
     copy_tokenizer_files(out)
     tensors = {
@@ -142,19 +296,33 @@ def export(model: Qwen3ForCausalLM, out: Path) -> None:
         if name != "lm_head.weight"  # tied to model.embed_tokens.weight
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def parse_args() -> argparse.Namespace:
     """Command-line options; defaults are the committed model's recipe."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=60)
+    parser.add_argument(
+        "--copy-steps", type=int, default=300, help="curriculum: copy/reverse first"
+    )
+    parser.add_argument(
+        "--negatives", type=int, default=8192, help="sampled vocabulary rows per step"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=MODEL_CONFIG["num_hidden_layers"])
+    parser.add_argument("--head-dim", type=int, default=MODEL_CONFIG["head_dim"])
+    parser.add_argument("--intermediate-size", type=int, default=MODEL_CONFIG["intermediate_size"])
+    parser.add_argument("--qk-norm-init", type=float, default=1.0)
+    parser.add_argument("--embedding-init-std", type=float, default=0.1)
+    parser.add_argument("--rope-theta", type=float, default=MODEL_CONFIG["rope_theta"])
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--tokenizer", type=Path, default=None, help="folder with tokenizer files")
     return parser.parse_args()
@@ -169,7 +337,7 @@ def main() -> None:
         args.tokenizer = args.out
     started = time.time()
     model = train(args)
-    export(model, args.out)
+    export(model, model_config(args), args.out)
     print(f"wrote {args.out} after {time.time() - started:.0f}s", flush=True)
 
 

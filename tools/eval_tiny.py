@@ -1,0 +1,371 @@
+"""Evaluate the tiny Qwen3 chat model on held-out prompts and print a table.
+
+    /work/venv/bin/python tools/eval_tiny.py                 # full evaluation, 100 prompts a set
+    /work/venv/bin/python tools/eval_tiny.py --quick         # 20 prompts a set, no transformers
+    /work/venv/bin/python tools/eval_tiny.py --model /tmp/run --n 50 --no-4bit
+
+Every prompt's final question comes from the held-out slice of tiny_data (word sequences and
+number pairs never used in training). Generation runs through mlx-lm, transformers (torch) and,
+when it loads, the project's own qwen3_mlx loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_data  # noqa: E402
+from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, Example  # noqa: E402
+
+MODELS = tiny_data.REPO_ROOT / "models"
+MAX_TOKENS = 256
+STOP_IDS = (tiny_data.IM_END_ID, tiny_data.ENDOFTEXT_ID)
+SAMPLING = {True: (0.6, 0.95, 20), False: (0.7, 0.8, 20)}  # thinking / non-thinking presets
+
+# (name, builder): every set asks held-out questions, tasks in rotation.
+SETS: dict[str, Callable[[random.Random, str], Example]] = {
+    "thinking": lambda rng, task: tiny_data.make_example(rng, held_out=True, task=task),
+    "/no_think": lambda rng, task: tiny_data.make_example(
+        rng, held_out=True, task=task, switches=("/no_think",)
+    ),
+    "enable_thinking=False": lambda rng, task: tiny_data.make_example(
+        rng, held_out=True, task=task, enable_thinking=False
+    ),
+}
+
+
+def latest_switch_example(rng: random.Random, task: str) -> Example:
+    """Three turns whose switches disagree, so only the latest one predicts the reply."""
+    first, last = rng.sample(["/think", "/no_think"], 2)
+    switches = rng.choice([(first, None, last), (first, last, None), (None, first, last)])
+    system_switch = rng.choice([None, None, first])
+    return tiny_data.make_example(
+        rng, held_out=True, task=task, turns=3, switches=switches, system_switch=system_switch
+    )
+
+
+SETS["latest switch (3 turns)"] = latest_switch_example
+
+
+def build_sets(n: int, seed: int) -> dict[str, list[Example]]:
+    """n held-out examples per set, deterministic in the seed."""
+    rng = random.Random(seed)
+    return {
+        name: [builder(rng, tiny_data.TASKS[i % len(tiny_data.TASKS)]) for i in range(n)]
+        for name, builder in SETS.items()
+    }
+
+
+# ---------------------------------------------------------------- generation backends
+
+
+def mlx_lm_generator(path: Path) -> Callable:
+    """generate(prompt_ids, sampling) -> reply ids, through mlx_lm.load and generate_step."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    model, _ = load(str(path))
+
+    def generate(prompt: list[int], sampling: tuple | None) -> list[int]:
+        import mlx.core as mx
+
+        sampler = make_sampler(*_sampler_args(sampling))
+        reply = []
+        for token, _ in generate_step(
+            mx.array(prompt), model, max_tokens=MAX_TOKENS, sampler=sampler
+        ):
+            reply.append(int(token))
+            if reply[-1] in STOP_IDS:
+                break
+        return reply
+
+    return generate
+
+
+def _sampler_args(sampling: tuple | None) -> tuple:
+    if sampling is None:
+        return (0.0,)
+    temp, top_p, top_k = sampling
+    return (temp, top_p, 0.0, 1, top_k)
+
+
+def transformers_generator(path: Path) -> Callable:
+    """Greedy generate(prompt_ids) -> reply ids with transformers' Qwen3ForCausalLM in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+
+    def generate(prompt: list[int], sampling: tuple | None = None) -> list[int]:
+        assert sampling is None, "transformers backend is greedy only"
+        with torch.no_grad():
+            output = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=list(STOP_IDS),
+                pad_token_id=tiny_data.ENDOFTEXT_ID,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )
+        return output[0, len(prompt) :].tolist()
+
+    return generate
+
+
+def qwen3_mlx_generator(path: Path) -> Callable:
+    """Greedy generate with the project's own loader: model(ids[None], cache=cache) -> logits."""
+    import mlx.core as mx
+
+    from qwen3_mlx.cache import make_cache
+    from qwen3_mlx.loading import load
+
+    model, _, _ = load(path)
+
+    def generate(prompt: list[int], sampling: tuple | None = None) -> list[int]:
+        assert sampling is None, "qwen3_mlx backend is greedy only here"
+        cache = make_cache(model)
+        inputs = mx.array(prompt)
+        reply: list[int] = []
+        while len(reply) < MAX_TOKENS:
+            logits = model(inputs[None], cache=cache)
+            reply.append(int(mx.argmax(logits[0, -1]).item()))
+            if reply[-1] in STOP_IDS:
+                break
+            inputs = mx.array(reply[-1:])
+        return reply
+
+    return generate
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scored:
+    """Per-reply verdicts for one example."""
+
+    exact: bool
+    structure: bool
+    stopped: bool
+    length: int
+    task: str
+
+
+@dataclass
+class Tally:
+    """Counts for one (backend, set) cell."""
+
+    items: list[Scored] = field(default_factory=list)
+
+    def rate(self, attribute: str) -> float:
+        """Share of items whose `attribute` is true."""
+        return sum(getattr(item, attribute) for item in self.items) / max(1, len(self.items))
+
+
+def score(tokenizer, example: Example, reply: list[int]) -> Scored:
+    """Check the answer text, the think block (by token id) and the stop of one reply."""
+    think_ids, answer_ids = tiny_data.split_reply(reply)
+    answer = tokenizer.decode(answer_ids).strip()
+    if not example.enable_thinking:
+        structure = THINK_ID not in reply and END_THINK_ID not in reply
+    elif example.thinks:
+        structure = think_ids is not None and tokenizer.decode(think_ids).strip() != ""
+    else:
+        structure = think_ids is not None and tokenizer.decode(think_ids).strip() == ""
+    if example.enable_thinking:
+        structure = structure and reply[:1] == [THINK_ID] and reply.count(END_THINK_ID) == 1
+    stopped = reply[-1:] == [IM_END_ID] and len(reply) <= MAX_TOKENS // 2
+    return Scored(
+        answer == example.problem.answer, structure, stopped, len(reply), example.problem.task
+    )
+
+
+def run_sets(
+    tokenizer, generate: Callable, sets: dict, prompts: dict, sampling: bool
+) -> dict[str, Tally]:
+    """Generate and score every example of every set with one backend."""
+    tallies = {}
+    for name, examples in sets.items():
+        tally = Tally()
+        for example, prompt in zip(examples, prompts[name], strict=True):
+            preset = SAMPLING[example.thinks] if sampling else None
+            tally.items.append(score(tokenizer, example, generate(prompt, preset)))
+        tallies[name] = tally
+    return tallies
+
+
+def untrained_mass(path: Path, tokenizer, sets: dict, prompts: dict, limit: int = 10) -> float:
+    """Largest probability any step of a greedy reply gives to tokens the data never uses."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, _ = load(str(path))
+    rng = random.Random(0)
+    used = set()
+    for _ in range(3000):
+        used.update(
+            sum(tiny_data.encode_example(tokenizer, tiny_data.sample_training_example(rng)), [])
+        )
+    mask = mx.array([i not in used for i in range(tiny_data.VOCAB_SIZE)])
+    worst = 0.0
+    for name, examples in sets.items():
+        for example, prompt in zip(examples[:limit], prompts[name][:limit], strict=True):
+            sequence = prompt + tiny_data.encode_example(tokenizer, example)[1]
+            logits = model(mx.array(sequence)[None])[0, len(prompt) - 1 :].astype(mx.float32)
+            probs = mx.softmax(logits, axis=-1)
+            worst = max(worst, mx.max(mx.sum(mx.where(mask, probs, 0.0), axis=-1)).item())
+    return worst
+
+
+# ---------------------------------------------------------------- report
+
+
+def row(label: str, value: float, target: float | None, as_percent: bool = True) -> str:
+    """One table line with the value, the target and PASS/FAIL."""
+    shown = f"{100 * value:6.1f} %" if as_percent else f"{value:8.2g}"
+    if target is None:
+        return f"| {label:<58} | {shown:>9} |          |      |"
+    goal = f">= {100 * target:.0f} %" if as_percent else f"<= {target:g}"
+    verdict = "PASS" if (value >= target if as_percent else value <= target) else "FAIL"
+    return f"| {label:<58} | {shown:>9} | {goal:>8} | {verdict} |"
+
+
+def report(results: dict, extras: list[str]) -> str:
+    """The markdown table of every measured cell."""
+    lines = ["| check | value | target | |", "| --- | ---: | ---: | --- |"]
+    for (backend, mode), tallies in results.items():
+        for name, tally in tallies.items():
+            target = 0.95 if mode == "greedy" else 0.90
+            if backend == "mlx-lm 4-bit":
+                target = 0.90
+            lines.append(
+                row(f"{backend} {mode}: exact answer, {name}", tally.rate("exact"), target)
+            )
+        everything = [item for tally in tallies.values() for item in tally.items]
+        merged = Tally(everything)
+        lines.append(
+            row(
+                f"{backend} {mode}: think-block structure, all sets",
+                merged.rate("structure"),
+                0.99 if mode == "greedy" else 0.95,
+            )
+        )
+        lines.append(
+            row(
+                f"{backend} {mode}: ends with <|im_end|> within 128 tokens",
+                merged.rate("stopped"),
+                1.0 if mode == "greedy" else 0.99,
+            )
+        )
+    lines.extend(extras)
+    return "\n".join(lines)
+
+
+def per_task(results: dict) -> str:
+    """Greedy exact rate per task for each backend (diagnostics)."""
+    lines = []
+    for (backend, mode), tallies in results.items():
+        items = [item for tally in tallies.values() for item in tally.items]
+        rates = []
+        for task in tiny_data.TASKS:
+            chosen = [item.exact for item in items if item.task == task]
+            rates.append(f"{task} {100 * sum(chosen) / max(1, len(chosen)):.0f}%")
+        longest = max(item.length for item in items)
+        lines.append(f"{backend} {mode}: " + ", ".join(rates) + f"; longest reply {longest} tokens")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=MODELS / "qwen3-tiny-chat")
+    parser.add_argument("--model-4bit", type=Path, default=MODELS / "qwen3-tiny-chat-4bit")
+    parser.add_argument("--n", type=int, default=100, help="held-out prompts per set")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--quick", action="store_true", help="20 prompts a set, mlx-lm only")
+    parser.add_argument("--no-4bit", action="store_true")
+    parser.add_argument("--no-sampling", action="store_true")
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Run every backend over the held-out sets and print the table."""
+    args = parse_args()
+    from transformers import AutoTokenizer
+
+    if args.quick:
+        args.n = min(args.n, 20)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    sets = build_sets(args.n, args.seed)
+    prompts = {
+        name: [tiny_data.render_prompt(tokenizer, e) for e in examples]
+        for name, examples in sets.items()
+    }
+    started = time.time()
+    results: dict = {}
+    replies: dict = {}
+    mlx_generate = mlx_lm_generator(args.model)
+    results[("mlx-lm bf16", "greedy")] = run_sets(
+        tokenizer, _recording(mlx_generate, replies, "mlx"), sets, prompts, False
+    )
+    if not args.no_sampling:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
+        results[("mlx-lm bf16", "sampled")] = run_sets(tokenizer, mlx_generate, sets, prompts, True)
+    if not args.no_4bit and args.model_4bit.exists():
+        results[("mlx-lm 4-bit", "greedy")] = run_sets(
+            tokenizer, mlx_lm_generator(args.model_4bit), sets, prompts, False
+        )
+    extras = []
+    backends = (
+        []
+        if args.quick
+        else [("transformers", transformers_generator), ("qwen3_mlx", qwen3_mlx_generator)]
+    )
+    for name, factory in backends:
+        try:
+            generate = factory(args.model)
+        except Exception as error:  # the project loader may not exist yet
+            extras.append(f"| {name}: not evaluated ({type(error).__name__}: {error}) | | | |")
+            continue
+        results[(name, "greedy")] = run_sets(
+            tokenizer, _recording(generate, replies, name), sets, prompts, False
+        )
+        same = [a == b for a, b in zip(replies["mlx"], replies[name], strict=True)]
+        extras.append(
+            row(f"{name} greedy token ids identical to mlx-lm bf16", sum(same) / len(same), 0.95)
+        )
+    mass = untrained_mass(args.model, tokenizer, sets, prompts)
+    extras.append(
+        row("max probability on never-trained tokens (greedy steps)", mass, 1e-3, as_percent=False)
+    )
+    print(report(results, extras))
+    print()
+    print(per_task(results))
+    print(f"\n{args.n} held-out prompts per set, {len(sets)} sets; {time.time() - started:.0f}s")
+
+
+def _recording(generate: Callable, replies: dict, key: str) -> Callable:
+    replies[key] = []
+
+    def wrapped(prompt: list[int], sampling: tuple | None) -> list[int]:
+        reply = generate(prompt, sampling)
+        replies[key].append(reply)
+        return reply
+
+    return wrapped
+
+
+if __name__ == "__main__":
+    main()
