@@ -396,9 +396,6 @@ def test_download_errors(tmp_path: Path, model_dir: Path) -> None:
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"
 
 
-@pytest.mark.skipif(
-    not (TRAINED / "model.safetensors").is_file(), reason="models/qwen3-tiny-chat not built"
-)
 def test_prompt_answer_to_stdout_thinking_to_stderr() -> None:
     flags = ["What is 12 + 30?", "-m", str(TRAINED), "--seed", "0", "--max-tokens", "150"]
     body = json.loads(invoke("prompt", *flags, "--json").stdout)

@@ -189,9 +189,6 @@ def test_prompt_ctrl_c_exits_130_with_the_partial_answer(
     assert child.exitstatus == 130
 
 
-@pytest.mark.skipif(
-    not (TRAINED / "model.safetensors").is_file(), reason="models/qwen3-tiny-chat not built"
-)
 def test_chat_with_the_trained_model(tmp_path: Path) -> None:
     child = spawn_chat(tmp_path, "-m", str(TRAINED), "--seed", "0", "--max-tokens", "200")
     # A question in thinking mode: the reasoning streams, then folds to one line.

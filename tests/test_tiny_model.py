@@ -1,0 +1,165 @@
+"""The committed tiny Qwen3 chat model behaves like a Qwen3 hybrid-thinking model on its tasks.
+
+Fast subset of tools/eval_tiny.py: greedy replies to held-out prompts (word sequences and number
+pairs never used in training), checked by token id for the think block and the stop token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import tiny_data  # noqa: E402
+from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID  # noqa: E402
+
+BF16 = REPO / "models" / "qwen3-tiny-chat"
+FOUR_BIT = REPO / "models" / "qwen3-tiny-chat-4bit"
+EMPTY_THINK = [THINK_ID, 271, END_THINK_ID, 271]  # "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The real Qwen3 tokenizer and chat template shipped in the model folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(BF16))
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    """The bf16 checkpoint through mlx-lm."""
+    return load(str(BF16))[0]
+
+
+def greedy(model, prompt: list[int], limit: int = 128) -> list[int]:
+    """Greedy reply ids up to and including the first stop token."""
+    reply: list[int] = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=limit):
+        reply.append(int(token))
+        if reply[-1] in (IM_END_ID, tiny_data.ENDOFTEXT_ID):
+            break
+    return reply
+
+
+# The committed model learned the word tasks; it never learned the sums (see models/README.md).
+WORD_TASKS = tuple(task for task in tiny_data.TASKS if task != "add")
+
+
+def held_out(**kwargs) -> list[tiny_data.Example]:
+    """One held-out example per word task, deterministic."""
+    rng = random.Random(7)
+    return [tiny_data.make_example(rng, held_out=True, task=task, **kwargs) for task in WORD_TASKS]
+
+
+def answer_of(tokenizer, reply: list[int]) -> str:
+    """The reply text after the think block, without the stop token."""
+    return tokenizer.decode(tiny_data.split_reply(reply)[1]).strip()
+
+
+def test_held_out_prompts_are_not_training_data():
+    rng = random.Random(0)
+    training = {tiny_data.sample_training_example(rng).problem.question for _ in range(3000)}
+    assert not training & {example.problem.question for example in held_out()}
+
+
+def test_bf16_checkpoint_is_plain_tied_qwen3():
+    config = json.loads((BF16 / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 151936
+    assert config["torch_dtype"] == "bfloat16"
+    with safe_open(str(BF16 / "model.safetensors"), "np") as weights:
+        names = set(weights.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    template = json.loads((BF16 / "tokenizer_config.json").read_text())["chat_template"]
+    assert "enable_thinking" in template and template == (BF16 / "chat_template.jinja").read_text()
+    generation = json.loads((BF16 / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [IM_END_ID, tiny_data.ENDOFTEXT_ID]
+
+
+def test_four_bit_checkpoint_layout():
+    config = json.loads((FOUR_BIT / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
+    with safe_open(str(FOUR_BIT / "model.safetensors"), "np") as weights:
+        names = set(weights.keys())
+        assert weights.get_slice("model.embed_tokens.weight").get_dtype() == "U32"
+    assert {"model.embed_tokens.scales", "model.embed_tokens.biases"} <= names
+    assert "model.layers.0.self_attn.q_proj.scales" in names and "lm_head.weight" not in names
+
+
+def test_thinking_mode_reasons_then_answers(tokenizer, bf16_model):
+    for example in held_out():
+        reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+        assert reply[0] == THINK_ID and reply.count(END_THINK_ID) == 1
+        think_ids = reply[1 : reply.index(END_THINK_ID)]
+        assert tokenizer.decode(think_ids).strip(), "think block must not be empty"
+        assert reply[-1] == IM_END_ID
+        assert answer_of(tokenizer, reply) == example.problem.answer
+
+
+def test_no_think_switch_gives_empty_think_block(tokenizer, bf16_model):
+    for example in held_out(switches=("/no_think",)):
+        reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+        assert reply[:4] == EMPTY_THINK and reply[-1] == IM_END_ID
+        assert answer_of(tokenizer, reply) == example.problem.answer
+
+
+def test_enable_thinking_false_reply_has_no_think_tokens(tokenizer, bf16_model):
+    for example in held_out(enable_thinking=False):
+        prompt = tiny_data.render_prompt(tokenizer, example)
+        assert prompt[-4:] == EMPTY_THINK  # the template supplies the empty block
+        reply = greedy(bf16_model, prompt)
+        assert THINK_ID not in reply and END_THINK_ID not in reply and reply[-1] == IM_END_ID
+        assert tokenizer.decode(reply[:-1]).strip() == example.problem.answer
+
+
+@pytest.mark.parametrize(
+    ("switches", "thinks"),
+    [(("/no_think", None, "/think"), True), (("/think", "/no_think", None), False)],
+)
+def test_latest_soft_switch_wins_over_three_turns(tokenizer, bf16_model, switches, thinks):
+    example = tiny_data.make_example(
+        random.Random(3), held_out=True, turns=3, switches=switches, task="reverse"
+    )
+    reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+    assert (reply[:4] != EMPTY_THINK) == thinks and reply[0] == THINK_ID
+    assert answer_of(tokenizer, reply) == example.problem.answer
+
+
+def test_four_bit_model_still_answers(tokenizer):
+    model = load(str(FOUR_BIT))[0]
+    examples = held_out(switches=("/no_think",)) + held_out()[:2]
+    right = [
+        answer_of(tokenizer, greedy(model, tiny_data.render_prompt(tokenizer, e)))
+        == e.problem.answer
+        for e in examples
+    ]
+    assert sum(right) >= len(examples) - 1
+
+
+def test_transformers_greedy_matches_mlx_lm(tokenizer, bf16_model):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(BF16), dtype=torch.float32).eval()
+    for example in held_out()[:2]:
+        prompt = tiny_data.render_prompt(tokenizer, example)
+        with torch.no_grad():
+            output = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=[IM_END_ID, tiny_data.ENDOFTEXT_ID],
+                pad_token_id=tiny_data.ENDOFTEXT_ID,
+            )
+        assert output[0, len(prompt) :].tolist() == greedy(bf16_model, prompt)
