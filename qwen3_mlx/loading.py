@@ -18,8 +18,13 @@ from qwen3_mlx.fp8 import dequantize_fp8_weights, fp8_block_size
 from qwen3_mlx.fuse import fuse_projections
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.model import Model
-from qwen3_mlx.quant import QuantSpec, apply_checkpoint_quantization, cast_floating, quantize_model
-from qwen3_mlx.quant import read_quantization
+from qwen3_mlx.quant import (
+    QuantSpec,
+    apply_checkpoint_quantization,
+    cast_floating,
+    quantize_model,
+    read_quantization,
+)
 from qwen3_mlx.safetensors_check import read_header
 from qwen3_mlx.tokenizer import Tokenizer, load_tokenizer
 
@@ -49,6 +54,9 @@ def resolve_model_path(path_or_repo: str | Path, *, progress: bool = False) -> P
     name = str(path_or_repo)
     if path.exists() or not _is_repo_id(name):
         raise ModelNotFoundError(f"{name}: no such model folder (nor a Hugging Face repo id 'owner/name')")
+    if path.parent.is_dir():
+        # "models/typo" beside an existing ./models folder is a mistyped path, not a Hub repo.
+        raise ModelNotFoundError(f"{name}: no such model folder (./{path.parent} exists but holds no {path.name})")
     return download_model(name, progress=progress)
 
 

@@ -543,3 +543,14 @@ def test_offline_repo_ids_use_the_hf_cache(tiny_checkpoint, tmp_path):
     assert not missing["chained"]
     model, _ = load_model(snapshot)
     assert model.args.vocab_size == 512
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch) -> None:
+    from qwen3_mlx import loading
+    from qwen3_mlx.errors import ModelNotFoundError
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "download_model", lambda *a, **k: pytest.fail("asked the Hub"))
+    with pytest.raises(ModelNotFoundError, match="no such model folder"):
+        loading.resolve_model_path("models/qwen3-tiny")
