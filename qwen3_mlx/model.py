@@ -104,7 +104,7 @@ class Qwen3Model(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
         mask = causal_mask(h.shape[1], cache[0])
-        for layer, layer_cache in zip(self.layers, cache):
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
