@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def babbling_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def default_sigint() -> None:
+    """Give the child the default Ctrl-C: a shell running the suite in the background (nohup, &)
+    passes SIGINT down as ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(tmp_path: Path, *args: str, log_name: str = "pty.log") -> pexpect.spawn:
     env = dict(os.environ)
     env.update(
@@ -61,6 +68,7 @@ def spawn_chat(tmp_path: Path, *args: str, log_name: str = "pty.log") -> pexpect
         encoding="utf-8",
         dimensions=(40, 120),
         timeout=STEP_TIMEOUT,
+        preexec_fn=default_sigint,
     )
     child.logfile_read = open(tmp_path / log_name, "w", encoding="utf-8")  # noqa: SIM115 (closed with the child)
     wait_for_prompt(child, timeout=START_TIMEOUT)
@@ -178,6 +186,7 @@ def test_prompt_ctrl_c_exits_130_with_the_partial_answer(
         encoding="utf-8",
         dimensions=(40, 120),
         timeout=START_TIMEOUT,
+        preexec_fn=default_sigint,
     )
     child.logfile_read = open(tmp_path / "prompt.log", "w", encoding="utf-8")  # noqa: SIM115
     child.expect_exact("\x1b[1A\x1b[2K")  # the loading spinner is erased: the model is loaded
