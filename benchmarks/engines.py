@@ -28,7 +28,7 @@ class Ours:
     name = "qwen3-mlx"
 
     def __init__(
-        self, path: Path, dtype: str = "auto", fuse: bool = True, threads: int | None = None
+        self, path: Path, dtype: str = "auto", fuse: bool = False, threads: int | None = None
     ):
         start = time.perf_counter()  # imports included: each engine pays for what it imports
         import qwen3_mlx.cpu_quantized
@@ -98,8 +98,8 @@ def make_engine(engine: str, path: Path, dtype: str) -> Ours | MlxLm:
     """An engine by name ('ours' or 'mlx_lm') with a dtype ('auto'/'checkpoint'/a dtype name)."""
     if engine == "ours":
         return Ours(path, dtype)
-    if engine == "ours_unfused":
-        return Ours(path, dtype, fuse=False)
+    if engine == "ours_fused":
+        return Ours(path, dtype, fuse=True)
     if engine == "ours_1thread":
         return Ours(path, dtype, threads=1)
     if engine == "mlx_lm":

@@ -190,8 +190,8 @@ def load_model(
 ) -> tuple[Model, dict[str, Any]]:
     """Build the model from a folder in any of the three formats; return it with its config dict.
 
-    fuse=True joins q/k/v and gate/up into single matmuls (qwen3_mlx.fuse): faster, but the module
-    tree then no longer matches the checkpoint keys, so a fused model must not be saved.
+    fuse=True joins q/k/v and gate/up into single matmuls (qwen3_mlx.fuse): same logits, but the
+    module tree no longer matches the checkpoint keys, so a fused model must not be saved.
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -239,7 +239,8 @@ def load(
     quantize_on_load: int | QuantSpec | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
     lazy: bool = False,
-    fuse: bool = True,
+    # Off by default: on the CPU backend it measured 0.98-1.07x (noise); docs/benchmarks.md.
+    fuse: bool = False,
 ) -> tuple[Model, Tokenizer, GenerationConfig]:
     """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id."""
     model_dir = resolve_model_path(path_or_repo)
