@@ -26,7 +26,7 @@ from qwen3_mlx.quant import (
     read_quantization,
 )
 from qwen3_mlx.safetensors_check import read_header
-from qwen3_mlx.tokenizer import Tokenizer, load_tokenizer
+from qwen3_mlx.tokenizer import Tokenizer, read_hf_tokenizer_in_background
 
 # What a snapshot download fetches: weights, configs, tokenizer and template; never code.
 MODEL_FILE_PATTERNS = [
@@ -224,10 +224,12 @@ def load_model(
         fuse_projections(model)
     use_cpu_kernels(model)  # quantized layers on the CPU backend: threaded decode, GEMM prefill
     if not lazy:
-        # One tensor at a time, so each checkpoint tensor is freed as soon as its cast or
-        # quantized copy exists: loading peaks near the final size, not at both sizes together.
-        for _, value in tree_flatten(model.parameters()):
-            mx.eval(value)
+        # One layer at a time, so each checkpoint tensor is freed as soon as its cast or quantized
+        # copy exists: loading peaks near the final size, not at both sizes together. Few, long
+        # evaluations (each releases the GIL) let the tokenizer load on its thread meanwhile.
+        for layer in model.model.layers:
+            mx.eval(layer.parameters())
+        mx.eval(model.parameters())
     model.eval()
     return model, config
 
@@ -244,6 +246,7 @@ def load(
 ) -> tuple[Model, Tokenizer, GenerationConfig]:
     """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id."""
     model_dir = resolve_model_path(path_or_repo)
+    hf_tokenizer = read_hf_tokenizer_in_background(model_dir)  # overlaps the weight reads
     model, config = load_model(
         model_dir,
         rope_scaling=rope_scaling,
@@ -253,5 +256,5 @@ def load(
         fuse=fuse,
     )
     generation_config = GenerationConfig.from_model_dir(model_dir, config)
-    tokenizer = load_tokenizer(model_dir, generation_config.eos_token_ids)
+    tokenizer = Tokenizer(hf_tokenizer.result(), generation_config.eos_token_ids)
     return model, tokenizer, generation_config

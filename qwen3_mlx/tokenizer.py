@@ -7,6 +7,8 @@ exactly; no template is re-implemented here.
 from __future__ import annotations
 
 import copy
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ class Tokenizer:
         self.chat_template: str = hf_tokenizer.chat_template or ""
         self._detokenizer: Any = None
         if not self.chat_template:
-            raise TemplateError("the model folder has no chat template (tokenizer_config.json or chat_template.jinja)")
+            raise TemplateError(
+                "the model folder has no chat template (tokenizer_config.json or chat_template.jinja)"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -108,15 +112,38 @@ class Tokenizer:
         return detokenizer
 
 
-def load_tokenizer(model_dir: Path, eos_token_ids: tuple[int, ...]) -> Tokenizer:
-    """Load the tokenizer files of a model folder (never executing code from it)."""
+def read_hf_tokenizer(model_dir: Path) -> Any:
+    """The transformers tokenizer of a model folder (never executing code from it)."""
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
         raise CheckpointError(f"{model_dir}: no tokenizer.json (incomplete model folder?)")
     from transformers import AutoTokenizer
 
     try:
-        hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as error:  # transformers raises many types for bad folders
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({error})") from None
-    return Tokenizer(hf, eos_token_ids)
+
+
+def load_tokenizer(model_dir: Path, eos_token_ids: tuple[int, ...]) -> Tokenizer:
+    """Load the tokenizer files of a model folder (never executing code from it)."""
+    return Tokenizer(read_hf_tokenizer(model_dir), eos_token_ids)
+
+
+def read_hf_tokenizer_in_background(model_dir: Path) -> Future:
+    """Start read_hf_tokenizer on a daemon thread; the Future gives the tokenizer or its error.
+
+    Importing transformers (and torch, when installed) takes seconds of Python work, while reading
+    the weights is native code that releases the GIL, so the two overlap almost fully. A daemon
+    thread, unlike an executor's, never holds up an exit (Ctrl-C while loading).
+    """
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(read_hf_tokenizer(model_dir))
+        except BaseException as error:  # handed to the caller through the Future
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="qwen3-mlx-tokenizer", daemon=True).start()
+    return future
