@@ -1,7 +1,7 @@
 """The committed tiny Qwen3 chat model behaves like a Qwen3 hybrid-thinking model on its tasks.
 
-Fast subset of tools/eval_tiny.py: greedy replies to held-out prompts (word sequences and number
-pairs never used in training), checked by token id for the think block and the stop token.
+Fast subset of tools/eval_tiny.py: greedy replies to held-out prompts (word sequences never used
+in training), checked by token id for the think block and the stop token.
 """
 
 from __future__ import annotations
@@ -51,14 +51,12 @@ def greedy(model, prompt: list[int], limit: int = 128) -> list[int]:
     return reply
 
 
-# The committed model learned the word tasks; it never learned the sums (see models/README.md).
-WORD_TASKS = tuple(task for task in tiny_data.TASKS if task != "add")
-
-
 def held_out(**kwargs) -> list[tiny_data.Example]:
-    """One held-out example per word task, deterministic."""
+    """One held-out example per task, deterministic."""
     rng = random.Random(7)
-    return [tiny_data.make_example(rng, held_out=True, task=task, **kwargs) for task in WORD_TASKS]
+    return [
+        tiny_data.make_example(rng, held_out=True, task=task, **kwargs) for task in tiny_data.TASKS
+    ]
 
 
 def answer_of(tokenizer, reply: list[int]) -> str:

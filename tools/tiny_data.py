@@ -6,8 +6,9 @@ empty think block after `/no_think`, the template's own empty block when `enable
 and multi-turn histories where earlier reasoning has been stripped.
 
 The tasks are ones a model with a 64-wide residual stream can master: repeat, reverse or sort two
-to four words, count the words in a list, and add a one-digit number to a number below 100. A fixed slice of the word
-sequences and number pairs is held out (never used in training) for evaluation.
+to four words, and count the words in a list. (Sums were tried and dropped: at this width the model
+reached 12 % on held-out sums after 1,500 steps while the word tasks were above 94 %.) A fixed slice
+of the word sequences is held out (never used in training) for evaluation.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ WORDS = (
     "water window wolf yellow"
 ).split()
 
-TASKS = ("copy", "reverse", "sort", "count", "add")
+TASKS = ("copy", "reverse", "sort", "count")
 
-# Every phrasing is used in training; the held-out part is the word sequences and number pairs.
+# Every phrasing is used in training; the held-out part is the word sequences.
 QUESTION_FORMS = {
     "copy": ("Repeat these words: {words}", "Say these words back: {words}", "Copy: {words}"),
     "reverse": (
@@ -54,7 +55,6 @@ QUESTION_FORMS = {
         "How many words are in this list: {words}?",
         "Count the words: {words}",
     ),
-    "add": ("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} = ?"),
 }
 
 SYSTEM_PROMPTS = (
@@ -63,7 +63,7 @@ SYSTEM_PROMPTS = (
     "You are a tiny test model. Answer briefly.",
 )
 
-# Fraction of word sequences / number pairs kept out of training, chosen by a stable hash.
+# Fraction of word sequences kept out of training, chosen by a stable hash.
 HELD_OUT_MODULUS = 10
 
 
@@ -94,15 +94,9 @@ class Example:
         return f"<think>\n{reasoning}\n</think>\n\n{self.problem.answer}<|im_end|>"
 
 
-def is_held_out(key: str) -> bool:
-    """Whether a word sequence or number pair belongs to the evaluation-only slice."""
-    return zlib.crc32(key.encode()) % HELD_OUT_MODULUS == 0
-
-
-def _held_out_key(task: str, values: tuple) -> str:
-    if task == "add":
-        return "add:" + "+".join(str(v) for v in sorted(values))
-    return "words:" + " ".join(values)
+def is_held_out(words: tuple[str, ...]) -> bool:
+    """Whether a word sequence belongs to the evaluation-only slice (for every task alike)."""
+    return zlib.crc32(("words:" + " ".join(words)).encode()) % HELD_OUT_MODULUS == 0
 
 
 def _word_problem(task: str, words: tuple[str, ...], form: str) -> Problem:
@@ -123,40 +117,17 @@ def _word_problem(task: str, words: tuple[str, ...], form: str) -> Problem:
     return Problem(task, question, reasoning, " ".join(answer))
 
 
-def _add_reasoning(a: int, b: int) -> str:
-    total = a + b
-    if a < 10 and b < 10:
-        return f"{a} + {b} = {total}."
-    big, small = max(a, b), min(a, b)
-    units = big % 10 + small
-    if units < 10:
-        return f"Units: {big % 10} + {small} = {units}. Tens: {big // 10}. So {total}."
-    return (
-        f"Units: {big % 10} + {small} = {units}, write {units % 10} and carry 1. "
-        f"Tens: {big // 10} + 1 = {big // 10 + 1}. So {total}."
-    )
-
-
 def sample_problem(rng: random.Random, held_out: bool = False, task: str | None = None) -> Problem:
     """Draw a problem from the training slice, or from the held-out slice when `held_out`."""
     task = task or rng.choice(TASKS)
     form = rng.choice(QUESTION_FORMS[task])
+    low, high = (2, 5) if task == "count" else (2, 4)
     while True:
-        if task == "add":
-            values: tuple = (rng.randrange(100), rng.randrange(10))
-            values = values if rng.random() < 0.5 else values[::-1]
-        else:
-            low, high = (2, 5) if task == "count" else (2, 4)
-            count = rng.randint(low, high)
-            values = tuple(rng.choice(WORDS) for _ in range(count))
-            if task == "sort" and len(set(values)) < len(values):
-                continue  # sorting with duplicates is legal but makes the reasoning line ambiguous
-        if is_held_out(_held_out_key(task, values)) == held_out:
-            break
-    if task == "add":
-        a, b = values
-        return Problem(task, form.format(a=a, b=b), _add_reasoning(a, b), str(a + b))
-    return _word_problem(task, values, form)
+        words = tuple(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+        if task == "sort" and len(set(words)) < len(words):
+            continue  # sorting with duplicates is legal but makes the reasoning line ambiguous
+        if is_held_out(words) == held_out:
+            return _word_problem(task, words, form)
 
 
 def _with_switch(rng: random.Random, text: str, switch: str | None) -> str:
