@@ -224,12 +224,15 @@ def load_model(
         fuse_projections(model)
     use_cpu_kernels(model)  # quantized layers on the CPU backend: threaded decode, GEMM prefill
     if not lazy:
-        # One layer at a time, so each checkpoint tensor is freed as soon as its cast or quantized
-        # copy exists: loading peaks near the final size, not at both sizes together. Few, long
-        # evaluations (each releases the GIL) let the tokenizer load on its thread meanwhile.
+        # A layer at a time, so each checkpoint tensor is freed as soon as its cast or quantized
+        # copy exists: loading peaks near the final size, not at both sizes together. The rest
+        # (embedding, output head, final norm) goes first, while the layers hold no memory yet:
+        # the embedding's cast is the largest single tensor. Few, long evaluations (each releases
+        # the GIL) let the tokenizer load on its thread meanwhile.
+        outside = [v for k, v in tree_flatten(model.parameters()) if not k.startswith("model.layers.")]
+        mx.eval(outside)
         for layer in model.model.layers:
             mx.eval(layer.parameters())
-        mx.eval(model.parameters())
     model.eval()
     return model, config
 
