@@ -31,16 +31,16 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tokenizers_loaded_once() -> Iterator[None]:
     """Each CliRunner call loads its model in this process; the tokenizer (about a second to
     build from tokenizer.json) is read once per folder here, to keep the module fast."""
-    from qwen3_mlx import loading, tokenizer
+    from qwen3_mlx import tokenizer
 
-    cached = functools.lru_cache(maxsize=None)(tokenizer.load_tokenizer)
+    cached = functools.lru_cache(maxsize=None)(tokenizer.read_hf_tokenizer)
 
-    def load(model_dir: Path, eos_token_ids: tuple[int, ...]) -> tokenizer.Tokenizer:
-        return cached(Path(model_dir), tuple(eos_token_ids))
+    def read(model_dir: Path):
+        return cached(Path(model_dir))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loading, "load_tokenizer", load)
-        patch.setattr(tokenizer, "load_tokenizer", load)
+        # load() and load_tokenizer() both read through this module-level function.
+        patch.setattr(tokenizer, "read_hf_tokenizer", read)
         yield
 
 
