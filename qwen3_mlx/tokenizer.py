@@ -135,7 +135,8 @@ def read_hf_tokenizer_in_background(model_dir: Path) -> Future:
 
     Importing transformers (and torch, when installed) takes seconds of Python work, while reading
     the weights is native code that releases the GIL, so the two overlap almost fully. A daemon
-    thread, unlike an executor's, never holds up an exit (Ctrl-C while loading).
+    thread, unlike an executor's, never holds up an exit (Ctrl-C while loading). load_model imports
+    nothing while it runs (tested), so the two threads never race on the import locks.
     """
     future: Future = Future()
 

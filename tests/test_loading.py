@@ -201,6 +201,21 @@ def test_tokenizer_errors_surface_from_the_background_load(make_checkpoint):
     assert_one_line(error, "no tokenizer.json")
 
 
+def test_load_model_imports_nothing_while_the_tokenizer_thread_imports(make_checkpoint):
+    """load() imports transformers on a thread during load_model; the main thread must not import
+    at the same time (two threads importing a package in different orders can deadlock)."""
+    model_dir = make_checkpoint()
+    script = (
+        "import sys; from pathlib import Path; from qwen3_mlx.loading import load_model; "
+        "before = set(sys.modules); load_model(Path(sys.argv[1])); "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
 def edit_config(model_dir: Path, **changes) -> None:
     """Rewrite config.json with some keys changed (None removes a key)."""
     path = model_dir / "config.json"
