@@ -4,6 +4,8 @@ and build the MLX model, tokenizer and generation config."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,29 @@ def resolve_model_path(path_or_repo: str | Path, *, progress: bool = False) -> P
 def download_model(repo_id: str, *, progress: bool = True) -> Path:
     """Snapshot-download only the files a model needs; the HF cache answers offline."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        # The cache first: works offline and avoids a network round trip for a model we have.
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    with hub_errors(repo_id, "download failed"):
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=MODEL_FILE_PATTERNS,
+                tqdm_class=None if progress else _silent_progress_class(),
+            )
+        )
+
+
+@contextmanager
+def hub_errors(repo_id: str, failed: str) -> Iterator[None]:
+    """Turn huggingface_hub's errors about repo_id into one-line ModelNotFoundErrors.
+
+    `failed` names the action for the catch-all ("download failed", "cannot read the repo").
+    """
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -71,18 +96,7 @@ def download_model(repo_id: str, *, progress: bool = True) -> Path:
     )
 
     try:
-        # The cache first: works offline and avoids a network round trip for a model we have.
-        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
-    try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=MODEL_FILE_PATTERNS,
-                tqdm_class=None if progress else _silent_progress_class(),
-            )
-        )
+        yield
     except GatedRepoError:
         raise ModelNotFoundError(f"{repo_id}: gated repo; accept its license and log in (hf auth login)") from None
     except RepositoryNotFoundError:
@@ -92,7 +106,7 @@ def download_model(repo_id: str, *, progress: bool = True) -> Path:
             f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline?)"
         ) from None
     except (HfHubHTTPError, OSError) as error:
-        raise ModelNotFoundError(f"{repo_id}: download failed ({error.__class__.__name__}: {error})") from None
+        raise ModelNotFoundError(f"{repo_id}: {failed} ({type(error).__name__}: {error})") from None
 
 
 def _silent_progress_class() -> type:

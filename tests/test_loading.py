@@ -216,6 +216,35 @@ def test_load_model_imports_nothing_while_the_tokenizer_thread_imports(make_chec
     assert out.stdout.strip() == "[]"
 
 
+def test_hub_errors_become_one_line_model_not_found_errors():
+    """The one mapping download and info share: each huggingface_hub failure names the repo and
+    what to do; other errors pass through untouched."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    from qwen3_mlx.loading import hub_errors
+
+    response = httpx2.Response(403, request=httpx2.Request("GET", "http://localhost/"))
+    cases = [
+        (GatedRepoError("gated", response=response), "gated repo; accept its license"),
+        (RepositoryNotFoundError("missing", response=response), "no such Hugging Face repo"),
+        (LocalEntryNotFoundError("offline"), "the Hub cannot be reached (offline?)"),
+        (HfHubHTTPError("boom", response=response), "fetch failed (HfHubHTTPError: boom"),
+        (ConnectionResetError("reset"), "fetch failed (ConnectionResetError: reset)"),
+    ]
+    for raised, expected in cases:
+        with pytest.raises(ModelNotFoundError) as error, hub_errors("owner/repo", "fetch failed"):
+            raise raised
+        assert_one_line(error, "owner/repo: ", expected)
+    with pytest.raises(CheckpointError), hub_errors("owner/repo", "fetch failed"):
+        raise CheckpointError("passes through")
+
+
 def edit_config(model_dir: Path, **changes) -> None:
     """Rewrite config.json with some keys changed (None removes a key)."""
     path = model_dir / "config.json"

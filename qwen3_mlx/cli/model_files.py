@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwen3_mlx.errors import CheckpointError, ModelNotFoundError
+from qwen3_mlx.errors import CheckpointError
 
 SMALL_FILE_PATTERNS = ["*.json", "*.jinja", "merges.txt"]
 
@@ -66,35 +66,16 @@ def cached_snapshot(repo_id: str) -> Path | None:
 def fetch_small_files(repo_id: str, folder: Path) -> TensorEntries:
     """Download the repo's config/tokenizer/template into folder; return its tensor headers."""
     from huggingface_hub import get_safetensors_metadata, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        NotASafetensorsRepoError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import NotASafetensorsRepoError
 
-    try:
-        snapshot_download(repo_id, allow_patterns=SMALL_FILE_PATTERNS, local_dir=str(folder))
-        metadata = get_safetensors_metadata(repo_id)
-    except GatedRepoError:
-        raise ModelNotFoundError(
-            f"{repo_id}: gated repo; accept its license and log in (hf auth login)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"{repo_id}: no such Hugging Face repo (or it is private)"
-        ) from None
-    except NotASafetensorsRepoError:
-        raise CheckpointError(f"{repo_id}: the repo has no safetensors weights") from None
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline?)"
-        ) from None
-    except (HfHubHTTPError, OSError) as error:
-        raise ModelNotFoundError(
-            f"{repo_id}: cannot read the repo ({type(error).__name__}: {error})"
-        ) from None
+    from qwen3_mlx.loading import hub_errors
+
+    with hub_errors(repo_id, "cannot read the repo"):
+        try:
+            snapshot_download(repo_id, allow_patterns=SMALL_FILE_PATTERNS, local_dir=str(folder))
+            metadata = get_safetensors_metadata(repo_id)
+        except NotASafetensorsRepoError:
+            raise CheckpointError(f"{repo_id}: the repo has no safetensors weights") from None
     return {
         name: {
             "dtype": info.dtype,
