@@ -59,11 +59,6 @@ def held_out(**kwargs) -> list[tiny_data.Example]:
     ]
 
 
-def answer_of(tokenizer, reply: list[int]) -> str:
-    """The reply text after the think block, without the stop token."""
-    return tokenizer.decode(tiny_data.split_reply(reply)[1]).strip()
-
-
 def test_held_out_prompts_are_not_training_data():
     rng = random.Random(0)
     training = {tiny_data.sample_training_example(rng).problem.question for _ in range(3000)}
@@ -101,14 +96,14 @@ def test_thinking_mode_reasons_then_answers(tokenizer, bf16_model):
         think_ids = reply[1 : reply.index(END_THINK_ID)]
         assert tokenizer.decode(think_ids).strip(), "think block must not be empty"
         assert reply[-1] == IM_END_ID
-        assert answer_of(tokenizer, reply) == example.problem.answer
+        assert tiny_data.answer_text(tokenizer, reply) == example.problem.answer
 
 
 def test_no_think_switch_gives_empty_think_block(tokenizer, bf16_model):
     for example in held_out(switches=("/no_think",)):
         reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
         assert reply[:4] == EMPTY_THINK and reply[-1] == IM_END_ID
-        assert answer_of(tokenizer, reply) == example.problem.answer
+        assert tiny_data.answer_text(tokenizer, reply) == example.problem.answer
 
 
 def test_enable_thinking_false_reply_has_no_think_tokens(tokenizer, bf16_model):
@@ -130,14 +125,14 @@ def test_latest_soft_switch_wins_over_three_turns(tokenizer, bf16_model, switche
     )
     reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
     assert (reply[:4] != EMPTY_THINK) == thinks and reply[0] == THINK_ID
-    assert answer_of(tokenizer, reply) == example.problem.answer
+    assert tiny_data.answer_text(tokenizer, reply) == example.problem.answer
 
 
 def test_four_bit_model_still_answers(tokenizer):
     model = load(str(FOUR_BIT))[0]
     examples = held_out(switches=("/no_think",)) + held_out()[:2]
     right = [
-        answer_of(tokenizer, greedy(model, tiny_data.render_prompt(tokenizer, e)))
+        tiny_data.answer_text(tokenizer, greedy(model, tiny_data.render_prompt(tokenizer, e)))
         == e.problem.answer
         for e in examples
     ]

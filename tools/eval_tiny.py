@@ -5,8 +5,8 @@
     /work/venv/bin/python tools/eval_tiny.py --model /tmp/run --n 50 --no-4bit
 
 Every prompt's final question comes from the held-out slice of tiny_data (word sequences never
-used in training). Generation runs through mlx-lm, transformers (torch) and,
-when it loads, the project's own qwen3_mlx loader.
+used in training). Generation runs through mlx-lm, transformers (torch) and the project's own
+qwen3_mlx loader.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_data  # noqa: E402
-from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, Example  # noqa: E402
+from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, Example, answer_text  # noqa: E402
 
 MODELS = tiny_data.REPO_ROOT / "models"
 MAX_TOKENS = 256
@@ -171,11 +171,6 @@ class Tally:
     def rate(self, attribute: str) -> float:
         """Share of items whose `attribute` is true."""
         return sum(getattr(item, attribute) for item in self.items) / max(1, len(self.items))
-
-
-def answer_text(tokenizer, reply: list[int]) -> str:
-    """The answer of a reply: the text after the think block, before the stop."""
-    return tokenizer.decode(tiny_data.split_reply(reply)[1]).strip()
 
 
 def score(tokenizer, example: Example, reply: list[int]) -> Scored:

@@ -228,3 +228,8 @@ def split_reply(token_ids: list[int]) -> tuple[list[int] | None, list[int]]:
         end = ids.index(END_THINK_ID)
         return ids[1:end], ids[end + 1 :]
     return None, ids
+
+
+def answer_text(tokenizer, reply: list[int]) -> str:
+    """The answer of a reply: the text after the think block, before the stop."""
+    return tokenizer.decode(split_reply(reply)[1]).strip()
