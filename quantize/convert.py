@@ -10,6 +10,7 @@ same dtype the two converters write identical tensors.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,16 +21,15 @@ from typing import Any
 import mlx.core as mx
 
 from quantize.folder import (
-    check_destination,
     check_free_space,
     check_output,
-    copy_side_files,
-    staging_folder,
     write_config,
     write_index,
     write_model_card,
 )
 from quantize.plan import Job, Plan, make_plan, parse_size
+from quantize.side_files import copy_side_files, select_side_files
+from quantize.staging import check_destination, staging_folder
 from quantize.tensor_io import ShardWriter, SourceReader
 from qwen3_mlx import __version__
 from qwen3_mlx.config import read_config
@@ -100,15 +100,17 @@ def quantize_checkpoint(
     started = time.perf_counter()
     spec = spec or QuantSpec()
     shard_limit = parse_size(max_shard_size)
-    output = Path(output).expanduser().absolute()
+    # abspath, not Path.absolute(): "out/.." must name the folder itself, not one called "..".
+    output = Path(os.path.abspath(Path(output).expanduser()))
     source_dir = resolve_model_path(source, progress=download_progress)
     check_destination(output, source_dir, force)
     plan = make_plan(source_dir, read_config(source_dir), spec, dtype, shard_limit)
+    side_files = select_side_files(source_dir)  # a broken tokenizer file fails before any work
     check_free_space(output.parent, plan.total_size)
     with staging_folder(output, force) as staging:
         write_weights(plan, staging, progress)
         write_config(plan, staging)
-        copy_side_files(source_dir, staging)
+        copy_side_files(side_files, staging)
         write_model_card(plan, staging, output.name, str(source), __version__)
         check_output(plan, staging)
     return ConversionResult(

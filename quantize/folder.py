@@ -1,17 +1,13 @@
-"""The output folder: written beside OUTPUT under a hidden name, checked, then renamed into place.
+"""What goes into the output folder: config, index, model card, and the final check of it all.
 
-A reader never sees a half-written model: OUTPUT either does not exist, is the old folder, or is
-the complete new one. Any failure (an error, Ctrl-C, a full disk) removes the hidden folder.
+The folder itself (hidden staging name, atomic rename, --force) is staging.py's job; which side
+files are copied is side_files.py's.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +20,8 @@ from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.quant import read_quantization
 from qwen3_mlx.safetensors_check import read_header
 
-# Tokenizer, chat template, generation config and license travel with the weights; code never does.
-SIDE_FILE_PATTERNS = ("*.json", "*.jinja", "merges.txt", "vocab.txt", "LICENSE*", "NOTICE*")
-NOT_COPIED = {"config.json", "model.safetensors.index.json", "README.md"}
 INDEX_NAME = "model.safetensors.index.json"
 _HEADROOM = 16 * 2**20  # config, tokenizer and headers on top of the tensor bytes
-
-
-def check_destination(output: Path, source_dir: Path, force: bool) -> None:
-    """Refuse an existing OUTPUT without force, and an OUTPUT that is, or holds, the source."""
-    out, src = output.resolve(), source_dir.resolve()
-    if out == src or out in src.parents or src in out.parents:
-        raise ConversionError(
-            f"{output}: the output must not be the source folder, inside it, or hold it"
-        )
-    if (output.exists() or output.is_symlink()) and not force:
-        raise ConversionError(f"{output}: already exists (use --force to replace it)")
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -53,50 +35,6 @@ def check_free_space(folder: Path, needed: int) -> None:
             f"{existing}: no space left on device for the output ({needed / 1e9:.2f} GB needed, "
             f"{free / 1e9:.2f} GB free)"
         )
-
-
-@contextmanager
-def staging_folder(output: Path, force: bool) -> Iterator[Path]:
-    """A hidden folder beside OUTPUT; renamed to OUTPUT when the block succeeds, removed if not."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = output.parent / f".{output.name}.partial-{secrets.token_hex(4)}"
-        staging.mkdir()
-    except OSError as error:
-        raise ConversionError(
-            f"{output.parent}: cannot create the output ({error.strerror})"
-        ) from None
-    try:
-        yield staging
-        replace_folder(staging, output, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def replace_folder(staging: Path, output: Path, force: bool) -> None:
-    """Rename staging to output; with force, move the old one aside first and delete it last."""
-    try:
-        if not (output.exists() or output.is_symlink()):
-            os.rename(staging, output)
-            return
-        if not force:
-            raise ConversionError(f"{output}: already exists (use --force to replace it)")
-        old = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
-        os.rename(output, old)
-        try:
-            os.rename(staging, output)
-        except BaseException:
-            os.rename(old, output)
-            raise
-    except OSError as error:
-        raise ConversionError(
-            f"{output}: cannot move the new model into place ({error.strerror})"
-        ) from None
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def write_index(plan: Plan, folder: Path) -> None:
@@ -113,25 +51,6 @@ def write_config(plan: Plan, folder: Path) -> None:
     """config.json with the quantization block, keys sorted as mlx-lm writes them."""
     config = {key: value for key, value in plan.config.items() if key != "_name_or_path"}
     _write_json(folder / "config.json", dict(sorted(config.items())))
-
-
-def copy_side_files(source_dir: Path, folder: Path) -> list[str]:
-    """Copy tokenizer files, chat template, generation_config and license; return their names."""
-    copied = []
-    for pattern in SIDE_FILE_PATTERNS:
-        for path in sorted(source_dir.glob(pattern)):
-            if path.name in NOT_COPIED or path.name.startswith(".") or not path.is_file():
-                continue
-            if path.name.endswith(".index.json") or (folder / path.name).exists():
-                continue
-            try:
-                shutil.copyfile(path, folder / path.name)
-            except OSError as error:
-                raise ConversionError(
-                    f"{folder / path.name}: cannot be written ({error.strerror})"
-                ) from None
-            copied.append(path.name)
-    return copied
 
 
 def check_output(plan: Plan, folder: Path) -> None:

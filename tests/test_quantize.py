@@ -416,8 +416,7 @@ def test_existing_output_needs_force_and_force_replaces_it(
     make_checkpoint: MakeCheckpoint, tmp_path: Path
 ) -> None:
     source = make_checkpoint("src")
-    output = tmp_path / "out"
-    output.mkdir()
+    output = make_checkpoint("out")  # an older model folder, with a note beside it
     (output / "old.txt").write_text("keep me")
     with pytest.raises(ConversionError, match="already exists .use --force"):
         quantize_checkpoint(source, output)
