@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,14 +124,66 @@ def _parse_options(
         raise typer.Exit(EXIT_USAGE) from None
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where Python was when it came, so every cleanup on the way runs.
+
+    A BaseException like KeyboardInterrupt: no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Closing the terminal sends SIGHUP; kill, systemd and container stops send SIGTERM.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
-def _interrupt_line(output: Path) -> Iterator[None]:
-    """Ctrl-C: one `Error:` line (the library already removed its partial folder), exit 130."""
+def _stop_signals_unwind() -> Iterator[None]:
+    """While converting, SIGTERM and SIGHUP unwind like Ctrl-C instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers only in the main thread; nothing to install here
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        for number in _STOP_SIGNALS:  # a second signal must not cut the cleanup short
+            signal.signal(number, signal.SIG_IGN)
+        raise _Stopped(signum)
+
+    previous = {number: signal.signal(number, stop) for number in _STOP_SIGNALS}
     try:
         yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def _interrupt_line(output: Path) -> Iterator[None]:
+    """Ctrl-C, SIGTERM, SIGHUP: one `Error:` line (the library already removed its partial folder).
+
+    Exit 130 for Ctrl-C, and 128 + the signal number for the others (143, 129), as a shell reports
+    a process that a signal ended.
+    """
+    try:
+        with _stop_signals_unwind():
+            yield
     except KeyboardInterrupt:
-        error_line(f"interrupted; {output} was not written")
+        _quiet_error_line(f"interrupted; {output} was not written")
         raise typer.Exit(EXIT_INTERRUPT) from None
+    except _Stopped as stopped:
+        name = signal.Signals(stopped.signum).name
+        _quiet_error_line(f"stopped by {name}; {output} was not written")
+        raise typer.Exit(128 + stopped.signum) from None
+
+
+def _quiet_error_line(message: str) -> None:
+    """error_line, except that a closed terminal (SIGHUP's usual cause) must not turn into a crash."""
+    try:
+        error_line(message)
+    except OSError:
+        pass
 
 
 @contextmanager
