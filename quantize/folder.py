@@ -7,6 +7,7 @@ files are copied is side_files.py's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def write_model_card(
 ) -> None:
     """A short README.md saying how the folder was made."""
     spec = plan.spec
+    title, source_label = readable(title), readable(source_label)
     base_model = f"base_model: {source_label}\n" if _is_repo_id(source_label) else ""
     if spec.recipe == "mixed_4_6":
         bits = "4, with 6 for v_proj and down_proj in the first and last eighth of the layers and for the output embedding"
@@ -130,6 +132,13 @@ def write_model_card(
         raise ConversionError(
             f"{folder / 'README.md'}: cannot be written ({error.strerror})"
         ) from None
+
+
+def readable(name: str | Path) -> str:
+    """A path or name as valid UTF-8 text: bytes a folder name may hold that are not become U+FFFD."""
+    # Linux file names are bytes; Python keeps undecodable ones as lone surrogates, which cannot be
+    # written to a UTF-8 file or handed to MLX.
+    return os.fsencode(name).decode("utf-8", errors="replace")
 
 
 def _size_text(count: int) -> str:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from quantize.errors import ConversionError
+from quantize.folder import readable
 
 _FORCE_RULE = (
     "--force replaces only a model folder (config.json and *.safetensors) or an empty folder, "
@@ -26,7 +27,13 @@ _FORCE_RULE = (
 
 
 def check_destination(output: Path, source_dir: Path, force: bool) -> None:
-    """Refuse an existing OUTPUT without force, one force may not replace, and one holding the source."""
+    """Refuse a non-UTF-8 OUTPUT, an existing one without force (or one force may not replace),
+    and one that is, or holds, the source."""
+    if readable(output) != str(output):
+        raise ConversionError(
+            f"{readable(output)}: the path is not valid UTF-8 and MLX cannot open files under it; "
+            "choose another OUTPUT"
+        )
     out, src = output.resolve(), source_dir.resolve()
     if out == src or out in src.parents or src in out.parents:
         raise ConversionError(
