@@ -62,8 +62,8 @@ def _not_replaceable(output: Path) -> str | None:
     real = output.resolve()
     if real == _home():
         return "is your home folder"
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
+    cwd = _current_folder()
+    if cwd is not None and (real == cwd or real in cwd.parents):
         return "is the current folder or holds it"
     try:
         entries = sorted(os.scandir(output), key=lambda entry: entry.name)
@@ -76,6 +76,13 @@ def _not_replaceable(output: Path) -> str | None:
     if names and not ("config.json" in names and any(n.endswith(".safetensors") for n in names)):
         return f"holds {sorted(names)[0]!r} and is not a model folder"
     return None
+
+
+def _current_folder() -> Path | None:
+    try:
+        return Path.cwd().resolve()
+    except OSError:  # the current folder was deleted: nothing can be inside it
+        return None
 
 
 def _home() -> Path | None:

@@ -128,3 +128,16 @@ def test_force_checks_again_before_replacing(
         quantize_checkpoint(source, output, force=True)
     assert (output / "thesis.tex").read_text() == "chapter 1"
     assert leftovers(tmp_path) == []
+
+
+def test_force_works_from_a_deleted_current_folder(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_checkpoint("src")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # os.getcwd() now raises FileNotFoundError
+    output = fake_model_folder(tmp_path / "out")
+    quantize_checkpoint(source, output, force=True)
+    assert (output / "model.safetensors").read_bytes() != b"not really"
