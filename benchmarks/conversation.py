@@ -4,7 +4,7 @@ Random weights never stop on their own, so the replies are scripted: each turn m
 to the first token of the reply, then the scripted reply (thinking + answer + <|im_end|>) is run
 into the cache as if the model had generated it (untimed).
 
-* ours: qwen3-mlx's Chat mechanism (qwen3_mlx.chat.PromptCache + render_prompt + history_messages):
+* ours: qwen3-mlx's Chat mechanism (qwen3_mlx.cache.PromptCache + render_prompt + history_messages):
   the history is re-rendered by the template, which drops earlier turns' thinking, and the cache
   is trimmed to the prefix it shares with the new prompt, so only the last answer and the new
   message are computed.
@@ -72,7 +72,8 @@ def reply_ids(tokenizer: Any, thinking: str, answer: str) -> list[int]:
 
 def run_ours(engine: Ours, turns: int) -> list[dict[str, Any]]:
     """Per turn: TTFT, tokens computed and context length, with the Chat cache-reuse mechanism."""
-    from qwen3_mlx.chat import PromptCache, render_prompt
+    from qwen3_mlx.cache import PromptCache
+    from qwen3_mlx.chat import render_prompt
     from qwen3_mlx.transcript import Turn, history_messages
 
     cache = PromptCache(engine.model)

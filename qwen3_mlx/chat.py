@@ -1,7 +1,7 @@
 """The chat session: history, system prompt, thinking switch, sampling settings and KV-cache reuse.
 
-`Chat.send(text)` yields ThinkingText and AnswerText pieces and ends with a TurnResult. History is
-an explicit list of turns; the KV cache is only an accelerator: it remembers the exact tokens it
+`Chat.send(text)` returns a Reply: iterate it for ThinkingText and AnswerText pieces, then read
+`reply.result` (a TurnResult). History is an explicit list of turns; the KV cache is only an accelerator: it remembers the exact tokens it
 holds, and each turn reuses the longest common prefix with the newly rendered prompt.
 """
 
@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from qwen3_mlx.cache import make_cache, trim_cache
-from qwen3_mlx.errors import ContextOverflowError, HistoryError, SettingsError, TemplateError
-from qwen3_mlx.events import ChatEvent
+from qwen3_mlx.cache import PromptCache
+from qwen3_mlx.errors import ContextOverflowError, HistoryError, TemplateError
+from qwen3_mlx.events import TurnResult
 from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.generation_config import GenerationConfig
+from qwen3_mlx.limits import min_tokens
+from qwen3_mlx.reply import Reply
 from qwen3_mlx.sampling import build_logits_processors, build_sampler, seed_reply
 from qwen3_mlx.settings import (
-    SETTING_NAMES,
     GreedyThinkingWarning,
     effective_settings,
+    setting_name,
     validate_overrides,
     validate_setting,
 )
@@ -52,44 +53,6 @@ def render_prompt(
     return tokenizer.render(messages, tools=tools, enable_thinking=enable_thinking)
 
 
-def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
-    """How many leading tokens two sequences share."""
-    length = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
-
-
-class PromptCache:
-    """A KV cache plus the exact token list it holds, so any later prompt can reuse its prefix."""
-
-    def __init__(self, model: Any):
-        self.cache = make_cache(model)
-        self.tokens: list[int] = []
-
-    def reuse(self, prompt: Sequence[int]) -> int:
-        """Trim the cache to the prefix it shares with prompt; return how many tokens are reused."""
-        # The last prompt token always runs again: its logits pick the first reply token.
-        keep = min(common_prefix_length(self.tokens, prompt), len(prompt) - 1)
-        trim_cache(self.cache, keep)
-        self.tokens = self.tokens[:keep]
-        return keep
-
-    def settle(self, fed: Sequence[int]) -> None:
-        """Record what the cache holds after a reply that ended or was cut off anywhere.
-
-        The generator may have run one step past the last token we saw, and an interrupt can land
-        between two layers' updates, so every layer is trimmed to the shortest one and to `fed`.
-        """
-        keep = min(min((layer.offset for layer in self.cache), default=0), len(fed))
-        for layer in self.cache:
-            if layer.offset > keep:
-                layer.trim(layer.offset - keep)
-        self.tokens = list(fed[:keep])
-
-
 class Chat:
     """One conversation with one model: drive it with send(), retry(), undo() and reset()."""
 
@@ -112,15 +75,14 @@ class Chat:
         self.model_id = model_id
         self.repetition_guard = repetition_guard
         self.context_limit = int(context_length or model.args.context_length)
-        self.last_result = None
         self._system = _clean_system(system)
         self._thinking = True
         self.thinking = thinking
         self._explicit = validate_overrides(sampling)
         self._turns: list[Turn] = []
-        self._cache = PromptCache(model)
+        self.cache = PromptCache(model)  # the KV cache and the exact tokens it holds
         self._stop_ids = frozenset(generation_config.eos_token_ids) | {IM_END_ID}
-        self._active: Iterator[ChatEvent] | None = None
+        self._active: Reply | None = None
         self._replies = 0
         self._used: tuple[str, int] = ("", 0)
 
@@ -189,11 +151,6 @@ class Chat:
         return dict(self._explicit)
 
     @property
-    def cached_tokens(self) -> list[int]:
-        """The exact token ids the KV cache holds now (the last prompt and reply)."""
-        return list(self._cache.tokens)
-
-    @property
     def context_used(self) -> int:
         """Tokens the conversation so far takes in the context."""
         messages = self.messages
@@ -208,26 +165,28 @@ class Chat:
     # --- changing the conversation ---------------------------------------------------------------
 
     def set(self, name: str, value: Any) -> None:
-        """Set a sampling value explicitly (it then holds in both modes); SettingsError if invalid."""
+        """Set a sampling value explicitly (it then holds in both modes); SettingsError if invalid.
+
+        name: a setting's name or any alias /set accepts (`temp`); value: a number or its text.
+        """
+        name = setting_name(name)
         self._explicit[name] = validate_setting(name, value)
 
     def unset(self, name: str) -> None:
         """Return a sampling value to the mode's preset."""
-        if name not in SETTING_NAMES:
-            raise SettingsError(f"unknown setting {name!r}: use one of {', '.join(SETTING_NAMES)}")
-        self._explicit.pop(name, None)
+        self._explicit.pop(setting_name(name), None)
 
-    def send(self, text: str) -> Iterator[ChatEvent]:
-        """Send a user message: yields ThinkingText / AnswerText pieces, then a TurnResult.
+    def send(self, text: str) -> Reply:
+        """Send a user message; iterate the Reply for its text, then read `reply.result`.
 
-        Raises ContextOverflowError (before anything changes) when the prompt would not fit.
-        Stop iterating (or let KeyboardInterrupt through) to interrupt: the partial reply is kept,
-        marked interrupted, and `last_result` describes it.
+        Raises ContextOverflowError or TemplateError before anything changes. Close the reply (or
+        let KeyboardInterrupt through its iteration) to interrupt: the partial reply is kept in
+        the history, marked interrupted.
         """
         self._close_active()
         return self._begin(str(text), list(self._turns))
 
-    def retry(self) -> Iterator[ChatEvent]:
+    def retry(self) -> Reply:
         """Generate the last reply again (the old one is dropped once the new one starts)."""
         self._close_active()
         if not self._turns:
@@ -263,34 +222,25 @@ class Chat:
         self._explicit = dict(data.explicit_settings)
         self._turns = list(data.turns)
 
-    @classmethod
-    def load_transcript(
-        cls,
-        path: str | Path,
-        model: Any,
-        tokenizer: Tokenizer,
-        generation_config: GenerationConfig,
-        **chat_kwargs: Any,
-    ) -> Chat:
-        """A chat that continues a saved transcript."""
-        data = read_transcript(path)
-        chat_kwargs.setdefault("model_id", data.model_id)
-        chat_kwargs.setdefault("thinking", data.thinking)
-        chat = cls(model, tokenizer, generation_config, **chat_kwargs)
-        chat.load(path)
-        return chat
-
     # --- one reply -----------------------------------------------------------------------------------
 
     def _close_active(self) -> None:
         active, self._active = self._active, None
         if active is not None:
-            active.close()  # type: ignore[attr-defined]  # records an interrupted reply
+            active.close()  # records an interrupted reply
 
-    def _begin(self, user: str, kept: list[Turn]) -> Iterator[ChatEvent]:
+    def _begin(self, user: str, kept: list[Turn]) -> Reply:
+        if min_tokens(user) >= self.context_limit:  # refused by size: megabytes never tokenized
+            raise ContextOverflowError(min_tokens(user), self.context_limit, at_least=True)
         messages = history_messages(self._system, kept) + [{"role": "user", "content": user}]
         prompt = render_prompt(self.tokenizer, messages, thinking=self._thinking)
-        self._check_fits(len(prompt))
+        if len(prompt) >= self.context_limit:
+            scaling = getattr(self.model.args, "rope_scaling", None) or {}
+            raise ContextOverflowError(
+                len(prompt),
+                self.context_limit,
+                yarn_enabled=scaling.get("rope_type", scaling.get("type")) == "yarn",
+            )
         thinks = thinking_active(messages, self._thinking, self.tokenizer.has_thinking_switch)
         settings = effective_settings(self.generation_config, thinks, self._explicit)
         if thinks and settings["temperature"] == 0:
@@ -300,55 +250,48 @@ class Chat:
                 GreedyThinkingWarning,
                 stacklevel=3,
             )
-        reply = self._reply(user, kept, prompt, settings)
-        self._active = reply
-        return reply
-
-    def _check_fits(self, prompt_tokens: int) -> None:
-        if prompt_tokens < self.context_limit:
-            return
-        scaling = getattr(self.model.args, "rope_scaling", None) or {}
-        ways = "/reset to start over, or /undo to drop the last exchange"
-        if scaling.get("rope_type", scaling.get("type")) != "yarn":
-            ways = "/reset to start over, or enable YaRN with --rope-scaling yarn --rope-factor 4"
-        raise ContextOverflowError(
-            f"the prompt needs {prompt_tokens:,} tokens but the context holds {self.context_limit:,} "
-            f"(a reply needs room too): {ways}"
-        )
+        self._active = self._reply(user, kept, prompt, settings)
+        return self._active
 
     def _reply(
         self, user: str, kept: list[Turn], prompt: list[int], settings: dict[str, Any]
-    ) -> Iterator[ChatEvent]:
-        self._turns = kept  # a retry drops the old reply only now that the new one starts
-        reused = self._cache.reuse(prompt)
-        seed_reply(settings["seed"], self._replies)
-        self._replies += 1
-        mx.reset_peak_memory()
-        reply = ReplyStream(
+    ) -> Reply:
+        stream = ReplyStream(
             self.tokenizer, prompt_phase(prompt), self._stop_ids, self.repetition_guard
         )
-        tokens = generate_tokens(
-            self.model,
-            prompt[reused:],
-            self._cache.cache,
-            sampler=build_sampler(settings),
-            logits_processors=build_logits_processors(settings),
-            max_tokens=min(int(settings["max_tokens"]), self.context_limit - len(prompt)),
-        )
-        finish = "interrupted"
-        try:
-            yield from reply.run(tokens)
-            finish = reply.finish_reason
-        finally:
-            tokens.close()
-            self._cache.settle(prompt + reply.tokens)
-            result = reply.result(finish, len(prompt), len(prompt) - reused)
-            self._turns.append(
-                Turn(user, result.answer, result.thinking, result.thinking_finished, finish)
+        reused = 0
+
+        def start() -> Any:
+            nonlocal reused
+            self._turns = kept  # a retry drops the old reply only now that the new one starts
+            reused = self.cache.reuse(prompt)
+            seed_reply(settings["seed"], self._replies)
+            self._replies += 1
+            mx.reset_peak_memory()
+            return generate_tokens(
+                self.model,
+                prompt[reused:],
+                self.cache.cache,
+                sampler=build_sampler(settings),
+                logits_processors=build_logits_processors(settings),
+                max_tokens=min(int(settings["max_tokens"]), self.context_limit - len(prompt)),
             )
-            self.last_result = result
-            self._active = None
-        yield result
+
+        def settle(stream: ReplyStream, started: bool) -> TurnResult:
+            if self._active is reply:
+                self._active = None
+            if not started:
+                return stream.result(len(prompt), 0)
+            self.cache.settle(prompt + stream.tokens)
+            result = stream.result(len(prompt), len(prompt) - reused)
+            turn = Turn(
+                user, result.answer, result.thinking, result.thinking_finished, result.finish_reason
+            )
+            self._turns.append(turn)
+            return result
+
+        reply = Reply(stream, start, settle)
+        return reply
 
 
 def _clean_system(value: str | None) -> str | None:

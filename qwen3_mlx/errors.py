@@ -26,7 +26,28 @@ class TemplateError(Qwen3Error):
 
 
 class ContextOverflowError(Qwen3Error):
-    """A prompt does not fit in the model's context window."""
+    """A prompt does not fit in the model's context window.
+
+    It carries the numbers, not advice: each front end knows its own ways out (/undo in the REPL,
+    a shorter message for `prompt`, an HTTP 400 for the server).
+    """
+
+    def __init__(
+        self,
+        prompt_tokens: int,
+        context_limit: int,
+        *,
+        yarn_enabled: bool = False,
+        at_least: bool = False,
+    ):
+        self.prompt_tokens = prompt_tokens  # a lower bound when at_least (counted by size alone)
+        self.context_limit = context_limit
+        self.yarn_enabled = yarn_enabled
+        needs = f"at least {prompt_tokens:,}" if at_least else f"{prompt_tokens:,}"
+        super().__init__(
+            f"the prompt needs {needs} tokens but the context holds {context_limit:,} "
+            "(a reply needs room too)"
+        )
 
 
 class TranscriptError(Qwen3Error):

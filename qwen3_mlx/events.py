@@ -1,4 +1,4 @@
-"""What Chat.send() yields: text deltas by kind, then one frozen result record."""
+"""What a Reply yields (text deltas by kind) and the frozen record it ends with (TurnResult)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ class ThinkingText:
     """A piece of the reasoning inside <think>…</think>."""
 
     text: str
+    tokens: int = 0  # thinking tokens generated so far, this piece included
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TurnResult:
     prompt_tokens: int  # tokens of the rendered prompt
     prefilled_tokens: int  # tokens actually run through the model (after cache reuse)
     generated_tokens: int
+    thinking_tokens: int  # tokens inside the think block (its markers not counted)
     time_to_first_token: float  # seconds
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
@@ -39,4 +41,4 @@ class TurnResult:
     peak_memory_gb: float
 
 
-ChatEvent = ThinkingText | AnswerText | TurnResult
+ReplyEvent = ThinkingText | AnswerText

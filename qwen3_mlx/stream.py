@@ -135,6 +135,7 @@ class ReplyStream:
         self.first_seconds: float | None = None
         self.last_seconds = 0.0
         self.think_end_seconds: float | None = None
+        self.thinking_tokens = 0
 
     def run(self, generated: Iterable[GeneratedToken]) -> Iterator[ThinkingText | AnswerText]:
         """Consume the token generator, yielding text pieces; sets finish_reason when it ends."""
@@ -151,8 +152,8 @@ class ReplyStream:
             if self.tracker is not None and self.tracker.add(item.token):
                 finish = "repetition"
                 break
-        yield from self._flush()
-        self.finish_reason = finish
+        self.finish_reason = finish  # generation is over; only held-back text is left to yield
+        yield from self.flush()
 
     def _time(self, seconds: float) -> None:
         if self.first_seconds is None:
@@ -162,29 +163,29 @@ class ReplyStream:
     def _label(self, token: int, seconds: float) -> ThinkingText | AnswerText | None:
         part = self.parser.feed(token)
         if part is Part.THINKING:
+            self.thinking_tokens += 1
             text = self.thinking.add(token)
-            return ThinkingText(text) if text else None
+            return ThinkingText(text, self.thinking_tokens) if text else None
         if part is Part.ANSWER:
             text = self.answer.add(token)
             return AnswerText(text) if text else None
         if part is Part.CLOSE:
             self.think_end_seconds = seconds
             piece = self.thinking.finish()
-            return ThinkingText(piece) if piece else None
+            return ThinkingText(piece, self.thinking_tokens) if piece else None
         return None
 
-    def _flush(self) -> Iterator[ThinkingText | AnswerText]:
+    def flush(self) -> Iterator[ThinkingText | AnswerText]:
+        """The text the detokenizers still hold back (an interrupted reply owes it too)."""
         thinking = self.thinking.finish()
         if thinking:
-            yield ThinkingText(thinking)
+            yield ThinkingText(thinking, self.thinking_tokens)
         answer = self.answer.finish()
         if answer:
             yield AnswerText(answer)
 
-    def result(self, finish_reason: str, prompt_tokens: int, prefilled_tokens: int) -> TurnResult:
-        """The frozen record of this reply (call after run() ended or was cut off)."""
-        for _ in self._flush():  # an interrupted reply still owes its held-back text
-            pass
+    def result(self, prompt_tokens: int, prefilled_tokens: int) -> TurnResult:
+        """The frozen record of this reply (call after run() ended or was cut off, and flush())."""
         first = self.first_seconds
         decode_seconds = self.last_seconds - first if first is not None else 0.0
         generated = len(self.tokens)
@@ -196,13 +197,14 @@ class ReplyStream:
         else:
             thinking_seconds = 0.0
         return TurnResult(
-            finish_reason=finish_reason,
+            finish_reason=self.finish_reason,
             answer=self.answer.text,
             thinking=self.thinking.text,
             thinking_finished=self.parser.thinking_finished,
             prompt_tokens=prompt_tokens,
             prefilled_tokens=prefilled_tokens,
             generated_tokens=generated,
+            thinking_tokens=self.thinking_tokens,
             time_to_first_token=first or 0.0,
             prefill_tokens_per_second=prefilled_tokens / first if first else 0.0,
             decode_tokens_per_second=(generated - 1) / decode_seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,15 +85,60 @@ def write_transcript(path: str | Path, data: TranscriptData, settings: dict[str,
         ],
     }
     text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    mode = check_writable(path)
+    temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(prefix=".transcript-", dir=path.parent or ".")
+        handle, temporary = tempfile.mkstemp(prefix=".transcript-", dir=path.parent)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        if mode is not None:
+            os.chmod(temporary, mode)  # keep the mode of the file being replaced
         os.replace(temporary, path)
+        temporary = None
     except OSError as error:
         raise TranscriptError(
             f"{path}: cannot write the transcript ({error.strerror or error})"
         ) from None
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+
+
+def user_path(text: str | Path) -> Path:
+    """A path a person typed, with ~ expanded; TranscriptError for one that cannot be a path."""
+    try:
+        path = Path(text).expanduser()
+        path.exists()  # raises ValueError for an embedded NUL
+    except RuntimeError:  # expanduser: ~name of no such user, or no home folder
+        user = str(text).split("/", 1)[0]
+        raise TranscriptError(
+            f"{text}: cannot expand {user} (no such user's home folder)"
+        ) from None
+    except ValueError:
+        raise TranscriptError(f"{text!r}: a path cannot hold a NUL character") from None
+    return path
+
+
+def check_writable(path: Path) -> int | None:
+    """Refuse a path a transcript cannot be written to; return the mode of an existing file.
+
+    Checked before a reply is generated, so nobody waits for an answer that cannot be saved. A
+    read-only file is refused rather than replaced (writing goes through a new file, which would
+    otherwise take the place of a file the user protected).
+    """
+    folder = path.parent
+    if not folder.is_dir():
+        raise TranscriptError(f"{path}: cannot write the transcript (no folder {folder})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TranscriptError(f"{path}: cannot write the transcript (folder {folder} is read-only)")
+    if path.is_dir():
+        raise TranscriptError(f"{path}: cannot write the transcript there (it is a folder)")
+    if not path.exists():
+        return None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        raise TranscriptError(f"{path}: the file is read-only; the transcript was not written")
+    return mode
 
 
 def read_transcript(path: str | Path) -> TranscriptData:

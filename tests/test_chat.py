@@ -8,6 +8,7 @@ exactly the tokens the session believes it holds (see chat_fakes.py).
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 from chat_fakes import ScriptedModel, load_fixture_tokenizer
@@ -16,8 +17,10 @@ from qwen3_mlx.chat import Chat, render_prompt
 from qwen3_mlx.errors import ContextOverflowError, HistoryError, SettingsError, TemplateError
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
 from qwen3_mlx.generation_config import GenerationConfig
+from qwen3_mlx.limits import MAX_TOKEN_BYTES
 from qwen3_mlx.settings import GreedyThinkingWarning
 from qwen3_mlx.stream import RepetitionGuard
+from qwen3_mlx.transcript import Turn
 
 EMPTY_BLOCK = "<think>\n\n</think>\n\n"
 # The fake's logits leave one choice, so greedy picks the same tokens as sampling would; it skips
@@ -44,7 +47,7 @@ def make_chat(
 
 def cached_ids(chat: Chat) -> list[int]:
     """What the fake's KV cache really holds (token ids stored as keys)."""
-    cache = chat._cache.cache
+    cache = chat.cache.cache
     if cache[0].offset == 0:
         return []
     keys, _ = cache[0].keys_and_values()
@@ -53,22 +56,24 @@ def cached_ids(chat: Chat) -> list[int]:
 
 def assert_consistent(chat: Chat) -> None:
     """The cache holds what the session believes: the last prompt, then the reply's tokens."""
-    assert cached_ids(chat) == chat.cached_tokens
-    assert all(layer.offset == len(chat.cached_tokens) for layer in chat._cache.cache)
+    assert cached_ids(chat) == chat.cache.tokens
+    assert all(layer.offset == len(chat.cache.tokens) for layer in chat.cache.cache)
     if chat.turns:
         prompt = render_prompt(chat.tokenizer, chat.messages[:-1], thinking=chat.thinking)
         # An interrupt during prefill leaves only part of the prompt in the cache.
         shared = len(prompt)
         if chat.turns[-1].interrupted:
-            shared = min(shared, len(chat.cached_tokens))
-        assert chat.cached_tokens[:shared] == prompt[:shared]
+            shared = min(shared, len(chat.cache.tokens))
+        assert chat.cache.tokens[:shared] == prompt[:shared]
 
 
 def run(chat: Chat, text: str) -> tuple[list, TurnResult]:
-    events = list(chat.send(text))
-    assert isinstance(events[-1], TurnResult)
-    assert not any(isinstance(e, TurnResult) for e in events[:-1])
-    return events[:-1], events[-1]
+    reply = chat.send(text)
+    events = list(reply)
+    assert isinstance(reply.result, TurnResult)
+    assert all(isinstance(e, ThinkingText | AnswerText) for e in events)
+    assert list(reply) == []  # a finished reply holds nothing back
+    return events, reply.result
 
 
 def texts(events: list, kind: type) -> str:
@@ -83,11 +88,11 @@ def test_a_thinking_turn_streams_thinking_then_answer() -> None:
     assert texts(events, ThinkingText) == result.thinking == "The user said apple."
     assert texts(events, AnswerText) == result.answer == "Answer to apple."
     assert result.finish_reason == "stop" and result.thinking_finished
-    assert chat.last_result is result
+    assert result.thinking_tokens == len(chat.tokenizer.encode("\nThe user said apple.\n"))
     assert (
         result.prompt_tokens
         == result.prefilled_tokens
-        == len(chat.cached_tokens) - result.generated_tokens
+        == len(chat.cache.tokens) - result.generated_tokens
     )
     assert result.time_to_first_token > 0 and result.peak_memory_gb > 0
     assert_consistent(chat)
@@ -146,7 +151,7 @@ def test_hard_switch_off_renders_the_empty_block_in_the_prompt() -> None:
     )
     events, result = run(chat, "fig")
     assert result.answer == "Plain fig." and result.thinking == ""
-    prompt_text = chat.tokenizer.decode(chat.cached_tokens[: result.prompt_tokens])
+    prompt_text = chat.tokenizer.decode(chat.cache.tokens[: result.prompt_tokens])
     assert prompt_text.endswith("<|im_start|>assistant\n" + EMPTY_BLOCK)
     assert chat.settings["top_p"] == 0.8
     chat.thinking = True  # switching back changes only the next generation prompt
@@ -174,7 +179,7 @@ def test_thinking_2507_parses_a_reply_that_only_closes_think() -> None:
     )
     events, result = run(chat, "grape")
     assert result.thinking == "Pondering grape." and result.answer == "Done."
-    prompt_text = chat.tokenizer.decode(chat.cached_tokens[: result.prompt_tokens])
+    prompt_text = chat.tokenizer.decode(chat.cache.tokens[: result.prompt_tokens])
     assert prompt_text.endswith("assistant\n<think>\n")
     with pytest.raises(TemplateError, match="always thinks"):
         chat.thinking = False
@@ -227,14 +232,15 @@ def test_repetition_guard_ends_a_loop() -> None:
 def test_closing_the_stream_keeps_the_partial_reply_marked_interrupted() -> None:
     chat, model = make_chat()
     run(chat, "apple")
-    stream = chat.send("banana split")
+    reply = chat.send("banana split")
     seen = []
-    for event in stream:
+    for event in reply:
         seen.append(event)
         if isinstance(event, AnswerText):
             break
-    stream.close()
-    result = chat.last_result
+    reply.close()
+    seen += list(reply)  # what the detokenizer held back
+    result = reply.result
     assert result.finish_reason == "interrupted"
     assert result.answer == texts(seen, AnswerText) and result.answer.startswith("Answer")
     assert chat.turns[-1].interrupted and chat.turns[-1].answer == result.answer
@@ -250,14 +256,16 @@ def test_keyboard_interrupt_through_the_stream_then_retry() -> None:
     chat, model = make_chat()
     run(chat, "apple")
     model.interrupt_after = len(model.fed) + 6  # prefill, then a few decode steps
+    reply = chat.send("banana")
     with pytest.raises(KeyboardInterrupt):
-        for _ in chat.send("banana"):
+        for _ in reply:
             pass
     model.interrupt_after = None
-    assert chat.last_result.finish_reason == "interrupted"
+    assert reply.result.finish_reason == "interrupted"
     assert chat.turns[-1].interrupted and len(chat.turns) == 2
     assert_consistent(chat)
-    events, result = list(chat.retry())[:-1], chat.last_result
+    retried = chat.retry()
+    events, result = list(retried), retried.result
     assert result.finish_reason == "stop" and result.answer == "Answer to banana."
     assert len(chat.turns) == 2 and not chat.turns[-1].interrupted
     assert texts(events, AnswerText) == "Answer to banana."
@@ -268,21 +276,21 @@ def test_interrupt_during_prefill_keeps_the_session_consistent() -> None:
     chat, model = make_chat()
     run(chat, "apple")
     model.interrupt_after = len(model.fed)  # the very next model call
+    reply = chat.send("banana")
     with pytest.raises(KeyboardInterrupt):
-        list(chat.send("banana"))
+        list(reply)
     model.interrupt_after = None
-    assert (
-        chat.last_result.finish_reason == "interrupted" and chat.last_result.generated_tokens == 0
-    )
+    assert reply.result.finish_reason == "interrupted" and reply.result.generated_tokens == 0
+    assert chat.turns[-1] == Turn("banana", "", "", True, "interrupted")
     assert_consistent(chat)
     assert run(chat, "cherry")[1].answer == "Answer to cherry."
 
 
 def test_abandoned_stream_is_closed_by_the_next_send() -> None:
     chat, _ = make_chat()
-    stream = chat.send("apple")
-    next(stream)
-    next(stream)
+    events = iter(chat.send("apple"))
+    next(events)
+    next(events)
     run(chat, "pear")  # never closed by the caller: send() closes it first
     assert [t.user for t in chat.turns] == ["apple", "pear"]
     assert chat.turns[0].interrupted and not chat.turns[1].interrupted
@@ -293,8 +301,12 @@ def test_a_stream_never_started_changes_nothing() -> None:
     chat, _ = make_chat()
     run(chat, "apple")
     chat.send("pear")  # not iterated
-    chat.retry()  # not iterated either
+    retried = chat.retry()  # not iterated either
     assert [t.user for t in chat.turns] == ["apple"] and chat.turns[0].answer == "Answer to apple."
+    retried.close()
+    assert retried.result.finish_reason == "interrupted" and retried.result.generated_tokens == 0
+    assert [t.user for t in chat.turns] == ["apple"] and chat.turns[0].answer == "Answer to apple."
+    assert_consistent(chat)
 
 
 def test_undo_reset_and_system_changes_keep_cache_and_history_in_step() -> None:
@@ -331,21 +343,23 @@ def test_retry_regenerates_the_last_reply() -> None:
     chat, _ = make_chat(lambda u: f"{EMPTY_BLOCK}{answer[0]}<|im_end|>")
     run(chat, "q")
     answer[0] = "second"
-    events = list(chat.retry())
-    assert events[-1].answer == "second" and [t.answer for t in chat.turns] == ["second"]
+    assert chat.retry().text() == "second" and [t.answer for t in chat.turns] == ["second"]
     assert_consistent(chat)
 
 
 def test_a_prompt_that_does_not_fit_raises_and_loses_nothing() -> None:
     chat, _ = make_chat(context_length=60)
     run(chat, "apple")
-    before = (chat.messages, chat.cached_tokens)
+    before = (chat.messages, chat.cache.tokens)
     with pytest.raises(ContextOverflowError) as caught:
         chat.send("banana " * 40)
     message = str(caught.value)
-    assert "the context holds 60" in message and "/reset" in message
-    assert "--rope-scaling yarn --rope-factor 4" in message and "\n" not in message
-    assert (chat.messages, chat.cached_tokens) == before
+    assert "the context holds 60" in message and "\n" not in message
+    # The library gives the numbers; the ways out (/undo, --rope-scaling) are each front end's.
+    assert "/reset" not in message and "--rope" not in message
+    assert caught.value.context_limit == 60 and caught.value.prompt_tokens > 60
+    assert not caught.value.yarn_enabled
+    assert (chat.messages, chat.cache.tokens) == before
     chat.reset()
     assert run(chat, "kiwi")[1].answer == "Answer to kiwi."
 
@@ -358,7 +372,27 @@ def test_overflow_with_yarn_already_on_does_not_suggest_it() -> None:
     chat = Chat(model, tokenizer, GenerationConfig())
     with pytest.raises(ContextOverflowError) as caught:
         chat.send("a long question " * 10)
-    assert "yarn" not in str(caught.value).lower()
+    assert caught.value.yarn_enabled
+
+
+def test_a_message_far_too_long_is_refused_by_its_size_without_tokenizing() -> None:
+    chat, _ = make_chat(context_length=60)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a message that cannot fit must not be tokenized")
+
+    chat.tokenizer = SimpleNamespace(render=never, encode=never, has_thinking_switch=True)
+    with pytest.raises(ContextOverflowError, match="needs at least 91 tokens"):
+        chat.send("x" * (60 * MAX_TOKEN_BYTES) + "y" * 4_000)
+    assert chat.turns == []
+
+
+def test_no_token_of_the_real_vocabulary_is_longer_than_the_size_bound() -> None:
+    tokenizer = load_fixture_tokenizer("qwen3-4b")
+    longest = max(
+        len(tokenizer.decode([i]).encode("utf-8", "surrogatepass")) for i in range(151_643)
+    )
+    assert longest == MAX_TOKEN_BYTES
 
 
 def test_max_tokens_is_capped_by_the_context_left() -> None:

@@ -11,8 +11,8 @@ import mlx.core as mx
 import pytest
 from chat_fakes import load_fixture_tokenizer
 
-from qwen3_mlx.cache import make_cache
-from qwen3_mlx.chat import Chat, PromptCache, common_prefix_length, render_prompt
+from qwen3_mlx.cache import PromptCache, common_prefix_length, make_cache
+from qwen3_mlx.chat import Chat, render_prompt
 from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.loading import load_model
@@ -34,7 +34,7 @@ def fresh_reply(chat: Chat, prompt: list[int]) -> tuple[list[int], str, str]:
         tokens = tokens[: next(i for i, t in enumerate(tokens) if t in stop) + 1]
     stream = ReplyStream(chat.tokenizer, prompt_phase(prompt), stop)
     list(stream.run(_timed(tokens)))
-    result = stream.result("stop", len(prompt), len(prompt))
+    result = stream.result(len(prompt), len(prompt))
     return tokens, result.answer, result.thinking
 
 
@@ -81,9 +81,10 @@ def test_reuse_equals_fresh_prefill_over_eight_turns(model: object) -> None:
     ]
     reused_somewhere = 0
     for index, action in enumerate(actions):
-        cached_before = chat.cached_tokens
-        events = list(action())
-        result = events[-1]
+        cached_before = chat.cache.tokens
+        reply = action()
+        list(reply)
+        result = reply.result
         prompt = render_prompt(tokenizer, chat.messages[:-1], thinking=chat.thinking)
         tokens, answer, thinking = fresh_reply(chat, prompt)
 
@@ -92,8 +93,8 @@ def test_reuse_equals_fresh_prefill_over_eight_turns(model: object) -> None:
         assert result.prefilled_tokens == len(prompt) - shared, index
         reused_somewhere += shared > 0
         # The reply with reuse equals the reply from a fresh full prefill, token for token ...
-        generated = chat.cached_tokens[len(prompt) :]
-        assert chat.cached_tokens[: len(prompt)] == prompt
+        generated = chat.cache.tokens[len(prompt) :]
+        assert chat.cache.tokens[: len(prompt)] == prompt
         assert generated == tokens[: len(generated)] and len(generated) >= len(tokens) - 1, index
         # ... and so in text (covering the last token, which the cache never ran).
         assert (result.answer, result.thinking) == (answer, thinking), index
@@ -140,5 +141,7 @@ def test_from_pretrained_and_yarn_as_a_runtime_option(tmp_path: Path) -> None:
     )
     assert stretched.context_limit == 4 * 32_768 and stretched.system == "S"
     assert (folder / "config.json").read_bytes() == config_before  # no config.json edit
-    result = list(stretched.send("hi"))[-1]
+    reply = stretched.send("hi")
+    reply.text()
+    result = reply.result
     assert result.prompt_tokens > 0 and result.generated_tokens > 0

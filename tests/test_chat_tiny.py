@@ -48,8 +48,13 @@ def new_chat(loaded: tuple, **kwargs) -> Chat:
 
 
 def ask(chat: Chat, text: str):
-    events = list(chat.send(text))
-    return events[:-1], events[-1]
+    reply = chat.send(text)
+    return list(reply), reply.result
+
+
+def ask_again(chat: Chat):
+    reply = chat.retry()
+    return list(reply), reply.result
 
 
 def test_thinking_reply(loaded: tuple) -> None:
@@ -108,13 +113,13 @@ def test_context_overflow_keeps_the_conversation(loaded: tuple) -> None:
 def test_interrupt_then_retry(loaded: tuple) -> None:
     chat = new_chat(loaded)
     sort_problem = problem("sort", 7)
-    stream = chat.send(sort_problem.question)
-    for event in stream:
+    reply = chat.send(sort_problem.question)
+    for event in reply:
         if isinstance(event, ThinkingText):
             break
-    stream.close()
-    assert chat.last_result.finish_reason == "interrupted" and chat.turns[-1].interrupted
-    _, result = list(chat.retry())[:-1], chat.last_result
+    reply.close()
+    assert reply.result.finish_reason == "interrupted" and chat.turns[-1].interrupted
+    _, result = ask_again(chat)
     assert result.finish_reason == "stop" and result.answer == sort_problem.answer
     assert len(chat.turns) == 1 and not chat.turns[0].interrupted
 
@@ -125,7 +130,8 @@ def test_save_load_continue(loaded: tuple, tmp_path: Path) -> None:
     ask(chat, first.question)
     chat.save(tmp_path / "tiny.json")
     model, tokenizer, generation_config = loaded
-    again = Chat.load_transcript(tmp_path / "tiny.json", model, tokenizer, generation_config)
+    again = Chat(model, tokenizer, generation_config, model_id="qwen3-tiny-chat")
+    again.load(tmp_path / "tiny.json")
     assert again.messages == chat.messages and again.model_id == "qwen3-tiny-chat"
     _, result = ask(again, second.question)
     assert (result.thinking, result.answer) == (second.reasoning, second.answer)

@@ -34,9 +34,10 @@ def test_save_then_load_then_continue(tmp_path: Path) -> None:
     chat.set("max_tokens", 64)
     for text in ("apple", "pear /no_think"):
         list(chat.send(text))
-    stream = chat.send("plum")
-    next(stream), next(stream)
-    stream.close()  # an interrupted turn is saved as such
+    reply = chat.send("plum")
+    events = iter(reply)
+    next(events), next(events)
+    reply.close()  # an interrupted turn is saved as such
     path = tmp_path / "chat.json"
     chat.save(path)
 
@@ -56,14 +57,15 @@ def test_save_then_load_then_continue(tmp_path: Path) -> None:
 
     tokenizer = load_fixture_tokenizer("qwen3-4b")
     model = ScriptedModel(tokenizer, script)
-    loaded = Chat.load_transcript(path, model, tokenizer, GenerationConfig())
+    loaded = Chat(model, tokenizer, GenerationConfig(), model_id="tiny/model")
+    loaded.load(path)
     assert loaded.messages == chat.messages and loaded.turns == chat.turns
     assert loaded.system == "Be terse." and loaded.model_id == "tiny/model"
     assert loaded.explicit_settings == chat.explicit_settings and loaded.settings == chat.settings
-    events = list(loaded.send("fig"))
-    assert events[-1].answer == "Said fig."
+    reply = loaded.send("fig")
+    assert reply.text() == "Said fig."
     # The whole history was prefilled into the new model, and it matched the script's context.
-    assert events[-1].prefilled_tokens == events[-1].prompt_tokens
+    assert reply.result.prefilled_tokens == reply.result.prompt_tokens
     assert [t.user for t in loaded.turns] == ["apple", "pear /no_think", "plum", "fig"]
 
 
@@ -76,7 +78,7 @@ def test_chat_load_replaces_the_conversation(tmp_path: Path) -> None:
     list(other.send("lime"))
     other.load(tmp_path / "a.json")
     assert other.messages == first.messages and other.thinking is False and other.system == "S"
-    assert list(other.send("plum /no_think"))[-1].answer == "plum!"
+    assert other.send("plum /no_think").text() == "plum!"
 
 
 def test_loading_a_no_thinking_transcript_into_2507_is_refused(tmp_path: Path) -> None:

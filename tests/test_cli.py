@@ -71,9 +71,7 @@ def direct_answer(model_dir: Path, text: str, **sampling) -> str:
     from qwen3_mlx.chat import Chat
 
     chat = Chat.from_pretrained(str(model_dir), thinking=False, sampling=sampling)
-    for _ in chat.send(text):
-        pass
-    return chat.last_result.answer
+    return chat.send(text).text()
 
 
 # --- the app itself -----------------------------------------------------------------------------

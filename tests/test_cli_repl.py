@@ -14,8 +14,9 @@ from rich.console import Console
 from qwen3_mlx.cli.commands import parse_line
 from qwen3_mlx.cli.render import ReplyView, format_settings, stats_line, thought_line
 from qwen3_mlx.cli.repl import Repl
-from qwen3_mlx.errors import HistoryError, SettingsError
+from qwen3_mlx.errors import HistoryError
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+from qwen3_mlx.settings import setting_name, validate_setting
 from qwen3_mlx.transcript import Turn
 
 
@@ -30,6 +31,7 @@ def make_result(
         prompt_tokens=12,
         prefilled_tokens=5,
         generated_tokens=generated,
+        thinking_tokens=len(thinking.split()),
         time_to_first_token=0.25,
         prefill_tokens_per_second=100.0,
         decode_tokens_per_second=42.5,
@@ -38,9 +40,51 @@ def make_result(
     )
 
 
-class FakeTokenizer:
-    def encode(self, text: str) -> list[int]:
-        return list(range(len(text.split())))
+class FakeReply:
+    """The Reply contract over scripted pieces: iterate for text, then `result`; close() records
+    the reply as interrupted. With chat.hold_back, the answer piece in flight when it stopped is
+    held back (as the detokenizer holds half a character) and comes out after close()."""
+
+    def __init__(self, chat: FakeChat, user: str, thinking: str, answer: str):
+        words = thinking.split()
+        self.pieces = [ThinkingText(w + " ", i + 1) for i, w in enumerate(words)] + [
+            AnswerText(w + " ") for w in answer.split()
+        ]
+        self.chat, self.user, self.thinking = chat, user, thinking
+        self.index = 0
+        self.held: list[Any] = []
+        self.result: TurnResult | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.result is not None:
+            held, self.held = self.held, []
+            yield from held
+            return
+        try:
+            while self.index < len(self.pieces):
+                if self.index == self.chat.interrupt_after:
+                    self.chat.interrupt_after = None
+                    raise KeyboardInterrupt
+                self.index += 1
+                yield self.pieces[self.index - 1]
+        except BaseException:
+            self.close()
+            raise
+        self._end("stop")
+
+    def close(self) -> None:
+        if self.result is None:
+            following = self.pieces[self.index : self.index + int(self.chat.hold_back)]
+            self.held = [p for p in following if isinstance(p, AnswerText)]
+            self.index += len(self.held)
+            self._end("interrupted")
+
+    def _end(self, finish: str) -> None:
+        shown = "".join(p.text for p in self.pieces[: self.index] if isinstance(p, AnswerText))
+        self.chat.turns.append(
+            Turn(self.user, shown.strip(), self.thinking.strip(), finish != "interrupted", finish)
+        )
+        self.result = self.chat.last_result = make_result(shown.strip(), self.thinking, finish)
 
 
 class FakeChat:
@@ -51,7 +95,7 @@ class FakeChat:
     ):
         self.replies = list(replies or [("", "Four.")])
         self.interrupt_after = interrupt_after
-        self.tokenizer = FakeTokenizer()
+        self.hold_back = False
         self.model_id = "fake/model"
         self.system: str | None = None
         self.thinking = True
@@ -82,44 +126,24 @@ class FakeChat:
             ]
         return out
 
-    def send(self, text: str) -> Iterator[Any]:
+    def send(self, text: str) -> FakeReply:
         self.sent.append(text)
         return self._reply(text)
 
-    def retry(self) -> Iterator[Any]:
+    def retry(self) -> FakeReply:
         if not self.turns:
             raise HistoryError("nothing to retry")
         user = self.turns.pop().user
         self.calls.append(("retry", user))
         return self._reply(user)
 
-    def _reply(self, user: str) -> Iterator[Any]:
+    def _reply(self, user: str) -> FakeReply:
         thinking, answer = self.replies.pop(0) if self.replies else ("", "again")
-        pieces = [ThinkingText(word + " ") for word in thinking.split()] + [
-            AnswerText(w + " ") for w in answer.split()
-        ]
-        shown = ""
-        finish = "interrupted"
-        try:
-            for index, piece in enumerate(pieces):
-                if index == self.interrupt_after:
-                    self.interrupt_after = None
-                    raise KeyboardInterrupt
-                if isinstance(piece, AnswerText):
-                    shown += piece.text
-                yield piece
-            finish = "stop"
-        finally:
-            self.turns.append(
-                Turn(user, shown.strip(), thinking.strip(), finish != "interrupted", finish)
-            )
-            self.last_result = make_result(shown.strip(), thinking, finish)
-        yield self.last_result
+        return FakeReply(self, user, thinking, answer)
 
     def set(self, name: str, value: Any) -> None:
-        if name == "temperature" and value > 2:
-            raise SettingsError("temperature must be in [0.0, 2.0]")
-        self.explicit[name] = value
+        name = setting_name(name)  # the real Chat's validation, through the one settings record
+        self.explicit[name] = validate_setting(name, value)
 
     def unset(self, name: str) -> None:
         self.explicit.pop(name, None)
@@ -240,7 +264,7 @@ def test_errors_from_the_chat_are_shown_and_the_repl_goes_on() -> None:
     chat = FakeChat([("", "fine")])
     out = run_repl(chat, ["/undo", "/set temp 5", "/retry", "hello"])
     assert "Error: nothing to undo" in out
-    assert "Error: temperature must be in" in out
+    assert "temperature must be in [0, 2], got 5" in out  # refused by /set itself
     assert "Error: nothing to retry" in out
     assert chat.sent == ["hello"]
 

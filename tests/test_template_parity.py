@@ -252,11 +252,12 @@ def test_chat_prompts_equal_transformers(variant: str) -> None:
         ("délta ü", True),
     ]:
         chat.thinking = thinking
-        list(chat.send(text))
-        result = chat.last_result
+        reply = chat.send(text)
+        reply.text()
+        result = reply.result
         kwargs = {"enable_thinking": thinking} if hybrid else {}
         expected = reference_ids(
             variant, chat.messages[:-1], None, add_generation_prompt=True, **kwargs
         )
-        assert chat.cached_tokens[: result.prompt_tokens] == expected
+        assert chat.cache.tokens[: result.prompt_tokens] == expected
         assert result.prompt_tokens == len(expected)

@@ -9,31 +9,16 @@ import typer
 from qwen3_mlx import __version__
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.guard import reported_errors
-from qwen3_mlx.cli.user_config import history_path, resolve_model
+from qwen3_mlx.cli.user_config import history_path
 
 
-def chat_command(
-    ctx: typer.Context,
-    model: o.ModelOption = None,
-    no_think: o.NoThinkOption = False,
-    system: o.SystemOption = None,
-    system_file: o.SystemFileOption = None,
-    show_thinking: o.ShowThinkingOption = False,
-    temp: o.TempOption = None,
-    top_p: o.TopPOption = None,
-    top_k: o.TopKOption = None,
-    min_p: o.MinPOption = None,
-    presence_penalty: o.PresencePenaltyOption = None,
-    seed: o.SeedOption = None,
-    max_tokens: o.MaxTokensOption = None,
-    rope_scaling: o.RopeScalingOption = None,
-    rope_factor: o.RopeFactorOption = None,
-    compute_dtype: o.ComputeDtypeOption = o.ComputeDtype.auto,
-) -> None:
+@o.with_session_options
+def chat_command(ctx: typer.Context, session: o.SessionOptions) -> None:
     """Chat with a model in the terminal (type /help inside for the commands)."""
     with reported_errors(ctx):
-        rope = o.rope_scaling_block(rope_scaling, rope_factor)
-        system_text = o.system_prompt(system, system_file)
+        spec = session.spec()
+        if sys.stdin is None or sys.stdin.closed:
+            raise typer.BadParameter("stdin is closed: chat reads from a terminal or a pipe")
         from rich.console import Console
 
         from qwen3_mlx.cli.line_input import pipe_reader, terminal_reader
@@ -41,22 +26,6 @@ def chat_command(
         from qwen3_mlx.cli.render import print_header
         from qwen3_mlx.cli.repl import Repl
 
-        spec = o.SessionSpec(
-            model=resolve_model(model),
-            thinking=not no_think,
-            system=system_text,
-            sampling=o.sampling_overrides(
-                temperature=temp,
-                top_p=top_p,
-                top_k=top_k,
-                min_p=min_p,
-                presence_penalty=presence_penalty,
-                seed=seed,
-                max_tokens=max_tokens,
-            ),
-            rope_scaling=rope,
-            compute_dtype=compute_dtype.value,
-        )
         with loading(spec.model):
             chat = spec.open_chat()
         console = Console(highlight=False)
@@ -64,4 +33,4 @@ def chat_command(
         if interactive:
             print_header(console, chat, __version__)
         reader = terminal_reader(history_path()) if interactive else pipe_reader()
-        Repl(chat, console, reader, show_thinking=show_thinking).run()
+        Repl(chat, console, reader, show_thinking=spec.show_thinking).run()

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen3_mlx.errors import SettingsError
+from qwen3_mlx.settings import SETTING_ALIASES, SETTINGS
+
 # name -> (usage, one-line help); the order is the order of /help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "help": ("/help", "show the commands"),
@@ -23,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("/load file", "continue a saved conversation"),
     "set": (
         "/set name value|default",
-        "change a sampling setting: temp top_p top_k min_p presence_penalty max_tokens seed",
+        "change a sampling setting: " + " ".join(s.label for s in SETTINGS.values()),
     ),
     "settings": ("/settings", "show the sampling settings in use"),
     "context": ("/context", "tokens used of the context window"),
@@ -33,25 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 ALIASES = {"quit": "exit", "q": "exit", "?": "help", "nothink": "no_think"}
 
-# /set names (with short aliases) and how their values parse.
-SETTINGS: dict[str, type] = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "presence_penalty": float,
-    "max_tokens": int,
-    "seed": int,
-}
-SETTING_ALIASES = {
-    "temp": "temperature",
-    "t": "temperature",
-    "top-p": "top_p",
-    "top-k": "top_k",
-    "min-p": "min_p",
-    "presence-penalty": "presence_penalty",
-    "max-tokens": "max_tokens",
-}
 THINKING_VIEWS = ("show", "hide")
 NEEDS_ARGUMENT = {"load", "set", "thinking"}
 TAKES_ARGUMENT = NEEDS_ARGUMENT | {"system", "save"}
@@ -65,7 +49,7 @@ class Action:
     name: str = ""  # the command, for kind == "command"
     argument: str = ""  # the command's argument text
     text: str = ""  # the message (send) or the hint (hint)
-    value: int | float | None = None  # the parsed value of /set
+    value: int | float | None = None  # the value of /set, checked against the settings record
 
 
 def hint(text: str) -> Action:
@@ -114,18 +98,16 @@ def _parse_set(rest: str) -> Action:
     parts = rest.split()
     if len(parts) != 2:
         return hint(f"Usage: {COMMANDS['set'][0]}")
-    key = SETTING_ALIASES.get(parts[0].lower(), parts[0].lower())
-    if key not in SETTINGS:
-        return hint(f"Unknown setting {parts[0]!r}; choose one of: {', '.join(SETTINGS)}")
+    key = SETTING_ALIASES.get(parts[0].lower())
+    if key is None:
+        names = ", ".join(s.label for s in SETTINGS.values())
+        return hint(f"Unknown setting {parts[0]!r}; choose one of: {names}")
     if parts[1].lower() == "default":
         return Action("command", name="unset", argument=key)
-    kind = SETTINGS[key]
-    if key == "seed" and parts[1].lower() in ("none", "off", "random"):
-        return Action("command", name="set", argument=key, value=None)
     try:
-        value = kind(parts[1])
-    except ValueError:
-        return hint(f"{key} needs {'an integer' if kind is int else 'a number'}, not {parts[1]!r}")
+        value = SETTINGS[key].validate(parts[1])
+    except SettingsError as error:
+        return hint(str(error))
     return Action("command", name="set", argument=key, value=value)
 
 

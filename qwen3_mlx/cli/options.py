@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -10,8 +14,11 @@ from typing import Annotated, Any
 import typer
 
 from qwen3_mlx.cli.user_config import MODEL_ENV
+from qwen3_mlx.errors import SettingsError
+from qwen3_mlx.settings import SETTINGS, Setting
 
 SESSION = "Model and session"
+YARN_DEFAULT_FACTOR = 4.0
 SAMPLING = "Sampling (defaults: the model's preset for the current mode)"
 
 
@@ -109,85 +116,36 @@ ComputeDtypeOption = Annotated[
         rich_help_panel=SESSION,
     ),
 ]
-TempOption = Annotated[
-    float | None,
-    typer.Option(
-        "--temp",
-        "--temperature",
-        min=0.0,
-        metavar="T",
-        help="Temperature (0 = greedy).",
-        rich_help_panel=SAMPLING,
-    ),
-]
-TopPOption = Annotated[
-    float | None,
-    typer.Option(
-        "--top-p",
-        min=0.0,
-        max=1.0,
-        metavar="P",
-        help="Nucleus sampling mass.",
-        rich_help_panel=SAMPLING,
-    ),
-]
-TopKOption = Annotated[
-    int | None,
-    typer.Option(
-        "--top-k",
-        min=0,
-        metavar="K",
-        help="Keep the k likeliest tokens (0 = all).",
-        rich_help_panel=SAMPLING,
-    ),
-]
-MinPOption = Annotated[
-    float | None,
-    typer.Option(
-        "--min-p",
-        min=0.0,
-        max=1.0,
-        metavar="P",
-        help="Drop tokens below min_p x the top probability.",
-        rich_help_panel=SAMPLING,
-    ),
-]
-PresencePenaltyOption = Annotated[
-    float | None,
-    typer.Option(
-        "--presence-penalty",
-        min=-2.0,
-        max=2.0,
-        metavar="X",
-        help="Penalise tokens already generated.",
-        rich_help_panel=SAMPLING,
-    ),
-]
-SeedOption = Annotated[
-    int | None,
-    typer.Option(
-        "--seed",
-        min=0,
-        metavar="N",
-        help="Random seed, for repeatable replies.",
-        rich_help_panel=SAMPLING,
-    ),
-]
-MaxTokensOption = Annotated[
-    int | None,
-    typer.Option(
-        "--max-tokens",
-        min=1,
-        metavar="N",
-        help="Most tokens per reply, thinking included.",
-        rich_help_panel=SAMPLING,
-    ),
-]
 
 
-def sampling_overrides(**values: Any) -> dict[str, Any]:
-    """The sampling settings given on the command line (None = not given, keep the preset)."""
-    return {name: value for name, value in values.items() if value is not None}
+def _setting_checker(setting: Setting) -> Any:
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return setting.validate(value)
+        except SettingsError as error:
+            raise typer.BadParameter(str(error)) from None
+
+    return check
+
+
+def _sampling_option(name: str) -> Any:
+    """The Typer option for one setting of the record: its flags, help, and range checked at parse
+    time, so a bad value is a usage error (exit 2) before any model loads."""
+    setting = SETTINGS[name]
+    kind = str if setting.nullable else setting.kind
+    return Annotated[
+        kind | None,
+        typer.Option(
+            *setting.flags,
+            metavar=setting.metavar,
+            help=f"{setting.help} Range {setting.range_text}.",
+            callback=_setting_checker(setting),
+            show_default=False,
+            rich_help_panel=SAMPLING,
+        ),
+    ]
 
 
 def rope_scaling_block(kind: RopeScaling | None, factor: float | None) -> dict[str, Any] | None:
@@ -196,13 +154,13 @@ def rope_scaling_block(kind: RopeScaling | None, factor: float | None) -> dict[s
         if factor is not None:
             raise typer.BadParameter("needs --rope-scaling yarn", param_hint="--rope-factor")
         return None
-    if factor is not None and factor <= 1.0:
+    if factor is not None and not (math.isfinite(factor) and factor > 1.0):
         raise typer.BadParameter(
-            f"must be greater than 1, not {factor:g}", param_hint="--rope-factor"
+            f"must be a number greater than 1, not {factor:g}", param_hint="--rope-factor"
         )
     from qwen3_mlx.config import yarn_scaling
 
-    return yarn_scaling(4.0 if factor is None else factor)
+    return yarn_scaling(YARN_DEFAULT_FACTOR if factor is None else factor)
 
 
 def system_prompt(text: str | None, file: Path | None) -> str | None:
@@ -228,6 +186,7 @@ class SessionSpec:
     model: str
     thinking: bool = True
     system: str | None = None
+    show_thinking: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)
     rope_scaling: dict[str, Any] | None = None
     compute_dtype: str = "auto"
@@ -244,3 +203,60 @@ class SessionSpec:
             thinking=self.thinking,
             sampling=self.sampling or None,
         )
+
+
+# The options `chat` and `prompt` share, declared once: with_session_options adds them to a
+# command's signature (Typer reads the signature) and hands them over as one SessionOptions.
+SESSION_PARAMETERS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+    for name, annotation, default in (
+        ("model", ModelOption, None),
+        ("no_think", NoThinkOption, False),
+        ("system", SystemOption, None),
+        ("system_file", SystemFileOption, None),
+        ("show_thinking", ShowThinkingOption, False),
+        *((name, _sampling_option(name), None) for name in SETTINGS),
+        ("rope_scaling", RopeScalingOption, None),
+        ("rope_factor", RopeFactorOption, None),
+        ("compute_dtype", ComputeDtypeOption, ComputeDtype.auto),
+    )
+]
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """The shared options as given; spec() checks them and resolves the model."""
+
+    values: dict[str, Any]
+
+    def spec(self) -> SessionSpec:
+        """The SessionSpec they describe (usage errors raise typer.BadParameter)."""
+        from qwen3_mlx.cli.user_config import resolve_model
+
+        values = self.values
+        rope = rope_scaling_block(values["rope_scaling"], values["rope_factor"])
+        system = system_prompt(values["system"], values["system_file"])
+        return SessionSpec(
+            model=resolve_model(values["model"]),
+            thinking=not values["no_think"],
+            system=system,
+            show_thinking=values["show_thinking"],
+            sampling={name: values[name] for name in SETTINGS if values[name] is not None},
+            rope_scaling=rope,
+            compute_dtype=values["compute_dtype"].value,
+        )
+
+
+def with_session_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared session options; it receives them as `session: SessionOptions`."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "session"]
+    shared = {p.name for p in SESSION_PARAMETERS}
+
+    @functools.wraps(command)
+    def run(**values: Any) -> None:
+        options = SessionOptions({name: values.pop(name) for name in shared})
+        command(session=options, **values)
+
+    run.__signature__ = signature.replace(parameters=own + SESSION_PARAMETERS)  # type: ignore[attr-defined]
+    return run

@@ -12,7 +12,9 @@ import typer
 
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.guard import EXIT_INTERRUPT, reported_errors
-from qwen3_mlx.cli.user_config import resolve_model
+from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
+from qwen3_mlx.limits import MAX_TOKEN_BYTES
+from qwen3_mlx.transcript import check_writable, user_path
 
 TextArgument = Annotated[
     str | None,
@@ -36,23 +38,42 @@ TranscriptOption = Annotated[
 ]
 
 
+# No Qwen3 context holds more: 262,144 tokens (Thinking-2507) of at most MAX_TOKEN_BYTES each. A
+# longer stdin is refused after a bounded read, so a runaway pipe never fills the memory; the
+# exact fit is checked once the model is loaded.
+MAX_MESSAGE_BYTES = 262_144 * MAX_TOKEN_BYTES
+
+
 def read_message(text: str | None) -> str:
-    """The message from the argument, or from stdin for '-' or a pipe."""
+    """The message from the argument, or from stdin for '-' or a pipe (bad UTF-8 replaced)."""
     if text is not None and text != "-":
-        message = text
-    elif text is None and sys.stdin.isatty():
+        # argv arrives with undecodable bytes as surrogate escapes
+        raw = text.encode("utf-8", "surrogateescape")
+    elif text is None and (sys.stdin is None or sys.stdin.isatty()):
         raise typer.BadParameter(
             "give the message as TEXT, or pipe it in on stdin", param_hint="TEXT"
         )
     else:
-        message = sys.stdin.read()
+        raw = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise typer.BadParameter(
+                f"the message on stdin is over {MAX_MESSAGE_BYTES // 2**20} MiB, more than any "
+                "context holds",
+                param_hint="TEXT",
+            )
+    message = raw.decode("utf-8", "replace")
+    if "\ufffd" in message and "\ufffd".encode() not in raw:
+        print(
+            "Warning: the message is not valid UTF-8 (Latin-1?): bad bytes became U+FFFD (�)",
+            file=sys.stderr,
+        )
     if not message.strip():
         raise typer.BadParameter("the message is empty", param_hint="TEXT")
     return message.strip("\n")
 
 
-def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool, shown: list[str]) -> None:
-    """Write answer text to stdout as it comes (and to `shown`); thinking to stderr when asked for.
+def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool) -> None:
+    """Write answer text to stdout as it comes; thinking to stderr when asked for.
 
     With hidden thinking and a person at the terminal, a 'thinking…' spinner on stderr shows that
     the model is working; in pipes nothing but the answer is written.
@@ -82,7 +103,6 @@ def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool, shown:
                     thinking_open = False
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
-                shown.append(event.text)
     finally:
         if spinner is not None:
             spinner.stop()
@@ -101,46 +121,21 @@ def result_json(result: Any, model_id: str) -> str:
     return json.dumps(body, ensure_ascii=False, indent=2)
 
 
+@o.with_session_options
 def prompt_command(
     ctx: typer.Context,
+    session: o.SessionOptions,
     text: TextArgument = None,
-    model: o.ModelOption = None,
     json_output: JsonOption = False,
     transcript: TranscriptOption = None,
-    no_think: o.NoThinkOption = False,
-    system: o.SystemOption = None,
-    system_file: o.SystemFileOption = None,
-    show_thinking: o.ShowThinkingOption = False,
-    temp: o.TempOption = None,
-    top_p: o.TopPOption = None,
-    top_k: o.TopKOption = None,
-    min_p: o.MinPOption = None,
-    presence_penalty: o.PresencePenaltyOption = None,
-    seed: o.SeedOption = None,
-    max_tokens: o.MaxTokensOption = None,
-    rope_scaling: o.RopeScalingOption = None,
-    rope_factor: o.RopeFactorOption = None,
-    compute_dtype: o.ComputeDtypeOption = o.ComputeDtype.auto,
 ) -> None:
     """Send one message and print the answer (thinking hidden, or on stderr with --show-thinking)."""
     with reported_errors(ctx):
+        spec = session.spec()
         message = read_message(text)
-        spec = o.SessionSpec(
-            model=resolve_model(model),
-            thinking=not no_think,
-            system=o.system_prompt(system, system_file),
-            sampling=o.sampling_overrides(
-                temperature=temp,
-                top_p=top_p,
-                top_k=top_k,
-                min_p=min_p,
-                presence_penalty=presence_penalty,
-                seed=seed,
-                max_tokens=max_tokens,
-            ),
-            rope_scaling=o.rope_scaling_block(rope_scaling, rope_factor),
-            compute_dtype=compute_dtype.value,
-        )
+        if transcript is not None:
+            transcript = user_path(transcript)
+            check_writable(transcript)  # before the reply: never make anyone wait for nothing
         from qwen3_mlx.cli.loading_status import loading
 
         with loading(spec.model):
@@ -150,11 +145,12 @@ def prompt_command(
             # Flags given now win over what the transcript recorded.
             if spec.system is not None:
                 chat.system = spec.system
-            if no_think:
+            if not spec.thinking:
                 chat.thinking = False
             for name, value in spec.sampling.items():
                 chat.set(name, value)
-        interrupted = _run_turn(chat, message, show_thinking=show_thinking, json_output=json_output)
+        result = _run_turn(chat, message, spec.show_thinking, json_output)
+        interrupted = result is None or result.finish_reason == "interrupted"
         if transcript is not None and not interrupted:
             chat.save(transcript)
         if interrupted:
@@ -162,25 +158,25 @@ def prompt_command(
             raise typer.Exit(EXIT_INTERRUPT)
 
 
-def _run_turn(chat: Any, message: str, *, show_thinking: bool, json_output: bool) -> bool:
-    """Stream one reply; True when Ctrl-C stopped it."""
-    before = chat.last_result
-    events = chat.send(message)
-    interrupted = False
-    shown: list[str] = []
+def _run_turn(chat: Any, message: str, show_thinking: bool, json_output: bool) -> Any:
+    """Stream one reply and return its TurnResult (finish_reason 'interrupted' after Ctrl-C)."""
     try:
-        stream_reply(events, show_thinking=show_thinking, collect_only=json_output, shown=shown)
+        reply = chat.send(message)
+    except ContextOverflowError as error:
+        ways = "shorten the message"
+        if not error.yarn_enabled:
+            ways += " or add --rope-scaling yarn --rope-factor 4 for 4x the context"
+        raise Qwen3Error(f"{error}: {ways}") from None
+    try:
+        stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
     except KeyboardInterrupt:
-        events.close()  # Chat records the partial reply, marked interrupted
-        interrupted = True
-    result = chat.last_result if chat.last_result is not before else None
-    if json_output and result is not None:
+        reply.close()  # Chat records the partial reply, marked interrupted
+        # the text held back when it stopped
+        stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
+    result = reply.result
+    if json_output:
         sys.stdout.write(result_json(result, chat.model_id) + "\n")
-    elif result is not None and not json_output:
-        streamed = "".join(shown)
-        if result.answer.startswith(streamed):
-            sys.stdout.write(result.answer[len(streamed) :])  # text held back when Ctrl-C came
-        if result.answer and not result.answer.endswith("\n"):
-            sys.stdout.write("\n")
+    elif result.answer and not result.answer.endswith("\n"):
+        sys.stdout.write("\n")
     sys.stdout.flush()
-    return interrupted
+    return result

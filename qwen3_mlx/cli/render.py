@@ -12,16 +12,7 @@ from rich.segment import Segment
 from rich.text import Text
 
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
-
-SETTING_LABELS = {
-    "temperature": "temp",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "presence_penalty": "presence_penalty",
-    "max_tokens": "max_tokens",
-    "seed": "seed",
-}
+from qwen3_mlx.settings import SETTINGS
 
 
 class Tail:
@@ -67,7 +58,8 @@ def format_settings(settings: dict[str, Any]) -> str:
         if value is None or (name == "presence_penalty" and value == 0):
             continue
         shown = f"{value:g}" if isinstance(value, float) else str(value)
-        parts.append(f"{SETTING_LABELS.get(name, name)} {shown}")
+        label = SETTINGS[name].label if name in SETTINGS else name
+        parts.append(f"{label} {shown}")
     return " · ".join(parts)
 
 
@@ -144,15 +136,12 @@ def thought_line(seconds: float, tokens: int, finished: bool = True) -> str:
 class ReplyView:
     """Draws one streamed reply on a console; feed it events, then call finish()."""
 
-    def __init__(self, console: Console, *, show_thinking: bool = False, count_tokens: Any = None):
+    def __init__(self, console: Console, *, show_thinking: bool = False):
         self.console = console
         self.show_thinking = show_thinking
-        # TurnResult has no thinking-token count and text pieces are not tokens, so the view
-        # re-encodes the thinking text (the model's own tokenization of it, in practice exact).
-        self.count_tokens = count_tokens
         self.live_mode = console.is_terminal
         self.thinking = ""
-        self.thinking_pieces = 0
+        self.thinking_tokens = 0
         self.answer = ""
         self.thinking_started: float | None = None
         self.thinking_closed = False
@@ -199,6 +188,7 @@ class ReplyView:
     def feed(self, event: Any) -> None:
         """Show one stream event."""
         if isinstance(event, ThinkingText):
+            self.thinking_tokens = max(self.thinking_tokens, event.tokens)
             self._on_thinking(event.text)
         elif isinstance(event, AnswerText):
             self._close_thinking(finished=True)
@@ -213,7 +203,6 @@ class ReplyView:
         if self.thinking_started is None:
             self.thinking_started = time.perf_counter()
         self.thinking += text
-        self.thinking_pieces += 1
         if self.live is not None:
             self._draw(
                 lambda: Tail(Text(self.thinking[-self._window_chars() :].strip(), style="dim"))
@@ -229,8 +218,7 @@ class ReplyView:
         if not self.thinking.strip():
             return
         seconds = time.perf_counter() - (self.thinking_started or time.perf_counter())
-        tokens = self.count_tokens(self.thinking) if self.count_tokens else self.thinking_pieces
-        line = Text(thought_line(seconds, tokens, finished), style="dim italic")
+        line = Text(thought_line(seconds, self.thinking_tokens, finished), style="dim italic")
         if self.live_mode:
             if self.live is not None:
                 self.live.update(Text(""))
@@ -243,22 +231,20 @@ class ReplyView:
             self.console.print(line, highlight=False)
 
     def finish(self, result: TurnResult | None) -> None:
-        """Close the live view, print the whole answer and the stats line."""
-        finished = result.thinking_finished if result is not None else False
-        if result is not None and result.thinking.startswith(self.thinking):
-            self.thinking = result.thinking  # an interrupted reply hands over its held-back text
-        self._close_thinking(finished=finished)
-        answer = self.answer
-        if result is not None and result.answer.startswith(self.answer):
-            answer = result.answer
+        """Close the live view, print the whole answer and the stats line.
+
+        Every piece of text has been fed by now (a closed Reply yields what it held back), so
+        the view's own text is the reply's text.
+        """
+        if result is not None:
+            self.thinking_tokens = result.thinking_tokens
+        self._close_thinking(finished=result.thinking_finished if result is not None else False)
         if self.live_mode:
             self._stop_live()
-            if answer.strip():
-                self.console.print(Markdown(answer))
-        else:
-            self.console.file.write(answer[len(self.answer) :])
-            if answer and not answer.endswith("\n"):
-                self.console.file.write("\n")
+            if self.answer.strip():
+                self.console.print(Markdown(self.answer))
+        elif self.answer and not self.answer.endswith("\n"):
+            self.console.file.write("\n")
         if result is None:
             return
         if result.finish_reason == "interrupted":

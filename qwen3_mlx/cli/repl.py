@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
@@ -13,13 +12,25 @@ from rich.text import Text
 from qwen3_mlx.cli.commands import Action, help_text, parse_line
 from qwen3_mlx.cli.line_input import LineReader
 from qwen3_mlx.cli.render import ReplyView, format_settings, mode_name, preset_summary, stats_lines
-from qwen3_mlx.cli.transcript_files import default_save_path, write_markdown_copy
-from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.cli.transcript_files import (
+    default_save_path,
+    load_path,
+    save_paths,
+    write_markdown_copy,
+)
+from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
 from qwen3_mlx.events import TurnResult
+from qwen3_mlx.transcript import user_path
+
+if TYPE_CHECKING:
+    from qwen3_mlx.reply import Reply
 
 
 class Repl:
-    """Runs one interactive session over a Chat; knows nothing of the model."""
+    """Runs one interactive session over a Chat; knows nothing of the model.
+
+    No error ends the session: each is reported in one line and the conversation is kept.
+    """
 
     def __init__(
         self, chat: Any, console: Console, read_line: LineReader, *, show_thinking: bool = False
@@ -28,6 +39,7 @@ class Repl:
         self.console = console
         self.read_line = read_line
         self.show_thinking = show_thinking
+        self.last_result: TurnResult | None = None
 
     def run(self) -> None:
         """Read and handle lines until /exit or end of input (Ctrl-D)."""
@@ -39,17 +51,32 @@ class Repl:
             except KeyboardInterrupt:
                 continue
             try:
-                if not self.handle(parse_line(line)):
+                if not self.handle(parse_line(self.valid_text(line))):
                     return
             except KeyboardInterrupt:
                 self.note("interrupted", style="yellow")
-            except Qwen3Error as error:
-                self.note(f"Error: {error}", style="red")
+            except Exception as error:  # noqa: BLE001 (nothing may end the chat and lose it)
+                self.report(error)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of a text, for the folded thinking line."""
-        tokenizer = getattr(self.chat, "tokenizer", None)
-        return len(tokenizer.encode(text)) if tokenizer is not None else 0
+    def valid_text(self, line: str) -> str:
+        """The line with bytes that were not UTF-8 (surrogate escapes) replaced by U+FFFD."""
+        fixed = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if fixed != line:
+            self.note("the line was not valid UTF-8: its bad bytes are shown as �", style="yellow")
+        return fixed
+
+    def report(self, error: Exception) -> None:
+        """One line for an error, with the REPL's own ways out where there are some."""
+        if isinstance(error, ContextOverflowError):
+            ways = "/undo drops the last exchange, /reset starts over"
+            if not error.yarn_enabled:
+                ways += ", or restart with --rope-scaling yarn --rope-factor 4 for 4x the context"
+            message = f"{error}: {ways}"
+        elif isinstance(error, Qwen3Error):
+            message = str(error)
+        else:
+            message = f"{type(error).__name__}: {error}"
+        self.note(f"Error: {' '.join(message.split())}", style="red")
 
     def note(self, text: str, style: str = "dim") -> None:
         """A line of feedback from the REPL itself."""
@@ -70,34 +97,30 @@ class Repl:
         getattr(self, f"do_{action.name}")(action)
         return True
 
-    def stream(self, start: Any) -> TurnResult | None:
+    def stream(self, start: Callable[[], Reply]) -> TurnResult | None:
         """Draw a reply as it streams; Ctrl-C stops the reply and keeps the session usable."""
-        before = self.chat.last_result
-        result: TurnResult | None = None
+        view = ReplyView(self.console, show_thinking=self.show_thinking)
+        reply: Reply | None = None
+        error: Exception | None = None
         interrupted = False
-        view = ReplyView(
-            self.console, show_thinking=self.show_thinking, count_tokens=self.count_tokens
-        )
-        events: Iterator[Any] | None = None
         try:
             with view:
-                events = start()
-                for event in events:
-                    if isinstance(event, TurnResult):
-                        result = event
-                    else:
-                        view.feed(event)
+                reply = start()
+                for event in reply:
+                    view.feed(event)
         except KeyboardInterrupt:
             interrupted = True
-            if events is not None:
-                events.close()  # lets Chat record the partial answer, marked interrupted
-            latest = self.chat.last_result
-            result = latest if latest is not before else None
-        except Qwen3Error:
-            latest = self.chat.last_result
-            view.finish(latest if latest is not before else None)  # keep what was shown
-            raise
-        view.finish(result)
+        except Exception as caught:  # noqa: BLE001 (re-raised once the view is finished)
+            error = caught
+        if reply is not None:
+            reply.close()  # a no-op for a finished reply; records an interrupted one
+            for event in reply:  # the text held back when it stopped
+                view.feed(event)
+            view.finish(reply.result)
+            self.last_result = reply.result
+        if error is not None:
+            raise error
+        result = reply.result if reply is not None else None
         if interrupted and (result is None or result.finish_reason != "interrupted"):
             self.note("⏹ interrupted", style="yellow")
         return result
@@ -144,19 +167,16 @@ class Repl:
         self.stream(self.chat.retry)
 
     def do_save(self, action: Action) -> None:
-        """/save [file]: JSON transcript plus a Markdown copy."""
-        path = (
-            Path(action.argument).expanduser()
-            if action.argument
-            else default_save_path(time.localtime())
-        )
+        """/save [file]: JSON transcript plus a Markdown copy (never the same file)."""
+        given = user_path(action.argument) if action.argument else None
+        path, markdown = save_paths(given or default_save_path(time.localtime()))
         self.chat.save(path)
-        markdown = write_markdown_copy(self.chat, path)
+        write_markdown_copy(self.chat, markdown)
         self.note(f"saved {path} (and {markdown.name})")
 
     def do_load(self, action: Action) -> None:
-        """/load file: continue a saved conversation."""
-        path = Path(action.argument).expanduser()
+        """/load file: continue a saved conversation (its Markdown copy's name works too)."""
+        path = load_path(user_path(action.argument))
         self.chat.load(path)
         turns = len(self.chat.turns)
         self.note(
@@ -188,7 +208,7 @@ class Repl:
 
     def do_stats(self, action: Action) -> None:
         """/stats: details of the last reply."""
-        result = self.chat.last_result
+        result = self.last_result
         if result is None:
             self.note("no reply yet")
             return

@@ -14,6 +14,25 @@ def default_save_path(now: time.struct_time, folder: Path | None = None) -> Path
     return (folder or Path.cwd()) / time.strftime("qwen3-chat-%Y%m%d-%H%M%S.json", now)
 
 
+def save_paths(path: Path) -> tuple[Path, Path]:
+    """The JSON transcript and its Markdown copy for a /save name; the two never coincide.
+
+    `conv.md` saves conv.json plus conv.md; a name without a suffix gets `.json`.
+    """
+    if path.suffix.lower() == ".md":
+        return path.with_suffix(".json"), path
+    if not path.suffix:
+        path = path.with_name(path.name + ".json")
+    return path, path.with_suffix(".md")
+
+
+def load_path(path: Path) -> Path:
+    """The transcript to read for a /load name: the Markdown copy's name means its JSON file."""
+    if path.suffix.lower() == ".md" and path.with_suffix(".json").is_file():
+        return path.with_suffix(".json")
+    return path
+
+
 def transcript_markdown(system: str | None, turns: list[Any], model_id: str = "") -> str:
     """The conversation as Markdown for people: each reasoning folded in a <details> block."""
     lines = [f"# Chat with {model_id}" if model_id else "# Chat", ""]
@@ -36,9 +55,8 @@ def transcript_markdown(system: str | None, turns: list[Any], model_id: str = ""
     return "\n".join(lines)
 
 
-def write_markdown_copy(chat: Any, json_path: Path) -> Path:
-    """Write the Markdown copy next to a saved JSON transcript; return its path."""
-    path = json_path.with_suffix(".md")
+def write_markdown_copy(chat: Any, path: Path) -> Path:
+    """Write the conversation's Markdown copy to path; return it."""
     try:
         path.write_text(
             transcript_markdown(chat.system, chat.turns, chat.model_id), encoding="utf-8"
