@@ -82,7 +82,7 @@ def _number(setting: Setting, value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         raise SettingsError(f"{setting.name} must be {expected}, got {_shown(value)}")
     try:
-        number = float(value) if not isinstance(value, int) else value
+        number = value if isinstance(value, int) else _parse_number(value, setting.kind)
     except (TypeError, ValueError):
         raise SettingsError(f"{setting.name} must be {expected}, got {_shown(value)}") from None
     if not math.isfinite(number):
@@ -92,6 +92,15 @@ def _number(setting: Setting, value: Any) -> Any:
             raise SettingsError(f"{setting.name} must be an integer, got {_shown(value)}")
         return int(number)
     return float(number)
+
+
+def _parse_number(value: Any, kind: type) -> float | int:
+    if kind is int and isinstance(value, str):
+        try:
+            return int(value.strip())  # exact: a float would round seeds past 2^53
+        except ValueError:
+            pass
+    return float(value)
 
 
 SETTINGS: dict[str, Setting] = {

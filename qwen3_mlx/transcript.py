@@ -106,17 +106,15 @@ def write_transcript(path: str | Path, data: TranscriptData, settings: dict[str,
 
 def user_path(text: str | Path) -> Path:
     """A path a person typed, with ~ expanded; TranscriptError for one that cannot be a path."""
+    if "\x00" in str(text):
+        raise TranscriptError(f"{str(text)!r}: a path cannot hold a NUL character")
     try:
-        path = Path(text).expanduser()
-        path.exists()  # raises ValueError for an embedded NUL
+        return Path(text).expanduser()
     except RuntimeError:  # expanduser: ~name of no such user, or no home folder
         user = str(text).split("/", 1)[0]
         raise TranscriptError(
             f"{text}: cannot expand {user} (no such user's home folder)"
         ) from None
-    except ValueError:
-        raise TranscriptError(f"{text!r}: a path cannot hold a NUL character") from None
-    return path
 
 
 def check_writable(path: Path) -> int | None:

@@ -420,3 +420,47 @@ def test_context_used_counts_the_history() -> None:
         chat.tokenizer.render(chat.messages, add_generation_prompt=False)
     )
     assert 0 < chat.context_used < chat.context_limit
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "close"])
+@pytest.mark.parametrize("stage", ["prefill", "thinking", "answer"])
+def test_a_reply_stopped_at_any_stage_matches_history_and_cache(stage: str, how: str) -> None:
+    chat, model = make_chat()
+    run(chat, "apple")
+    reply = chat.send("banana split")
+    seen: list = []
+    if how == "ctrl-c":
+        steps = {"prefill": 0, "thinking": 4, "answer": 12}[stage]
+        model.interrupt_after = len(model.fed) + steps
+        with pytest.raises(KeyboardInterrupt):
+            for event in reply:
+                seen.append(event)
+        model.interrupt_after = None
+    else:
+        wanted = {"prefill": None, "thinking": ThinkingText, "answer": AnswerText}[stage]
+        if wanted is not None:
+            for event in reply:
+                seen.append(event)
+                if isinstance(event, wanted):
+                    break
+        reply.close()
+    seen += list(reply)  # what the detokenizer held back
+    result = reply.result
+    assert result is not None and result.finish_reason == "interrupted"
+    turn = chat.turns[-1]
+    if how == "close" and stage == "prefill":  # never started: nothing changed
+        assert [t.user for t in chat.turns] == ["apple"] and result.generated_tokens == 0
+    else:
+        assert turn.user == "banana split" and turn.interrupted
+        assert (turn.answer, turn.thinking) == (result.answer, result.thinking)
+        assert turn.thinking_finished == result.thinking_finished == (stage != "thinking")
+        assert chat.messages[-1] == {"role": "assistant", "content": result.answer}
+    # What a view showed, held-back text included, is exactly what the result and history hold.
+    assert texts(seen, AnswerText) == result.answer
+    assert texts(seen, ThinkingText) == result.thinking
+    if stage == "answer":
+        assert result.answer and "Answer to banana".startswith(result.answer)
+    assert_consistent(chat)
+    # The conversation goes on from a cache that holds exactly what the history says.
+    assert run(chat, "cherry")[1].answer == "Answer to cherry."
+    assert_consistent(chat)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,28 @@ def test_a_failed_load_leaves_the_chat_as_it_was(tmp_path: Path) -> None:
     with pytest.raises(TranscriptError):
         chat.load(tmp_path / "junk.json")
     assert chat.messages == before
+
+
+def test_saving_onto_a_folder_fails_in_one_line_and_leaves_no_temporary_file(
+    tmp_path: Path,
+) -> None:
+    chat = new_chat()
+    chat.send("apple").text()
+    target = tmp_path / "folder.json"
+    target.mkdir()
+    with pytest.raises(TranscriptError, match="it is a folder"):
+        chat.save(target)
+    assert list(tmp_path.iterdir()) == [target] and list(target.iterdir()) == []
+
+
+def test_saving_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path) -> None:
+    chat = new_chat()
+    chat.send("apple").text()
+    shared = tmp_path / "shared.json"
+    shared.write_text("{}")
+    shared.chmod(0o640)
+    chat.save(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o640 and "apple" in shared.read_text()
+    fresh = tmp_path / "new.json"
+    chat.save(fresh)  # a new transcript is private: it holds a conversation
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600

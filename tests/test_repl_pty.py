@@ -234,3 +234,34 @@ def test_chat_with_the_trained_model(tmp_path: Path) -> None:
     assert "tokens used" in command(child, "/context")
     assert "tok/s" in ask(child, "What is 1 + 1?")
     assert quit_with_ctrl_d(child) == 0
+
+
+def test_no_input_ends_the_chat_or_loses_it(tmp_path: Path) -> None:
+    # The history file cannot be used (a folder stands where it should be: even root cannot
+    # write it), and every line below once ended the chat with exit 1 or a traceback.
+    (tmp_path / "data" / "qwen3-mlx" / "history").mkdir(parents=True)
+    child = spawn_chat(tmp_path, "-m", str(TRAINED), "--seed", "0", "--max-tokens", "60")
+    first = ask(child, "Reverse these words: lake bird /no_think")
+    assert "tok/s" in first
+    out = command(child, "/save ~nosuchuser/x.json")
+    assert "Error: ~nosuchuser/x.json: cannot expand ~nosuchuser" in out
+    out = command(child, "/load ~typo")
+    assert "Error: ~typo: cannot expand ~typo" in out
+    # A line that is not UTF-8 (Latin-1 é) is repaired, said so, and sent.
+    os.write(child.child_fd, b"Copy this word: caf\xe9 /no_think\r")
+    out = wait_for_prompt(child)
+    assert "not valid UTF-8" in out and "tok/s" in out
+    # A NUL inside a pasted path.
+    child.send("\x1b[200~/save a\x00b.json\x1b[201~")
+    out = ask(child, "")
+    assert "cannot hold a NUL character" in out
+    # /save conv.md keeps the JSON transcript apart from its Markdown copy; /load conv.md works.
+    out = command(child, f"/save {tmp_path / 'conv.md'}")
+    assert "saved" in out and (tmp_path / "conv.json").is_file()
+    assert (tmp_path / "conv.md").read_text().startswith("# Chat")
+    assert "2 exchanges" in command(child, f"/load {tmp_path / 'conv.md'}")
+    # The conversation is whole, and the history warning came once, not on every line.
+    full = (tmp_path / "pty.log").read_text()
+    assert full.count("line history") == 1 and "Traceback" not in full
+    assert "Press ENTER" not in full
+    assert quit_with_ctrl_d(child) == 0

@@ -14,6 +14,7 @@ from qwen3_mlx import __version__
 from qwen3_mlx.cli.chat_cmd import chat_command
 from qwen3_mlx.cli.info_cmd import download_command, info_command
 from qwen3_mlx.cli.prompt_cmd import prompt_command
+from qwen3_mlx.cli.quantize_cmd import quantize_command
 
 app = typer.Typer(
     name="qwen3-mlx",
@@ -54,14 +55,7 @@ app.command("chat")(chat_command)
 app.command("prompt")(prompt_command)
 app.command("download")(download_command)
 app.command("info")(info_command)
-
-try:
-    from qwen3_mlx.cli.quantize_cmd import quantize_command
-except ModuleNotFoundError as missing:  # the converter's command is optional until it lands
-    if missing.name != "qwen3_mlx.cli.quantize_cmd":
-        raise
-else:
-    app.command("quantize")(quantize_command)
+app.command("quantize")(quantize_command)
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ def chat_command(ctx: typer.Context, session: o.SessionOptions) -> None:
     with reported_errors(ctx):
         spec = session.spec()
         if sys.stdin is None or sys.stdin.closed:
-            raise typer.BadParameter("stdin is closed: chat reads from a terminal or a pipe")
+            raise typer.BadParameter(
+                "it is closed; chat reads from a terminal or a pipe", param_hint="stdin"
+            )
         from rich.console import Console
 
         from qwen3_mlx.cli.line_input import pipe_reader, terminal_reader

@@ -54,20 +54,57 @@ def _key_bindings() -> Any:
     return bindings
 
 
+def _history(history_file: Path) -> Any:
+    """File-backed line history that survives a file it cannot read or write.
+
+    prompt_toolkit prints a traceback and waits for Enter on every line whose history cannot be
+    stored (a file left root-owned by one sudo run); here the first failure is reported in one
+    line and the history goes on in memory for the session.
+    """
+    from prompt_toolkit.history import FileHistory
+
+    class ForgivingFileHistory(FileHistory):
+        failed = False
+
+        def _warn(self, error: OSError) -> None:
+            if not self.failed:
+                self.failed = True
+                reason = error.strerror or error
+                print(
+                    f"Warning: line history {self.filename} cannot be used ({reason}); "
+                    "it is kept in memory for this session",
+                    file=sys.stderr,
+                )
+
+        def load_history_strings(self) -> Iterable[str]:
+            try:
+                yield from list(super().load_history_strings())
+            except OSError as error:
+                self._warn(error)
+
+        def store_string(self, string: str) -> None:
+            if self.failed:
+                return
+            try:
+                super().store_string(string)
+            except OSError as error:
+                self._warn(error)
+
+    try:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # reported by the first read or write
+    return ForgivingFileHistory(str(history_file))
+
+
 def terminal_reader(history_file: Path) -> LineReader:
     """A prompt_toolkit line editor with persistent history, multi-line input and Tab completion."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.formatted_text import FormattedText
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.styles import Style
 
-    try:
-        history_file.parent.mkdir(parents=True, exist_ok=True)
-        history: Any = FileHistory(str(history_file))
-    except OSError:  # a read-only home should not stop the chat; history just does not persist
-        history = InMemoryHistory()
     session: Any = PromptSession(
-        history=history,
+        history=_history(history_file),
         completer=_completer(),
         complete_while_typing=False,
         key_bindings=_key_bindings(),
@@ -87,12 +124,19 @@ def terminal_reader(history_file: Path) -> LineReader:
 
 
 def pipe_reader(stream: Any = None) -> LineReader:
-    """One message per line from a non-terminal stdin (for scripted sessions)."""
+    """One message per line from a non-terminal stdin (for scripted sessions).
+
+    Lines are read as bytes and decoded with surrogate escapes, so a line that is not UTF-8
+    reaches the REPL (which repairs it and says so) instead of ending the session.
+    """
 
     def read() -> str:
-        line = (stream or sys.stdin).readline()
+        source = stream or sys.stdin
+        line = source.buffer.readline() if hasattr(source, "buffer") else source.readline()
         if not line:
             raise EOFError
+        if isinstance(line, bytes):
+            line = line.decode("utf-8", "surrogateescape")
         return line.rstrip("\n")
 
     return read

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -158,6 +161,19 @@ def prompt_command(
             raise typer.Exit(EXIT_INTERRUPT)
 
 
+@contextmanager
+def stdout_errors() -> Iterator[None]:
+    """A failed write of the answer (a full disk) becomes one line; a closed pipe stays quiet."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        # Point stdout at /dev/null, or Python's own flush at exit would report it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise Qwen3Error(f"cannot write to stdout ({error.strerror or error})") from None
+
+
 def _run_turn(chat: Any, message: str, show_thinking: bool, json_output: bool) -> Any:
     """Stream one reply and return its TurnResult (finish_reason 'interrupted' after Ctrl-C)."""
     try:
@@ -167,16 +183,17 @@ def _run_turn(chat: Any, message: str, show_thinking: bool, json_output: bool) -
         if not error.yarn_enabled:
             ways += " or add --rope-scaling yarn --rope-factor 4 for 4x the context"
         raise Qwen3Error(f"{error}: {ways}") from None
-    try:
-        stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
-    except KeyboardInterrupt:
-        reply.close()  # Chat records the partial reply, marked interrupted
-        # the text held back when it stopped
-        stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
-    result = reply.result
-    if json_output:
-        sys.stdout.write(result_json(result, chat.model_id) + "\n")
-    elif result.answer and not result.answer.endswith("\n"):
-        sys.stdout.write("\n")
-    sys.stdout.flush()
+    with stdout_errors():
+        try:
+            stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
+        except KeyboardInterrupt:
+            reply.close()  # Chat records the partial reply, marked interrupted
+            # the text held back when it stopped
+            stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
+        result = reply.result
+        if json_output:
+            sys.stdout.write(result_json(result, chat.model_id) + "\n")
+        elif result.answer and not result.answer.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
     return result
