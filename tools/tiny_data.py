@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_QWEN3 = Path("/work/shared/qwen3")
+SHARED_QWEN3 = REPO_ROOT.parent / "shared" / "qwen3"  # ../shared beside the checkout, as in CI
 
 THINK_ID = 151667
 END_THINK_ID = 151668
