@@ -27,9 +27,7 @@ class Ours:
 
     name = "qwen3-mlx"
 
-    def __init__(
-        self, path: Path, dtype: str = "auto", fuse: bool = False, threads: int | None = None
-    ):
+    def __init__(self, path: Path, dtype: str = "auto", threads: int | None = None):
         start = time.perf_counter()  # imports included: each engine pays for what it imports
         import qwen3_mlx.cpu_quantized
         from qwen3_mlx.loading import load
@@ -37,7 +35,7 @@ class Ours:
         if threads is not None:
             qwen3_mlx.cpu_quantized.THREADS = threads
 
-        self.model, self.tokenizer, _ = load(path, compute_dtype=dtype, fuse=fuse)
+        self.model, self.tokenizer, _ = load(path, compute_dtype=dtype)
         self.load_seconds = time.perf_counter() - start
 
     def new_cache(self) -> list[Any]:
@@ -98,8 +96,6 @@ def make_engine(engine: str, path: Path, dtype: str) -> Ours | MlxLm:
     """An engine by name ('ours' or 'mlx_lm') with a dtype ('auto'/'checkpoint'/a dtype name)."""
     if engine == "ours":
         return Ours(path, dtype)
-    if engine == "ours_fused":
-        return Ours(path, dtype, fuse=True)
     if engine == "ours_1thread":
         return Ours(path, dtype, threads=1)
     if engine == "mlx_lm":

@@ -7,7 +7,6 @@ Engine set-ups:
   mlx         mlx-lm as a user gets it: checkpoint dtype (bfloat16), the wheel's reference BLAS
   mlx-f32     mlx-lm cast to float32 in the same environment as ours (OpenBLAS preloaded too):
               the same-dtype, same-BLAS comparison
-  ours-fused  ours with q/k/v and gate/up fused at load (off by default: no gain measured on CPU)
   ours-1thread, ours-noblas   ours without one of its optimisations, to show each
 
 mlx-lm's CPU prefill runs the quantized kernel one prompt row at a time, so its rate does not
@@ -22,7 +21,6 @@ from typing import Any
 
 SETUPS: dict[str, dict[str, Any]] = {
     "ours": {"engine": "ours", "dtype": "auto", "openblas": True},
-    "ours-fused": {"engine": "ours_fused", "dtype": "auto", "openblas": True},
     "ours-1thread": {"engine": "ours_1thread", "dtype": "auto", "openblas": True},
     "ours-bf16": {"engine": "ours", "dtype": "bfloat16", "openblas": True},
     "ours-noblas": {"engine": "ours", "dtype": "auto", "openblas": False},
@@ -94,12 +92,8 @@ def decode_rows(plan: Plan, model: str, tokens: int, slow_tokens: int) -> None:
 
 
 def variant_rows(plan: Plan, model: str, tokens: int) -> None:
-    """Ours with fusion on (off by default) and with decode on one thread."""
+    """Ours with decode on one thread."""
     ours = plan.run("ours", model, "decode", tokens=tokens)
-    fused = plan.run("ours-fused", model, "decode", tokens=tokens)
-    plan.compare(
-        "fusion", f"{model} decode, fused q/k/v + gate/up vs default", "tok_s", fused, ours
-    )
     one_thread = plan.run("ours-1thread", model, "decode", tokens=tokens)
     label = f"{model} decode, split over cores vs one thread"
     plan.compare("threads", label, "tok_s", ours, one_thread)

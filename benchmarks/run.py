@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated groups: decode,prefill,ttft,fusion,openblas,load_s,peak_gb,help",
+        help="comma-separated groups: decode,prefill,ttft,threads,openblas,load_s,peak_gb,help",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--timeout", type=float, default=2400, help="seconds per measurement")

@@ -56,7 +56,7 @@ def chat(engine: Any, spec: dict[str, Any], path: Path) -> dict[str, Any]:
     from qwen3_mlx.tokenizer import load_tokenizer
 
     # Our tokenizer renders the same template to the same ids; it is used for both engines.
-    tokenizer = load_tokenizer(path, (151645, 151643))
+    tokenizer = load_tokenizer(path)
     if spec["mode"] == "stripped":
         measured = spec.get("measured", list(range(1, turns + 1)))
         return {"turns": conversation.run_stripped(engine, tokenizer, turns, measured)}

@@ -9,7 +9,6 @@ import mlx.core as mx
 
 from qwen3_mlx.config import ModelArgs, read_config
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.loading import load_model, resolve_model_path
 from qwen3_mlx.tokenizer import load_tokenizer
 
@@ -38,9 +37,7 @@ def prompt_token_ids(
 ) -> tuple[list[list[int]], bool]:
     """The prompts as chat-template token ids, or fixed pseudo-random ids when there is no tokenizer."""
     try:
-        tokenizer = load_tokenizer(
-            model_dir, GenerationConfig.from_model_dir(model_dir).eos_token_ids
-        )
+        tokenizer = load_tokenizer(model_dir)
         ids = [tokenizer.render([{"role": "user", "content": prompt}]) for prompt in prompts]
         if max(max(i) for i in ids) < vocab_size:
             return ids, True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,20 @@ REQUIRED_KEYS = (
     "num_key_value_heads",
     "vocab_size",
 )
+# Far above any real model (the largest Qwen3 has 94 layers, a 151,936-token vocabulary), far
+# below what would exhaust memory while the (lazy) model is built: a larger value is a typo.
+SIZE_LIMITS = {
+    "hidden_size": 1 << 16,
+    "num_hidden_layers": 1024,
+    "intermediate_size": 1 << 20,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "vocab_size": 1 << 24,
+    "head_dim": 1024,
+    "max_position_embeddings": 1 << 24,
+}
+# YaRN's factor when one is asked for without a value: Qwen3's model card (32,768 -> 131,072).
+YARN_DEFAULT_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,10 @@ class ModelArgs:
         values = {key: config[key] for key in known if key in config and config[key] is not None}
         # transformers >= 5 nests rope settings under rope_parameters.
         rope_parameters = config.get("rope_parameters") or {}
+        if not isinstance(rope_parameters, dict):
+            raise ConfigError(
+                f"{source}: rope_parameters must be an object, got {rope_parameters!r}"
+            )
         if "rope_theta" not in values and "rope_theta" in rope_parameters:
             values["rope_theta"] = rope_parameters["rope_theta"]
         if (
@@ -65,16 +84,21 @@ class ModelArgs:
         values["rope_scaling"] = complete_rope_scaling(
             values.get("rope_scaling"), max_positions, source
         )
+        check_types(values, source)
         args = cls(**values)
         args.validate(source)
         return args
 
     def validate(self, source: str = "config.json") -> None:
-        """Check the shapes fit together (GQA ratio, positive sizes)."""
-        for name in REQUIRED_KEYS + ("head_dim",):
+        """Check each size is a sane positive integer and the shapes fit together (GQA ratio)."""
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise ConfigError(
+                    f"{source}: {name} is {value:,}, beyond any real model (at most {limit:,})"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) is not a multiple "
@@ -99,6 +123,47 @@ class ModelArgs:
         return self.max_position_embeddings
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_name(value: Any) -> str:
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def check_types(values: dict[str, Any], source: str) -> None:
+    """Refuse config values of the wrong JSON type, naming the field and what it must be."""
+    for name, value in values.items():
+        if name in SIZE_LIMITS and not _is_int(value):
+            raise ConfigError(
+                f"{source}: {name} must be a positive integer, got {value!r} ({_type_name(value)})"
+            )
+        if name in ("rms_norm_eps", "rope_theta"):
+            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+                raise ConfigError(
+                    f"{source}: {name} must be a number, got {value!r} ({_type_name(value)})"
+                )
+            if value <= 0 or (name == "rms_norm_eps" and value >= 1):
+                bounds = "between 0 and 1" if name == "rms_norm_eps" else "positive"
+                raise ConfigError(f"{source}: {name} must be {bounds}, got {value!r}")
+        if name == "tie_word_embeddings" and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+
+
+def _check_yarn(completed: dict[str, Any], source: str) -> None:
+    original = completed["original_max_position_embeddings"]
+    if not _is_int(original) or not 0 < original <= SIZE_LIMITS["max_position_embeddings"]:
+        raise ConfigError(
+            f"{source}: rope_scaling original_max_position_embeddings must be a positive "
+            f"integer, got {original!r}"
+        )
+    factor = completed["factor"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise ConfigError(f"{source}: rope_scaling factor must be a number, got {factor!r}")
+    if not math.isfinite(factor) or not 1.0 <= factor <= 1024:
+        raise ConfigError(f"{source}: rope_scaling factor must be in [1, 1024], got {factor!r}")
+
+
 def complete_rope_scaling(
     scaling: dict[str, Any] | None, max_position_embeddings: int, source: str = "config.json"
 ) -> dict[str, Any] | None:
@@ -115,10 +180,11 @@ def complete_rope_scaling(
     completed = {**scaling, "rope_type": "yarn"}
     # As transformers: no original length means max_position_embeddings, no factor their ratio.
     completed.setdefault("original_max_position_embeddings", max_position_embeddings)
-    if completed.get("factor") is None:
-        completed["factor"] = (
-            max_position_embeddings / completed["original_max_position_embeddings"]
+    if completed.get("factor") is None and _is_int(completed["original_max_position_embeddings"]):
+        completed["factor"] = max_position_embeddings / max(
+            completed["original_max_position_embeddings"], 1
         )
+    _check_yarn(completed, source)
     return completed
 
 
@@ -138,8 +204,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 def yarn_scaling(factor: float, original_max_position_embeddings: int = 32_768) -> dict[str, Any]:
     """The rope_scaling block Qwen documents for YaRN."""
-    if factor <= 1.0:
-        raise ConfigError(f"YaRN factor must be greater than 1, got {factor}")
+    if not factor > 1.0 or not math.isfinite(factor):  # also refuses NaN
+        raise ConfigError(f"YaRN factor must be a number greater than 1, got {factor}")
     return {
         "rope_type": "yarn",
         "factor": float(factor),

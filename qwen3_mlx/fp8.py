@@ -18,10 +18,19 @@ def fp8_block_size(config: dict[str, Any], source: str = "config.json") -> tuple
     if method != "fp8":
         raise QuantizationError(f"{source}: quant_method {method!r} is not supported (fp8 only)")
     if qconfig.get("fmt", "e4m3") != "e4m3":
-        raise QuantizationError(f"{source}: FP8 format {qconfig['fmt']!r} is not supported (e4m3 only)")
+        raise QuantizationError(
+            f"{source}: FP8 format {qconfig['fmt']!r} is not supported (e4m3 only)"
+        )
     block = qconfig.get("weight_block_size") or [128, 128]
-    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
-        raise QuantizationError(f"{source}: bad weight_block_size {block!r}")
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise QuantizationError(
+            f"{source}: quantization_config.weight_block_size must be [rows, cols] "
+            f"(two positive integers), got {block!r}"
+        )
     return int(block[0]), int(block[1])
 
 
@@ -55,7 +64,9 @@ def dequantize_fp8_weights(
         scale_name = name + "_scale_inv"
         if scale_name in weights:
             if value.dtype != mx.uint8:
-                raise CheckpointError(f"{name}: FP8 weight stored as {value.dtype}, expected F8_E4M3")
+                raise CheckpointError(
+                    f"{name}: FP8 weight stored as {value.dtype}, expected F8_E4M3"
+                )
             out[name] = dequantize_fp8(value, weights[scale_name], block, name, dtype)
         elif value.dtype == mx.uint8:
             raise CheckpointError(f"{name}: FP8 weight has no {scale_name}")

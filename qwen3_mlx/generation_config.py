@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.errors import ConfigError, Qwen3Error
 
 # The Qwen3 model card's recommendations.
 THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
@@ -28,19 +29,50 @@ class GenerationConfig:
     def from_model_dir(cls, model_dir: Path, config: dict | None = None) -> GenerationConfig:
         """Read generation_config.json; fall back to Qwen3's card values and config's eos."""
         path = Path(model_dir) / "generation_config.json"
-        data: dict = {}
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as error:
-                raise ConfigError(f"{path}: cannot be read as JSON ({error})") from None
-        eos = data.get("eos_token_id", (config or {}).get("eos_token_id"))
-        eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else QWEN3_EOS_IDS
-        defaults = cls()
-        return cls(
-            temperature=float(data.get("temperature", defaults.temperature)),
-            top_p=float(data.get("top_p", defaults.top_p)),
-            top_k=int(data.get("top_k", defaults.top_k)),
-            min_p=float(data.get("min_p", defaults.min_p)),
-            eos_token_ids=tuple(int(i) for i in eos_ids),
+        data = read_generation_file(path)
+        if "eos_token_id" in data:
+            eos_ids = eos_token_ids(data["eos_token_id"], str(path))
+        else:
+            eos_ids = eos_token_ids((config or {}).get("eos_token_id"), "config.json")
+        values = {
+            name: _sampling_value(path, name, data[name])
+            for name in THINKING_DEFAULTS
+            if data.get(name) is not None
+        }
+        return cls(**values, eos_token_ids=eos_ids)
+
+
+def read_generation_file(path: Path) -> dict[str, Any]:
+    """The JSON object in generation_config.json; {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (expected a JSON object)") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _sampling_value(path: Path, name: str, value: Any) -> Any:
+    from qwen3_mlx.settings import validate_setting  # settings imports this module
+
+    try:
+        return validate_setting(name, value)
+    except Qwen3Error as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def eos_token_ids(value: Any, source: str) -> tuple[int, ...]:
+    """A stop token id or list of them, checked; Qwen3's own when value is None."""
+    if value is None:
+        return QWEN3_EOS_IDS
+    ids = value if isinstance(value, list) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(
+            f"{source}: eos_token_id must be a token id or a list of them, got {value!r}"
         )
+    return tuple(ids)

@@ -3,22 +3,31 @@ and build the MLX model, tokenizer and generation config."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from qwen3_mlx.checkpoint_check import (
+    array_tensors,
+    check_sizes,
+    check_tensors,
+    evaluate_finite,
+    model_tensors,
+)
 from qwen3_mlx.config import ModelArgs, read_config
 from qwen3_mlx.cpu_quantized import use_cpu_kernels
-from qwen3_mlx.errors import CheckpointError, ModelNotFoundError, QuantizationError
+from qwen3_mlx.dtypes import COMPUTE_DTYPES
+from qwen3_mlx.errors import CheckpointError, QuantizationError
 from qwen3_mlx.fp8 import dequantize_fp8_weights, fp8_block_size
-from qwen3_mlx.fuse import fuse_projections
 from qwen3_mlx.generation_config import GenerationConfig
+from qwen3_mlx.hub import (  # noqa: F401 (re-exported: the loader's public names)
+    MODEL_FILE_PATTERNS,
+    download_model,
+    hub_errors,
+    local_folder,
+)
 from qwen3_mlx.model import Model
 from qwen3_mlx.quant import (
     QuantSpec,
@@ -27,152 +36,39 @@ from qwen3_mlx.quant import (
     quantize_model,
     read_quantization,
 )
-from qwen3_mlx.safetensors_check import read_header
+from qwen3_mlx.safetensors_check import tensor_headers, weight_files
 from qwen3_mlx.tokenizer import Tokenizer, read_hf_tokenizer_in_background
-
-# What a snapshot download fetches: weights, configs, tokenizer and template; never code.
-MODEL_FILE_PATTERNS = [
-    "*.safetensors",
-    "*.json",
-    "*.jinja",
-    "merges.txt",
-    "LICENSE*",
-    "README.md",
-]
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-def _is_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return not name.startswith((".", "/", "~")) and len(parts) == 2 and all(parts)
 
 
 def resolve_model_path(path_or_repo: str | Path, *, progress: bool = False) -> Path:
     """A local model folder, or a Hugging Face repo id fetched (or found in the HF cache)."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_repo)
-    if path.exists() or not _is_repo_id(name):
-        raise ModelNotFoundError(f"{name}: no such model folder (nor a Hugging Face repo id 'owner/name')")
-    if path.parent.is_dir():
-        # "models/typo" beside an existing ./models folder is a mistyped path, not a Hub repo.
-        raise ModelNotFoundError(f"{name}: no such model folder (./{path.parent} exists but holds no {path.name})")
-    return download_model(name, progress=progress)
+    folder = local_folder(path_or_repo)
+    return folder if folder is not None else download_model(str(path_or_repo), progress=progress)
 
 
-def download_model(repo_id: str, *, progress: bool = True) -> Path:
-    """Snapshot-download only the files a model needs; the HF cache answers offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+def _mlx_path(path: Path) -> str:
+    """The path as MLX's C++ loader takes it: UTF-8 only (other bytes make it throw bad_cast)."""
     try:
-        # The cache first: works offline and avoids a network round trip for a model we have.
-        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
-    with hub_errors(repo_id, "download failed"):
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=MODEL_FILE_PATTERNS,
-                tqdm_class=None if progress else _silent_progress_class(),
-            )
-        )
-
-
-@contextmanager
-def hub_errors(repo_id: str, failed: str) -> Iterator[None]:
-    """Turn huggingface_hub's errors about repo_id into one-line ModelNotFoundErrors.
-
-    `failed` names the action for the catch-all ("download failed", "cannot read the repo").
-    """
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        yield
-    except GatedRepoError:
-        raise ModelNotFoundError(f"{repo_id}: gated repo; accept its license and log in (hf auth login)") from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"{repo_id}: no such Hugging Face repo (or it is private)") from None
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline?)"
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise CheckpointError(
+            f"{shown}: the path is not valid UTF-8, which MLX cannot open; rename the folder"
         ) from None
-    except (HfHubHTTPError, OSError) as error:
-        raise ModelNotFoundError(f"{repo_id}: {failed} ({type(error).__name__}: {error})") from None
+    return str(path)
 
 
-def _silent_progress_class() -> type:
-    """huggingface_hub's tqdm, always disabled (library code never prints).
-
-    snapshot_download drives its bars through the whole tqdm API (total, refresh, set_description,
-    thread locks), so a hand-written stand-in breaks downloads; a disabled real bar does not.
-    """
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
-    class SilentProgress(hf_tqdm):
-        def __init__(self, *args: Any, **kwargs: Any):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return SilentProgress
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the index's shards, or every *.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError):
-            raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: shard(s) missing: {', '.join(missing)}")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no *.safetensors weights (pickle .bin files are never loaded)")
-    return files
-
-
-def read_weights(model_dir: Path) -> dict[str, mx.array]:
+def read_weights(model_dir: Path, files: list[Path] | None = None) -> dict[str, mx.array]:
     """Every tensor of the checkpoint, lazily mapped (nothing is read until evaluated)."""
     weights: dict[str, mx.array] = {}
-    for path in weight_files(model_dir):
-        read_header(path)
+    for path in files or weight_files(Path(model_dir)):
         try:
-            weights.update(mx.load(str(path)))
+            weights.update(mx.load(_mlx_path(path)))
+        except CheckpointError:
+            raise
         except Exception as error:  # mlx raises RuntimeError/ValueError with a C++ message
             raise CheckpointError(f"{path}: cannot be read as safetensors ({error})") from None
     return weights
-
-
-def check_weights(model: nn.Module, weights: dict[str, mx.array], model_dir: Path) -> None:
-    """Every parameter present with its exact shape, and nothing left over."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{model_dir}: tensor {missing[0]} is missing{more}")
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{model_dir}: unexpected tensor {unexpected[0]}{more}")
-    for name, param in expected.items():
-        if tuple(weights[name].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{model_dir}: tensor {name} has shape {tuple(weights[name].shape)}, "
-                f"expected {tuple(param.shape)}"
-            )
 
 
 def default_compute_dtype() -> mx.Dtype | None:
@@ -187,9 +83,12 @@ def resolve_compute_dtype(compute_dtype: str | mx.Dtype | None) -> mx.Dtype | No
     if compute_dtype == "auto":
         return default_compute_dtype()
     if isinstance(compute_dtype, str):
-        if compute_dtype not in DTYPES:
-            raise QuantizationError(f"unknown compute dtype {compute_dtype!r}: use auto, checkpoint, {', '.join(DTYPES)}")
-        return DTYPES[compute_dtype]
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise QuantizationError(
+                f"unknown compute dtype {compute_dtype!r}: "
+                f"use auto, checkpoint, {', '.join(COMPUTE_DTYPES)}"
+            )
+        return COMPUTE_DTYPES[compute_dtype]
     return compute_dtype
 
 
@@ -200,12 +99,11 @@ def load_model(
     quantize_on_load: int | QuantSpec | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
     lazy: bool = False,
-    fuse: bool = False,
 ) -> tuple[Model, dict[str, Any]]:
     """Build the model from a folder in any of the three formats; return it with its config dict.
 
-    fuse=True joins q/k/v and gate/up into single matmuls (qwen3_mlx.fuse): same logits, but the
-    module tree no longer matches the checkpoint keys, so a fused model must not be saved.
+    lazy=False evaluates every weight now and refuses one holding NaN or infinity; lazy=True
+    leaves both to the first forward pass.
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -213,42 +111,66 @@ def load_model(
     args = ModelArgs.from_dict(config, source)
     if rope_scaling is not None:
         args = args.with_rope_scaling(rope_scaling)
-    block = read_quantization(config, source)
-    fp8_block = None if block is not None else fp8_block_size(config, source)
-    model = Model(args)
-    weights = model.sanitize(read_weights(model_dir))
-    if fp8_block is not None:
-        weights = dequantize_fp8_weights(weights, fp8_block)
-    if block is not None:
-        if quantize_on_load is not None:
-            raise QuantizationError(f"{model_dir}: already quantized; quantize_on_load needs a full-precision model")
-        apply_checkpoint_quantization(model, block, set(weights))
-    check_weights(model, weights, model_dir)
-    model.load_weights(list(weights.items()), strict=True)
-    # Only the model may keep the loaded arrays: then evaluation frees each checkpoint tensor as
-    # soon as its cast or quantized copy exists, so loading peaks near the final size, not at 2x.
-    del weights
+    model = _model_with_weights(model_dir, config, args, quantize_on_load is not None)
     if quantize_on_load is not None:
-        spec = quantize_on_load if isinstance(quantize_on_load, QuantSpec) else QuantSpec(bits=int(quantize_on_load))
+        spec = (
+            quantize_on_load
+            if isinstance(quantize_on_load, QuantSpec)
+            else QuantSpec(bits=int(quantize_on_load))
+        )
         quantize_model(model, spec)
     dtype = resolve_compute_dtype(compute_dtype)
     if dtype is not None:
         cast_floating(model, dtype)
-    if fuse:
-        fuse_projections(model)
     use_cpu_kernels(model)  # quantized layers on the CPU backend: threaded decode, GEMM prefill
     if not lazy:
-        # A layer at a time, so each checkpoint tensor is freed as soon as its cast or quantized
-        # copy exists: loading peaks near the final size, not at both sizes together. The rest
-        # (embedding, output head, final norm) goes first, while the layers hold no memory yet:
-        # the embedding's cast is the largest single tensor. Few, long evaluations (each releases
-        # the GIL) let the tokenizer load on its thread meanwhile.
-        outside = [v for k, v in tree_flatten(model.parameters()) if not k.startswith("model.layers.")]
-        mx.eval(outside)
-        for layer in model.model.layers:
-            mx.eval(layer.parameters())
+        _evaluate(model, model_dir)
     model.eval()
     return model, config
+
+
+def _model_with_weights(
+    model_dir: Path, config: dict[str, Any], args: ModelArgs, quantize_on_load: bool
+) -> Model:
+    """The model built for the checkpoint's format, its (lazy) weights checked and loaded."""
+    source = str(model_dir / "config.json")
+    block = read_quantization(config, source)
+    fp8_block = None if block is not None else fp8_block_size(config, source)
+    if block is not None and quantize_on_load:
+        raise QuantizationError(
+            f"{model_dir}: already quantized; quantize_on_load needs a full-precision model"
+        )
+    files = weight_files(model_dir)
+    # Sizes first, from the headers alone: a config claiming 10,000,000 layers stops here, before
+    # building a model that would take all memory.
+    check_sizes(args, tensor_headers(files), source)
+    model = Model(args)
+    weights = model.sanitize(read_weights(model_dir, files))
+    if fp8_block is not None:
+        weights = dequantize_fp8_weights(weights, fp8_block)
+    if block is not None:
+        apply_checkpoint_quantization(model, block, set(weights))
+    check_tensors(model_tensors(model), array_tensors(weights), model_dir)
+    model.load_weights(list(weights.items()), strict=True)
+    # Only the model may keep the loaded arrays: then evaluation frees each checkpoint tensor as
+    # soon as its cast or quantized copy exists, so loading peaks near the final size, not at 2x.
+    return model
+
+
+def _evaluate(model: Model, model_dir: Path) -> None:
+    """Evaluate the weights a layer at a time, refusing non-finite values by tensor name.
+
+    A layer at a time, so each checkpoint tensor is freed as soon as its cast or quantized copy
+    exists: loading peaks near the final size, not at both sizes together. The rest (embedding,
+    output head, final norm) goes first, while the layers hold no memory yet: the embedding's cast
+    is the largest single tensor. Few, long evaluations (each releases the GIL) let the tokenizer
+    load on its thread meanwhile.
+    """
+    params = tree_flatten(model.parameters())
+    evaluate_finite([(k, v) for k, v in params if not k.startswith("model.layers.")], model_dir)
+    for index, layer in enumerate(model.model.layers):
+        named = [(f"model.layers.{index}.{k}", v) for k, v in tree_flatten(layer.parameters())]
+        evaluate_finite(named, model_dir)
 
 
 def load(
@@ -258,8 +180,6 @@ def load(
     quantize_on_load: int | QuantSpec | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
     lazy: bool = False,
-    # Off by default: on the CPU backend it measured 0.98-1.07x (noise); docs/benchmarks.md.
-    fuse: bool = False,
 ) -> tuple[Model, Tokenizer, GenerationConfig]:
     """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id."""
     model_dir = resolve_model_path(path_or_repo)
@@ -270,8 +190,6 @@ def load(
         quantize_on_load=quantize_on_load,
         compute_dtype=compute_dtype,
         lazy=lazy,
-        fuse=fuse,
     )
     generation_config = GenerationConfig.from_model_dir(model_dir, config)
-    tokenizer = Tokenizer(hf_tokenizer.result(), generation_config.eos_token_ids)
-    return model, tokenizer, generation_config
+    return model, Tokenizer(hf_tokenizer.result()), generation_config

@@ -29,17 +29,9 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling)
 
-    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """q, k, v projections of x: [B, L, D] -> three [B, L, heads * head_dim]."""
-        if "qkv_proj" in self:  # joined at load time by qwen3_mlx.fuse: one matmul instead of three
-            q_dim = self.n_heads * self.head_dim
-            q, k, v = mx.split(self.qkv_proj(x), [q_dim, q_dim + self.n_kv_heads * self.head_dim], axis=-1)
-            return q, k, v
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # [B, L, H * head_dim] -> [B, H, L, head_dim]; the norms act per head.
         q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
@@ -63,16 +55,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
-    def gate_up(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """The gate and up projections of x."""
-        if "gate_up_proj" in self:  # joined at load time by qwen3_mlx.fuse
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-            return gate, up
-        return self.gate_proj(x), self.up_proj(x)
-
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.gate_up(x)
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TransformerBlock(nn.Module):

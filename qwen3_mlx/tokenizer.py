@@ -7,8 +7,12 @@ exactly; no template is re-implemented here.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +24,62 @@ IM_START_ID = 151644
 IM_END_ID = 151645
 END_OF_TEXT_ID = 151643
 
+# Bounds on the template, its files and its rendering. Real chat templates are a few KB and render
+# in milliseconds into little more than the messages; a template past these is refused as broken.
+MAX_TEMPLATE_CHARS = 1 << 20
+MAX_FILE_BYTES = {"chat_template.jinja": 1 << 20, "tokenizer_config.json": 16 << 20}
+RENDER_SECONDS = 10.0
+RENDER_SLACK_CHARS = 1 << 20  # output allowed beyond twice the messages' and tools' own text
+
+
+class _RenderLimit(BaseException):
+    """Raised inside rendering; a BaseException, so jinja's and transformers' handlers let it by."""
+
+
+@contextmanager
+def bounded_rendering(max_chars: int, seconds: float) -> Iterator[None]:
+    """Stop the template code run inside with _RenderLimit past `seconds` or `max_chars` of output.
+
+    A profile hook on this thread sees every Python call and return of the compiled template:
+    it checks the clock, adds up what the template yields, and refuses any single string past the
+    bound (a string doubled in a loop). A hook is about 4x slower than none: milliseconds.
+    """
+    deadline = time.monotonic() + seconds
+    produced = 0
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        nonlocal produced
+        if event == "return" and isinstance(arg, str):
+            if frame.f_code.co_filename == "<template>":
+                produced += len(arg)
+            if produced > max_chars or len(arg) > max_chars:
+                raise _RenderLimit(f"its output passed {max_chars:,} characters")
+        if time.monotonic() > deadline:
+            raise _RenderLimit(f"it ran past {seconds:g} s")
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
 
 class Tokenizer:
     """Encode, decode and render chat prompts for one model folder."""
 
-    def __init__(self, hf_tokenizer: Any, eos_token_ids: tuple[int, ...]):
+    def __init__(self, hf_tokenizer: Any):
         self.hf = hf_tokenizer
-        self.eos_token_ids = tuple(eos_token_ids)
         self.chat_template: str = hf_tokenizer.chat_template or ""
         self._detokenizer: Any = None
         if not self.chat_template:
             raise TemplateError(
                 "the model folder has no chat template (tokenizer_config.json or chat_template.jinja)"
+            )
+        if len(self.chat_template) > MAX_TEMPLATE_CHARS:
+            raise TemplateError(
+                f"the model's chat template is {len(self.chat_template):,} characters, "
+                f"more than a template can sensibly be ({MAX_TEMPLATE_CHARS:,})"
             )
 
     @property
@@ -69,14 +117,18 @@ class Tokenizer:
         kwargs: dict[str, Any] = {}
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
+        max_chars = 2 * (len(str(messages)) + len(str(tools or ""))) + RENDER_SLACK_CHARS
         try:
-            return self.hf.apply_chat_template(
-                messages,
-                tools=tools,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                **kwargs,
-            )
+            with bounded_rendering(max_chars, RENDER_SECONDS):
+                return self.hf.apply_chat_template(
+                    messages,
+                    tools=tools,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    **kwargs,
+                )
+        except _RenderLimit as limit:
+            raise TemplateError(f"the model's chat template is broken: {limit}") from None
         except Exception as error:  # jinja2 raises many types; the user needs one line
             raise TemplateError(f"chat template failed: {error}") from None
 
@@ -117,6 +169,11 @@ def read_hf_tokenizer(model_dir: Path) -> Any:
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
         raise CheckpointError(f"{model_dir}: no tokenizer.json (incomplete model folder?)")
+    for name, limit in MAX_FILE_BYTES.items():
+        path = model_dir / name
+        if path.is_file() and path.stat().st_size > limit:
+            # transformers would read it whole, template included, before we could look.
+            raise TemplateError(f"{path}: {path.stat().st_size:,} bytes, more than {limit:,}")
     from transformers import AutoTokenizer
 
     try:
@@ -125,9 +182,9 @@ def read_hf_tokenizer(model_dir: Path) -> Any:
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({error})") from None
 
 
-def load_tokenizer(model_dir: Path, eos_token_ids: tuple[int, ...]) -> Tokenizer:
+def load_tokenizer(model_dir: Path) -> Tokenizer:
     """Load the tokenizer files of a model folder (never executing code from it)."""
-    return Tokenizer(read_hf_tokenizer(model_dir), eos_token_ids)
+    return Tokenizer(read_hf_tokenizer(model_dir))
 
 
 def read_hf_tokenizer_in_background(model_dir: Path) -> Future:

@@ -30,7 +30,7 @@ from qwen3_mlx.loading import load_model
 model_dir, out = sys.argv[1], sys.argv[2]
 ids = mx.array(np.random.default_rng(9).integers(0, 512, (1, 40)))
 dense, _ = load_model(model_dir, compute_dtype="float32")
-quantized, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32", fuse=True)
+quantized, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32")
 np.savez(out, dense=np.array(dense(ids)), quantized=np.array(quantized(ids)))
 maps = open("/proc/self/maps").read() if sys.platform == "linux" else ""
 library = find_openblas()

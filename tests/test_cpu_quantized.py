@@ -40,7 +40,10 @@ def test_threaded_decode_is_bit_identical(monkeypatch, threads, bits, group_size
     fast = CpuQuantizedLinear.from_quantized(layer)
     assert fast.weight is layer.weight  # shares the arrays, no copy
     assert len(cpu_quantized._blocks(300)) == min(threads, 300 // cpu_quantized.MIN_BLOCK)
-    for shape in [(1, 1, 256), (1, MIN_ROWS - 1, 256)]:  # one token; a few rows (below the GEMM path)
+    for shape in [
+        (1, 1, 256),
+        (1, MIN_ROWS - 1, 256),
+    ]:  # one token; a few rows (below the GEMM path)
         x = mx.random.normal(shape)
         assert mx.array_equal(fast(x), layer(x)).item()
 
@@ -72,9 +75,9 @@ def test_loaded_model_gives_the_same_logits(make_checkpoint, monkeypatch, gemm):
     )  # tied: the embedding is the output layer
     monkeypatch.setattr(cpu_quantized, "openblas_active", lambda: OPENBLAS if gemm else None)
     monkeypatch.setattr(cpu_quantized, "THREADS", 2)
-    fast, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32", fuse=True)
+    fast, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32")
     assert type(fast.layers[0].mlp.down_proj) is CpuQuantizedLinear
-    assert type(fast.layers[0].self_attn.qkv_proj) is CpuQuantizedLinear  # fusion keeps the class
+    assert type(fast.layers[0].self_attn.q_proj) is CpuQuantizedLinear
     assert type(fast.model.embed_tokens) is CpuQuantizedEmbedding
     assert use_cpu_kernels(fast) == 0  # nothing left to swap
     plain, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32")

@@ -10,7 +10,6 @@ import pytest
 from checkpoints import FIXTURES, TOKENIZER_CONFIGS, write_tokenizer_files
 
 from qwen3_mlx.errors import CheckpointError
-from qwen3_mlx.generation_config import QWEN3_EOS_IDS
 from qwen3_mlx.tokenizer import (
     END_OF_TEXT_ID,
     IM_END_ID,
@@ -44,7 +43,7 @@ def make_tokenizer(folder: Path, variant: str) -> Tokenizer:
     """Our Tokenizer over a folder holding the real files and one tokenizer_config variant."""
     folder.mkdir()
     write_tokenizer_files(folder, variant)
-    return load_tokenizer(folder, QWEN3_EOS_IDS)
+    return load_tokenizer(folder)
 
 
 @pytest.fixture(scope="module")
@@ -143,5 +142,5 @@ def test_render_equals_transformers_apply_chat_template(tokenizers):
 
 def test_folder_without_tokenizer(tmp_path):
     with pytest.raises(CheckpointError) as error:
-        load_tokenizer(tmp_path, QWEN3_EOS_IDS)
+        load_tokenizer(tmp_path)
     assert "tokenizer.json" in str(error.value) and "\n" not in str(error.value)

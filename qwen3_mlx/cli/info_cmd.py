@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.cli.user_config import resolve_model
+
+if TYPE_CHECKING:
+    from qwen3_mlx.model_facts import ModelFacts
 
 InfoJsonOption = Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")]
 
@@ -19,64 +22,65 @@ def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
 
-def _gigabytes(count: int) -> str:
-    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
-
-
 def _quantization_text(summary: dict[str, Any] | None, checkpoint_dtype: str | None) -> str:
     if summary is None:
         return f"none ({checkpoint_dtype or 'full precision'})"
     if summary["method"] == "fp8":
         return f"FP8 e4m3, {summary['block'][0]}x{summary['block'][1]} blocks (dequantized on load)"
     overrides = summary["overrides"]
-    return f"{summary['bits']}-bit, group size {summary['group_size']}, {overrides} per-module override{'s' if overrides != 1 else ''}"
+    plural = "s" if overrides != 1 else ""
+    return (
+        f"{summary['bits']}-bit, group size {summary['group_size']}, "
+        f"{overrides} per-module override{plural}"
+    )
 
 
-def info_lines(facts: dict[str, Any]) -> list[str]:
+def _settings_text(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in values.items())
+
+
+def info_lines(facts: ModelFacts) -> list[str]:
     """The facts of describe_model() as aligned `label  value` lines."""
-    thinking, defaults = facts["thinking"], facts["generation_defaults"]
-    context = f"{facts['context_length']:,} tokens"
-    if facts["context_length_yarn"]:
-        context += f" ({facts['context_length_yarn']:,} with --rope-scaling yarn --rope-factor {facts['yarn_factor']:g})"
-    preset = ", ".join(f"{k} {v:g}" for k, v in defaults["thinking"].items())
+    from qwen3_mlx.sizes import format_size
+
+    thinking, defaults = facts.thinking, facts.generation_defaults
+    context = f"{facts.context_length:,} tokens"
+    if facts.context_length_yarn:
+        context += (
+            f" ({facts.context_length_yarn:,} with --rope-scaling yarn "
+            f"--rope-factor {facts.yarn_factor:g})"
+        )
+    parameters = f"{facts.parameters:,}"
+    if facts.parameters >= 1e8:
+        parameters = f"{facts.parameters / 1e9:.2f} B ({parameters})"
     rows = [
-        ("model", facts["model"]),
-        ("folder", facts["path"] or "not downloaded (files and tensor headers read from the Hub)"),
+        ("model", facts.model),
+        ("folder", facts.path or "not downloaded (files and tensor headers read from the Hub)"),
         (
             "architecture",
-            f"{facts['architecture']}: {facts['layers']} layers, hidden {facts['hidden_size']}, "
-            f"{facts['attention_heads']} heads, vocab {facts['vocab_size']:,}",
+            f"{facts.architecture}: {facts.layers} layers, hidden {facts.hidden_size}, "
+            f"{facts.attention_heads} query / {facts.key_value_heads} key-value heads, "
+            f"vocab {facts.vocab_size:,}",
         ),
-        (
-            "parameters",
-            f"{facts['parameters'] / 1e9:.2f} B ({facts['parameters']:,})"
-            if facts["parameters"] >= 1e8
-            else f"{facts['parameters']:,}",
-        ),
-        ("quantization", _quantization_text(facts["quantization"], facts["checkpoint_dtype"])),
+        ("parameters", parameters),
+        ("quantization", _quantization_text(facts.quantization, facts.checkpoint_dtype)),
         (
             "weights",
-            f"{_gigabytes(facts['weights_bytes_on_disk'])} on disk, "
-            f"{_gigabytes(facts['weights_bytes_in_memory'])} in memory as {facts['compute_dtype']}",
+            f"{format_size(facts.weights_bytes_on_disk)} on disk, "
+            f"{format_size(facts.weights_bytes_in_memory)} in memory as {facts.compute_dtype}",
         ),
         ("context", context),
         (
             "thinking switch",
-            f"hard (enable_thinking): {_yes_no(thinking['hard_switch'])} · "
-            f"soft (/think, /no_think): {_yes_no(thinking['soft_switch'])} · "
-            f"prompt opens <think>: {_yes_no(thinking['prompt_opens_think'])}",
+            f"hard (enable_thinking): {_yes_no(thinking.hard_switch)} · "
+            f"soft (/think, /no_think): {_yes_no(thinking.soft_switch)} · "
+            f"prompt opens <think>: {_yes_no(thinking.prompt_opens_think)}",
         ),
-        ("sampling", f"thinking: {preset}"),
+        ("sampling", f"thinking: {_settings_text(defaults.thinking)}"),
     ]
-    if defaults["non_thinking"]:
-        rows.append(
-            (
-                "",
-                "non-thinking: "
-                + ", ".join(f"{k} {v:g}" for k, v in defaults["non_thinking"].items()),
-            )
-        )
-    rows.append(("stop tokens", ", ".join(str(i) for i in defaults["eos_token_ids"])))
+    if defaults.non_thinking:
+        rows.append(("", f"non-thinking: {_settings_text(defaults.non_thinking)}"))
+    rows.append(("stop tokens", ", ".join(str(i) for i in defaults.eos_token_ids)))
     width = max(len(label) for label, _ in rows)
     return [f"{label:<{width}}  {value}" for label, value in rows]
 
@@ -89,11 +93,11 @@ def info_command(
 ) -> None:
     """Describe a model from its files: size, quantization, memory, context, thinking switches."""
     with reported_errors(ctx):
-        from qwen3_mlx.cli.model_info import describe_model
+        from qwen3_mlx.model_facts import describe_model
 
         facts = describe_model(resolve_model(model), compute_dtype=compute_dtype.value)
         if json_output:
-            print(json.dumps(facts, indent=2))
+            print(json.dumps(facts.as_dict(), indent=2))
         else:
             print("\n".join(info_lines(facts)))
 
@@ -101,13 +105,13 @@ def info_command(
 def download_command(ctx: typer.Context, model: o.ModelArgument = None) -> None:
     """Fetch a model into the Hugging Face cache (with a progress bar) and print its folder."""
     with reported_errors(ctx):
-        from qwen3_mlx.loading import download_model
+        from qwen3_mlx.hub import download_model, is_repo_id
 
         repo = resolve_model(model)
         if Path(repo).expanduser().exists():
             raise typer.BadParameter(
                 f"{repo} is a local folder; download takes a Hugging Face repo id"
             )
-        if len(repo.split("/")) != 2 or not all(repo.split("/")):
+        if not is_repo_id(repo):
             raise typer.BadParameter(f"{repo!r} is not a Hugging Face repo id 'owner/name'")
         print(download_model(repo, progress=True))
