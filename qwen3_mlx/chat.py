@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from qwen3_mlx.errors import ContextOverflowError, HistoryError, TemplateError
 from qwen3_mlx.events import TurnResult
 from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.generation_config import GenerationConfig
+from qwen3_mlx.history import Turn, history_messages
 from qwen3_mlx.limits import min_tokens
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.sampling import build_logits_processors, build_sampler, seed_reply
@@ -32,13 +34,14 @@ from qwen3_mlx.settings import (
 from qwen3_mlx.stream import RepetitionGuard, ReplyStream
 from qwen3_mlx.thinking import prompt_phase, thinking_active
 from qwen3_mlx.tokenizer import IM_END_ID, Tokenizer
-from qwen3_mlx.transcript import (
-    TranscriptData,
-    Turn,
-    history_messages,
-    read_transcript,
-    write_transcript,
+from qwen3_mlx.tool_choice import tool_processors
+from qwen3_mlx.tools import (
+    ToolResult,
+    check_tools,
+    order_results,
+    tool_choice_name,
 )
+from qwen3_mlx.transcript import TranscriptData, read_transcript, write_transcript
 
 
 def render_prompt(
@@ -68,6 +71,10 @@ class Chat:
         sampling: dict[str, Any] | None = None,
         context_length: int | None = None,
         repetition_guard: RepetitionGuard | None = RepetitionGuard(),  # noqa: B008 (frozen)
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = "auto",
+        constrain_arguments: bool = False,
+        parallel_tool_calls: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -85,6 +92,13 @@ class Chat:
         self._active: Reply | None = None
         self._replies = 0
         self._used: tuple[str, int] = ("", 0)
+        self._tools: list[dict[str, Any]] = []
+        self._tool_choice = "auto"
+        self.tools = tools or []
+        self.tool_choice = tool_choice
+        self.constrain_arguments = constrain_arguments  # schema-constrained call arguments
+        self.parallel_tool_calls = parallel_tool_calls  # False: a reply ends after one call
+        self._grammars: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -130,8 +144,27 @@ class Chat:
         self._thinking = bool(value)
 
     @property
+    def tools(self) -> list[dict[str, Any]]:
+        """The tools the model may call, in OpenAI's function format (rendered by the template)."""
+        return list(self._tools)
+
+    @tools.setter
+    def tools(self, value: list[dict[str, Any]] | None) -> None:
+        self._tools = check_tools(value)
+        self._tool_choice = tool_choice_name(self._tool_choice, self._tools)
+
+    @property
+    def tool_choice(self) -> str:
+        """'auto', 'none', 'required', or the name of the function every reply must call."""
+        return self._tool_choice
+
+    @tool_choice.setter
+    def tool_choice(self, value: Any) -> None:
+        self._tool_choice = tool_choice_name(value, self._tools)
+
+    @property
     def messages(self) -> list[dict[str, Any]]:
-        """The history as the template gets it: assistant content is the final answer only."""
+        """The history as the template gets it: answers, and thinking only inside tool loops."""
         return history_messages(self._system, self._turns)
 
     @property
@@ -184,14 +217,28 @@ class Chat:
         the history, marked interrupted.
         """
         self._close_active()
-        return self._begin(str(text), list(self._turns))
+        return self._begin(Turn(str(text)), list(self._turns))
+
+    def send_tool_results(self, results: list[ToolResult]) -> Reply:
+        """Answer the last reply's tool calls and let the model go on (a step of the tool loop).
+
+        Results are put in the order of the calls they answer (by tool_call_id when given, else
+        by position); ToolError for a result that answers no call of the last reply.
+        """
+        self._close_active()
+        last = self._turns[-1] if self._turns else None
+        if last is None or not last.valid_calls:
+            raise HistoryError("no tool call to answer: the last reply made none")
+        ordered = order_results(results, last.tool_calls)
+        return self._begin(Turn(None, tool_results=ordered), list(self._turns))
 
     def retry(self) -> Reply:
         """Generate the last reply again (the old one is dropped once the new one starts)."""
         self._close_active()
         if not self._turns:
             raise HistoryError("nothing to retry: the conversation has no reply yet")
-        return self._begin(self._turns[-1].user, self._turns[:-1])
+        last = self._turns[-1]
+        return self._begin(Turn(last.user, tool_results=last.tool_results), self._turns[:-1])
 
     def undo(self) -> None:
         """Drop the last exchange (the user message and its reply)."""
@@ -229,11 +276,17 @@ class Chat:
         if active is not None:
             active.close()  # records an interrupted reply
 
-    def _begin(self, user: str, kept: list[Turn]) -> Reply:
-        if min_tokens(user) >= self.context_limit:  # refused by size: megabytes never tokenized
-            raise ContextOverflowError(min_tokens(user), self.context_limit, at_least=True)
-        messages = history_messages(self._system, kept) + [{"role": "user", "content": user}]
-        prompt = render_prompt(self.tokenizer, messages, thinking=self._thinking)
+    def _begin(self, start: Turn, kept: list[Turn]) -> Reply:
+        text = start.user or "".join(result.content for result in start.tool_results)
+        if min_tokens(text) >= self.context_limit:  # refused by size: megabytes never tokenized
+            raise ContextOverflowError(min_tokens(text), self.context_limit, at_least=True)
+        messages = history_messages(self._system, kept)
+        if start.user is not None:
+            messages.append({"role": "user", "content": start.user})
+        messages += [result.message() for result in start.tool_results]
+        prompt = render_prompt(
+            self.tokenizer, messages, thinking=self._thinking, tools=self._tools or None
+        )
         if len(prompt) >= self.context_limit:
             scaling = getattr(self.model.args, "rope_scaling", None) or {}
             raise ContextOverflowError(
@@ -250,14 +303,26 @@ class Chat:
                 GreedyThinkingWarning,
                 stacklevel=3,
             )
-        self._active = self._reply(user, kept, prompt, settings)
+        self._active = self._reply(start, kept, prompt, settings)
         return self._active
 
     def _reply(
-        self, user: str, kept: list[Turn], prompt: list[int], settings: dict[str, Any]
+        self, start_turn: Turn, kept: list[Turn], prompt: list[int], settings: dict[str, Any]
     ) -> Reply:
+        phase = prompt_phase(prompt)
+        parse_calls = bool(self._tools) and self._tool_choice != "none"
         stream = ReplyStream(
-            self.tokenizer, prompt_phase(prompt), self._stop_ids, self.repetition_guard
+            self.tokenizer, phase, self._stop_ids, self.repetition_guard, tools=parse_calls
+        )
+        processors = build_logits_processors(settings) + tool_processors(
+            self.tokenizer,
+            self._tools,
+            self._tool_choice,
+            phase,
+            self.model.args.vocab_size,
+            constrain=self.constrain_arguments,
+            grammar_cache=self._grammars,
+            parallel=self.parallel_tool_calls,
         )
         reused = 0
 
@@ -273,7 +338,7 @@ class Chat:
                 prompt[reused:],
                 self.cache.cache,
                 sampler=build_sampler(settings),
-                logits_processors=build_logits_processors(settings),
+                logits_processors=processors,
                 max_tokens=min(int(settings["max_tokens"]), self.context_limit - len(prompt)),
             )
 
@@ -284,10 +349,16 @@ class Chat:
                 return stream.result(len(prompt), 0)
             self.cache.settle(prompt + stream.tokens)
             result = stream.result(len(prompt), len(prompt) - reused)
-            turn = Turn(
-                user, result.answer, result.thinking, result.thinking_finished, result.finish_reason
+            self._turns.append(
+                replace(
+                    start_turn,
+                    answer=result.answer,
+                    thinking=result.thinking,
+                    thinking_finished=result.thinking_finished,
+                    finish_reason=result.finish_reason,
+                    tool_calls=result.tool_calls,
+                )
             )
-            self._turns.append(turn)
             return result
 
         reply = Reply(stream, start, settle)

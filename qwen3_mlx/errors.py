@@ -60,3 +60,7 @@ class SettingsError(Qwen3Error):
 
 class HistoryError(Qwen3Error):
     """The conversation has no exchange to undo or retry."""
+
+
+class ToolError(Qwen3Error):
+    """A tool definition, tool_choice or tool result that cannot be used."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FINISH_REASONS = ("stop", "length", "interrupted", "repetition")
+from qwen3_mlx.tools import ToolCall
+
+# tool_calls: the reply ended (stop) after at least one valid tool call.
+FINISH_REASONS = ("stop", "length", "interrupted", "repetition", "tool_calls")
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,22 @@ class AnswerText:
     """A piece of the final answer."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class ToolCallText:
+    """A piece of the text of tool call number `index` (0-based) as it is written."""
+
+    text: str
+    index: int
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A tool call the reply has finished writing (valid, or invalid with its error)."""
+
+    call: ToolCall
+    index: int
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,7 @@ class TurnResult:
     decode_tokens_per_second: float
     thinking_seconds: float
     peak_memory_gb: float
+    tool_calls: tuple[ToolCall, ...] = ()  # every call, valid or not, in order
 
 
-ReplyEvent = ThinkingText | AnswerText
+ReplyEvent = ThinkingText | AnswerText | ToolCallText | ToolCallEvent

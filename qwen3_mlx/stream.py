@@ -14,9 +14,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+from qwen3_mlx.events import (
+    AnswerText,
+    ReplyEvent,
+    ThinkingText,
+    ToolCallEvent,
+    ToolCallText,
+    TurnResult,
+)
 from qwen3_mlx.generate import GeneratedToken
 from qwen3_mlx.thinking import Part, Phase, ThinkParser
+from qwen3_mlx.tools import ToolCall, parse_call
 
 
 @dataclass(frozen=True)
@@ -124,8 +132,11 @@ class ReplyStream:
         phase: Phase,
         stop_ids: Iterable[int],
         guard: RepetitionGuard | None = None,
+        *,
+        tools: bool = False,
     ):
-        self.parser = ThinkParser(phase)
+        self.tokenizer = tokenizer
+        self.parser = ThinkParser(phase, tools=tools)
         self.stop_ids = frozenset(stop_ids)
         self.tracker = guard.tracker() if guard is not None else None
         self.thinking = SectionText(tokenizer)
@@ -136,8 +147,10 @@ class ReplyStream:
         self.last_seconds = 0.0
         self.think_end_seconds: float | None = None
         self.thinking_tokens = 0
+        self.calls: list[ToolCall] = []
+        self.call_text: SectionText | None = None  # the body of the call being written
 
-    def run(self, generated: Iterable[GeneratedToken]) -> Iterator[ThinkingText | AnswerText]:
+    def run(self, generated: Iterable[GeneratedToken]) -> Iterator[ReplyEvent]:
         """Consume the token generator, yielding text pieces; sets finish_reason when it ends."""
         finish = "length"
         for item in generated:
@@ -152,6 +165,8 @@ class ReplyStream:
             if self.tracker is not None and self.tracker.add(item.token):
                 finish = "repetition"
                 break
+        if finish == "stop" and any(call.valid for call in self.calls) and self.call_text is None:
+            finish = "tool_calls"
         self.finish_reason = finish  # generation is over; only held-back text is left to yield
         yield from self.flush()
 
@@ -160,8 +175,10 @@ class ReplyStream:
             self.first_seconds = seconds
         self.last_seconds = seconds
 
-    def _label(self, token: int, seconds: float) -> ThinkingText | AnswerText | None:
+    def _label(self, token: int, seconds: float) -> ReplyEvent | None:
         part = self.parser.feed(token)
+        if part in (Part.CALL_OPEN, Part.CALL, Part.CALL_CLOSE):
+            return self._call_part(part, token)
         if part is Part.THINKING:
             self.thinking_tokens += 1
             text = self.thinking.add(token)
@@ -175,8 +192,32 @@ class ReplyStream:
             return ThinkingText(piece, self.thinking_tokens) if piece else None
         return None
 
-    def flush(self) -> Iterator[ThinkingText | AnswerText]:
-        """The text the detokenizers still hold back (an interrupted reply owes it too)."""
+    def _call_part(self, part: Part, token: int) -> ReplyEvent | None:
+        index = len(self.calls)
+        if part is Part.CALL_OPEN:
+            self.call_text = SectionText(self.tokenizer)
+            return None
+        assert self.call_text is not None
+        if part is Part.CALL:
+            text = self.call_text.add(token)
+            return ToolCallText(text, index) if text else None
+        return self._end_call()
+
+    def _end_call(self, error: str | None = None) -> ToolCallEvent:
+        assert self.call_text is not None
+        self.call_text.finish()
+        body, self.call_text = self.call_text.text, None
+        call = parse_call(body)
+        if error is not None:
+            call = ToolCall(call.id, call.name, body.strip(), None, error)
+        self.calls.append(call)
+        return ToolCallEvent(call, len(self.calls) - 1)
+
+    def flush(self) -> Iterator[ReplyEvent]:
+        """The text the detokenizers still hold back (an interrupted reply owes it too); a call
+        left open becomes an invalid call."""
+        if self.call_text is not None:
+            yield self._end_call("the call was cut off before </tool_call>")
         thinking = self.thinking.finish()
         if thinking:
             yield ThinkingText(thinking, self.thinking_tokens)
@@ -212,4 +253,5 @@ class ReplyStream:
             else 0.0,
             thinking_seconds=thinking_seconds,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
+            tool_calls=tuple(self.calls),
         )

@@ -14,6 +14,9 @@ from typing import Any
 
 from qwen3_mlx.tokenizer import IM_START_ID, THINK_END_ID, THINK_START_ID
 
+TOOL_CALL_START_ID = 151657  # <tool_call>
+TOOL_CALL_END_ID = 151658  # </tool_call>
+
 # Qwen3 documents the two soft switches; the model follows the latest one in system or user text.
 SOFT_SWITCH = re.compile(r"/(no_think|think)\b")
 
@@ -25,14 +28,18 @@ class Part(Enum):
     CLOSE = "close"
     THINKING = "thinking"
     ANSWER = "answer"
+    CALL_OPEN = "call_open"  # <tool_call>, after the think block
+    CALL = "call"  # the body of a tool call
+    CALL_CLOSE = "call_close"  # </tool_call>
 
 
 class Phase(Enum):
-    """Where a reply stands: before any output, inside <think>, or in the answer."""
+    """Where a reply stands: before any output, inside <think>, in the answer, or in a call."""
 
     START = "start"
     THINKING = "thinking"
     ANSWER = "answer"
+    CALL = "call"
 
 
 def prompt_phase(prompt: Sequence[int]) -> Phase:
@@ -60,15 +67,31 @@ def _last_index(tokens: Sequence[int], token: int, start: int = 0) -> int:
 
 
 class ThinkParser:
-    """A streaming state machine that labels each generated token with its Part."""
+    """A streaming state machine that labels each generated token with its Part.
 
-    def __init__(self, phase: Phase = Phase.START):
+    With `tools`, <tool_call> … </tool_call> after the think block are calls; a <tool_call>
+    written inside <think> is thinking text, never a call (the model drafts calls while reasoning).
+    """
+
+    def __init__(self, phase: Phase = Phase.START, *, tools: bool = False):
         self.phase = phase
+        self.tools = tools
         self.opened_in_prompt = phase is Phase.THINKING
         self.saw_block = phase is Phase.THINKING
+        self.calls = 0  # calls opened so far
 
     def feed(self, token: int) -> Part:
         """Label one token and advance the phase."""
+        if self.phase is Phase.THINKING:
+            if token == THINK_END_ID:
+                self.phase = Phase.ANSWER
+                return Part.CLOSE
+            return Part.THINKING
+        if self.phase is Phase.CALL:
+            if token == TOOL_CALL_END_ID:
+                self.phase = Phase.ANSWER
+                return Part.CALL_CLOSE
+            return Part.CALL
         if self.phase is Phase.START:
             if token == THINK_START_ID:
                 self.phase, self.saw_block = Phase.THINKING, True
@@ -77,18 +100,36 @@ class ThinkParser:
             if token == THINK_END_ID:  # an empty block whose <think> was never written
                 self.saw_block = True
                 return Part.CLOSE
-            return Part.ANSWER
-        if self.phase is Phase.THINKING:
-            if token == THINK_END_ID:
-                self.phase = Phase.ANSWER
-                return Part.CLOSE
-            return Part.THINKING
+        if self.tools and token == TOOL_CALL_START_ID:
+            self.phase = Phase.CALL
+            self.calls += 1
+            return Part.CALL_OPEN
         return Part.ANSWER
 
     @property
     def thinking_finished(self) -> bool:
         """False while the reply is still inside an unclosed think block."""
         return self.phase is not Phase.THINKING
+
+    @property
+    def answering(self) -> bool:
+        """Whether the next token would be answer text (not thinking, not inside a call)."""
+        return self.phase in (Phase.ANSWER, Phase.START)
+
+
+def segments(
+    tokens: Iterable[int], phase: Phase = Phase.START, *, tools: bool = False
+) -> list[tuple[Part, list[int]]]:
+    """Consecutive tokens grouped by Part; joined in order, the ids are the stream again."""
+    parser = ThinkParser(phase, tools=tools)
+    grouped: list[tuple[Part, list[int]]] = []
+    for token in tokens:
+        part = parser.feed(token)
+        if grouped and grouped[-1][0] is part and part in (Part.THINKING, Part.ANSWER, Part.CALL):
+            grouped[-1][1].append(token)
+        else:
+            grouped.append((part, [token]))
+    return grouped
 
 
 def split_tokens(tokens: Iterable[int], phase: Phase = Phase.START) -> tuple[list[int], list[int]]:

@@ -1,5 +1,8 @@
-"""Conversation records: turns with their thinking kept apart, the template's message list, and the
-JSON transcript format (save, validate, load)."""
+"""The JSON transcript format (save, validate, load), and checks of the paths it is written to.
+
+The file holds the template's message list (plain OpenAI messages, readable by other tools) and,
+per reply, a record of what the messages do not carry: thinking, how it ended, invalid calls.
+"""
 
 from __future__ import annotations
 
@@ -13,42 +16,12 @@ from typing import Any
 
 from qwen3_mlx.errors import Qwen3Error, TranscriptError
 from qwen3_mlx.events import FINISH_REASONS
+from qwen3_mlx.history import Turn, history_messages
 from qwen3_mlx.settings import validate_overrides
+from qwen3_mlx.tools import ToolCall, ToolResult
 
 TRANSCRIPT_FORMAT = "qwen3-mlx-transcript"
 TRANSCRIPT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One exchange: the user's text, the final answer, and the reasoning kept for display only."""
-
-    user: str
-    answer: str = ""
-    thinking: str = ""
-    thinking_finished: bool = True
-    finish_reason: str = "stop"
-
-    @property
-    def interrupted(self) -> bool:
-        """Whether the reply was cut off by the user."""
-        return self.finish_reason == "interrupted"
-
-
-def history_messages(system: str | None, turns: list[Turn]) -> list[dict[str, Any]]:
-    """The messages the template gets: each assistant turn is its final answer, never its thinking."""
-    messages: list[dict[str, Any]] = []
-    if system is not None:
-        messages.append({"role": "system", "content": system})
-    for turn in turns:
-        messages.append({"role": "user", "content": turn.user})
-        assistant: dict[str, Any] = {"role": "assistant", "content": turn.answer}
-        if "</think>" in turn.answer:
-            # The templates split content at the text "</think>" unless reasoning_content is given;
-            # an answer that merely spells it must stay whole.
-            assistant["reasoning_content"] = ""
-        messages.append(assistant)
-    return messages
 
 
 @dataclass
@@ -80,6 +53,10 @@ def write_transcript(path: str | Path, data: TranscriptData, settings: dict[str,
                 "thinking_finished": turn.thinking_finished,
                 "finish_reason": turn.finish_reason,
                 "interrupted": turn.interrupted,
+                "tool_calls": [
+                    {"id": c.id, "name": c.name, "arguments": c.arguments_text, "error": c.error}
+                    for c in turn.tool_calls
+                ],
             }
             for turn in data.turns
         ],
@@ -192,33 +169,78 @@ def _parse_turns(messages: list[Any], system: str | None, records: list[Any]) ->
     if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
         _require(messages[0].get("content") == system, "the system message differs from 'system'")
         messages = messages[1:]
-    _require(
-        len(messages) % 2 == 0, "messages must alternate user and assistant, ending with an answer"
-    )
-    _require(
-        len(records) == len(messages) // 2, "'turns' must have one record per assistant message"
-    )
-    turns = []
+    turns: list[Turn] = []
+    position = 0
     for index, record in enumerate(records):
-        user, assistant = messages[2 * index], messages[2 * index + 1]
-        for message, role in ((user, "user"), (assistant, "assistant")):
-            _require(
-                isinstance(message, dict)
-                and message.get("role") == role
-                and isinstance(message.get("content"), str),
-                f"message {2 * index + 1 + (role == 'assistant')} must be "
-                f"{'an assistant' if role == 'assistant' else 'a user'} message with text content",
-            )
         _require(isinstance(record, dict), f"turn {index + 1} must be an object")
-        reason = record.get("finish_reason", "stop")
+        user, results, position = _turn_input(messages, position)
         _require(
-            reason in FINISH_REASONS, f"turn {index + 1} has an unknown finish_reason {reason!r}"
+            position < len(messages) and _is_message(messages[position], "assistant"),
+            f"message {position + 1} must be an assistant message with text content",
         )
-        thinking = record.get("thinking", "")
-        finished = record.get("thinking_finished", True)
-        _require(
-            isinstance(thinking, str) and isinstance(finished, bool),
-            f"turn {index + 1} has a malformed thinking record",
-        )
-        turns.append(Turn(user["content"], assistant["content"], thinking, finished, reason))
+        answer = messages[position]["content"]
+        position += 1
+        turns.append(_turn(index, record, user, answer, results))
+    _require(position == len(messages), "'turns' must have one record per assistant message")
     return turns
+
+
+def _is_message(message: Any, role: str) -> bool:
+    return (
+        isinstance(message, dict)
+        and message.get("role") == role
+        and isinstance(message.get("content"), str)
+    )
+
+
+def _turn_input(messages: list[Any], position: int) -> tuple[str | None, list[ToolResult], int]:
+    """The user message, or the run of tool results, that starts at `position`."""
+    if position < len(messages) and _is_message(messages[position], "user"):
+        return messages[position]["content"], [], position + 1
+    results = []
+    while position < len(messages) and _is_message(messages[position], "tool"):
+        message = messages[position]
+        results.append(ToolResult(message["content"], message.get("tool_call_id")))
+        position += 1
+    _require(bool(results), f"message {position + 1} must be a user message with text content")
+    return None, results, position
+
+
+def _turn(
+    index: int, record: dict, user: str | None, answer: str, results: list[ToolResult]
+) -> Turn:
+    reason = record.get("finish_reason", "stop")
+    _require(reason in FINISH_REASONS, f"turn {index + 1} has an unknown finish_reason {reason!r}")
+    thinking = record.get("thinking", "")
+    finished = record.get("thinking_finished", True)
+    _require(
+        isinstance(thinking, str) and isinstance(finished, bool),
+        f"turn {index + 1} has a malformed thinking record",
+    )
+    calls = record.get("tool_calls", [])
+    _require(isinstance(calls, list), f"turn {index + 1}: 'tool_calls' must be a list")
+    return Turn(
+        user,
+        answer,
+        thinking,
+        finished,
+        reason,
+        tuple(_call(index, call) for call in calls),
+        tuple(results),
+    )
+
+
+def _call(index: int, record: Any) -> ToolCall:
+    fields = ("id", "name", "arguments")
+    _require(
+        isinstance(record, dict) and all(isinstance(record.get(f), str) for f in fields),
+        f"turn {index + 1} has a malformed tool call record",
+    )
+    error = record.get("error")
+    arguments = None
+    if error is None:
+        try:
+            arguments = json.loads(record["arguments"])
+        except json.JSONDecodeError:
+            _require(False, f"turn {index + 1}: tool call {record['id']} has invalid arguments")
+    return ToolCall(record["id"], record["name"], record["arguments"], arguments, error)

@@ -20,7 +20,6 @@ import mlx.core as mx
 import numpy as np
 from checkpoints import write_tokenizer_files
 
-from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.tokenizer import IM_END_ID, IM_START_ID, Tokenizer, load_tokenizer
 
 VOCAB = 151936
@@ -53,7 +52,9 @@ class ScriptedModel:
         self.tokenizer = tokenizer
         self.script = script if callable(script) else (lambda _user: script)
         self.layers = [None] * layers
-        self.args = SimpleNamespace(context_length=context_length, rope_scaling=rope_scaling)
+        self.args = SimpleNamespace(
+            context_length=context_length, rope_scaling=rope_scaling, vocab_size=VOCAB
+        )
         self.contexts: list[list[int]] = []  # the context after every call
         self.fed: list[int] = []  # how many tokens each call ran (prefill, then one per step)
         self.interrupt_after: int | None = None  # raise KeyboardInterrupt on the next call after
@@ -132,4 +133,4 @@ def fixture_tokenizer_folder(variant: str = "qwen3-4b") -> Path:
 @functools.cache
 def load_fixture_tokenizer(variant: str = "qwen3-4b") -> Tokenizer:
     """Our Tokenizer for fixture_tokenizer_folder(variant), loaded once per test session."""
-    return load_tokenizer(fixture_tokenizer_folder(variant), GenerationConfig().eos_token_ids)
+    return load_tokenizer(fixture_tokenizer_folder(variant))

@@ -17,10 +17,10 @@ from qwen3_mlx.chat import Chat, render_prompt
 from qwen3_mlx.errors import ContextOverflowError, HistoryError, SettingsError, TemplateError
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
 from qwen3_mlx.generation_config import GenerationConfig
+from qwen3_mlx.history import Turn
 from qwen3_mlx.limits import MAX_TOKEN_BYTES
 from qwen3_mlx.settings import GreedyThinkingWarning
 from qwen3_mlx.stream import RepetitionGuard
-from qwen3_mlx.transcript import Turn
 
 EMPTY_BLOCK = "<think>\n\n</think>\n\n"
 # The fake's logits leave one choice, so greedy picks the same tokens as sampling would; it skips

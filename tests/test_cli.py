@@ -198,8 +198,8 @@ def test_prompt_json(model_dir: Path) -> None:
     )
     assert result.exit_code == 0, result.stderr
     body = json.loads(result.stdout)
-    assert set(body) == {"model", "thinking", "answer", "finish_reason", "stats"}
-    assert body["finish_reason"] == "length"
+    assert set(body) == {"model", "thinking", "answer", "finish_reason", "tool_calls", "stats"}
+    assert body["finish_reason"] == "length" and body["tool_calls"] == []
     assert body["stats"]["generated_tokens"] == 4
     assert body["stats"]["prompt_tokens"] > 0 and body["stats"]["decode_tokens_per_second"] >= 0
 

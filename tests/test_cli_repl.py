@@ -16,8 +16,8 @@ from qwen3_mlx.cli.render import ReplyView, format_settings, stats_line, thought
 from qwen3_mlx.cli.repl import Repl
 from qwen3_mlx.errors import HistoryError
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+from qwen3_mlx.history import Turn
 from qwen3_mlx.settings import setting_name, validate_setting
-from qwen3_mlx.transcript import Turn
 
 
 def make_result(

@@ -11,7 +11,7 @@ from chat_fakes import ScriptedModel, load_fixture_tokenizer
 
 from qwen3_mlx.chat import Chat, render_prompt
 from qwen3_mlx.generation_config import GenerationConfig
-from qwen3_mlx.transcript import Turn, history_messages
+from qwen3_mlx.history import Turn, history_messages
 
 VARIANTS = ("qwen3-4b", "qwen3-4b-original", "qwen3-4b-thinking-2507")
 

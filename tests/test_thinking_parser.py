@@ -170,7 +170,7 @@ def test_streamed_text_rebuilds_each_section(
     tokens = [token for unit in units for token in UNITS[unit]]
     stream = ReplyStream(tokenizer, phase, {IM_END_ID})
     events = list(stream.run(GeneratedToken(t, 0.01 * i) for i, t in enumerate(tokens)))
-    result = stream.result(stream.finish_reason, 10, 10)
+    result = stream.result(10, 10)
 
     consumed = tokens[: tokens.index(IM_END_ID) + 1] if IM_END_ID in tokens else tokens
     assert stream.tokens == consumed
@@ -199,7 +199,7 @@ def test_text_spelling_close_think_stays_in_the_thinking() -> None:
     ]
     stream = ReplyStream(tokenizer, Phase.START, {IM_END_ID})
     list(stream.run(GeneratedToken(t, 0.0) for t in tokens))
-    result = stream.result(stream.finish_reason, 1, 1)
+    result = stream.result(1, 1)
     assert result.thinking == "Hello</think> world"
     assert result.answer == "Hello</think>"
     assert result.thinking_finished
@@ -210,7 +210,7 @@ def test_reply_cut_by_max_tokens_inside_thinking_is_not_an_answer() -> None:
     tokens = [OPEN, 198, 9707, 1879, 198]
     stream = ReplyStream(tokenizer, Phase.START, {IM_END_ID})
     events = list(stream.run(GeneratedToken(t, 0.1 * i) for i, t in enumerate(tokens)))
-    result = stream.result(stream.finish_reason, 5, 5)
+    result = stream.result(5, 5)
     assert result.finish_reason == "length"
     assert not result.thinking_finished
     assert result.thinking == "Hello world" and result.answer == ""

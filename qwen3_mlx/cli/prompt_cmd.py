@@ -81,7 +81,7 @@ def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool) -> Non
     With hidden thinking and a person at the terminal, a 'thinking…' spinner on stderr shows that
     the model is working; in pipes nothing but the answer is written.
     """
-    from qwen3_mlx.events import AnswerText, ThinkingText
+    from qwen3_mlx.events import AnswerText, ThinkingText, ToolCallEvent
 
     thinking_open = False
     spinner = None
@@ -98,6 +98,12 @@ def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool) -> Non
 
                     spinner = Console(stderr=True).status("thinking…", spinner_style="dim")
                     spinner.start()
+            elif isinstance(event, ToolCallEvent) and not collect_only:
+                # A call is not answer text: it goes to stderr, an invalid one with its error.
+                sys.stderr.write(
+                    ("tool call: " if event.call.valid else "") + event.call.describe()
+                )
+                sys.stderr.write("\n")
             elif isinstance(event, AnswerText) and not collect_only:
                 if spinner is not None:
                     spinner.stop()
@@ -119,6 +125,7 @@ def result_json(result: Any, model_id: str) -> str:
         "thinking": stats.pop("thinking"),
         "answer": stats.pop("answer"),
         "finish_reason": stats.pop("finish_reason"),
+        "tool_calls": stats.pop("tool_calls"),
         "stats": stats,
     }
     return json.dumps(body, ensure_ascii=False, indent=2)

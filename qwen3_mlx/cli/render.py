@@ -11,7 +11,7 @@ from rich.markdown import Markdown
 from rich.segment import Segment
 from rich.text import Text
 
-from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
+from qwen3_mlx.events import AnswerText, ThinkingText, ToolCallEvent, TurnResult
 from qwen3_mlx.settings import SETTINGS
 
 
@@ -187,7 +187,16 @@ class ReplyView:
 
     def feed(self, event: Any) -> None:
         """Show one stream event."""
-        if isinstance(event, ThinkingText):
+        if isinstance(event, ToolCallEvent):
+            self._close_thinking(finished=True)
+            call = event.call
+            style = "cyan" if call.valid else "bold red"
+            line = Text(f"→ {call.describe()}" if call.valid else f"⚠ {call.describe()}", style)
+            if self.live is not None:
+                self.live.console.print(line, highlight=False)
+            else:
+                self.console.print(line, highlight=False)
+        elif isinstance(event, ThinkingText):
             self.thinking_tokens = max(self.thinking_tokens, event.tokens)
             self._on_thinking(event.text)
         elif isinstance(event, AnswerText):

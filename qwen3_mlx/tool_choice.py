@@ -1,0 +1,205 @@
+"""tool_choice and schema-constrained tool arguments, as logits processors.
+
+- `none`: <tool_call> is masked everywhere. The prompt (tools included) stays the same, so the
+  KV cache still holds.
+- `required`, or a named function: once the think block has closed, the reply must open a call
+  (after at most two newline tokens, as Qwen3 writes them); a named choice then has the
+  `{"name": "X", "arguments": ` prefix written for it.
+- constrained arguments: inside a call, llguidance masks every token that would break the
+  tool's JSON schema, the way llama.cpp's lazy grammar does; outside calls nothing is masked.
+
+The processors that follow the reply read each sampled token (one `.item()` per step), which
+costs the overlap of one decode step; tool_choice `auto` without constraints adds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from qwen3_mlx.errors import ToolError
+from qwen3_mlx.thinking import TOOL_CALL_END_ID, TOOL_CALL_START_ID, Part, Phase, ThinkParser
+from qwen3_mlx.tokenizer import IM_END_ID, THINK_START_ID
+
+NEWLINE_IDS = (198, 271)  # "\n" and "\n\n": what Qwen3 writes between </think> and <tool_call>
+
+
+def ban_tool_calls(previous: mx.array | None, logits: mx.array) -> mx.array:
+    """tool_choice none: the <tool_call> token can never be sampled."""
+    return mask_except(logits, None, banned=(TOOL_CALL_START_ID,))
+
+
+def mask_except(
+    logits: mx.array, allowed: Sequence[int] | None, banned: Sequence[int] = ()
+) -> mx.array:
+    """Logits with every token outside `allowed` (or inside `banned`) set to -inf."""
+    vocab = logits.shape[-1]
+    keep = np.zeros(vocab, dtype=bool) if allowed is not None else np.ones(vocab, dtype=bool)
+    if allowed is not None:
+        keep[list(allowed)] = True
+    keep[list(banned)] = False
+    return mx.where(mx.array(keep), logits, -mx.inf)
+
+
+class ArgumentGrammar:
+    """The llguidance grammar of one tool call: `\\n{"name": N, "arguments": <schema>}\\n</tool_call>`.
+
+    Hand-written around the library: llguidance compiles the JSON schemas and computes the masks;
+    this class only says where the call starts and ends in Qwen3's format.
+    """
+
+    _tokenizers: dict[int, Any] = {}  # built once per tokenizer (about a second)
+
+    def __init__(self, tokenizer: Any, tools: Sequence[dict[str, Any]], vocab: int):
+        try:
+            import llguidance
+            import llguidance.hf
+        except ImportError:  # pragma: no cover - a dependency; the message says how to get it
+            raise ToolError("constrained tool arguments need the llguidance package") from None
+        key = id(tokenizer)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = llguidance.hf.from_tokenizer(tokenizer.hf, n_vocab=vocab)
+        self.lltokenizer = self._tokenizers[key]
+        schema = {
+            # Qwen3's own separators and no free whitespace: a constrained call is written the
+            # way the template renders calls back, so the cache prefix holds through the loop.
+            "x-guidance": {
+                "whitespace_flexible": False,
+                "key_separator": ": ",
+                "item_separator": ", ",
+            },
+            "anyOf": [_call_schema(tool["function"]) for tool in tools],
+        }
+        grammar = (
+            f'start: "\\n" call "\\n" <[{TOOL_CALL_END_ID}]>\ncall: %json {json.dumps(schema)}'
+        )
+        self.template = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        if self.template.is_error():
+            raise ToolError(
+                f"a tool's parameters are not a usable JSON schema: {self.template.get_error()}"
+            )
+        self.vocab = vocab
+
+    def matcher(self) -> Any:
+        """A fresh matcher for one call."""
+        return self.template.deep_copy()
+
+    def allowed(self, matcher: Any) -> mx.array | None:
+        """The boolean mask of tokens the schema allows next (None if the matcher gave up)."""
+        import llguidance.numpy as llnp
+
+        if matcher.is_error():
+            return None
+        bits = llnp.allocate_token_bitmask(1, self.lltokenizer.vocab_size)
+        llnp.fill_next_token_bitmask(matcher, bits, 0)
+        keep = np.unpackbits(bits[0].view(np.uint8), bitorder="little")[: self.vocab]
+        return mx.array(keep.astype(bool)) if keep.any() else None
+
+
+def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": function["name"]},
+            "arguments": function.get("parameters") or {"type": "object"},
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+class ToolCallGuide:
+    """A logits processor that follows the reply token by token and steers its tool calls.
+
+    force: None (auto), "required", or a function name. prefix: the token ids a named choice
+    writes after <tool_call>. grammar: schema constraints for the calls' JSON, or None.
+    single: end the reply (<|im_end|>) right after its first call (parallel_tool_calls false).
+    """
+
+    def __init__(
+        self,
+        phase: Phase,
+        *,
+        force: str | None = None,
+        prefix: Sequence[int] = (),
+        grammar: ArgumentGrammar | None = None,
+        single: bool = False,
+    ):
+        self.parser = ThinkParser(phase, tools=True)
+        self.single = single
+        self.force = force
+        self.prefix = list(prefix)
+        self.grammar = grammar
+        self.pending: list[int] = []
+        self.matcher: Any = None
+        self.newlines = 0
+
+    def __call__(self, previous: mx.array | None, logits: mx.array) -> mx.array:
+        if previous is not None:
+            self._advance(int(previous.item()))
+        if self.pending:
+            return mask_except(logits, [self.pending.pop(0)])
+        if self.parser.phase is Phase.CALL and self.matcher is not None:
+            keep = self.grammar.allowed(self.matcher)  # type: ignore[union-attr]
+            return logits if keep is None else mx.where(keep, logits, -mx.inf)
+        if self.force is not None and self.parser.calls == 0 and self.parser.answering:
+            return mask_except(logits, self._opening())
+        if self.single and self.parser.calls and self.parser.answering:
+            return mask_except(logits, [IM_END_ID])
+        return logits
+
+    def _opening(self) -> list[int]:
+        allowed = [TOOL_CALL_START_ID]
+        if self.newlines < 2:
+            allowed += NEWLINE_IDS
+        if self.parser.phase is Phase.START:
+            allowed.append(THINK_START_ID)  # the model may still think first
+        return allowed
+
+    def _advance(self, token: int) -> None:
+        part = self.parser.feed(token)
+        if part is Part.CALL_OPEN:
+            self.matcher = self.grammar.matcher() if self.grammar is not None else None
+            if self.force not in (None, "required") and self.parser.calls == 1:
+                self.pending = list(self.prefix)
+        elif part is Part.CALL and self.matcher is not None:
+            self.matcher.consume_token(token)
+        elif part is Part.CALL_CLOSE:
+            self.matcher = None
+        elif part is Part.ANSWER and token in NEWLINE_IDS:
+            self.newlines += 1
+
+
+def tool_processors(
+    tokenizer: Any,
+    tools: Sequence[dict[str, Any]],
+    choice: str,
+    phase: Phase,
+    vocab: int,
+    *,
+    constrain: bool,
+    grammar_cache: dict[str, ArgumentGrammar],
+    parallel: bool = True,
+) -> list[Callable[[mx.array | None, mx.array], mx.array]]:
+    """The logits processors for one reply's tool_choice (none for plain `auto`)."""
+    if not tools:
+        return []
+    if choice == "none":
+        return [ban_tool_calls]
+    named = [t for t in tools if t["function"]["name"] == choice]
+    grammar = None
+    if constrain:
+        key = json.dumps([named or tools], sort_keys=True)
+        if key not in grammar_cache:
+            grammar_cache[key] = ArgumentGrammar(tokenizer, named or tools, vocab)
+        grammar = grammar_cache[key]
+    if choice == "auto" and grammar is None and parallel:
+        return []
+    force = None if choice == "auto" else choice
+    name = json.dumps(choice, ensure_ascii=False)
+    prefix = tokenizer.encode(f'\n{{"name": {name}, "arguments": ') if named else []
+    return [ToolCallGuide(phase, force=force, prefix=prefix, grammar=grammar, single=not parallel)]
