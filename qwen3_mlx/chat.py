@@ -13,17 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from qwen3_mlx.cache import PromptCache
+from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import ContextOverflowError, HistoryError, TemplateError
 from qwen3_mlx.events import TurnResult
-from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.history import Turn, history_messages
 from qwen3_mlx.limits import min_tokens
 from qwen3_mlx.reply import Reply
-from qwen3_mlx.sampling import build_logits_processors, build_sampler, seed_reply
 from qwen3_mlx.settings import (
     GreedyThinkingWarning,
     effective_settings,
@@ -31,10 +28,9 @@ from qwen3_mlx.settings import (
     validate_overrides,
     validate_setting,
 )
-from qwen3_mlx.stream import RepetitionGuard, ReplyStream
-from qwen3_mlx.thinking import prompt_phase, thinking_active
+from qwen3_mlx.stream import RepetitionGuard
+from qwen3_mlx.thinking import thinking_active
 from qwen3_mlx.tokenizer import IM_END_ID, Tokenizer
-from qwen3_mlx.tool_choice import tool_processors
 from qwen3_mlx.tools import (
     ToolResult,
     check_tools,
@@ -92,13 +88,9 @@ class Chat:
         self._active: Reply | None = None
         self._replies = 0
         self._used: tuple[str, int] = ("", 0)
-        self._tools: list[dict[str, Any]] = []
-        self._tool_choice = "auto"
+        self._tool_setup = ToolSetup(constrain=constrain_arguments, parallel=parallel_tool_calls)
         self.tools = tools or []
         self.tool_choice = tool_choice
-        self.constrain_arguments = constrain_arguments  # schema-constrained call arguments
-        self.parallel_tool_calls = parallel_tool_calls  # False: a reply ends after one call
-        self._grammars: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -146,21 +138,40 @@ class Chat:
     @property
     def tools(self) -> list[dict[str, Any]]:
         """The tools the model may call, in OpenAI's function format (rendered by the template)."""
-        return list(self._tools)
+        return list(self._tool_setup.tools)
 
     @tools.setter
     def tools(self, value: list[dict[str, Any]] | None) -> None:
-        self._tools = check_tools(value)
-        self._tool_choice = tool_choice_name(self._tool_choice, self._tools)
+        setup = self._tool_setup
+        setup.tools = check_tools(value)
+        setup.choice = tool_choice_name(setup.choice, setup.tools)
 
     @property
     def tool_choice(self) -> str:
         """'auto', 'none', 'required', or the name of the function every reply must call."""
-        return self._tool_choice
+        return self._tool_setup.choice
 
     @tool_choice.setter
     def tool_choice(self, value: Any) -> None:
-        self._tool_choice = tool_choice_name(value, self._tools)
+        self._tool_setup.choice = tool_choice_name(value, self._tool_setup.tools)
+
+    @property
+    def constrain_arguments(self) -> bool:
+        """Whether call arguments are held to each tool's JSON schema (llguidance)."""
+        return self._tool_setup.constrain
+
+    @constrain_arguments.setter
+    def constrain_arguments(self, value: bool) -> None:
+        self._tool_setup.constrain = bool(value)
+
+    @property
+    def parallel_tool_calls(self) -> bool:
+        """False: each reply ends after its first tool call."""
+        return self._tool_setup.parallel
+
+    @parallel_tool_calls.setter
+    def parallel_tool_calls(self, value: bool) -> None:
+        self._tool_setup.parallel = bool(value)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -285,7 +296,7 @@ class Chat:
             messages.append({"role": "user", "content": start.user})
         messages += [result.message() for result in start.tool_results]
         prompt = render_prompt(
-            self.tokenizer, messages, thinking=self._thinking, tools=self._tools or None
+            self.tokenizer, messages, thinking=self._thinking, tools=self.tools or None
         )
         if len(prompt) >= self.context_limit:
             scaling = getattr(self.model.args, "rope_scaling", None) or {}
@@ -309,59 +320,39 @@ class Chat:
     def _reply(
         self, start_turn: Turn, kept: list[Turn], prompt: list[int], settings: dict[str, Any]
     ) -> Reply:
-        phase = prompt_phase(prompt)
-        parse_calls = bool(self._tools) and self._tool_choice != "none"
-        stream = ReplyStream(
-            self.tokenizer, phase, self._stop_ids, self.repetition_guard, tools=parse_calls
-        )
-        processors = build_logits_processors(settings) + tool_processors(
-            self.tokenizer,
-            self._tools,
-            self._tool_choice,
-            phase,
-            self.model.args.vocab_size,
-            constrain=self.constrain_arguments,
-            grammar_cache=self._grammars,
-            parallel=self.parallel_tool_calls,
-        )
-        reused = 0
-
-        def start() -> Any:
-            nonlocal reused
+        def on_start() -> None:
             self._turns = kept  # a retry drops the old reply only now that the new one starts
-            reused = self.cache.reuse(prompt)
-            seed_reply(settings["seed"], self._replies)
             self._replies += 1
-            mx.reset_peak_memory()
-            return generate_tokens(
-                self.model,
-                prompt[reused:],
-                self.cache.cache,
-                sampler=build_sampler(settings),
-                logits_processors=processors,
-                max_tokens=min(int(settings["max_tokens"]), self.context_limit - len(prompt)),
-            )
 
-        def settle(stream: ReplyStream, started: bool) -> TurnResult:
+        def on_end(result: TurnResult, started: bool) -> None:
             if self._active is reply:
                 self._active = None
-            if not started:
-                return stream.result(len(prompt), 0)
-            self.cache.settle(prompt + stream.tokens)
-            result = stream.result(len(prompt), len(prompt) - reused)
-            self._turns.append(
-                replace(
-                    start_turn,
-                    answer=result.answer,
-                    thinking=result.thinking,
-                    thinking_finished=result.thinking_finished,
-                    finish_reason=result.finish_reason,
-                    tool_calls=result.tool_calls,
+            if started:
+                self._turns.append(
+                    replace(
+                        start_turn,
+                        answer=result.answer,
+                        thinking=result.thinking,
+                        thinking_finished=result.thinking_finished,
+                        finish_reason=result.finish_reason,
+                        tool_calls=result.tool_calls,
+                    )
                 )
-            )
-            return result
 
-        reply = Reply(stream, start, settle)
+        reply = start_reply(
+            self.model,
+            self.tokenizer,
+            self.cache,
+            prompt,
+            settings,
+            stop_ids=self._stop_ids,
+            context_limit=self.context_limit,
+            tools=self._tool_setup,
+            repetition_guard=self.repetition_guard,
+            seed_index=self._replies,
+            on_start=on_start,
+            on_end=on_end,
+        )
         return reply
 
 

@@ -1,0 +1,102 @@
+"""One reply from a prompt and a KV cache: the generation pipeline every front end shares.
+
+Chat (the REPL and `prompt`) and the server both come here with a rendered prompt, a PromptCache
+and the settings of the reply; this module wires the stream (think and tool-call split), the
+sampler, the logits processors (penalties, tool_choice, schema constraints) and the token
+generator into a Reply. Keeping history, or choosing which cache serves a prompt, is the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from qwen3_mlx.cache import PromptCache
+from qwen3_mlx.events import TurnResult
+from qwen3_mlx.generate import generate_tokens
+from qwen3_mlx.reply import Reply
+from qwen3_mlx.sampling import build_logits_processors, build_sampler, seed_reply
+from qwen3_mlx.stream import RepetitionGuard, ReplyStream
+from qwen3_mlx.thinking import prompt_phase
+from qwen3_mlx.tool_choice import tool_processors
+
+
+@dataclass
+class ToolSetup:
+    """The tools of a reply and how calls are steered (see tool_choice.py)."""
+
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    choice: str = "auto"  # "auto", "none", "required" or a function name
+    constrain: bool = False  # schema-constrained arguments (llguidance)
+    parallel: bool = True  # False: the reply ends after its first call
+    grammars: dict[str, Any] = field(default_factory=dict)  # compiled grammars, kept for reuse
+
+    @property
+    def parses_calls(self) -> bool:
+        """Whether calls are split out of the reply at all."""
+        return bool(self.tools) and self.choice != "none"
+
+
+def start_reply(
+    model: Any,
+    tokenizer: Any,
+    cache: PromptCache,
+    prompt: list[int],
+    settings: dict[str, Any],
+    *,
+    stop_ids: Iterable[int],
+    context_limit: int,
+    tools: ToolSetup | None = None,
+    repetition_guard: RepetitionGuard | None = None,
+    seed_index: int = 0,
+    on_start: Callable[[], None] = lambda: None,
+    on_end: Callable[[TurnResult, bool], None] = lambda result, started: None,
+) -> Reply:
+    """A Reply for `prompt`; nothing runs until it is iterated.
+
+    on_start runs when generation begins; on_end gets the result (and whether anything ran) when
+    the reply ends or is closed, after the cache has been settled to what it really holds.
+    """
+    tools = tools or ToolSetup()
+    phase = prompt_phase(prompt)
+    stream = ReplyStream(tokenizer, phase, stop_ids, repetition_guard, tools=tools.parses_calls)
+    processors = build_logits_processors(settings) + tool_processors(
+        tokenizer,
+        tools.tools,
+        tools.choice,
+        phase,
+        model.args.vocab_size,
+        constrain=tools.constrain,
+        grammar_cache=tools.grammars,
+        parallel=tools.parallel,
+    )
+    reused = 0
+
+    def start() -> Any:
+        nonlocal reused
+        on_start()
+        reused = cache.reuse(prompt)
+        seed_reply(settings["seed"], seed_index)
+        mx.reset_peak_memory()
+        return generate_tokens(
+            model,
+            prompt[reused:],
+            cache.cache,
+            sampler=build_sampler(settings),
+            logits_processors=processors,
+            max_tokens=min(int(settings["max_tokens"]), context_limit - len(prompt)),
+        )
+
+    def settle(stream: ReplyStream, started: bool) -> TurnResult:
+        if not started:
+            result = stream.result(len(prompt), 0)
+        else:
+            cache.settle(prompt + stream.tokens)
+            result = stream.result(len(prompt), len(prompt) - reused)
+        on_end(result, started)
+        return result
+
+    return Reply(stream, start, settle)
