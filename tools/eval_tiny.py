@@ -52,14 +52,71 @@ def latest_switch_example(rng: random.Random, task: str) -> Example:
 
 SETS["latest switch (3 turns)"] = latest_switch_example
 
+# Tool sets: the i-th example of each rotates thinking, /no_think and enable_thinking=False.
+MODES = (
+    {},
+    {"switches": ("/no_think",)},
+    {"enable_thinking": False},
+)
+WITH_LOOKUP = (("lookup",), ("lookup", "word_count"), ("word_count", "lookup"))
+WITH_WORD_COUNT = (("word_count",), ("lookup", "word_count"), ("word_count", "lookup"))
 
-def build_sets(n: int, seed: int) -> dict[str, list[Example]]:
+
+def _tool_set(task: str, tool_sets: tuple, after_result: bool) -> Callable:
+    def build(rng: random.Random, index: int) -> Example:
+        return tiny_data.make_example(
+            rng,
+            held_out=True,
+            task=task,
+            tools=rng.choice(tool_sets),
+            after_result=after_result,
+            **MODES[index % len(MODES)],
+        )
+
+    return build
+
+
+def _no_fit(rng: random.Random, index: int) -> Example:
+    """Tools given, none fits: a word task, a count with only lookup, a lookup with word_count."""
+    task, tool_sets = rng.choice(
+        [
+            ("copy", WITH_LOOKUP + WITH_WORD_COUNT),
+            ("reverse", WITH_LOOKUP + WITH_WORD_COUNT),
+            ("sort", WITH_LOOKUP + WITH_WORD_COUNT),
+            ("count", (("lookup",),)),
+            ("lookup", (("word_count",),)),
+        ]
+    )
+    return _tool_set(task, tool_sets, False)(rng, index)
+
+
+def _no_tools(rng: random.Random, index: int) -> Example:
+    """No tools given: a secret-word question (refused) or a count question."""
+    task = "lookup" if index % 2 == 0 else "count"
+    return tiny_data.make_example(rng, held_out=True, task=task, **MODES[index % len(MODES)])
+
+
+TOOL_SETS: dict[str, Callable[[random.Random, int], Example]] = {
+    "call lookup": _tool_set("lookup", WITH_LOOKUP, False),
+    "call word_count": _tool_set("count", WITH_WORD_COUNT, False),
+    "answer after lookup result": _tool_set("lookup", WITH_LOOKUP, True),
+    "answer after word_count result": _tool_set("count", WITH_WORD_COUNT, True),
+    "tools given, none fits": _no_fit,
+    "no tools, secret word or count": _no_tools,
+}
+NO_TOOL_SETS = (*SETS, "no tools, secret word or count")
+
+
+def build_sets(n: int, seed: int, tools: bool = True) -> dict[str, list[Example]]:
     """n held-out examples per set, deterministic in the seed."""
     rng = random.Random(seed)
-    return {
+    sets = {
         name: [builder(rng, tiny_data.TASKS[i % len(tiny_data.TASKS)]) for i in range(n)]
         for name, builder in SETS.items()
     }
+    if tools:
+        sets.update({name: [build(rng, i) for i in range(n)] for name, build in TOOL_SETS.items()})
+    return sets
 
 
 # ---------------------------------------------------------------- generation backends
@@ -155,11 +212,12 @@ def qwen3_mlx_generator(path: Path, compute_dtype: str = "auto") -> Callable:
 class Scored:
     """Per-reply verdicts for one example."""
 
-    exact: bool
+    exact: bool  # the exact answer, or for a call the right tool with exact arguments
     structure: bool
     stopped: bool
     length: int
     task: str
+    called: bool  # any <tool_call> after the think block
 
 
 @dataclass
@@ -186,9 +244,15 @@ def score(tokenizer, example: Example, reply: list[int]) -> Scored:
     if example.enable_thinking:
         structure = structure and reply[:1] == [THINK_ID] and reply.count(END_THINK_ID) == 1
     stopped = reply[-1:] == [IM_END_ID] and len(reply) <= MAX_TOKENS // 2
-    return Scored(
-        answer == example.problem.answer, structure, stopped, len(reply), example.problem.task
-    )
+    calls = tiny_data.parse_tool_calls(reply, tokenizer)
+    if example.problem.call is None:
+        exact = answer == example.problem.answer and not calls
+        task = example.problem.task
+    else:
+        name, arguments = example.problem.call
+        exact = [parsed for _, parsed in calls] == [{"name": name, "arguments": arguments}]
+        task = "call " + name
+    return Scored(exact, structure, stopped, len(reply), task, bool(calls))
 
 
 def run_sets(
@@ -245,15 +309,29 @@ def report(results: dict, extras: list[str]) -> str:
     """The markdown table of every measured cell."""
     lines = ["| check | value | target | |", "| --- | ---: | ---: | --- |"]
     for (backend, mode), tallies in results.items():
+        target = 0.95 if mode == "greedy" else 0.90
+        if backend == "mlx-lm 4-bit":
+            target = 0.90
         for name, tally in tallies.items():
-            target = 0.95 if mode == "greedy" else 0.90
-            if backend == "mlx-lm 4-bit":
-                target = 0.90
-            lines.append(
-                row(f"{backend} {mode}: exact answer, {name}", tally.rate("exact"), target)
-            )
+            label = "right tool, exact arguments" if name.startswith("call") else "exact answer"
+            lines.append(row(f"{backend} {mode}: {label}, {name}", tally.rate("exact"), target))
         everything = [item for tally in tallies.values() for item in tally.items]
         merged = Tally(everything)
+        no_tools = Tally([item for name in NO_TOOL_SETS for item in tallies[name].items])
+        lines.append(
+            row(
+                f"{backend} {mode}: no call when no tool is given",
+                1 - no_tools.rate("called"),
+                0.98 if backend != "mlx-lm 4-bit" else 0.90,
+            )
+        )
+        lines.append(
+            row(
+                f"{backend} {mode}: no call when tools are given but none fits",
+                1 - tallies["tools given, none fits"].rate("called"),
+                None,
+            )
+        )
         lines.append(
             row(
                 f"{backend} {mode}: think-block structure, all sets",
@@ -278,7 +356,7 @@ def per_task(results: dict) -> str:
     for (backend, mode), tallies in results.items():
         items = [item for tally in tallies.values() for item in tally.items]
         rates = []
-        for task in tiny_data.TASKS:
+        for task in dict.fromkeys(item.task for item in items):
             chosen = [item.exact for item in items if item.task == task]
             rates.append(f"{task} {100 * sum(chosen) / max(1, len(chosen)):.0f}%")
         longest = max(item.length for item in items)

@@ -92,10 +92,10 @@ def build_batches(
 ) -> list[tuple]:
     """Draw `pool` batches' worth of examples and group them by length to cut padding."""
     encoded = [
-        tiny_data.encode_example(tokenizer, tiny_data.sample_training_example(rng, stage))
+        tiny_data.training_sequence(tokenizer, tiny_data.sample_training_example(rng, stage))
         for _ in range(batch_size * pool)
     ]
-    encoded.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+    encoded.sort(key=lambda pair: len(pair[0]))
     batches = [
         collate(encoded[start : start + batch_size]) for start in range(0, len(encoded), batch_size)
     ]
@@ -103,19 +103,19 @@ def build_batches(
     return batches
 
 
-def collate(encoded: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
+def collate(encoded: list[tuple[list[int], list[tuple[int, int]]]]) -> tuple[torch.Tensor, ...]:
     """Right-padded ids plus (row, position) of every hidden state that predicts a reply token."""
-    length = max(len(p) + len(c) for p, c in encoded)
+    length = max(len(sequence) for sequence, _ in encoded)
     ids = torch.full((len(encoded), length), tiny_data.ENDOFTEXT_ID, dtype=torch.long)
     rows, positions, targets = [], [], []
-    for row, (prompt, completion) in enumerate(encoded):
-        sequence = prompt + completion
+    for row, (sequence, spans) in enumerate(encoded):
         ids[row, : len(sequence)] = torch.tensor(sequence)
         # Causal attention: right padding never reaches a real token, so no mask is needed.
-        for offset, token in enumerate(completion):
-            rows.append(row)
-            positions.append(len(prompt) + offset - 1)
-            targets.append(token)
+        for start, end in spans:
+            for position in range(start, end):
+                rows.append(row)
+                positions.append(position - 1)
+                targets.append(sequence[position])
     return ids, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets)
 
 
@@ -128,9 +128,12 @@ def data_vocabulary(tokenizer, rng: random.Random, samples: int = 4000) -> torch
         )
         seen.update(prompt)
         seen.update(completion)
-    for task in tiny_data.TASKS:  # held-out questions use the same tokens; make sure
+    for task in (*tiny_data.TASKS, "lookup"):  # held-out questions use the same tokens; make sure
         for _ in range(50):
-            example = tiny_data.make_example(rng, held_out=True, task=task)
+            tools = rng.choice(((), ("lookup", "word_count")))
+            example = tiny_data.make_example(
+                rng, held_out=True, task=task, tools=tools, after_result=rng.random() < 0.5
+            )
             seen.update(sum(tiny_data.encode_example(tokenizer, example), []))
     return torch.tensor(sorted(seen))
 
@@ -249,7 +252,7 @@ def train(args: argparse.Namespace) -> Qwen3ForCausalLM:
         for group in optimizer.param_groups:
             group["lr"] = lr
         if not batches:
-            stage = 1 if step < args.copy_steps else 2
+            stage = 1 if step < args.copy_steps else 2 if step < args.tools_from else 3
             batches = build_batches(tokenizer, rng, args.batch_size, stage)
         batch = batches.pop()
         negatives = torch.randint(0, vocab_size, (args.negatives,), generator=generator)
@@ -304,12 +307,15 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1700)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=60)
     parser.add_argument(
         "--copy-steps", type=int, default=300, help="curriculum: copy/reverse first"
+    )
+    parser.add_argument(
+        "--tools-from", type=int, default=700, help="curriculum: tool conversations from this step"
     )
     parser.add_argument(
         "--negatives", type=int, default=8192, help="sampled vocabulary rows per step"
