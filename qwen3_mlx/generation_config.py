@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_mlx.errors import ConfigError, Qwen3Error
+from qwen3_mlx.settings import validate_setting
 
 # The Qwen3 model card's recommendations.
 THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
@@ -58,8 +59,6 @@ def read_generation_file(path: Path) -> dict[str, Any]:
 
 
 def _sampling_value(path: Path, name: str, value: Any) -> Any:
-    from qwen3_mlx.settings import validate_setting  # settings imports this module
-
     try:
         return validate_setting(name, value)
     except Qwen3Error as error:

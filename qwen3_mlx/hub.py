@@ -116,15 +116,18 @@ def hub_errors(repo_id: str, failed: str) -> Iterator[None]:
         raise ModelNotFoundError(
             f"{repo_id}: no such Hugging Face repo (or it is private)"
         ) from None
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, httpx2.TimeoutException) as error:
+        # snapshot_download turns a timeout into "not in the cache", keeping it as the cause.
+        if isinstance(error, httpx2.TimeoutException) or isinstance(
+            error.__cause__, httpx2.TimeoutException
+        ):
+            raise ModelNotFoundError(
+                f"{repo_id}: {failed}: the Hugging Face Hub ({constants.ENDPOINT}) did not answer "
+                f"within {hub_timeout():g} s (a stalled proxy?); set HF_HUB_DOWNLOAD_TIMEOUT to "
+                "wait longer, or HF_HUB_OFFLINE=1 to use the cache only"
+            ) from None
         raise ModelNotFoundError(
             f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline?)"
-        ) from None
-    except httpx2.TimeoutException:
-        raise ModelNotFoundError(
-            f"{repo_id}: {failed}: the Hugging Face Hub ({constants.ENDPOINT}) did not answer "
-            f"within {hub_timeout():g} s (a stalled proxy?); set HF_HUB_DOWNLOAD_TIMEOUT to wait "
-            "longer, or HF_HUB_OFFLINE=1 to use the cache only"
         ) from None
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as error:
         raise ModelNotFoundError(f"{repo_id}: {failed} ({type(error).__name__}: {error})") from None

@@ -183,6 +183,9 @@ def load(
 ) -> tuple[Model, Tokenizer, GenerationConfig]:
     """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id."""
     model_dir = resolve_model_path(path_or_repo)
+    # transformers reads config.json too, on the tokenizer's thread, and grinds for minutes over
+    # a 10,000,000-layer one: the config is checked before that thread starts.
+    ModelArgs.from_dict(read_config(model_dir), str(model_dir / "config.json"))
     hf_tokenizer = read_hf_tokenizer_in_background(model_dir)  # overlaps the weight reads
     model, config = load_model(
         model_dir,
