@@ -20,6 +20,7 @@ from qwen3_mlx.config import read_config
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.quant import read_quantization
 from qwen3_mlx.safetensors_check import read_header
+from qwen3_mlx.sizes import format_size
 
 INDEX_NAME = "model.safetensors.index.json"
 _HEADROOM = 16 * 2**20  # config, tokenizer and headers on top of the tensor bytes
@@ -123,7 +124,7 @@ def write_model_card(
         f"| quantization | affine, group-wise |\n"
         f"| bits | {bits} |\n| group size | {spec.group_size} |\n| recipe | {spec.recipe} |\n"
         f"| scales, biases and norms | {plan.dtype_name} |\n"
-        f"| size | {_size_text(size)} ({8 * size / plan.parameters:.2f} bits per weight) |\n\n"
+        f"| size | {format_size(size)} ({8 * size / plan.parameters:.2f} bits per weight) |\n\n"
         "Loads in qwen3-mlx, mlx-lm (`mlx_lm.generate --model <folder>`) and LM Studio.\n"
     )
     try:
@@ -139,13 +140,6 @@ def readable(name: str | Path) -> str:
     # Linux file names are bytes; Python keeps undecodable ones as lone surrogates, which cannot be
     # written to a UTF-8 file or handed to MLX.
     return os.fsencode(name).decode("utf-8", errors="replace")
-
-
-def _size_text(count: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
-        if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return f"{count / 1e3:.1f} kB"
 
 
 def _is_repo_id(name: str) -> bool:

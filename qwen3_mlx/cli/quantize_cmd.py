@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from qwen3_mlx.cli.guard import EXIT_INTERRUPT, EXIT_USAGE, error_line, reported_errors
+from qwen3_mlx.sizes import format_size
 
 if TYPE_CHECKING:
     from quantize import ConversionProgress, ConversionResult, VerifyReport
@@ -217,10 +218,6 @@ def _progress_bar() -> Iterator[Any]:
         yield on_progress
 
 
-def _size(count: int) -> str:
-    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.2f} MB"
-
-
 def summary_lines(result: ConversionResult) -> list[str]:
     """What was written: where, how, size before and after, bits per weight, time."""
     spec = result.spec
@@ -229,7 +226,7 @@ def summary_lines(result: ConversionResult) -> list[str]:
     return [
         f"Wrote {result.output} ({shards}, {result.tensors} tensors)",
         f"  quantization  {how}, group size {spec.group_size}, {result.dtype} scales and norms",
-        f"  size          {_size(result.source_bytes)} -> {_size(result.output_bytes)} "
+        f"  size          {format_size(result.source_bytes)} -> {format_size(result.output_bytes)} "
         f"({result.bits_per_weight:.2f} bits per weight)",
         f"  time          {result.seconds:.1f} s",
     ]
