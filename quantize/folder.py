@@ -18,6 +18,7 @@ from quantize.errors import ConversionError
 from quantize.plan import Plan
 from qwen3_mlx.config import read_config
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.hub import is_repo_id
 from qwen3_mlx.quant import read_quantization
 from qwen3_mlx.safetensors_check import read_header
 from qwen3_mlx.sizes import format_size
@@ -109,7 +110,8 @@ def write_model_card(
     """A short README.md saying how the folder was made."""
     spec = plan.spec
     title, source_label = readable(title), readable(source_label)
-    base_model = f"base_model: {source_label}\n" if _is_repo_id(source_label) else ""
+    is_repo = is_repo_id(source_label) and not Path(source_label).exists()
+    base_model = f"base_model: {source_label}\n" if is_repo else ""
     if spec.recipe == "mixed_4_6":
         bits = "4, with 6 for v_proj and down_proj in the first and last eighth of the layers and for the output embedding"
     else:
@@ -140,13 +142,3 @@ def readable(name: str | Path) -> str:
     # Linux file names are bytes; Python keeps undecodable ones as lone surrogates, which cannot be
     # written to a UTF-8 file or handed to MLX.
     return os.fsencode(name).decode("utf-8", errors="replace")
-
-
-def _is_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return (
-        not name.startswith((".", "/", "~"))
-        and len(parts) == 2
-        and all(parts)
-        and not Path(name).exists()
-    )

@@ -20,13 +20,14 @@ from mlx.utils import tree_flatten
 from quantize.errors import ConversionError
 from quantize.tensor_io import FP8_DTYPES, WRITE_DTYPES, OutputTensor, SourceTensor, source_tensors
 from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.dtypes import COMPUTE_DTYPES
 from qwen3_mlx.errors import CheckpointError, QuantizationError
 from qwen3_mlx.fp8 import fp8_block_size
 from qwen3_mlx.loading import weight_files
 from qwen3_mlx.model import Model
 from qwen3_mlx.quant import QuantSpec, quantize_model, write_quantization
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = COMPUTE_DTYPES  # the one table of dtypes a model may be written in
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 

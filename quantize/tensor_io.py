@@ -115,10 +115,6 @@ class SourceReader:
         raw = mx.array(np.frombuffer(data, dtype=np.uint8))
         return raw.view(READ_DTYPES[tensor.dtype]).reshape((stop - start,) + tensor.shape[1:])
 
-    def whole(self, tensor: SourceTensor) -> mx.array:
-        """The whole (small) tensor."""
-        return self.rows(tensor, 0, tensor.rows).reshape(tensor.shape)
-
     def close(self) -> None:
         """Close every open source file."""
         for fd in self._files.values():

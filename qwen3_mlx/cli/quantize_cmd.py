@@ -113,8 +113,11 @@ def _parse_options(
     try:
         if recipe == "mixed_4_6" and bits not in (None, 4):
             raise ValueError("--recipe mixed_4_6 sets the bits itself (4 and 6); leave out --bits")
-        if dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"unknown dtype {dtype!r}: choose one of bfloat16, float16, float32")
+        from qwen3_mlx.dtypes import COMPUTE_DTYPES
+
+        if dtype not in COMPUTE_DTYPES:
+            names = ", ".join(COMPUTE_DTYPES)
+            raise ValueError(f"unknown dtype {dtype!r}: choose one of {names}")
         from quantize.plan import parse_size
 
         return QuantSpec(
