@@ -27,12 +27,30 @@ def chat_command(ctx: typer.Context, session: o.SessionOptions) -> None:
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.cli.render import print_header
         from qwen3_mlx.cli.repl import Repl
+        from qwen3_mlx.cli.tool_steps import open_tool_session, terminal_asker
 
-        with loading(spec.model):
-            chat = spec.open_chat()
-        console = Console(highlight=False)
-        interactive = sys.stdin.isatty() and sys.stdout.isatty()
-        if interactive:
-            print_header(console, chat, __version__)
-        reader = terminal_reader(history_path()) if interactive else pipe_reader()
-        Repl(chat, console, reader, show_thinking=spec.show_thinking).run()
+        # The servers start while the model loads; both can take seconds.
+        tools = open_tool_session(spec)
+        try:
+            with loading(spec.model):
+                chat = spec.open_chat()
+            for problem in tools.wait_started(chat) if tools is not None else []:
+                print(f"Warning: {problem}", file=sys.stderr, flush=True)
+            console = Console(highlight=False)
+            interactive = sys.stdin.isatty() and sys.stdout.isatty()
+            if interactive:
+                summary = tools.summary() if tools is not None else None
+                print_header(console, chat, __version__, tools=summary)
+            reader = terminal_reader(history_path()) if interactive else pipe_reader()
+            ask_line = terminal_asker() if interactive and tools is not None else None
+            Repl(
+                chat,
+                console,
+                reader,
+                show_thinking=spec.show_thinking,
+                tools=tools,
+                ask_line=ask_line,
+            ).run()
+        finally:
+            if tools is not None:
+                tools.manager.close()

@@ -32,13 +32,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "context": ("/context", "tokens used of the context window"),
     "stats": ("/stats", "details of the last reply: tokens, speed, memory"),
     "thinking": ("/thinking show|hide", "show the reasoning in full, or collapse it to one line"),
+    "tools": ("/tools [off|on]", "list the MCP tools with their descriptions, or switch them"),
     "exit": ("/exit", "leave (also Ctrl-D)"),
 }
 ALIASES = {"quit": "exit", "q": "exit", "?": "help", "nothink": "no_think"}
 
 THINKING_VIEWS = ("show", "hide")
+TOOLS_SWITCH = ("off", "on")
 NEEDS_ARGUMENT = {"load", "set", "thinking"}
-TAKES_ARGUMENT = NEEDS_ARGUMENT | {"system", "save"}
+TAKES_ARGUMENT = NEEDS_ARGUMENT | {"system", "save", "tools"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,9 @@ def parse_line(line: str) -> Action:
         return _parse_set(rest)
     if name == "thinking" and rest.lower() not in THINKING_VIEWS:
         return hint(f"Usage: {COMMANDS['thinking'][0]}")
-    if name == "thinking":
+    if name == "tools" and rest and rest.lower() not in TOOLS_SWITCH:
+        return hint(f"Usage: {COMMANDS['tools'][0]}")
+    if name in ("thinking", "tools"):
         rest = rest.lower()
     return Action("command", name=name, argument=rest)
 
@@ -135,4 +139,6 @@ def completions(text_before_cursor: str) -> list[str]:
         choices = tuple(SETTINGS)
     elif name == "thinking":
         choices = THINKING_VIEWS
+    elif name == "tools":
+        choices = TOOLS_SWITCH
     return [choice for choice in choices if choice.startswith(rest.lower())]

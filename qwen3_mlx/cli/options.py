@@ -20,6 +20,7 @@ from qwen3_mlx.settings import SETTINGS, Setting
 SESSION = "Model and session"
 YARN_DEFAULT_FACTOR = 4.0
 SAMPLING = "Sampling (defaults: the model's preset for the current mode)"
+TOOLS = "MCP tools"
 
 
 class RopeScaling(str, Enum):
@@ -35,6 +36,13 @@ class ComputeDtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class ToolsMode(str, Enum):
+    """Whether the configured MCP servers start (none: off for this run)."""
+
+    auto = "auto"
+    none = "none"
 
 
 ModelOption = Annotated[
@@ -117,6 +125,46 @@ ComputeDtypeOption = Annotated[
     ),
 ]
 
+McpConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--mcp-config",
+        metavar="FILE",
+        dir_okay=False,
+        show_default=False,
+        help='MCP servers to use as tools: a {"mcpServers": {...}} JSON file [default: mcp_config in config.toml].',
+        rich_help_panel=TOOLS,
+    ),
+]
+ToolsOption = Annotated[
+    ToolsMode,
+    typer.Option(
+        "--tools",
+        metavar="auto|none",
+        help="none: start no MCP server this run.",
+        rich_help_panel=TOOLS,
+    ),
+]
+YesOption = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        help="Run every tool call without asking (otherwise only mcp_allow tools run unasked).",
+        rich_help_panel=TOOLS,
+    ),
+]
+MaxToolStepsOption = Annotated[
+    int,
+    typer.Option(
+        "--max-tool-steps",
+        metavar="N",
+        min=1,
+        help="Stop a tool loop after N rounds of calls.",
+        rich_help_panel=TOOLS,
+    ),
+]
+
 
 def _setting_checker(setting: Setting) -> Any:
     def check(value: Any) -> Any:
@@ -190,6 +238,11 @@ class SessionSpec:
     sampling: dict[str, Any] = field(default_factory=dict)
     rope_scaling: dict[str, Any] | None = None
     compute_dtype: str = "auto"
+    mcp_config: Path | None = None
+    mcp_allow: list[str] = field(default_factory=list)
+    tools_enabled: bool = True
+    yes: bool = False
+    max_tool_steps: int = 8
 
     def open_chat(self) -> Any:
         """Load the model and start a Chat (imports MLX and the model code only now)."""
@@ -219,6 +272,10 @@ SESSION_PARAMETERS = [
         ("rope_scaling", RopeScalingOption, None),
         ("rope_factor", RopeFactorOption, None),
         ("compute_dtype", ComputeDtypeOption, ComputeDtype.auto),
+        ("mcp_config", McpConfigOption, None),
+        ("tools", ToolsOption, ToolsMode.auto),
+        ("yes", YesOption, False),
+        ("max_tool_steps", MaxToolStepsOption, 8),
     )
 ]
 
@@ -231,9 +288,10 @@ class SessionOptions:
 
     def spec(self) -> SessionSpec:
         """The SessionSpec they describe (usage errors raise typer.BadParameter)."""
-        from qwen3_mlx.cli.user_config import resolve_model
+        from qwen3_mlx.cli.user_config import mcp_settings, resolve_model
 
         values = self.values
+        mcp_config, mcp_allow = mcp_settings(values["mcp_config"])
         rope = rope_scaling_block(values["rope_scaling"], values["rope_factor"])
         system = system_prompt(values["system"], values["system_file"])
         return SessionSpec(
@@ -244,6 +302,11 @@ class SessionOptions:
             sampling={name: values[name] for name in SETTINGS if values[name] is not None},
             rope_scaling=rope,
             compute_dtype=values["compute_dtype"].value,
+            mcp_config=mcp_config,
+            mcp_allow=mcp_allow,
+            tools_enabled=values["tools"] is not ToolsMode.none,
+            yes=values["yes"],
+            max_tool_steps=values["max_tool_steps"],
         )
 
 

@@ -117,8 +117,8 @@ def stream_reply(events: Any, *, show_thinking: bool, collect_only: bool) -> Non
             spinner.stop()
 
 
-def result_json(result: Any, model_id: str) -> str:
-    """The --json object for one reply."""
+def result_json(result: Any, model_id: str, tool_steps: list | None = None) -> str:
+    """The --json object for one reply (the last of a tool loop, with the loop's steps)."""
     stats = asdict(result)
     body = {
         "model": model_id,
@@ -128,6 +128,8 @@ def result_json(result: Any, model_id: str) -> str:
         "tool_calls": stats.pop("tool_calls"),
         "stats": stats,
     }
+    if tool_steps is not None:
+        body["tool_steps"] = tool_steps
     return json.dumps(body, ensure_ascii=False, indent=2)
 
 
@@ -146,26 +148,42 @@ def prompt_command(
         if transcript is not None:
             transcript = user_path(transcript)
             check_writable(transcript)  # before the reply: never make anyone wait for nothing
-        from qwen3_mlx.cli.loading_status import loading
+        from qwen3_mlx.cli.tool_steps import open_tool_session
 
-        with loading(spec.model):
-            chat = spec.open_chat()
-        if transcript is not None and transcript.exists():
-            chat.load(transcript)
-            # Flags given now win over what the transcript recorded.
-            if spec.system is not None:
-                chat.system = spec.system
-            if not spec.thinking:
-                chat.thinking = False
-            for name, value in spec.sampling.items():
-                chat.set(name, value)
-        result = _run_turn(chat, message, spec.show_thinking, json_output)
-        interrupted = result is None or result.finish_reason == "interrupted"
-        if transcript is not None and not interrupted:
-            chat.save(transcript)
-        if interrupted:
-            print("interrupted", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPT)
+        tools = open_tool_session(spec)  # the servers start while the model loads
+        try:
+            _answer(spec, tools, message, json_output, transcript)
+        finally:
+            if tools is not None:
+                tools.manager.close()
+
+
+def _answer(
+    spec: Any, tools: Any, message: str, json_output: bool, transcript: Path | None
+) -> None:
+    """Load the model, run the turn (and its tool loop) and save the transcript."""
+    from qwen3_mlx.cli.loading_status import loading
+
+    with loading(spec.model):
+        chat = spec.open_chat()
+    for problem in tools.wait_started(chat) if tools is not None else []:
+        print(f"Warning: {problem}", file=sys.stderr, flush=True)
+    if transcript is not None and transcript.exists():
+        chat.load(transcript)
+        # Flags given now win over what the transcript recorded.
+        if spec.system is not None:
+            chat.system = spec.system
+        if not spec.thinking:
+            chat.thinking = False
+        for name, value in spec.sampling.items():
+            chat.set(name, value)
+    result = _run_turn(chat, message, spec.show_thinking, json_output, tools)
+    interrupted = result is None or result.finish_reason == "interrupted"
+    if transcript is not None and not interrupted:
+        chat.save(transcript)
+    if interrupted:
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPT)
 
 
 @contextmanager
@@ -181,8 +199,10 @@ def stdout_errors() -> Iterator[None]:
         raise Qwen3Error(f"cannot write to stdout ({error.strerror or error})") from None
 
 
-def _run_turn(chat: Any, message: str, show_thinking: bool, json_output: bool) -> Any:
-    """Stream one reply and return its TurnResult (finish_reason 'interrupted' after Ctrl-C)."""
+def _run_turn(
+    chat: Any, message: str, show_thinking: bool, json_output: bool, tools: Any = None
+) -> Any:
+    """Stream one reply and its tool loop; return the last TurnResult ('interrupted' after Ctrl-C)."""
     try:
         reply = chat.send(message)
     except ContextOverflowError as error:
@@ -191,16 +211,52 @@ def _run_turn(chat: Any, message: str, show_thinking: bool, json_output: bool) -
             ways += " or add --rope-scaling yarn --rope-factor 4 for 4x the context"
         raise Qwen3Error(f"{error}: {ways}") from None
     with stdout_errors():
-        try:
-            stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
-        except KeyboardInterrupt:
-            reply.close()  # Chat records the partial reply, marked interrupted
-            # the text held back when it stopped
-            stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
-        result = reply.result
+        result = _stream(reply, show_thinking, json_output)
+        steps: list[list[dict[str, Any]]] | None = [] if tools is not None else None
+        while tools is not None and result.finish_reason == "tool_calls":
+            if len(steps) >= tools.max_steps:
+                print(
+                    f"stopped after {len(steps)} tool steps (--max-tool-steps {tools.max_steps})",
+                    file=sys.stderr,
+                )
+                break
+            done = _tool_round(tools, result.tool_calls)
+            steps.append([step.record() for step in done])
+            reply = chat.send_tool_results([step.result() for step in done])
+            result = _stream(reply, show_thinking, json_output)
         if json_output:
-            sys.stdout.write(result_json(result, chat.model_id) + "\n")
+            sys.stdout.write(result_json(result, chat.model_id, steps) + "\n")
         elif result.answer and not result.answer.endswith("\n"):
             sys.stdout.write("\n")
         sys.stdout.flush()
     return result
+
+
+def _stream(reply: Any, show_thinking: bool, json_output: bool) -> Any:
+    """Stream one reply; Ctrl-C closes it (recorded as interrupted) and shows what it held back."""
+    try:
+        stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
+    except KeyboardInterrupt:
+        reply.close()  # Chat records the partial reply, marked interrupted
+        stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
+    return reply.result
+
+
+def _tool_round(tools: Any, calls: Any) -> list[Any]:
+    """Run the calls --yes or mcp_allow permit; decline the rest (no one to ask in a script)."""
+    from qwen3_mlx.cli.render import step_line
+    from qwen3_mlx.cli.tool_steps import run_calls, shown_call
+
+    def decline(tool: Any, call: Any) -> str:
+        print(
+            f"tool call {shown_call(tool.label, call)} declined: prompt runs tools only with "
+            f"--yes or when mcp_allow in config.toml names them ({tool.label!r})",
+            file=sys.stderr,
+        )
+        return "no"
+
+    done = run_calls(tools, calls, decline)
+    for step in done:
+        if step.status != "declined":
+            print(step_line(step), file=sys.stderr)
+    return done

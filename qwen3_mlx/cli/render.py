@@ -78,8 +78,8 @@ def mode_name(thinking: bool) -> str:
     return "thinking on" if thinking else "thinking off"
 
 
-def print_header(console: Console, chat: Any, version: str) -> None:
-    """The banner: model, mode, context window and sampling preset."""
+def print_header(console: Console, chat: Any, version: str, tools: str | None = None) -> None:
+    """The banner: model, mode, context window, sampling preset, and the tools when there are any."""
     console.print(
         Text.assemble(
             ("qwen3-mlx ", "bold"), (version, "dim"), "  ", (chat.model_id or "model", "bold cyan")
@@ -91,12 +91,27 @@ def print_header(console: Console, chat: Any, version: str) -> None:
             style="dim",
         )
     )
+    if tools is not None:
+        console.print(Text(f"tools: {tools} · /tools lists them", style="dim"))
     console.print(
         Text(
             "/help for commands · Alt+Enter new line · Ctrl-C stops a reply · Ctrl-D quits",
             style="dim",
         )
     )
+
+
+def step_line(step: Any, width: int = 100) -> str:
+    """One tool step folded to a line: `← server.tool: first line… (N chars)`."""
+    if step.status == "declined":
+        return f"← {step.label}: declined"
+    if step.status == "cancelled":
+        return f"← {step.label}: cancelled"
+    text = " ".join(step.outcome.text.split())
+    folded = text if len(text) <= width else text[: width - 1] + "…"
+    mark = "✗" if step.outcome.is_error else "←"
+    size = f" ({len(step.outcome.text):,} chars)" if len(text) > width else ""
+    return f"{mark} {step.label}: {folded}{size}"
 
 
 def stats_line(result: TurnResult) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,10 @@ from qwen3_mlx.events import TurnResult
 from qwen3_mlx.transcript import user_path
 
 if TYPE_CHECKING:
+    from qwen3_mlx.cli.tool_steps import ToolSession, ToolStep
+    from qwen3_mlx.mcp import McpTool
     from qwen3_mlx.reply import Reply
+    from qwen3_mlx.tools import ToolCall
 
 
 class Repl:
@@ -33,13 +37,23 @@ class Repl:
     """
 
     def __init__(
-        self, chat: Any, console: Console, read_line: LineReader, *, show_thinking: bool = False
+        self,
+        chat: Any,
+        console: Console,
+        read_line: LineReader,
+        *,
+        show_thinking: bool = False,
+        tools: ToolSession | None = None,
+        ask_line: Callable[[str], str] | None = None,
     ):
         self.chat = chat
         self.console = console
         self.read_line = read_line
         self.show_thinking = show_thinking
         self.last_result: TurnResult | None = None
+        self.tools = tools
+        # Reads a consent answer; by default the question is printed and the next line read.
+        self.ask_line = ask_line
 
     def run(self) -> None:
         """Read and handle lines until /exit or end of input (Ctrl-D)."""
@@ -90,7 +104,7 @@ class Repl:
             self.note(action.text, style="yellow")
             return True
         if action.kind == "send":
-            self.stream(lambda: self.chat.send(action.text))
+            self.converse(lambda: self.chat.send(action.text))
             return True
         if action.name == "exit":
             return False
@@ -124,6 +138,106 @@ class Repl:
         if interrupted and (result is None or result.finish_reason != "interrupted"):
             self.note("⏹ interrupted", style="yellow")
         return result
+
+    def converse(self, start: Callable[[], Reply]) -> TurnResult | None:
+        """Stream a reply, then run its tool calls (with consent) and stream the next, until the
+        model answers without a call or the step limit is reached."""
+        result = self.stream(start)
+        steps = 0
+        while result is not None and result.tool_calls:
+            invalid = [call for call in result.tool_calls if not call.valid]
+            if invalid:
+                self.note(
+                    f"{len(invalid)} invalid tool call{'s' if len(invalid) > 1 else ''} not run "
+                    "(the model is not told: only calls that parse are kept in the history)",
+                    style="yellow",
+                )
+            if result.finish_reason != "tool_calls":
+                return result
+            if self.tools is None or not self.tools.enabled:
+                self.note("tools are off: the call was not run (/tools on)", style="yellow")
+                return result
+            if steps >= self.tools.max_steps:
+                self.note(
+                    f"stopped after {steps} tool steps (--max-tool-steps {self.tools.max_steps}); "
+                    "send a message to go on",
+                    style="yellow",
+                )
+                return result
+            steps += 1
+            results = [step.result() for step in self.run_tool_calls(result.tool_calls)]
+            result = self.stream(functools.partial(self.chat.send_tool_results, results))
+        return result
+
+    def run_tool_calls(self, calls: tuple[ToolCall, ...]) -> list[ToolStep]:
+        """Ask, run and show each call of one reply."""
+        from qwen3_mlx.cli.tool_steps import run_calls
+
+        assert self.tools is not None
+        steps = run_calls(self.tools, calls, self.ask_consent, self._running)
+        for step in steps:
+            self.show_step(step)
+        return steps
+
+    def ask_consent(self, tool: McpTool, call: ToolCall) -> str:
+        """`server.tool(args) [y]es / [n]o / [a]lways for this tool`; end of input or Ctrl-C: no."""
+        from qwen3_mlx.cli.tool_steps import QUESTION, parse_answer, shown_call
+
+        question = f"{shown_call(tool.label, call)} {QUESTION}? "
+        for _ in range(3):
+            try:
+                if self.ask_line is not None:
+                    line = self.ask_line(question)
+                else:
+                    self.console.print(Text(question, style="bold"), highlight=False)
+                    line = self.read_line()
+            except (EOFError, KeyboardInterrupt):
+                return "no"
+            answer = parse_answer(line)
+            if answer is not None:
+                return answer
+            self.note("answer y, n or a", style="yellow")
+        return "no"
+
+    def _running(self, label: str) -> Any:
+        from contextlib import nullcontext
+
+        if not self.console.is_terminal:
+            return nullcontext()
+        return self.console.status(f"running {label}… (Ctrl-C cancels the call)", spinner="dots")
+
+    def show_step(self, step: ToolStep) -> None:
+        """The outcome of one call, folded to one line unless /thinking show."""
+        from qwen3_mlx.cli.render import step_line
+
+        style = "red" if step.outcome.is_error else "dim"
+        if step.status in ("declined", "cancelled"):
+            style = "yellow"
+        if self.show_thinking and step.status == "ran":
+            self.console.print(Text(f"← {step.label}:", style=style), highlight=False)
+            self.console.print(Text(step.outcome.text, style=style), highlight=False)
+        else:
+            self.console.print(Text(step_line(step), style=style), highlight=False)
+
+    def do_tools(self, action: Action) -> None:
+        """/tools [off|on]: list the MCP tools, or switch them."""
+        if self.tools is None:
+            self.note("no MCP tools: give --mcp-config FILE, or set mcp_config in config.toml")
+            return
+        if action.argument in ("on", "off"):
+            self.tools.switch(self.chat, action.argument == "on")
+            self.note(f"tools {action.argument}: {self.tools.summary()}")
+            return
+        self.note(self.tools.summary(), style="")
+        for tool in self.tools.manager.tools:
+            allowed = "  (runs without asking)" if self.tools.consent.allowed(tool) else ""
+            line = Text.assemble(("  " + tool.label, "cyan"), allowed)
+            self.console.print(line, highlight=False)
+            if tool.description:
+                description = " ".join(tool.description.split())
+                self.console.print(Text("    " + description, style="dim"), highlight=False)
+        for problem in self.tools.problems:
+            self.note(problem, style="yellow")
 
     def do_help(self, action: Action) -> None:
         """/help: the commands."""
@@ -164,7 +278,7 @@ class Repl:
 
     def do_retry(self, action: Action) -> None:
         """/retry: a new answer to the last question."""
-        self.stream(self.chat.retry)
+        self.converse(self.chat.retry)
 
     def do_save(self, action: Action) -> None:
         """/save [file]: JSON transcript plus a Markdown copy (never the same file)."""

@@ -1,6 +1,8 @@
 """Where the CLI keeps its files (XDG folders) and which model it uses by default.
 
 Model precedence: --model flag > QWEN3_MLX_MODEL > `model` in the config file > DEFAULT_MODEL.
+MCP: --mcp-config > `mcp_config` in the config file; `mcp_allow` lists the `server.tool` names
+(shell wildcards) that run without asking.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from qwen3_mlx.errors import ConfigError
 DEFAULT_MODEL = "Qwen/Qwen3-4B-MLX-4bit"
 MODEL_ENV = "QWEN3_MLX_MODEL"
 APP_DIR = "qwen3-mlx"
-CONFIG_KEYS = {"model": str}
+CONFIG_KEYS = {"model": str, "mcp_config": str, "mcp_allow": list}
 
 
 def config_home() -> Path:
@@ -25,6 +27,16 @@ def config_home() -> Path:
 def data_home() -> Path:
     """$XDG_DATA_HOME, or ~/.local/share when it is unset or empty."""
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+
+
+def state_home() -> Path:
+    """$XDG_STATE_HOME, or ~/.local/state when it is unset or empty."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+
+
+def mcp_log_dir() -> Path:
+    """Where MCP servers' stderr goes: $XDG_STATE_HOME/qwen3-mlx/ (one file per server)."""
+    return state_home() / APP_DIR
 
 
 def config_path() -> Path:
@@ -58,6 +70,8 @@ def read_config_file(path: Path | None = None) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(CONFIG_KEYS)})")
         if not isinstance(value, expected):
             raise ConfigError(f"{path}: {key} must be a {expected.__name__}")
+        if expected is list and not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{path}: {key} must be a list of strings")
     return data
 
 
@@ -66,3 +80,16 @@ def resolve_model(flag_or_env: str | None) -> str:
     if flag_or_env:
         return flag_or_env
     return read_config_file().get("model") or DEFAULT_MODEL
+
+
+def mcp_settings(flag: Path | None) -> tuple[Path | None, list[str]]:
+    """The MCP config file (the flag, else `mcp_config`, relative to config.toml) and allow-list."""
+    data = read_config_file()
+    allow = list(data.get("mcp_allow", []))
+    if flag is not None:
+        return Path(flag).expanduser(), allow
+    configured = data.get("mcp_config")
+    if not configured:
+        return None, allow
+    path = Path(configured).expanduser()
+    return (path if path.is_absolute() else config_path().parent / path), allow
