@@ -1,0 +1,151 @@
+"""`qwen3-mlx serve`: the OpenAI-compatible server (chat, completions, models, metrics)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+from qwen3_mlx.cli import options as o
+from qwen3_mlx.cli.guard import reported_errors
+from qwen3_mlx.settings import SETTINGS
+
+SERVER = "Server"
+# The shared options that make sense for a server: the model, sampling defaults and context.
+SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype")
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+UNITS = {
+    "": 1,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+class ReasoningField(str, Enum):
+    """Where replies put the reasoning."""
+
+    reasoning_content = "reasoning_content"
+    reasoning = "reasoning"
+    both = "both"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '4GiB', '512MB', '1e9'-free plain numbers; BadParameter otherwise."""
+    match = SIZE.match(text)
+    if match is None:
+        raise typer.BadParameter(f"{text!r} is not a size like 4GiB or 512MB")
+    unit = (match.group(2) or "").lower().rstrip("b")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+def _check_size(value: str) -> str:
+    parse_size(value)
+    return value
+
+
+def with_serve_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give serve the shared model, sampling and context options (as `session`)."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "session"]
+    shared = [p for p in o.SESSION_PARAMETERS if p.name in SERVE_SHARED]
+
+    @functools.wraps(command)
+    def run(**values: Any) -> None:
+        picked = {p.name: values.pop(p.name) for p in shared}
+        # The chat-only options (system prompt, thinking display...) keep their defaults.
+        defaults = {p.name: p.default for p in o.SESSION_PARAMETERS}
+        command(session=o.SessionOptions({**defaults, **picked}), **values)
+
+    run.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    return run
+
+
+@with_serve_options
+def serve_command(
+    ctx: typer.Context,
+    session: o.SessionOptions,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", help="Address to bind (loopback unless told).", rich_help_panel=SERVER
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, rich_help_panel=SERVER)] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="QWEN3_MLX_API_KEY",
+            help="Require `Authorization: Bearer KEY`.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    max_concurrency: Annotated[
+        int,
+        typer.Option(
+            "--max-concurrency",
+            min=1,
+            help="Requests running or queued at once; more get HTTP 503.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 16,
+    prompt_cache_size: Annotated[
+        str,
+        typer.Option(
+            "--prompt-cache-size",
+            callback=_check_size,
+            metavar="BYTES",
+            help="Bound of the multi-entry prefix cache, like 4GiB.",
+            rich_help_panel=SERVER,
+        ),
+    ] = "4GiB",
+    reasoning_field: Annotated[
+        ReasoningField,
+        typer.Option(
+            "--reasoning-field", help="Field for the reasoning in replies.", rich_help_panel=SERVER
+        ),
+    ] = ReasoningField.reasoning_content,
+    context_length: Annotated[
+        int | None,
+        typer.Option(
+            "--context-length",
+            min=16,
+            help="Tokens of context per request [default: the model's].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (Qwen-Agent and the openai SDK work unchanged)."""
+    with reported_errors(ctx):
+        spec = session.spec()
+        from qwen3_mlx.cli.loading_status import loading
+        from qwen3_mlx.loading import load
+        from qwen3_mlx.server.runner import ServeOptions, build_state, serve
+
+        with loading(spec.model):
+            model, tokenizer, generation_config = load(
+                spec.model, rope_scaling=spec.rope_scaling, compute_dtype=spec.compute_dtype
+            )
+        options = ServeOptions(
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_concurrency=max_concurrency,
+            prompt_cache_bytes=parse_size(prompt_cache_size),
+            reasoning_field=reasoning_field.value,
+            context_length=context_length,
+            sampling=spec.sampling,
+        )
+        state = build_state(model, tokenizer, generation_config, spec.model, options)
+        serve(state, host, port)

@@ -1,0 +1,235 @@
+"""The FastAPI app: thin routes over the request preparation, the worker and the translators."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.server import protocol as p
+from qwen3_mlx.server.generation import ChatRun, CompletionRun, error_body
+from qwen3_mlx.server.hooks import ResponseFormatError
+from qwen3_mlx.server.metrics import Metrics
+from qwen3_mlx.server.requests import (
+    ApiError,
+    Prepared,
+    chat_messages,
+    check_context,
+    prepare_chat,
+    requested_thinking,
+    sampling_settings,
+    stop_strings,
+)
+from qwen3_mlx.server.worker import GenerationWorker, ServerBusy
+
+ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422, 500, 503)}
+STREAMED = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **ERRORS,
+}
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
+
+
+@dataclass
+class ServerState:
+    """What every route reads: the model, its tokenizer, the worker and the server's options."""
+
+    model: Any
+    tokenizer: Any
+    generation_config: Any
+    model_id: str
+    context_limit: int
+    worker: GenerationWorker
+    metrics: Metrics
+    reasoning_field: str = "reasoning_content"
+    api_key: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling flags of the command
+    ping_seconds: float = 10.0
+    max_body_bytes: int = 64 << 20
+    facts: dict[str, Any] = field(default_factory=dict)
+    grammars: dict[str, Any] = field(default_factory=dict)
+    started: int = field(default_factory=lambda: int(time.time()))
+
+
+def api_error_response(error: ApiError) -> JSONResponse:
+    """The JSON response for an ApiError."""
+    return JSONResponse(error_body(error), status_code=error.status)
+
+
+def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0] if error.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    message = first.get("msg", "invalid request")
+    param = ".".join(location) or None
+    return api_error_response(ApiError(f"{param or 'body'}: {message}", param=param))
+
+
+def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return api_error_response(ApiError(str(error.detail), status=error.status_code, kind=kind))
+
+
+def _qwen3_error(request: Request, error: Qwen3Error) -> JSONResponse:
+    if isinstance(error, ApiError):
+        return api_error_response(error)
+    if isinstance(error, ServerBusy):
+        return api_error_response(ApiError(str(error), status=503, kind="server_busy"))
+    if isinstance(error, ResponseFormatError):
+        return api_error_response(ApiError(str(error), param="response_format"))
+    return api_error_response(ApiError(str(error)))
+
+
+def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    return api_error_response(ApiError(f"internal error: {error}", status=500, kind="server_error"))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The app for one loaded model."""
+    app = FastAPI(title="qwen3-mlx", version="1", summary="OpenAI-compatible Qwen3 server (MLX)")
+    app.state.server = state
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Qwen3Error, _qwen3_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        response = _refusal(state, request) or await call_next(request)
+        state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    _add_routes(app, state)
+    return app
+
+
+def _refusal(state: ServerState, request: Request) -> JSONResponse | None:
+    """401 without the API key; 413 for a body over the bound."""
+    if state.api_key and request.url.path not in OPEN_PATHS:
+        if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+            error = ApiError(
+                "missing or wrong API key (Authorization: Bearer ...)",
+                status=401,
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+            return api_error_response(error)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > state.max_body_bytes:
+        error = ApiError(
+            f"the request body is {int(length):,} bytes, over the {state.max_body_bytes:,} limit",
+            status=413,
+        )
+        return api_error_response(error)
+    return None
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletion, responses=STREAMED)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
+        """Chat, streamed (SSE) or not."""
+        prepared = prepare_chat(state, body)
+        include_usage = bool(
+            body.stream and body.stream_options and body.stream_options.include_usage
+        )
+        run = ChatRun(state, prepared, include_usage or not body.stream)
+        if body.stream:
+            return run.stream(request)
+        return JSONResponse(await run.gather(request))
+
+    @app.post("/v1/completions", response_model=p.Completion, responses=STREAMED)
+    async def completions(body: p.CompletionRequest, request: Request) -> Any:
+        """A raw completion of the prompt (no chat template)."""
+        prompt = _completion_prompt(state, body.prompt)
+        check_context(prompt, state.context_limit)
+        settings = sampling_settings(body, state.generation_config, True, state.defaults)
+        run = CompletionRun(state, Prepared(prompt, settings, stops=stop_strings(body.stop)))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return run.stream(request, include_usage)
+        return JSONResponse(await run.gather(request))
+
+    @app.get("/v1/models", response_model=p.ModelList, responses=ERRORS)
+    async def models() -> Any:
+        """The one model this server runs, with its facts."""
+        card = {"id": state.model_id, "object": "model", "created": state.started}
+        card.update({"owned_by": "qwen3-mlx", "max_model_len": state.context_limit, **state.facts})
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health", response_model=p.Health)
+    async def health() -> Any:
+        """Liveness and the queue."""
+        worker = state.worker
+        return {"status": "ok", "queued": worker.queued, "running": worker.running}
+
+    @app.get("/metrics", response_class=Response, responses=ERRORS)
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: p.TokenizeRequest) -> Any:
+        """Token ids of `prompt`, or of the rendered `messages`."""
+        tokens = _template_ids(state, body) if body.messages else _text_ids(state, body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.context_limit}
+
+    @app.post("/apply-template", response_model=p.ApplyTemplateResponse, responses=ERRORS)
+    async def apply_template(body: p.TokenizeRequest) -> Any:
+        """The exact prompt text the chat template makes for `messages` (and `tools`)."""
+        if not body.messages:
+            raise ApiError("messages is required", param="messages")
+        text = _template_text(state, body)
+        return {"prompt": text, "tokens": len(state.tokenizer.encode(text))}
+
+
+def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        ids = _text_ids(state, prompt)
+    else:
+        vocab = state.model.args.vocab_size
+        if any(not 0 <= token < vocab for token in prompt):
+            raise ApiError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        ids = list(prompt)
+    if not ids:
+        raise ApiError("the prompt is empty", param="prompt")
+    return ids
+
+
+def _text_ids(state: ServerState, text: str | None) -> list[int]:
+    if text is None:
+        raise ApiError("give prompt or messages", param="prompt")
+    if len(text) > state.context_limit * 128:
+        raise ApiError(
+            "the prompt is longer than the context", param="prompt", code="context_length_exceeded"
+        )
+    return state.tokenizer.encode(text)
+
+
+def _template_text(state: ServerState, body: p.TokenizeRequest) -> str:
+    tokenizer = state.tokenizer
+    request = p.ChatCompletionRequest(
+        messages=body.messages or [],
+        tools=body.tools,
+        chat_template_kwargs=body.chat_template_kwargs,
+        enable_thinking=body.enable_thinking,
+    )
+    thinking = requested_thinking(request, tokenizer.has_thinking_switch)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    try:
+        return tokenizer.render_text(
+            chat_messages(body.messages or []),
+            tools=tools or None,
+            add_generation_prompt=body.add_generation_prompt,
+            enable_thinking=thinking if tokenizer.has_thinking_switch else None,
+        )
+    except Qwen3Error as error:
+        raise ApiError(str(error), status=422, param="messages") from None
+
+
+def _template_ids(state: ServerState, body: p.TokenizeRequest) -> list[int]:
+    return state.tokenizer.encode(_template_text(state, body))

@@ -1,0 +1,92 @@
+"""A multi-entry prefix cache: several PromptCaches, LRU, bounded in bytes.
+
+Each entry is one PromptCache (a KV cache and the exact ids it holds). A prompt is served by the
+entry sharing its longest prefix: used in place when the prompt extends all of it (the next step
+of the same conversation), otherwise forked at the common prefix, so the conversation the entry
+belongs to keeps its own tail for its next step. Nothing here knows HTTP; the REPL could use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qwen3_mlx.cache import PromptCache, common_prefix_length
+
+
+@dataclass(frozen=True)
+class CacheChoice:
+    """The entry a prompt runs in and how many of its tokens the cache already holds."""
+
+    cache: PromptCache
+    cached_tokens: int  # prompt tokens that will not be prefilled again
+
+
+def cache_bytes(cache: PromptCache) -> int:
+    """Bytes the entry's key and value buffers take (their allocated size, not only the used part)."""
+    total = 0
+    for layer in cache.cache:
+        for array in (layer.keys, layer.values):
+            if array is not None:
+                total += array.nbytes
+    return total
+
+
+def fork(model: Any, source: PromptCache, length: int) -> PromptCache:
+    """A new entry holding the first `length` tokens of source; source is left as it is.
+
+    KVCache writes into its buffers in place, so the fork gets sliced copies, never the source's
+    own arrays.
+    """
+    copy = PromptCache(model)
+    for mine, theirs in zip(copy.cache, source.cache, strict=True):
+        if theirs.keys is not None and length > 0:
+            mine.keys = theirs.keys[..., :length, :]
+            mine.values = theirs.values[..., :length, :]
+            mine.offset = length
+    copy.tokens = list(source.tokens[:length])
+    return copy
+
+
+class PrefixCache:
+    """LRU entries of PromptCache, bounded by `max_bytes` (the entry in use is never dropped)."""
+
+    def __init__(self, model: Any, max_bytes: int, max_entries: int = 64):
+        self.model = model
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.entries: list[PromptCache] = []  # least recently used first
+
+    def choose(self, prompt: Sequence[int]) -> CacheChoice:
+        """The entry to run `prompt` in (made most recent), forked or new when none extends."""
+        best, shared = None, 0
+        for entry in self.entries:
+            length = common_prefix_length(entry.tokens, prompt)
+            if length > shared:
+                best, shared = entry, length
+        shared = min(shared, len(prompt) - 1)  # the last prompt token always runs again
+        if best is not None and shared == len(best.tokens):
+            self.entries.remove(best)
+            chosen = best
+        elif best is not None and shared > 0:
+            chosen = fork(self.model, best, shared)
+        else:
+            chosen, shared = PromptCache(self.model), 0
+        self.entries.append(chosen)
+        self.evict(keep=chosen)
+        return CacheChoice(chosen, shared)
+
+    def evict(self, keep: PromptCache | None = None) -> None:
+        """Drop least recently used entries until the byte and entry bounds hold."""
+        while len(self.entries) > 1 and (
+            self.total_bytes() > self.max_bytes or len(self.entries) > self.max_entries
+        ):
+            victim = next((entry for entry in self.entries if entry is not keep), None)
+            if victim is None:
+                return
+            self.entries.remove(victim)
+
+    def total_bytes(self) -> int:
+        """Bytes held by every entry."""
+        return sum(cache_bytes(entry) for entry in self.entries)

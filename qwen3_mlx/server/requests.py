@@ -1,0 +1,227 @@
+"""From an OpenAI request to what the engine needs: messages, prompt ids, settings, tool setup.
+
+Every refusal is an ApiError carrying its HTTP status, OpenAI error type and the field at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen3_mlx.chat import render_prompt
+from qwen3_mlx.engine import ToolSetup
+from qwen3_mlx.errors import Qwen3Error, SettingsError, TemplateError, ToolError
+from qwen3_mlx.server.protocol import ChatCompletionRequest, ChatMessage, SamplingFields
+from qwen3_mlx.settings import effective_settings, validate_setting
+from qwen3_mlx.thinking import thinking_active
+from qwen3_mlx.tools import (
+    ToolCall,
+    ToolResult,
+    check_tools,
+    normalize_messages,
+    order_results,
+    tool_choice_name,
+)
+
+
+class ApiError(Qwen3Error):
+    """A request the server refuses, with the status and OpenAI error fields to answer with."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class Prepared:
+    """A request turned into engine inputs."""
+
+    prompt: list[int]
+    settings: dict[str, Any]
+    tools: ToolSetup = field(default_factory=ToolSetup)
+    stops: list[str] = field(default_factory=list)
+    frequency_penalty: float = 0.0
+    top_logprobs: int | None = None
+    json_answer: bool = False
+    schema: dict[str, Any] | None = None
+
+
+def sampling_settings(
+    request: SamplingFields, generation_config: Any, thinking: bool, defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """The mode's preset, then the server's flags, then the request's own values, all validated."""
+    explicit = dict(defaults)
+    values = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": 0 if request.top_k == -1 else request.top_k,
+        "min_p": request.min_p,
+        "presence_penalty": request.presence_penalty,
+        "max_tokens": getattr(request, "max_completion_tokens", None) or request.max_tokens,
+        "seed": None if request.seed is None else request.seed % 2**63,
+    }
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            explicit[name] = validate_setting(name, value)
+        except SettingsError as error:
+            raise ApiError(str(error), param=name) from None
+    if request.n not in (None, 1):
+        raise ApiError("only n=1 is supported: send the request again for more", param="n")
+    return effective_settings(generation_config, thinking, explicit)
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """The non-empty stop strings of a request."""
+    if stop is None:
+        return []
+    return [text for text in ([stop] if isinstance(stop, str) else stop) if text]
+
+
+def requested_thinking(request: ChatCompletionRequest, has_switch: bool) -> bool:
+    """enable_thinking from chat_template_kwargs, the top level or reasoning_effort "none"."""
+    kwargs = request.chat_template_kwargs or {}
+    value: Any = kwargs.get("enable_thinking", request.enable_thinking)
+    if value is None and request.reasoning_effort is not None:
+        value = request.reasoning_effort != "none"
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise ApiError("enable_thinking must be true or false", param="chat_template_kwargs")
+    if not value and not has_switch:
+        raise ApiError(
+            "this model always thinks: its chat template has no enable_thinking switch "
+            "(a Thinking-2507 model), so thinking cannot be turned off",
+            param="enable_thinking",
+        )
+    return value
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages the template can render, tool results put in their calls' order."""
+    raw = []
+    for message in messages:
+        item = message.model_dump(exclude_none=True)
+        if (
+            item["role"] == "tool"
+            and "tool_call_id" not in item
+            and isinstance(item.get("id"), str)
+        ):
+            item["tool_call_id"] = item["id"]  # Qwen-Agent's raw mode names it `id`
+        if item["role"] == "developer":
+            item["role"] = "system"
+        raw.append(item)
+    try:
+        return normalize_messages(_ordered_results(raw))
+    except ToolError as error:
+        raise ApiError(str(error), param="messages") from None
+
+
+def _ordered_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run of tool messages in the order of the preceding assistant's calls (the template
+    renders results by position, not by id)."""
+    ordered: list[dict[str, Any]] = []
+    index = 0
+    while index < len(messages):
+        message = messages[index]
+        if message["role"] != "tool":
+            ordered.append(message)
+            index += 1
+            continue
+        end = index
+        while end < len(messages) and messages[end]["role"] == "tool":
+            end += 1
+        run = messages[index:end]
+        calls = _previous_calls(ordered)
+        if calls and all("tool_call_id" in item for item in run):
+            results = [ToolResult(item.get("content") or "", item["tool_call_id"]) for item in run]
+            by_result = {id(result): item for result, item in zip(results, run, strict=True)}
+            run = [by_result[id(result)] for result in order_results(results, calls)]
+        ordered += run
+        index = end
+    return ordered
+
+
+def _previous_calls(messages: list[dict[str, Any]]) -> list[ToolCall]:
+    last = messages[-1] if messages else {}
+    if last.get("role") != "assistant":
+        return []
+    return [
+        ToolCall(call.get("id") or "", call["function"]["name"], call["function"]["arguments"], {})
+        for call in last.get("tool_calls") or []
+    ]
+
+
+def tool_setup(request: ChatCompletionRequest, grammars: dict[str, Any]) -> ToolSetup:
+    """The request's tools and tool_choice, checked; schema-constrained arguments."""
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
+    try:
+        checked = check_tools(tools)
+        choice = request.tool_choice
+        if choice is not None and not isinstance(choice, str):
+            choice = choice.model_dump()
+        name = tool_choice_name(choice, checked)
+    except ToolError as error:
+        param = "tool_choice" if "tool_choice" in str(error) else "tools"
+        raise ApiError(str(error), param=param) from None
+    if name not in ("auto", "none", "required") and not checked:
+        raise ApiError("a named tool_choice needs tools", param="tool_choice")
+    parallel = request.parallel_tool_calls is not False
+    return ToolSetup(checked, name, constrain=True, parallel=parallel, grammars=grammars)
+
+
+def render(tokenizer: Any, messages: list[dict[str, Any]], thinking: bool, tools: Any) -> list[int]:
+    """The prompt ids; a template that cannot render the messages is a 422."""
+    try:
+        return render_prompt(tokenizer, messages, thinking=thinking, tools=tools or None)
+    except TemplateError as error:
+        raise ApiError(str(error), status=422, param="messages") from None
+
+
+def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
+    """Everything a chat request needs before it is queued."""
+    tokenizer = state.tokenizer
+    thinking = requested_thinking(request, tokenizer.has_thinking_switch)
+    messages = chat_messages(request.messages)
+    tools = tool_setup(request, state.grammars)
+    prompt = render(tokenizer, messages, thinking, tools.tools)
+    check_context(prompt, state.context_limit)
+    thinks = thinking_active(messages, thinking, tokenizer.has_thinking_switch)
+    settings = sampling_settings(request, state.generation_config, thinks, state.defaults)
+    prepared = Prepared(prompt, settings, tools, stop_strings(request.stop))
+    prepared.frequency_penalty = request.frequency_penalty or 0.0
+    if request.logprobs:
+        prepared.top_logprobs = request.top_logprobs or 0
+    response_format = request.response_format
+    if response_format is not None and response_format.type != "text":
+        prepared.json_answer = True
+        if response_format.type == "json_schema":
+            if response_format.json_schema is None:
+                raise ApiError(
+                    "json_schema response_format needs a json_schema", param="response_format"
+                )
+            prepared.schema = response_format.json_schema.json_schema or {"type": "object"}
+    return prepared
+
+
+def check_context(prompt: list[int], context_limit: int) -> None:
+    """400 context_length_exceeded when the prompt leaves no room for a reply."""
+    if len(prompt) >= context_limit:
+        raise ApiError(
+            f"the prompt has {len(prompt):,} tokens but the context holds {context_limit:,} "
+            "(a reply needs room too)",
+            param="messages",
+            code="context_length_exceeded",
+        )

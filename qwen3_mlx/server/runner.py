@@ -1,0 +1,71 @@
+"""Build a server for a loaded model and run it with uvicorn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen3_mlx.server.app import ServerState, create_app
+from qwen3_mlx.server.metrics import Metrics
+from qwen3_mlx.server.prefix_cache import PrefixCache
+from qwen3_mlx.server.worker import GenerationWorker
+from qwen3_mlx.tokenizer import IM_END_ID
+
+REASONING_FIELDS = ("reasoning_content", "reasoning", "both")
+
+
+@dataclass
+class ServeOptions:
+    """The options of `qwen3-mlx serve` beyond the model."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_concurrency: int = 16  # requests running or queued; more get 503
+    prompt_cache_bytes: int = 4 << 30
+    reasoning_field: str = "reasoning_content"
+    context_length: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    ping_seconds: float = 10.0
+
+
+def build_state(
+    model: Any, tokenizer: Any, generation_config: Any, model_id: str, options: ServeOptions
+) -> ServerState:
+    """The state of a server for this model (its worker not started yet)."""
+    metrics = Metrics()
+    context_limit = int(options.context_length or model.args.context_length)
+    worker = GenerationWorker(
+        model,
+        tokenizer,
+        PrefixCache(model, options.prompt_cache_bytes),
+        stop_ids=frozenset(generation_config.eos_token_ids) | {IM_END_ID},
+        context_limit=context_limit,
+        max_pending=options.max_concurrency,
+        metrics=metrics,
+    )
+    return ServerState(
+        model=model,
+        tokenizer=tokenizer,
+        generation_config=generation_config,
+        model_id=model_id,
+        context_limit=context_limit,
+        worker=worker,
+        metrics=metrics,
+        reasoning_field=options.reasoning_field,
+        api_key=options.api_key,
+        defaults=dict(options.sampling),
+        ping_seconds=options.ping_seconds,
+        facts={"thinking_switch": tokenizer.has_thinking_switch},
+    )
+
+
+def serve(state: ServerState, host: str, port: int, log_level: str = "info") -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    state.worker.start()
+    try:
+        uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+    finally:
+        state.worker.stop()
