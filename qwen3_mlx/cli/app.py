@@ -15,6 +15,7 @@ from qwen3_mlx.cli.chat_cmd import chat_command
 from qwen3_mlx.cli.info_cmd import download_command, info_command
 from qwen3_mlx.cli.prompt_cmd import prompt_command
 from qwen3_mlx.cli.quantize_cmd import quantize_command
+from qwen3_mlx.cli.serve_cmd import serve_command
 
 app = typer.Typer(
     name="qwen3-mlx",
@@ -56,6 +57,7 @@ app.command("prompt")(prompt_command)
 app.command("download")(download_command)
 app.command("info")(info_command)
 app.command("quantize")(quantize_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:
