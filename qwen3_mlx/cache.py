@@ -1,16 +1,39 @@
-"""KV cache: mlx-lm's KVCache grows in 256-token steps and trims, which is what the chat engine needs."""
+"""KV cache: mlx-lm's KVCache grows in 256-token steps and trims, which is what the chat engine needs.
+
+With kv_bits, mlx-lm's QuantizedKVCache stores keys and values with MLX's affine quantization
+(group 64 along each head's dimension). Each token is quantized on its own, so trimming, prefix
+reuse and retries stay exact against a fresh quantized prefill.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+KV_BITS = (4, 8)
+KV_GROUP_SIZE = 64
 
 
-def make_cache(model: Any) -> list[KVCache]:
-    """One growable, trimmable KV cache per decoder layer."""
-    return [KVCache() for _ in model.layers]
+def make_cache(model: Any, kv_bits: int | None = None) -> list[Any]:
+    """One growable, trimmable KV cache per decoder layer (quantized to kv_bits when given)."""
+    if kv_bits is None:
+        return [KVCache() for _ in model.layers]
+    if kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {KV_BITS}, not {kv_bits}")
+    return [QuantizedKVCache(group_size=KV_GROUP_SIZE, bits=kv_bits) for _ in model.layers]
+
+
+def kv_bytes_per_token(args: Any, kv_bits: int | None, dtype_bytes: int) -> int:
+    """Bytes the KV cache takes per token: keys and values of every layer and kv head.
+
+    Quantized: kv_bits per element plus a scale and a bias (in the compute dtype) per group of 64.
+    """
+    elements = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
+    if kv_bits is None:
+        return elements * dtype_bytes
+    return elements * kv_bits // 8 + (elements // KV_GROUP_SIZE) * 2 * dtype_bytes
 
 
 def cache_length(cache: list[KVCache]) -> int:
@@ -39,8 +62,9 @@ def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
 class PromptCache:
     """A KV cache plus the exact token list it holds, so any later prompt can reuse its prefix."""
 
-    def __init__(self, model: Any):
-        self.cache = make_cache(model)
+    def __init__(self, model: Any, kv_bits: int | None = None):
+        self.kv_bits = kv_bits
+        self.cache = make_cache(model, kv_bits)
         self.tokens: list[int] = []
 
     def reuse(self, prompt: Sequence[int]) -> int:

@@ -71,6 +71,7 @@ class Chat:
         tool_choice: Any = "auto",
         constrain_arguments: bool = False,
         parallel_tool_calls: bool = True,
+        kv_bits: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -83,7 +84,7 @@ class Chat:
         self.thinking = thinking
         self._explicit = validate_overrides(sampling)
         self._turns: list[Turn] = []
-        self.cache = PromptCache(model)  # the KV cache and the exact tokens it holds
+        self.cache = PromptCache(model, kv_bits)  # the KV cache and the exact tokens it holds
         self._stop_ids = frozenset(generation_config.eos_token_ids) | {IM_END_ID}
         self._active: Reply | None = None
         self._replies = 0

@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.rope import RoPE
@@ -41,8 +42,15 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # The fused kernel handles GQA (fewer kv heads) without repeating k and v.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if hasattr(cache, "bits"):
+            # A quantized KV cache hands back packed (weights, scales, biases): attention runs on
+            # them with quantized matmuls, never dequantizing the whole cache (mlx-lm's kernel).
+            out = quantized_scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits
+            )
+        else:
+            # The fused kernel handles GQA (fewer kv heads) without repeating k and v.
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
