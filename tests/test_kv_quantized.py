@@ -22,10 +22,10 @@ import tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::qwen3_mlx.settings.GreedyThinkingWarning")
 
-# Stated bounds, measured on the tiny model (see the note in the first test): the share of
-# positions whose top-1 token matches the float cache's, and the largest logit change relative to
-# the largest logit.
-BOUNDS = {8: (0.99, 0.05), 4: (0.90, 0.35)}
+# Stated bounds: the share of positions whose top-1 token matches the float cache's, and the
+# largest logit change relative to the largest logit. Measured on 154 teacher-forced positions:
+# 8-bit 100 % and 0.004; 4-bit 98.1 % and 0.078.
+BOUNDS = {8: (0.99, 0.02), 4: (0.95, 0.15)}
 
 
 @pytest.fixture(scope="module")
