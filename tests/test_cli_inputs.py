@@ -51,6 +51,7 @@ BOUNDARIES = {
     "--max-tokens": {"1": True, "81920": True, "0": False, "-5": False, "2.5": False},
     "--seed": {"0": True, "random": True, str(2**63 - 1): True, "-1": False, str(2**63): False},
     "--rope-factor": {"1.5": True, "1": False, "0.5": False, "nan": False, "inf": False},
+    "--kv-bits": {"8": True, "4": True, "3": False, "16": False},
 }
 CASES = [(flag, value, ok) for flag, values in BOUNDARIES.items() for value, ok in values.items()]
 

@@ -18,7 +18,6 @@ from qwen3_mlx.errors import SettingsError
 from qwen3_mlx.settings import SETTINGS, Setting
 
 SESSION = "Model and session"
-YARN_DEFAULT_FACTOR = 4.0
 SAMPLING = "Sampling (defaults: the model's preset for the current mode)"
 TOOLS = "MCP tools"
 
@@ -166,6 +165,25 @@ MaxToolStepsOption = Annotated[
 ]
 
 
+class KvBits(str, Enum):
+    """Bits of a quantized KV cache."""
+
+    eight = "8"
+    four = "4"
+
+
+KvBitsOption = Annotated[
+    KvBits | None,
+    typer.Option(
+        "--kv-bits",
+        metavar="8|4",
+        help="Quantize the KV cache (group 64): 8 bits keeps the answers (28 % of a float32 "
+        "cache, 53 % of bf16), 4 bits halves that again, with more drift.",
+        rich_help_panel=SESSION,
+    ),
+]
+
+
 def _setting_checker(setting: Setting) -> Any:
     def check(value: Any) -> Any:
         if value is None:
@@ -206,7 +224,7 @@ def rope_scaling_block(kind: RopeScaling | None, factor: float | None) -> dict[s
         raise typer.BadParameter(
             f"must be a number greater than 1, not {factor:g}", param_hint="--rope-factor"
         )
-    from qwen3_mlx.config import yarn_scaling
+    from qwen3_mlx.config import YARN_DEFAULT_FACTOR, yarn_scaling
 
     return yarn_scaling(YARN_DEFAULT_FACTOR if factor is None else factor)
 
@@ -238,6 +256,7 @@ class SessionSpec:
     sampling: dict[str, Any] = field(default_factory=dict)
     rope_scaling: dict[str, Any] | None = None
     compute_dtype: str = "auto"
+    kv_bits: int | None = None
     mcp_config: Path | None = None
     mcp_allow: list[str] = field(default_factory=list)
     tools_enabled: bool = True
@@ -255,6 +274,7 @@ class SessionSpec:
             system=self.system,
             thinking=self.thinking,
             sampling=self.sampling or None,
+            kv_bits=self.kv_bits,
         )
 
 
@@ -272,6 +292,7 @@ SESSION_PARAMETERS = [
         ("rope_scaling", RopeScalingOption, None),
         ("rope_factor", RopeFactorOption, None),
         ("compute_dtype", ComputeDtypeOption, ComputeDtype.auto),
+        ("kv_bits", KvBitsOption, None),
         ("mcp_config", McpConfigOption, None),
         ("tools", ToolsOption, ToolsMode.auto),
         ("yes", YesOption, False),
@@ -302,6 +323,7 @@ class SessionOptions:
             sampling={name: values[name] for name in SETTINGS if values[name] is not None},
             rope_scaling=rope,
             compute_dtype=values["compute_dtype"].value,
+            kv_bits=int(values["kv_bits"].value) if values["kv_bits"] is not None else None,
             mcp_config=mcp_config,
             mcp_allow=mcp_allow,
             tools_enabled=values["tools"] is not ToolsMode.none,
