@@ -5,6 +5,8 @@ Each app gets its own registry, so several servers in one process (tests) never 
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from qwen3_mlx.events import TurnResult
@@ -43,6 +45,8 @@ class Metrics:
         )
         self.queue_depth = Gauge("qwen3_mlx_queue_depth", "Replies waiting.", registry=r)
         self.running = Gauge("qwen3_mlx_running", "Replies being generated.", registry=r)
+        # The last replies' token counts, newest last: what each step of an agent reused.
+        self.recent: deque[dict[str, int]] = deque(maxlen=64)
 
     def record_reply(self, result: TurnResult, cached_tokens: int) -> None:
         """Count one finished reply."""
@@ -50,6 +54,14 @@ class Metrics:
         self.cached_tokens.inc(cached_tokens)
         self.generated_tokens.inc(result.generated_tokens)
         self.cache_lookups.inc()
+        self.recent.append(
+            {
+                "prompt_tokens": result.prompt_tokens,
+                "cached_tokens": cached_tokens,
+                "prefilled_tokens": result.prefilled_tokens,
+                "generated_tokens": result.generated_tokens,
+            }
+        )
         if cached_tokens:
             self.cache_hits.inc()
 

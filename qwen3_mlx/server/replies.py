@@ -15,7 +15,7 @@ from qwen3_mlx.server.worker import Finished, Piece, TokenLogprob
 from qwen3_mlx.tools import ToolCall, new_call_id
 
 # The start of a call body up to its argument value, as Qwen3 writes it.
-CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 FINISH = {"stop": "stop", "tool_calls": "tool_calls", "length": "length", "repetition": "length"}
 
 
