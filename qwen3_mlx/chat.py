@@ -13,13 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qwen3_mlx.cache import PromptCache
+from qwen3_mlx.cache import PromptCache, kv_bytes_per_token
 from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import ContextOverflowError, HistoryError, TemplateError
 from qwen3_mlx.events import TurnResult
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.history import Turn, history_messages
-from qwen3_mlx.limits import min_tokens
+from qwen3_mlx.limits import available_memory, min_tokens
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.settings import (
     GreedyThinkingWarning,
@@ -194,6 +194,17 @@ class Chat:
     def explicit_settings(self) -> dict[str, Any]:
         """Only the values the user set; these survive a switch of mode."""
         return dict(self._explicit)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache each token of the conversation takes (with the cache's kv_bits)."""
+        dtype_bytes = self.model.model.norm.weight.dtype.size  # the compute dtype
+        return kv_bytes_per_token(self.model.args, self.cache.kv_bits, dtype_bytes)
+
+    def tokens_that_fit(self) -> int | None:
+        """How many more tokens of KV cache the free memory holds now (None: unknown)."""
+        free = available_memory()
+        return None if free is None else free // max(self.kv_bytes_per_token, 1)
 
     @property
     def context_used(self) -> int:

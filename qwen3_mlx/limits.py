@@ -11,3 +11,24 @@ MAX_TOKEN_BYTES = 128
 def min_tokens(text: str) -> int:
     """A lower bound on the tokens a text becomes, from its UTF-8 size alone."""
     return len(text.encode("utf-8", "surrogatepass")) // MAX_TOKEN_BYTES
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for more KV cache now, or None where it cannot be told.
+
+    Metal: the recommended working set less what MLX holds; elsewhere the kernel's MemAvailable.
+    """
+    import mlx.core as mx
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    working_set = info.get("max_recommended_working_set_size")
+    if working_set:
+        return max(int(working_set) - mx.get_active_memory(), 0)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

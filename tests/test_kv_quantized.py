@@ -35,7 +35,9 @@ def tiny():
     return load(REPO / "models" / "qwen3-tiny-chat")
 
 
-def teacher_forced_logits(model, tokens: list[int], kv_bits: int | None, prefill: int) -> np.ndarray:
+def teacher_forced_logits(
+    model, tokens: list[int], kv_bits: int | None, prefill: int
+) -> np.ndarray:
     """Logits at each position after `prefill`: a chunked prefill, then one token at a time."""
     cache = make_cache(model, kv_bits)
     model(mx.array(tokens[:prefill])[None], cache=cache)
@@ -122,3 +124,14 @@ def test_bytes_per_token_match_what_the_cache_holds(tiny, bits: int | None) -> N
         assert held / (kv_bytes_per_token(model.args, None, dtype_bytes=4) * 256) < 0.29
         bf16_ratio = kv_bytes_per_token(model.args, 8, 2) / kv_bytes_per_token(model.args, None, 2)
         assert bf16_ratio <= 0.55
+
+
+def test_the_chat_reports_kv_bytes_per_token_and_what_fits(tiny) -> None:
+    model, tokenizer, generation_config = tiny
+    plain = Chat(model, tokenizer, generation_config)
+    eight = Chat(model, tokenizer, generation_config, kv_bits=8)
+    # Qwen3-tiny: 6 layers x 2 kv heads x 64 dims, keys and values, float32 (the CPU policy).
+    assert plain.kv_bytes_per_token == 2 * 6 * 2 * 64 * 4 == 6144
+    assert eight.kv_bytes_per_token == 6144 // 4 + (2 * 6 * 2 * 64 // 64) * 2 * 4 == 1728
+    fits = eight.tokens_that_fit()
+    assert fits is not None and fits > 1000  # /proc/meminfo on Linux

@@ -20,6 +20,7 @@ from qwen3_mlx.cli.transcript_files import (
     write_markdown_copy,
 )
 from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
+from qwen3_mlx.sizes import format_size
 from qwen3_mlx.events import TurnResult
 from qwen3_mlx.transcript import user_path
 
@@ -316,9 +317,14 @@ class Repl:
     def do_context(self, action: Action) -> None:
         """/context: tokens used of the window."""
         used, limit = self.chat.context_used, self.chat.context_limit
-        self.note(
-            f"{used:,} of {limit:,} tokens used ({100 * used / max(limit, 1):.1f}%)", style=""
-        )
+        line = f"{used:,} of {limit:,} tokens used ({100 * used / max(limit, 1):.1f}%)"
+        per_token = getattr(self.chat, "kv_bytes_per_token", None)
+        if per_token:
+            line += f" · KV cache {format_size(per_token)} per token"
+            fit = self.chat.tokens_that_fit()
+            if fit is not None:
+                line += f", about {fit:,} more fit in free memory"
+        self.note(line, style="")
 
     def do_stats(self, action: Action) -> None:
         """/stats: details of the last reply."""
