@@ -20,8 +20,8 @@ from qwen3_mlx.cli.transcript_files import (
     write_markdown_copy,
 )
 from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
-from qwen3_mlx.sizes import format_size
 from qwen3_mlx.events import TurnResult
+from qwen3_mlx.sizes import format_size
 from qwen3_mlx.transcript import user_path
 
 if TYPE_CHECKING:
