@@ -250,7 +250,7 @@ class Chat:
         """
         self._close_active()
         last = self._turns[-1] if self._turns else None
-        if last is None or not last.valid_calls:
+        if last is None or not last.tool_calls:
             raise HistoryError("no tool call to answer: the last reply made none")
         ordered = order_results(results, last.tool_calls)
         return self._begin(Turn(None, tool_results=ordered), list(self._turns))

@@ -64,6 +64,8 @@ def assistant_message(turn: Turn) -> dict[str, Any]:
         # The templates split content at the text "</think>" unless reasoning_content is given;
         # an answer that merely spells it must stay whole.
         message["reasoning_content"] = ""
-    if turn.valid_calls:
-        message["tool_calls"] = [call.message() for call in turn.valid_calls]
+    if turn.tool_calls:
+        # Invalid calls are kept too (name as parsed, the raw text as arguments), so the model
+        # can be told what was wrong with them in a tool result; nothing it wrote is dropped.
+        message["tool_calls"] = [call.message() for call in turn.tool_calls]
     return message

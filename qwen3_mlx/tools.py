@@ -184,9 +184,9 @@ def order_results(
     The template renders results positionally, so a result sent out of order would answer the
     wrong call; one that answers no call of the reply is refused by id.
     """
-    valid = [call for call in calls if call.valid]
+    valid = list(calls)  # an invalid call is answered too: with the error, so the model can fix it
     if not valid:
-        raise ToolError("the last reply made no valid tool call, so there is nothing to answer")
+        raise ToolError("the last reply made no tool call, so there is nothing to answer")
     if len(results) > len(valid):
         raise ToolError(f"{len(results)} tool results for {len(valid)} calls")
     by_id = {call.id: index for index, call in enumerate(valid)}

@@ -108,7 +108,12 @@ def test_a_tool_call_inside_thinking_is_thinking_text_and_never_a_call() -> None
 
 def test_malformed_json_is_an_invalid_call_never_dropped() -> None:
     broken = '<tool_call>\n{"name": "lookup", "arguments": {"key": "moon"\n</tool_call>'
-    chat, _ = make_chat(lambda u: f"<think>\nCall.\n</think>\n\n{broken}<|im_end|>")
+    def script(user: str) -> str:
+        if user.startswith("<tool_response>"):
+            return "<think>\nOops.\n</think>\n\nSorry.<|im_end|>"
+        return f"<think>\nCall.\n</think>\n\n{broken}<|im_end|>"
+
+    chat, _ = make_chat(script)
     reply = chat.send("secret?")
     events = list(reply)
     (call,) = reply.result.tool_calls
@@ -117,8 +122,16 @@ def test_malformed_json_is_an_invalid_call_never_dropped() -> None:
     assert [e.call for e in events if isinstance(e, ToolCallEvent)] == [call]
     assert reply.result.finish_reason == "stop"  # no valid call: nothing for a tool to run
     assert "invalid tool call" in call.describe()
+    # Kept in the history (raw text as arguments), so the model can be told what was wrong.
+    assert chat.messages[-1]["tool_calls"] == [call.message()]
+    chat.send_tool_results([ToolResult("Error: not valid JSON", call.id)]).text()
+    assert chat.messages[-2] == {
+        "role": "tool",
+        "content": "Error: not valid JSON",
+        "tool_call_id": call.id,
+    }
     with pytest.raises(HistoryError, match="no tool call to answer"):
-        chat.send_tool_results([ToolResult("x")])
+        chat.send_tool_results([ToolResult("x")])  # the last reply made no call at all
 
 
 def test_a_call_cut_off_by_max_tokens_is_an_invalid_call() -> None:

@@ -213,7 +213,11 @@ def _run_turn(
     with stdout_errors():
         result = _stream(reply, show_thinking, json_output)
         steps: list[list[dict[str, Any]]] | None = [] if tools is not None else None
-        while tools is not None and result.finish_reason == "tool_calls":
+        while (
+            tools is not None
+            and result.tool_calls
+            and result.finish_reason in ("tool_calls", "stop")
+        ):
             if len(steps) >= tools.max_steps:
                 print(
                     f"stopped after {len(steps)} tool steps (--max-tool-steps {tools.max_steps})",

@@ -146,15 +146,8 @@ class Repl:
         result = self.stream(start)
         steps = 0
         while result is not None and result.tool_calls:
-            invalid = [call for call in result.tool_calls if not call.valid]
-            if invalid:
-                self.note(
-                    f"{len(invalid)} invalid tool call{'s' if len(invalid) > 1 else ''} not run "
-                    "(the model is not told: only calls that parse are kept in the history)",
-                    style="yellow",
-                )
-            if result.finish_reason != "tool_calls":
-                return result
+            if result.finish_reason not in ("tool_calls", "stop"):
+                return result  # cut off (length, repetition, Ctrl-C): the user decides
             if self.tools is None or not self.tools.enabled:
                 self.note("tools are off: the call was not run (/tools on)", style="yellow")
                 return result

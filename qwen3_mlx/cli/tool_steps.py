@@ -60,7 +60,7 @@ class ToolStep:
     call: ToolCall
     label: str  # server.tool, or the name the model wrote when no tool has it
     outcome: ToolOutcome
-    status: str  # "ran" | "declined" | "cancelled" | "unknown"
+    status: str  # "ran" | "declined" | "cancelled" | "unknown" | "invalid"
 
     def result(self) -> ToolResult:
         """The tool message for the model."""
@@ -101,7 +101,11 @@ def run_calls(
     """
     steps: list[ToolStep] = []
     cancelled = False
-    for call in (call for call in calls if call.valid):
+    for call in calls:
+        if not call.valid:
+            message = f"the call was not run: {call.error}; write it as valid JSON"
+            steps.append(ToolStep(call, call.name or "?", ToolOutcome(message, True), "invalid"))
+            continue
         tool = session.manager.find(call.name)
         if tool is None:
             names = ", ".join(t.function_name for t in session.manager.tools) or "none"
