@@ -8,7 +8,7 @@ generator into a Reply. Keeping history, or choosing which cache serves a prompt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ def start_reply(
     tools: ToolSetup | None = None,
     repetition_guard: RepetitionGuard | None = None,
     seed_index: int = 0,
+    extra_processors: Sequence[Callable[[Any, Any], Any]] = (),
     on_start: Callable[[], None] = lambda: None,
     on_end: Callable[[TurnResult, bool], None] = lambda result, started: None,
 ) -> Reply:
@@ -59,19 +60,25 @@ def start_reply(
 
     on_start runs when generation begins; on_end gets the result (and whether anything ran) when
     the reply ends or is closed, after the cache has been settled to what it really holds.
+    extra_processors (a front end's own: a response_format grammar, logprob recording) run after
+    the sampling penalties and tool processors, with the same (previous token, logits) call.
     """
     tools = tools or ToolSetup()
     phase = prompt_phase(prompt)
     stream = ReplyStream(tokenizer, phase, stop_ids, repetition_guard, tools=tools.parses_calls)
-    processors = build_logits_processors(settings) + tool_processors(
-        tokenizer,
-        tools.tools,
-        tools.choice,
-        phase,
-        model.args.vocab_size,
-        constrain=tools.constrain,
-        grammar_cache=tools.grammars,
-        parallel=tools.parallel,
+    processors = (
+        build_logits_processors(settings)
+        + tool_processors(
+            tokenizer,
+            tools.tools,
+            tools.choice,
+            phase,
+            model.args.vocab_size,
+            constrain=tools.constrain,
+            grammar_cache=tools.grammars,
+            parallel=tools.parallel,
+        )
+        + list(extra_processors)
     )
     reused = 0
 

@@ -61,6 +61,11 @@ class Reply:
         self.close()
 
     @property
+    def tokens(self) -> list[int]:
+        """The token ids generated so far (stop token included once it came)."""
+        return list(self._stream.tokens)
+
+    @property
     def done(self) -> bool:
         """Whether the reply has ended (result is set)."""
         return self.result is not None

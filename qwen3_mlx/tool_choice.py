@@ -26,6 +26,7 @@ from qwen3_mlx.thinking import TOOL_CALL_END_ID, TOOL_CALL_START_ID, Part, Phase
 from qwen3_mlx.tokenizer import IM_END_ID, THINK_START_ID
 
 NEWLINE_IDS = (198, 271)  # "\n" and "\n\n": what Qwen3 writes between </think> and <tool_call>
+NEWLINE_CHARS = {198: 1, 271: 2}
 
 
 def ban_tool_calls(previous: mx.array | None, logits: mx.array) -> mx.array:
@@ -153,9 +154,10 @@ class ToolCallGuide:
         return logits
 
     def _opening(self) -> list[int]:
+        # At most the "\n\n" the template renders after </think>: more would re-render
+        # differently and cost the cache prefix on the next step.
         allowed = [TOOL_CALL_START_ID]
-        if self.newlines < 2:
-            allowed += NEWLINE_IDS
+        allowed += [t for t, chars in NEWLINE_CHARS.items() if self.newlines + chars <= 2]
         if self.parser.phase is Phase.START:
             allowed.append(THINK_START_ID)  # the model may still think first
         return allowed
@@ -170,8 +172,8 @@ class ToolCallGuide:
             self.matcher.consume_token(token)
         elif part is Part.CALL_CLOSE:
             self.matcher = None
-        elif part is Part.ANSWER and token in NEWLINE_IDS:
-            self.newlines += 1
+        elif part is Part.ANSWER and token in NEWLINE_CHARS:
+            self.newlines += NEWLINE_CHARS[token]
 
 
 def tool_processors(
