@@ -1,7 +1,7 @@
 """The committed tiny Qwen3 chat model behaves like a Qwen3 hybrid-thinking model on its tasks.
 
-Fast subset of tools/eval_tiny.py: greedy replies to held-out prompts (word sequences never used
-in training), checked by token id for the think block and the stop token.
+Fast subset of tools/eval_tiny.py: greedy replies to held-out prompts (word sequences and lookup
+keys never used in training), checked by token id for the think block, tool calls and the stop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import tiny_data  # noqa: E402
-from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID  # noqa: E402
+from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, TOOL_CALL_ID  # noqa: E402
 
 BF16 = REPO / "models" / "qwen3-tiny-chat"
 FOUR_BIT = REPO / "models" / "qwen3-tiny-chat-4bit"
@@ -128,6 +128,57 @@ def test_latest_soft_switch_wins_over_three_turns(tokenizer, bf16_model, switche
     assert tiny_data.answer_text(tokenizer, reply) == example.problem.answer
 
 
+def tool_examples(**modes) -> list[tiny_data.Example]:
+    """Held-out lookup and word_count questions with the tool given: the call, then the answer."""
+    rng = random.Random(11)
+    return [
+        tiny_data.make_example(
+            rng, held_out=True, task=task, tools=tools, after_result=after_result, **modes
+        )
+        for task, tools in (("lookup", ("lookup",)), ("count", ("lookup", "word_count")))
+        for after_result in (False, True)
+    ]
+
+
+def replies_right(tokenizer, model, examples: list[tiny_data.Example]) -> list[bool]:
+    """Per example: the exact call (parsed arguments), or the exact answer and no call."""
+    right = []
+    for example in examples:
+        reply = greedy(model, tiny_data.render_prompt(tokenizer, example))
+        calls = [parsed for _, parsed in tiny_data.parse_tool_calls(reply, tokenizer)]
+        if example.problem.call is not None:
+            name, arguments = example.problem.call
+            ok = calls == [{"name": name, "arguments": arguments}]
+        else:
+            ok = not calls and tiny_data.answer_text(tokenizer, reply) == example.problem.answer
+        right.append(ok and reply[-1] == IM_END_ID)
+    return right
+
+
+@pytest.mark.parametrize(
+    "modes", [{}, {"switches": ("/no_think",)}, {"enable_thinking": False}], ids=str
+)
+def test_calls_a_fitting_tool_then_answers_from_its_result(tokenizer, bf16_model, modes):
+    assert all(replies_right(tokenizer, bf16_model, tool_examples(**modes)))
+
+
+def test_answers_directly_when_no_tool_fits_or_none_is_given(tokenizer, bf16_model):
+    rng = random.Random(12)
+    examples = [
+        tiny_data.make_example(rng, held_out=True, task="lookup"),
+        tiny_data.make_example(rng, held_out=True, task="count", tools=("lookup",)),
+        tiny_data.make_example(
+            rng, held_out=True, task="sort", tools=("word_count", "lookup"), switches=("/no_think",)
+        ),
+        tiny_data.make_example(
+            rng, held_out=True, task="lookup", tools=("word_count",), enable_thinking=False
+        ),
+    ]
+    assert all(replies_right(tokenizer, bf16_model, examples))
+    for example in held_out():
+        assert TOOL_CALL_ID not in greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+
+
 def test_four_bit_model_still_answers(tokenizer):
     model = load(str(FOUR_BIT))[0]
     examples = held_out(switches=("/no_think",)) + held_out()[:2]
@@ -137,6 +188,10 @@ def test_four_bit_model_still_answers(tokenizer):
         for e in examples
     ]
     assert sum(right) >= len(examples) - 1
+    right = replies_right(
+        tokenizer, model, tool_examples() + tool_examples(switches=("/no_think",))
+    )
+    assert sum(right) >= len(right) - 1
 
 
 def test_transformers_greedy_matches_mlx_lm(tokenizer, bf16_model):
