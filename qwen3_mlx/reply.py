@@ -6,7 +6,7 @@ and the server iterate the same Reply; none of them re-derives how a reply ended
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from qwen3_mlx.events import ReplyEvent, TurnResult
@@ -61,9 +61,12 @@ class Reply:
         self.close()
 
     @property
-    def tokens(self) -> list[int]:
-        """The token ids generated so far (stop token included once it came)."""
-        return list(self._stream.tokens)
+    def tokens(self) -> Sequence[int]:
+        """The token ids generated so far (stop token included once it came).
+
+        A live view that grows as the reply runs (no copy per step); never change it.
+        """
+        return self._stream.tokens
 
     @property
     def done(self) -> bool:

@@ -46,6 +46,21 @@ def mask_except(
     return mx.where(mx.array(keep), logits, -mx.inf)
 
 
+_LLTOKENIZERS: dict[int, Any] = {}  # built once per tokenizer (about a second)
+
+
+def lltokenizer(tokenizer: Any, vocab: int) -> Any:
+    """llguidance's view of our tokenizer, built once and shared by every grammar."""
+    try:
+        import llguidance.hf
+    except ImportError:  # pragma: no cover - a dependency; the message says how to get it
+        raise ToolError("constrained decoding needs the llguidance package") from None
+    key = id(tokenizer)
+    if key not in _LLTOKENIZERS:
+        _LLTOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer.hf, n_vocab=vocab)
+    return _LLTOKENIZERS[key]
+
+
 class ArgumentGrammar:
     """The llguidance grammar of one tool call: `\\n{"name": N, "arguments": <schema>}\\n</tool_call>`.
 
@@ -53,18 +68,10 @@ class ArgumentGrammar:
     this class only says where the call starts and ends in Qwen3's format.
     """
 
-    _tokenizers: dict[int, Any] = {}  # built once per tokenizer (about a second)
-
     def __init__(self, tokenizer: Any, tools: Sequence[dict[str, Any]], vocab: int):
-        try:
-            import llguidance
-            import llguidance.hf
-        except ImportError:  # pragma: no cover - a dependency; the message says how to get it
-            raise ToolError("constrained tool arguments need the llguidance package") from None
-        key = id(tokenizer)
-        if key not in self._tokenizers:
-            self._tokenizers[key] = llguidance.hf.from_tokenizer(tokenizer.hf, n_vocab=vocab)
-        self.lltokenizer = self._tokenizers[key]
+        import llguidance
+
+        self.lltokenizer = lltokenizer(tokenizer, vocab)
         schema = {
             # Qwen3's own separators and no free whitespace: a constrained call is written the
             # way the template renders calls back, so the cache prefix holds through the loop.

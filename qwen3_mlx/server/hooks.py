@@ -35,17 +35,9 @@ class AnswerGrammar:
     def __init__(self, tokenizer: Any, schema: dict[str, Any] | None, vocab: int):
         import llguidance
 
-        from qwen3_mlx.tool_choice import ArgumentGrammar
+        from qwen3_mlx.tool_choice import lltokenizer
 
-        # Building the llguidance tokenizer takes about a second: share tool_choice's cache of it.
-        key = id(tokenizer)
-        if key not in ArgumentGrammar._tokenizers:
-            import llguidance.hf
-
-            ArgumentGrammar._tokenizers[key] = llguidance.hf.from_tokenizer(
-                tokenizer.hf, n_vocab=vocab
-            )
-        self.lltokenizer = ArgumentGrammar._tokenizers[key]
+        self.lltokenizer = lltokenizer(tokenizer, vocab)  # shared with the tool grammars
         body = dict(schema or {"type": "object"})
         # Qwen3's separators and no free whitespace: the model cannot pad forever.
         body["x-guidance"] = {

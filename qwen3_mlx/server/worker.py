@@ -207,8 +207,7 @@ class LogprobLabels:
     """The logprobs of the answer tokens of a reply, handed out as they are generated."""
 
     def __init__(self, reply: Any, hook: StepHook, phase: Any, job: Job, stop_ids: frozenset):
-        # Reply exposes no token ids; its stream holds them (read only, never changed).
-        self.tokens: list[int] = reply._stream.tokens
+        self.tokens = reply.tokens  # a live view of the ids generated so far
         self.hook = hook
         self.parser = ThinkParser(phase, tools=job.tools.parses_calls)
         self.wanted = job.top_logprobs is not None
