@@ -85,13 +85,15 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", help="a local model folder instead of a built checkpoint")
     args = parser.parse_args()
 
     from mlx_lm.utils import load as mlx_lm_load
 
     from qwen3_mlx.loading import load
 
-    folder = checkpoint(args.shape, args.bits)
+    folder = args.model or checkpoint(args.shape, args.bits)
+    print(f"loading {folder}", flush=True)
     ours, tokenizer, _ = load(folder)
     theirs, _ = mlx_lm_load(str(folder))
     prompt = tokenizer.encode("Write a long note about the moon and the sea. " * 4)
@@ -105,7 +107,9 @@ def main() -> None:
             ),
         }
         for name, run in runs.items():
-            best[name] = min(best.get(name, float("inf")), run())
+            value = run()
+            print(f"  {name}: {value:.2f} ms/token", flush=True)
+            best[name] = min(best.get(name, float("inf")), value)
     plain = best["qwen3-mlx"]
     print(
         f"Qwen3-{args.shape} shape, {args.bits}-bit, {args.tokens} tokens, best of {args.repeats}"
