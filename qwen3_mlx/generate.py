@@ -34,7 +34,9 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def prefill(model: Any, tokens: Sequence[int], cache: list[Any], chunk: int = PREFILL_CHUNK) -> mx.array:
+def prefill(
+    model: Any, tokens: Sequence[int], cache: list[Any], chunk: int = PREFILL_CHUNK
+) -> mx.array:
     """Run all tokens but the last through the model in chunks, filling the cache; return the last."""
     ids = mx.array(list(tokens), dtype=mx.uint32)
     while ids.shape[0] > 1:

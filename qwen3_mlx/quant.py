@@ -105,9 +105,14 @@ def read_quantization(config: dict[str, Any], source: str = "config.json") -> di
         raise QuantizationError(f"{source}: 'quantization' must hold 'group_size' and 'bits'")
     mode = block.get("mode", "affine")
     if mode != "affine":
-        raise QuantizationError(f"{source}: quantization mode {mode!r} is not supported (affine only)")
+        raise QuantizationError(
+            f"{source}: quantization mode {mode!r} is not supported (affine only)"
+        )
     for params in [block] + [v for v in block.values() if isinstance(v, dict)]:
-        if params.get("bits") not in ALLOWED_BITS or params.get("group_size") not in ALLOWED_GROUP_SIZES:
+        if (
+            params.get("bits") not in ALLOWED_BITS
+            or params.get("group_size") not in ALLOWED_GROUP_SIZES
+        ):
             raise QuantizationError(
                 f"{source}: unsupported quantization bits={params.get('bits')} "
                 f"group_size={params.get('group_size')}"

@@ -72,7 +72,7 @@ def test_valid_settings_are_converted(name: str, value: object, expected: object
         ("temperature", -0.1, "temperature must be in [0, 2]"),
         ("temperature", "hot", "temperature must be a number"),
         ("temperature", float("nan"), "temperature must be a finite number"),
-            ("temperature", float("inf"), "temperature must be a finite number"),
+        ("temperature", float("inf"), "temperature must be a finite number"),
         ("top_p", 0, "top_p must be in (0, 1]"),
         ("top_p", 1.5, "top_p must be in"),
         ("top_k", -1, "top_k must be in [0"),
@@ -82,7 +82,7 @@ def test_valid_settings_are_converted(name: str, value: object, expected: object
         ("max_tokens", 0, "max_tokens must be in [1"),
         ("seed", -5, "seed must be in [0"),
         ("seed", True, "seed must be an integer"),
-            ("seed", 2**63, "seed must be in [0, 2^63)"),
+        ("seed", 2**63, "seed must be in [0, 2^63)"),
         ("temprature", 1, "unknown setting 'temprature'"),
     ],
 )

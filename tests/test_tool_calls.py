@@ -108,6 +108,7 @@ def test_a_tool_call_inside_thinking_is_thinking_text_and_never_a_call() -> None
 
 def test_malformed_json_is_an_invalid_call_never_dropped() -> None:
     broken = '<tool_call>\n{"name": "lookup", "arguments": {"key": "moon"\n</tool_call>'
+
     def script(user: str) -> str:
         if user.startswith("<tool_response>"):
             return "<think>\nOops.\n</think>\n\nSorry.<|im_end|>"
