@@ -9,7 +9,7 @@ import pytest
 
 from qwen3_mlx.cli.commands import parse_line
 from qwen3_mlx.mcp import Consent, McpConfigError, McpTool, parse_mcp_config, read_mcp_config
-from qwen3_mlx.mcp.naming import function_name, named_tools
+from qwen3_mlx.mcp.naming import find_tool, function_name, named_tools
 from qwen3_mlx.mcp.results import ToolOutcome, outcome_from_result
 
 # The Qwen3 model card's own example.
@@ -95,6 +95,17 @@ def test_function_names_are_valid_and_unique() -> None:
     schema = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {}}}
     function = McpTool("s", "t", "d", schema, "s-t").function()["function"]
     assert function["parameters"] == schema  # the full schema, $defs included
+
+
+def test_a_call_by_the_bare_tool_name_finds_it_only_when_one_server_has_it() -> None:
+    tools = named_tools(
+        [McpTool("notes", "lookup", ""), McpTool("time", "now", ""), McpTool("web", "now", "")]
+    )
+    assert find_tool(tools, "notes-lookup").label == "notes.lookup"
+    assert find_tool(tools, "lookup").label == "notes.lookup"  # the prefix dropped: not ambiguous
+    assert find_tool(tools, "time-now").label == "time.now"
+    assert find_tool(tools, "now") is None  # two servers have it: the model must say which
+    assert find_tool(tools, "nope") is None
 
 
 def test_consent_rules() -> None:

@@ -1,14 +1,27 @@
-"""`chat --mcp-config` in a real pseudo-terminal: the header announces the tools, /tools lists
-them, a server that fails is named in one line, and Ctrl-D leaves no server process behind."""
+"""`chat` and `prompt` with MCP servers in a real pseudo-terminal: the header announces the tools,
+/tools lists them, a server that fails is named in one line; the trained tiny model calls a real
+server's tool with consent and answers from it; Ctrl-C, Ctrl-D and a crashed server leave no
+server process behind."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import pexpect
 import psutil
-from test_repl_pty import babbling_model, command, quit_with_ctrl_d, spawn_chat  # noqa: F401
+from test_repl_pty import (  # noqa: F401
+    START_TIMEOUT,
+    TRAINED,
+    babbling_model,
+    command,
+    default_sigint,
+    quit_with_ctrl_d,
+    spawn_chat,
+    wait_for_prompt,
+)
 
 TIME = {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone=UTC"]}
 
@@ -33,3 +46,95 @@ def test_header_tools_command_and_no_orphans_after_ctrl_d(
     assert alive == []
     log = tmp_path / "home" / ".local" / "state" / "qwen3-mlx" / "mcp-time.log"
     assert log.is_file()
+
+
+SECRET_SERVER = Path(__file__).parent / "fixtures" / "mcp" / "secret_server.py"
+LOOKUP_QUESTION = 'secret.lookup({"key": "moon"}) [y]es / [n]o / [a]lways for this tool?'
+
+
+def secret_config(tmp_path: Path) -> Path:
+    """The lookup server as `secret`: the model sees `secret-lookup` and calls `lookup`, which
+    the manager accepts because only one server has a tool of that name."""
+    config = tmp_path / "mcp.json"
+    server = {"command": sys.executable, "args": [str(SECRET_SERVER)]}
+    config.write_text(json.dumps({"mcpServers": {"secret": server}}))
+    return config
+
+
+def test_the_trained_model_calls_a_real_server_with_consent_and_survives_its_crash(
+    tmp_path: Path,
+) -> None:
+    config = secret_config(tmp_path)
+    child = spawn_chat(
+        tmp_path, "-m", str(TRAINED), "--mcp-config", str(config), "--seed", "0", "--temp", "0"
+    )
+    (server,) = psutil.Process(child.pid).children(recursive=True)
+    child.sendline("What is the secret word for moon?")
+    child.expect_exact(LOOKUP_QUESTION)
+    child.sendline("y")
+    out = wait_for_prompt(child)
+    assert "← secret.lookup: river" in out
+    assert "The secret word for moon is river." in out
+    # Ctrl-C at the consent question answers no; the model is told and the chat goes on.
+    child.sendline("What is the secret word for moon?")
+    child.expect_exact(LOOKUP_QUESTION)
+    child.sendintr()
+    assert "← secret.lookup: declined" in wait_for_prompt(child)
+    assert server.is_running(), "Ctrl-C at the terminal never reaches the server"
+    # The server crashes: the next call says so in one line, and the chat goes on.
+    server.kill()
+    server.wait(10)
+    child.sendline("What is the secret word for moon?")
+    child.expect_exact(LOOKUP_QUESTION)
+    child.sendline("y")
+    out = wait_for_prompt(child)
+    assert "✗ secret.lookup: the MCP server 'secret' stopped during the session" in out
+    assert child.isalive() and "Traceback" not in out
+    assert quit_with_ctrl_d(child) == 0
+    assert not psutil.pid_exists(server.pid)
+
+
+def spawn_prompt(tmp_path: Path, *args: str) -> pexpect.spawn:
+    env = dict(
+        os.environ,
+        HOME=str(tmp_path / "home"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        HF_HUB_OFFLINE="1",
+    )
+    env.pop("QWEN3_MLX_MODEL", None)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwen3_mlx", "prompt", *args],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        dimensions=(40, 120),
+        timeout=START_TIMEOUT,
+        preexec_fn=default_sigint,
+    )
+    child.logfile_read = open(tmp_path / "prompt.log", "a", encoding="utf-8")  # noqa: SIM115
+    return child
+
+
+def test_prompt_asks_on_the_terminal_and_ctrl_c_leaves_no_server(tmp_path: Path) -> None:
+    config = secret_config(tmp_path)
+    flags = ("-m", str(TRAINED), "--mcp-config", str(config), "--temp", "0", "--seed", "0")
+    child = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
+    child.expect_exact(LOOKUP_QUESTION)
+    child.sendline("y")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "← secret.lookup: river" in child.before
+    assert "The secret word for moon is river." in child.before
+    # Ctrl-C at the question ends prompt (130) and stops the server.
+    child = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
+    child.expect_exact(LOOKUP_QUESTION)
+    servers = psutil.Process(child.pid).children(recursive=True)
+    assert servers
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
+    _, alive = psutil.wait_procs(servers, timeout=10)
+    assert alive == []

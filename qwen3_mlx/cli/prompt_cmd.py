@@ -247,20 +247,44 @@ def _stream(reply: Any, show_thinking: bool, json_output: bool) -> Any:
 
 
 def _tool_round(tools: Any, calls: Any) -> list[Any]:
-    """Run the calls --yes or mcp_allow permit; decline the rest (no one to ask in a script)."""
+    """Run the calls --yes or mcp_allow permit; ask for the rest on the terminal when there is
+    one, and decline them when there is not (no one to ask in a script)."""
     from qwen3_mlx.cli.render import step_line
     from qwen3_mlx.cli.tool_steps import run_calls, shown_call
 
     def decline(tool: Any, call: Any) -> str:
         print(
             f"tool call {shown_call(tool.label, call)} declined: prompt runs tools only with "
-            f"--yes or when mcp_allow in config.toml names them ({tool.label!r})",
+            f"--yes, when mcp_allow in config.toml names them ({tool.label!r}), or when asked "
+            "on a terminal",
             file=sys.stderr,
         )
         return "no"
 
-    done = run_calls(tools, calls, decline)
+    terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
+    done = run_calls(tools, calls, ask_on_terminal if terminal else decline)
     for step in done:
-        if step.status != "declined":
+        if step.status != "declined" or terminal:
             print(step_line(step), file=sys.stderr)
     return done
+
+
+def ask_on_terminal(tool: Any, call: Any) -> str:
+    """The consent question on stderr, the answer from the terminal; end of input means no.
+
+    Ctrl-C is not an answer: it ends `prompt` (exit 130), and the servers are stopped.
+    """
+    from qwen3_mlx.cli.tool_steps import QUESTION, parse_answer, shown_call
+
+    for _ in range(3):
+        sys.stderr.write(f"{shown_call(tool.label, call)} {QUESTION}? ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            sys.stderr.write("\n")
+            return "no"
+        answer = parse_answer(line)
+        if answer is not None:
+            return answer
+        sys.stderr.write("answer y, n or a\n")
+    return "no"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from qwen3_mlx.mcp.config import ServerConfig
-from qwen3_mlx.mcp.naming import McpTool, named_tools
+from qwen3_mlx.mcp.naming import McpTool, find_tool, named_tools
 from qwen3_mlx.mcp.results import ToolOutcome, outcome_from_result
 
 STOP_GRACE = 8.0  # the SDK waits 2 s for a clean exit, then SIGTERM, then SIGKILL
@@ -135,8 +135,8 @@ class McpManager:
         return list(self._tools)
 
     def find(self, function_name: str) -> McpTool | None:
-        """The tool the model calls by this name, if any."""
-        return next((tool for tool in self._tools if tool.function_name == function_name), None)
+        """The tool the model calls by this name, if any (see naming.find_tool)."""
+        return find_tool(self._tools, function_name)
 
     def functions(self) -> list[dict[str, Any]]:
         """The tools in OpenAI's function format, for Chat(tools=...)."""
@@ -199,10 +199,25 @@ class McpManager:
         except TimeoutError:
             return ToolOutcome(f"the tool did not answer within {timeout:g} s", True)
         except Exception as error:  # noqa: BLE001 (a protocol error is a result for the model)
-            if state.session is None:
-                return ToolOutcome(f"the MCP server {tool.server!r} stopped during the call", True)
+            if state.session is None or _connection_closed(error):
+                return self._stopped(state)
             return ToolOutcome(_leaf_message(error), True)
         return outcome_from_result(result)
+
+    def _stopped(self, state: ServerState) -> ToolOutcome:
+        # The server process exited (crashed, or killed): leave its session so the SDK reaps the
+        # process, and answer this call and every later one with the same line.
+        state.error = "it stopped during the session"
+        state.session = None
+        if state.stop is not None:
+            state.stop.set()
+        return ToolOutcome(f"the MCP server {state.config.name!r} stopped during the session", True)
+
+
+def _connection_closed(error: BaseException) -> bool:
+    from mcp.types import CONNECTION_CLOSED
+
+    return getattr(_leaf(error), "code", None) == CONNECTION_CLOSED
 
 
 @asynccontextmanager

@@ -68,3 +68,17 @@ def named_tools(tools: Iterable[McpTool]) -> list[McpTool]:
             McpTool(tool.server, tool.name, tool.description, tool.input_schema, function_name=name)
         )
     return named
+
+
+def find_tool(tools: Iterable[McpTool], name: str) -> McpTool | None:
+    """The tool a call names: by its function name, else by its bare MCP name when one server has it.
+
+    Small models (the tiny test model among them) sometimes drop the `server-` prefix they were
+    shown; when only one server has a tool of that name, the call is not ambiguous.
+    """
+    tools = list(tools)
+    exact = next((tool for tool in tools if tool.function_name == name), None)
+    if exact is not None:
+        return exact
+    bare = [tool for tool in tools if tool.name == name]
+    return bare[0] if len(bare) == 1 else None
