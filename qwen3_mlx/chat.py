@@ -275,22 +275,45 @@ class Chat:
         self._close_active()
         self._turns = []
 
-    def save(self, path: str | Path) -> None:
-        """Write the conversation to a JSON transcript."""
+    def save(self, path: str | Path, *, with_cache: bool = False) -> int | None:
+        """Write the conversation to a JSON transcript; with_cache also writes the KV cache beside
+        it (conv.kv.safetensors) and returns that file's size in bytes."""
         self._close_active()
         data = TranscriptData(
             self.model_id, self._system, self._thinking, dict(self._explicit), list(self._turns)
         )
         write_transcript(path, data, self.settings)
+        if not with_cache:
+            return None
+        from qwen3_mlx.cache_file import cache_path, fingerprint, save_cache
 
-    def load(self, path: str | Path) -> None:
-        """Continue the conversation saved in a transcript (history, system, thinking, settings)."""
+        prints = fingerprint(self.model, self.tokenizer, self.cache.kv_bits)
+        return save_cache(cache_path(Path(path).expanduser()), self.cache, prints)
+
+    def load(self, path: str | Path) -> str | None:
+        """Continue the conversation saved in a transcript (history, system, thinking, settings).
+
+        A KV cache saved beside it is restored when it was made by this model with these settings
+        (the next reply then prefills only the new message); otherwise the return value says in
+        one line why it was not, and the conversation is prefilled on the next reply.
+        """
         data = read_transcript(path)
         self._close_active()
         self.thinking = data.thinking
         self._system = data.system
         self._explicit = dict(data.explicit_settings)
         self._turns = list(data.turns)
+        from qwen3_mlx.cache_file import CacheFileError, cache_path, fingerprint, load_cache
+
+        saved = cache_path(Path(path).expanduser())
+        if not saved.exists():
+            return None
+        try:
+            prints = fingerprint(self.model, self.tokenizer, self.cache.kv_bits)
+            self.cache = load_cache(saved, self.model, prints)
+        except CacheFileError as error:
+            return f"{error}; the conversation will be prefilled instead"
+        return f"restored the KV cache ({len(self.cache.tokens):,} tokens)"
 
     # --- one reply -----------------------------------------------------------------------------------
 

@@ -156,8 +156,9 @@ class FakeChat:
     def reset(self) -> None:
         self.turns = []
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, with_cache: bool = False) -> int | None:
         Path(path).write_text(json.dumps({"messages": self.messages}))
+        return 1234 if with_cache else None
 
     def load(self, path: Path) -> None:
         self.calls.append(("load", Path(path)))

@@ -201,7 +201,7 @@ def test_prompt_ctrl_c_exits_130_with_the_partial_answer(
 def test_chat_with_the_trained_model(tmp_path: Path) -> None:
     child = spawn_chat(tmp_path, "-m", str(TRAINED), "--seed", "0", "--max-tokens", "200")
     # A question in thinking mode: the reasoning streams, then folds to one line.
-    first = ask(child, "What is 12 + 30?")
+    first = ask(child, "Sort these words alphabetically: star apple moon")
     assert "thought for" in first and "tok/s" in first
     # The hard switch: no think block at all.
     assert "thinking off" in command(child, "/no_think")
@@ -217,7 +217,7 @@ def test_chat_with_the_trained_model(tmp_path: Path) -> None:
     users = [m["content"] for m in data["messages"] if m["role"] == "user"]
     answers = [m["content"] for m in data["messages"] if m["role"] == "assistant"]
     assert users == [
-        "What is 12 + 30?",
+        "Sort these words alphabetically: star apple moon",
         "Reverse these words: lake bird",
         "Sort these words alphabetically: tree apple /no_think",
     ]
@@ -232,7 +232,7 @@ def test_chat_with_the_trained_model(tmp_path: Path) -> None:
     assert "conversation cleared" in command(child, "/reset")
     assert "3 exchanges" in command(child, f"/load {saved}")
     assert "tokens used" in command(child, "/context")
-    assert "tok/s" in ask(child, "What is 1 + 1?")
+    assert "tok/s" in ask(child, "Copy: lake bird")
     assert quit_with_ctrl_d(child) == 0
 
 
@@ -260,6 +260,10 @@ def test_no_input_ends_the_chat_or_loses_it(tmp_path: Path) -> None:
     assert "saved" in out and (tmp_path / "conv.json").is_file()
     assert (tmp_path / "conv.md").read_text().startswith("# Chat")
     assert "2 exchanges" in command(child, f"/load {tmp_path / 'conv.md'}")
+    # With --with-cache the KV cache goes beside it, and /load restores it.
+    out = command(child, f"/save {tmp_path / 'resume.json'} --with-cache")
+    assert "KV cache" in out and (tmp_path / "resume.kv.safetensors").is_file()
+    assert "restored the KV cache" in command(child, f"/load {tmp_path / 'resume.json'}")
     # The conversation is whole, and the history warning came once, not on every line.
     full = (tmp_path / "pty.log").read_text()
     assert full.count("line history") == 1 and "Traceback" not in full

@@ -168,8 +168,13 @@ def _answer(
         chat = spec.open_chat()
     for problem in tools.wait_started(chat) if tools is not None else []:
         print(f"Warning: {problem}", file=sys.stderr, flush=True)
+    with_cache = False
     if transcript is not None and transcript.exists():
-        chat.load(transcript)
+        cache_note = chat.load(transcript)
+        # A transcript saved with its KV cache keeps it: written back fresh after this reply.
+        with_cache = cache_note is not None
+        if cache_note and not cache_note.startswith("restored"):
+            print(f"Note: {cache_note}", file=sys.stderr)
         # Flags given now win over what the transcript recorded.
         if spec.system is not None:
             chat.system = spec.system
@@ -180,7 +185,7 @@ def _answer(
     result = _run_turn(chat, message, spec.show_thinking, json_output, tools)
     interrupted = result is None or result.finish_reason == "interrupted"
     if transcript is not None and not interrupted:
-        chat.save(transcript)
+        chat.save(transcript, with_cache=with_cache)
     if interrupted:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPT)

@@ -275,18 +275,26 @@ class Repl:
         self.converse(self.chat.retry)
 
     def do_save(self, action: Action) -> None:
-        """/save [file]: JSON transcript plus a Markdown copy (never the same file)."""
-        given = user_path(action.argument) if action.argument else None
+        """/save [file] [--with-cache]: JSON transcript plus a Markdown copy (never the same file),
+        and with --with-cache the KV cache beside them, so /load resumes without a prefill."""
+        words = action.argument.split()
+        with_cache = "--with-cache" in words
+        name = " ".join(word for word in words if word != "--with-cache")
+        given = user_path(name) if name else None
         path, markdown = save_paths(given or default_save_path(time.localtime()))
-        self.chat.save(path)
+        size = self.chat.save(path, with_cache=with_cache)
         write_markdown_copy(self.chat, markdown)
-        self.note(f"saved {path} (and {markdown.name})")
+        cache = f", KV cache {format_size(size)}" if size is not None else ""
+        self.note(f"saved {path} (and {markdown.name}{cache})")
 
     def do_load(self, action: Action) -> None:
         """/load file: continue a saved conversation (its Markdown copy's name works too)."""
         path = load_path(user_path(action.argument))
-        self.chat.load(path)
-        turns = len(self.chat.turns)
+        cache_note = self.chat.load(path)
+        if cache_note:
+            self.note(cache_note, style="dim" if cache_note.startswith("restored") else "yellow")
+        # The replies of a tool loop answer tool results, not the user: one exchange in all.
+        turns = sum(turn.user is not None for turn in self.chat.turns)
         self.note(
             f"loaded {path}: {turns} exchange{'s' if turns != 1 else ''} · {mode_name(self.chat.thinking)}"
         )
