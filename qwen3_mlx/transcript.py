@@ -200,7 +200,9 @@ def _turn_input(messages: list[Any], position: int) -> tuple[str | None, list[To
     results = []
     while position < len(messages) and _is_message(messages[position], "tool"):
         message = messages[position]
-        results.append(ToolResult(message["content"], message.get("tool_call_id")))
+        results.append(
+            ToolResult(message["content"], message.get("tool_call_id"), message.get("name"))
+        )
         position += 1
     _require(bool(results), f"message {position + 1} must be a user message with text content")
     return None, results, position

@@ -152,3 +152,27 @@ def test_prompt_without_consent_declines_and_says_so_on_stderr(
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "I may not check the time."
     assert "declined: prompt runs tools only with --yes" in result.stderr
+
+
+def test_save_and_load_keep_the_tool_loop_and_render_the_same_prompt(
+    manager: McpManager, tmp_path: Path
+) -> None:
+    from qwen3_mlx.chat import render_prompt
+
+    saved = tmp_path / "loop.json"
+    chat, out = run_repl(manager, f"what time is it?\ny\n/save {saved}\n")
+    assert "saved" in out
+    again, out = run_repl(manager, f"/load {saved}\n")
+    assert "loaded" in out and "1 exchange" in out
+    assert again.messages == chat.messages and again.turns == chat.turns
+    (call,) = [m for m in again.messages if m.get("tool_calls")]
+    assert call["tool_calls"][0]["function"]["name"] == "time-get_current_time"
+    assert len(tool_messages(again)) == 1 and '"timezone": "UTC"' in tool_messages(again)[0]
+
+    def prompt(chat: Chat) -> list[int]:
+        return render_prompt(
+            chat.tokenizer, chat.messages, thinking=chat.thinking, tools=chat.tools
+        )
+
+    assert prompt(again) == prompt(chat)
+    assert "<tool_response>" in chat.tokenizer.decode(prompt(again))

@@ -39,7 +39,11 @@ def transcript_markdown(system: str | None, turns: list[Any], model_id: str = ""
     if system:
         lines += ["## System", "", system.strip(), ""]
     for turn in turns:
-        lines += ["## You", "", turn.user.strip(), "", "## Assistant", ""]
+        if turn.user is not None:
+            lines += ["## You", "", turn.user.strip(), ""]
+        for result in turn.tool_results:  # a reply inside a tool loop answers these
+            lines += ["## Tool result", "", "```", result.content.strip(), "```", ""]
+        lines += ["## Assistant", ""]
         if turn.thinking.strip():
             lines += [
                 "<details><summary>Thinking</summary>",
@@ -50,6 +54,8 @@ def transcript_markdown(system: str | None, turns: list[Any], model_id: str = ""
                 "",
             ]
         lines += [turn.answer.strip(), ""]
+        lines += [f"Tool call: `{call.describe()}`" for call in turn.tool_calls]
+        lines += [""] if turn.tool_calls else []
         if turn.finish_reason == "interrupted":
             lines += ["*(interrupted)*", ""]
     return "\n".join(lines)
