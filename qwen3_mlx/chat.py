@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class Chat:
         self._active: Reply | None = None
         self._replies = 0
         self._used: tuple[str, int] = ("", 0)
+        # A view's hook for a long prefill: called with (tokens done, tokens to do) per chunk.
+        self.on_prefill: Callable[[int, int], None] | None = None
         self._tool_setup = ToolSetup(constrain=constrain_arguments, parallel=parallel_tool_calls)
         self.tools = tools or []
         self.tool_choice = tool_choice
@@ -385,6 +388,7 @@ class Chat:
             tools=self._tool_setup,
             repetition_guard=self.repetition_guard,
             seed_index=self._replies,
+            on_prefill=self.on_prefill,
             on_start=on_start,
             on_end=on_end,
         )

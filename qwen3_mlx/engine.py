@@ -53,6 +53,7 @@ def start_reply(
     repetition_guard: RepetitionGuard | None = None,
     seed_index: int = 0,
     extra_processors: Sequence[Callable[[Any, Any], Any]] = (),
+    on_prefill: Callable[[int, int], None] | None = None,
     on_start: Callable[[], None] = lambda: None,
     on_end: Callable[[TurnResult, bool], None] = lambda result, started: None,
 ) -> Reply:
@@ -62,6 +63,7 @@ def start_reply(
     the reply ends or is closed, after the cache has been settled to what it really holds.
     extra_processors (a front end's own: a response_format grammar, logprob recording) run after
     the sampling penalties and tool processors, with the same (previous token, logits) call.
+    on_prefill(done, total) reports a long prefill chunk by chunk.
     """
     tools = tools or ToolSetup()
     phase = prompt_phase(prompt)
@@ -95,6 +97,7 @@ def start_reply(
             sampler=build_sampler(settings),
             logits_processors=processors,
             max_tokens=min(int(settings["max_tokens"]), context_limit - len(prompt)),
+            on_prefill=on_prefill,
         )
 
     def settle(stream: ReplyStream, started: bool) -> TurnResult:

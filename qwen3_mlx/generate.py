@@ -35,15 +35,27 @@ def greedy(logprobs: mx.array) -> mx.array:
 
 
 def prefill(
-    model: Any, tokens: Sequence[int], cache: list[Any], chunk: int = PREFILL_CHUNK
+    model: Any,
+    tokens: Sequence[int],
+    cache: list[Any],
+    chunk: int = PREFILL_CHUNK,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> mx.array:
-    """Run all tokens but the last through the model in chunks, filling the cache; return the last."""
+    """Run all tokens but the last through the model in chunks, filling the cache; return the last.
+
+    on_progress(done, total) runs after each chunk (a long prompt shows progress; Ctrl-C lands
+    between chunks, and the cache then holds exactly the chunks done).
+    """
     ids = mx.array(list(tokens), dtype=mx.uint32)
+    total, done = ids.shape[0] - 1, 0
     while ids.shape[0] > 1:
         take = min(chunk, ids.shape[0] - 1)
         model(ids[None, :take], cache=cache)
         mx.eval([c.state for c in cache])
         ids = ids[take:]
+        done += take
+        if on_progress is not None:
+            on_progress(done, total)
     return ids
 
 
@@ -56,12 +68,13 @@ def generate_tokens(
     logits_processors: Sequence[LogitsProcessor] = (),
     max_tokens: int = 256,
     prefill_chunk: int = PREFILL_CHUNK,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[GeneratedToken]:
     """Yield up to max_tokens sampled tokens after `prompt` (the part not yet in the cache)."""
     if not prompt:
         raise ValueError("generate_tokens needs at least one new prompt token")
     start = time.perf_counter()
-    last = prefill(model, prompt, cache, prefill_chunk)
+    last = prefill(model, prompt, cache, prefill_chunk, on_prefill)
     previous: list[mx.array | None] = [None]
 
     def step(inputs: mx.array) -> mx.array:

@@ -464,3 +464,14 @@ def test_a_reply_stopped_at_any_stage_matches_history_and_cache(stage: str, how:
     # The conversation goes on from a cache that holds exactly what the history says.
     assert run(chat, "cherry")[1].answer == "Answer to cherry."
     assert_consistent(chat)
+
+
+def test_a_long_prefill_reports_its_progress_chunk_by_chunk() -> None:
+    chat, _ = make_chat(context_length=4096)
+    seen: list[tuple[int, int]] = []
+    chat.on_prefill = lambda done, total: seen.append((done, total))
+    reply = chat.send("apple " + "word " * 1500)
+    assert reply.text() == "Answer to apple."
+    total = reply.result.prompt_tokens - 1  # the last prompt token runs with the first step
+    assert [done for done, _ in seen] == [*range(512, total, 512), total]
+    assert {t for _, t in seen} == {total}

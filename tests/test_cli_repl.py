@@ -341,3 +341,16 @@ def test_live_view_redraws_are_throttled() -> None:
     view.finish(make_result("word " * 200))
     assert 1 <= len(draws) < 20  # 200 pieces in well under a second: a handful of redraws
     assert output.getvalue().count("word") >= 200
+
+
+def test_a_long_prefill_shows_tokens_read_rate_and_time_left() -> None:
+    output = io.StringIO()
+    console = Console(file=output, force_terminal=True, width=120, height=20, color_system=None)
+    view = ReplyView(console)
+    with view:
+        view.prefill_progress(0, 40_000)  # starts the clock
+        view.prefill_progress(4_096, 40_000)
+        view.prefill_progress(512, 1_000)  # short prompts show nothing new
+    shown = output.getvalue()
+    assert "reading the prompt: 4,096 of 40,000 tokens" in shown and "s left" in shown
+    assert "of 1,000 tokens" not in shown

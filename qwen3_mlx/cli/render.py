@@ -14,6 +14,8 @@ from rich.text import Text
 from qwen3_mlx.events import AnswerText, ThinkingText, ToolCallEvent, TurnResult
 from qwen3_mlx.settings import SETTINGS
 
+PROGRESS_FROM_TOKENS = 2048  # shorter prompts read in a moment; a progress line would only flicker
+
 
 class Tail:
     """Shows only the last lines of a renderable that fit the screen.
@@ -162,6 +164,19 @@ class ReplyView:
         self.thinking_closed = False
         self.live: Live | None = None
         self.next_draw = 0.0
+        self.prefill_started: float | None = None
+
+    def prefill_progress(self, done: int, total: int) -> None:
+        """Chat's on_prefill hook: a long prompt shows tokens read, the rate and the time left."""
+        now = time.perf_counter()
+        if self.prefill_started is None:
+            self.prefill_started = now - 1e-9
+        if self.live is None or total < PROGRESS_FROM_TOKENS:
+            return
+        rate = done / (now - self.prefill_started)
+        left = (total - done) / rate if rate > 0 else 0.0
+        text = f"reading the prompt: {done:,} of {total:,} tokens · {rate:,.0f} tok/s · ~{left:.0f} s left"
+        self.live.update(Text(text, style="dim"), refresh=True)
 
     def __enter__(self) -> ReplyView:
         if self.live_mode:

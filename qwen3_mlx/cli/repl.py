@@ -118,6 +118,7 @@ class Repl:
         reply: Reply | None = None
         error: Exception | None = None
         interrupted = False
+        self.chat.on_prefill = view.prefill_progress  # a long prompt shows its progress
         try:
             with view:
                 reply = start()
