@@ -111,9 +111,8 @@ def main() -> None:
             print(f"  {name}: {value:.2f} ms/token", flush=True)
             best[name] = min(best.get(name, float("inf")), value)
     plain = best["qwen3-mlx"]
-    print(
-        f"Qwen3-{args.shape} shape, {args.bits}-bit, {args.tokens} tokens, best of {args.repeats}"
-    )
+    label = args.model or f"Qwen3-{args.shape} shape, {args.bits}-bit"
+    print(f"{label}, {args.tokens} tokens, best of {args.repeats}")
     for name, value in best.items():
         print(f"  {name:<30} {value:7.2f} ms/token   {value / plain:5.2f}x ours")
     overhead = best["qwen3-mlx, constrained call"] - plain
