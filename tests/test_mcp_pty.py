@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -56,7 +57,11 @@ def secret_config(tmp_path: Path) -> Path:
     """The lookup server as `secret`: the model sees `secret-lookup` and calls `lookup`, which
     the manager accepts because only one server has a tool of that name."""
     config = tmp_path / "mcp.json"
-    server = {"command": sys.executable, "args": [str(SECRET_SERVER)]}
+    server = {
+        "command": sys.executable,
+        "args": [str(SECRET_SERVER)],
+        "env": {"SECRET_SLOW_CALL": "2"},  # the second call hangs until Ctrl-C cancels it
+    }
     config.write_text(json.dumps({"mcpServers": {"secret": server}}))
     return config
 
@@ -75,6 +80,16 @@ def test_the_trained_model_calls_a_real_server_with_consent_and_survives_its_cra
     out = wait_for_prompt(child)
     assert "← secret.lookup: river" in out
     assert "The secret word for moon is river." in out
+    # A slow call: Ctrl-C while it runs cancels the call, not the conversation or the server.
+    child.sendline("What is the secret word for moon?")
+    child.expect_exact(LOOKUP_QUESTION)
+    child.sendline("y")
+    child.expect_exact("secret.lookup")  # the spinner of the running call
+    time.sleep(1)
+    child.sendintr()
+    out = wait_for_prompt(child)
+    assert "← secret.lookup: cancelled" in out and "Traceback" not in out
+    assert child.isalive() and server.is_running()
     # Ctrl-C at the consent question answers no; the model is told and the chat goes on.
     child.sendline("What is the secret word for moon?")
     child.expect_exact(LOOKUP_QUESTION)
