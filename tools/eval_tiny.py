@@ -286,7 +286,9 @@ def untrained_mass(path: Path, tokenizer, sets: dict, prompts: dict, limit: int 
     for name, examples in sets.items():
         for example, prompt in zip(examples[:limit], prompts[name][:limit], strict=True):
             sequence = prompt + tiny_data.encode_example(tokenizer, example)[1]
-            logits = model(mx.array(sequence)[None])[0, len(prompt) - 1 :].astype(mx.float32)
+            # Steps that predict reply tokens; the step after the final stop was never trained.
+            steps = slice(len(prompt) - 1, len(sequence) - 1)
+            logits = model(mx.array(sequence)[None])[0, steps].astype(mx.float32)
             probs = mx.softmax(logits, axis=-1)
             worst = max(worst, mx.max(mx.sum(mx.where(mask, probs, 0.0), axis=-1)).item())
     return worst
