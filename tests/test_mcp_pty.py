@@ -6,7 +6,6 @@ server process behind."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from test_repl_pty import (  # noqa: F401
     default_sigint,
     quit_with_ctrl_d,
     spawn_chat,
+    spawn_cli,
     wait_for_prompt,
 )
 
@@ -110,25 +110,7 @@ def test_the_trained_model_calls_a_real_server_with_consent_and_survives_its_cra
 
 
 def spawn_prompt(tmp_path: Path, *args: str) -> pexpect.spawn:
-    env = dict(
-        os.environ,
-        HOME=str(tmp_path / "home"),
-        XDG_CONFIG_HOME=str(tmp_path / "config"),
-        HF_HUB_OFFLINE="1",
-    )
-    env.pop("QWEN3_MLX_MODEL", None)
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "qwen3_mlx", "prompt", *args],
-        env=env,
-        cwd=str(tmp_path),
-        encoding="utf-8",
-        dimensions=(40, 120),
-        timeout=START_TIMEOUT,
-        preexec_fn=default_sigint,
-    )
-    child.logfile_read = open(tmp_path / "prompt.log", "a", encoding="utf-8")  # noqa: SIM115
-    return child
+    return spawn_cli(tmp_path, "prompt", *args, log_name="prompt.log", timeout=START_TIMEOUT)
 
 
 def test_prompt_asks_on_the_terminal_and_ctrl_c_leaves_no_server(tmp_path: Path) -> None:

@@ -48,7 +48,10 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def spawn_chat(tmp_path: Path, *args: str, log_name: str = "pty.log") -> pexpect.spawn:
+def spawn_cli(
+    tmp_path: Path, command: str, *args: str, log_name: str, timeout: float = STEP_TIMEOUT
+) -> pexpect.spawn:
+    """`qwen3-mlx COMMAND ARGS` in a pty, with HOME and the XDG folders in tmp_path."""
     env = dict(os.environ)
     env.update(
         HOME=str(tmp_path / "home"),
@@ -62,15 +65,21 @@ def spawn_chat(tmp_path: Path, *args: str, log_name: str = "pty.log") -> pexpect
     env.pop("QWEN3_MLX_MODEL", None)
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "qwen3_mlx", "chat", *args],
+        ["-m", "qwen3_mlx", command, *args],
         env=env,
         cwd=str(tmp_path),
         encoding="utf-8",
         dimensions=(40, 120),
-        timeout=STEP_TIMEOUT,
+        timeout=timeout,
         preexec_fn=default_sigint,
     )
-    child.logfile_read = open(tmp_path / log_name, "w", encoding="utf-8")  # noqa: SIM115 (closed with the child)
+    child.logfile_read = open(tmp_path / log_name, "a", encoding="utf-8")  # noqa: SIM115 (closed with the child)
+    return child
+
+
+def spawn_chat(tmp_path: Path, *args: str, log_name: str = "pty.log") -> pexpect.spawn:
+    """The chat REPL in a pty, once it shows its first prompt."""
+    child = spawn_cli(tmp_path, "chat", *args, log_name=log_name)
     wait_for_prompt(child, timeout=START_TIMEOUT)
     return child
 
