@@ -84,3 +84,8 @@ class PromptCache:
         keep = min(min((layer.offset for layer in self.cache), default=0), len(fed))
         trim_cache(self.cache, keep)
         self.tokens = list(fed[:keep])
+
+    def clear(self) -> None:
+        """Drop everything (the model changed under the cache, e.g. its RoPE)."""
+        trim_cache(self.cache, 0)
+        self.tokens = []

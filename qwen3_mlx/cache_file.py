@@ -74,6 +74,26 @@ def save_cache(path: Path, cache: PromptCache, prints: dict[str, str]) -> int:
     return path.stat().st_size
 
 
+def saved_rope(path: Path) -> dict[str, Any] | None:
+    """The RoPE settings a cache file was saved with (None: native or unreadable).
+
+    Reads only the safetensors header (8 bytes of length, then JSON), not the tensors. mlx-lm
+    flattens the metadata under a position prefix ("0.fingerprint").
+    """
+    try:
+        with open(path, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(file.read(size))
+        metadata = header["__metadata__"]
+        prints = json.loads(next(v for k, v in metadata.items() if k.endswith("fingerprint")))
+        rope = json.loads(prints["rope"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+        return None
+    return rope if isinstance(rope, dict) else None
+
+
 def load_cache(path: Path, model: Any, prints: dict[str, str]) -> PromptCache:
     """The PromptCache saved at path; CacheFileError says why it cannot be used."""
     from mlx_lm.models.cache import load_prompt_cache

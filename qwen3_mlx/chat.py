@@ -1,8 +1,9 @@
 """The chat session: history, system prompt, thinking switch, sampling settings and KV-cache reuse.
 
 `Chat.send(text)` returns a Reply: iterate it for ThinkingText and AnswerText pieces, then read
-`reply.result` (a TurnResult). History is an explicit list of turns; the KV cache is only an accelerator: it remembers the exact tokens it
-holds, and each turn reuses the longest common prefix with the newly rendered prompt.
+`reply.result` (a TurnResult). History is an explicit list of turns; the KV cache is only an
+accelerator: it remembers the exact tokens it holds, and each turn reuses the longest common
+prefix with the newly rendered prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.history import Turn, history_messages
 from qwen3_mlx.limits import available_memory, min_tokens
 from qwen3_mlx.reply import Reply
+from qwen3_mlx.rope_auto import RopeAuto, switch
 from qwen3_mlx.settings import (
     GreedyThinkingWarning,
     effective_settings,
@@ -73,13 +75,19 @@ class Chat:
         constrain_arguments: bool = False,
         parallel_tool_calls: bool = True,
         kv_bits: int | None = None,
+        auto_rope: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.model_id = model_id
         self.repetition_guard = repetition_guard
-        self.context_limit = int(context_length or model.args.context_length)
+        # --rope-scaling auto: native RoPE until a reply would pass the trained window.
+        self.rope_plan = RopeAuto.for_model(model.args) if auto_rope else None
+        if self.rope_plan is not None:
+            switch(model, self.rope_plan, None)
+        limit = self.rope_plan.limit if self.rope_plan else model.args.context_length
+        self.context_limit = int(context_length or limit)
         self._system = _clean_system(system)
         self._thinking = True
         self.thinking = thinking
@@ -92,6 +100,8 @@ class Chat:
         self._used: tuple[str, int] = ("", 0)
         # A view's hook for a long prefill: called with (tokens done, tokens to do) per chunk.
         self.on_prefill: Callable[[int, int], None] | None = None
+        # A view's hook for a one-line notice (the RoPE changed and the conversation re-prefills).
+        self.on_notice: Callable[[str], None] = lambda line: None
         self._tool_setup = ToolSetup(constrain=constrain_arguments, parallel=parallel_tool_calls)
         self.tools = tools or []
         self.tool_choice = tool_choice
@@ -278,6 +288,9 @@ class Chat:
         self._close_active()
         self._turns = []
 
+        if self.rope_plan is not None and self.rope_plan.factor is not None:
+            switch(self.model, self.rope_plan, None)  # a new conversation starts native again
+            self.cache.clear()
     def save(self, path: str | Path, *, with_cache: bool = False) -> int | None:
         """Write the conversation to a JSON transcript; with_cache also writes the KV cache beside
         it (conv.kv.safetensors) and returns that file's size in bytes."""
@@ -313,12 +326,28 @@ class Chat:
             return None
         try:
             prints = fingerprint(self.model, self.tokenizer, self.cache.kv_bits)
+            if self.rope_plan is not None:  # take the RoPE the cache was made with, if auto may
+                self._adopt_saved_rope(saved)
             self.cache = load_cache(saved, self.model, prints)
         except CacheFileError as error:
             return f"{error}; the conversation will be prefilled instead"
         return f"restored the KV cache ({len(self.cache.tokens):,} tokens)"
 
     # --- one reply -----------------------------------------------------------------------------------
+    def _adopt_saved_rope(self, saved: Path) -> None:
+        from qwen3_mlx.cache_file import saved_rope
+
+        scaling, plan = saved_rope(saved), self.rope_plan
+        factor = None if scaling is None else float(scaling.get("factor", 0))
+        if scaling is not None and (
+            factor not in plan.factors
+            or scaling.get("original_max_position_embeddings") != plan.original
+        ):
+            return  # not a RoPE this plan would use: the fingerprint check refuses the cache
+        if factor != plan.factor:
+            switch(self.model, plan, factor)
+            self.cache.clear()
+
 
     def _close_active(self) -> None:
         active, self._active = self._active, None
@@ -341,7 +370,8 @@ class Chat:
             raise ContextOverflowError(
                 len(prompt),
                 self.context_limit,
-                yarn_enabled=scaling.get("rope_type", scaling.get("type")) == "yarn",
+                yarn_enabled=self.rope_plan is not None
+                or scaling.get("rope_type", scaling.get("type")) == "yarn",
             )
         thinks = thinking_active(messages, self._thinking, self.tokenizer.has_thinking_switch)
         settings = effective_settings(self.generation_config, thinks, self._explicit)
@@ -390,6 +420,8 @@ class Chat:
             seed_index=self._replies,
             on_prefill=self.on_prefill,
             on_start=on_start,
+            rope=self.rope_plan,
+            on_notice=self.on_notice,
             on_end=on_end,
         )
         return reply

@@ -8,16 +8,17 @@ generator into a Reply. Keeping history, or choosing which cache serves a prompt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
 
 from qwen3_mlx.cache import PromptCache
 from qwen3_mlx.events import TurnResult
-from qwen3_mlx.generate import generate_tokens
+from qwen3_mlx.generate import GeneratedToken, generate_tokens
 from qwen3_mlx.reply import Reply
+from qwen3_mlx.rope_auto import RopeAuto, switch
 from qwen3_mlx.sampling import build_logits_processors, build_sampler, seed_reply
 from qwen3_mlx.stream import RepetitionGuard, ReplyStream
 from qwen3_mlx.thinking import prompt_phase
@@ -53,7 +54,10 @@ def start_reply(
     repetition_guard: RepetitionGuard | None = None,
     seed_index: int = 0,
     extra_processors: Sequence[Callable[[Any, Any], Any]] = (),
+    generate: Callable[..., Iterator[GeneratedToken]] = generate_tokens,
     on_prefill: Callable[[int, int], None] | None = None,
+    rope: RopeAuto | None = None,
+    on_notice: Callable[[str], None] = lambda line: None,
     on_start: Callable[[], None] = lambda: None,
     on_end: Callable[[TurnResult, bool], None] = lambda result, started: None,
 ) -> Reply:
@@ -64,6 +68,10 @@ def start_reply(
     extra_processors (a front end's own: a response_format grammar, logprob recording) run after
     the sampling penalties and tool processors, with the same (previous token, logits) call.
     on_prefill(done, total) reports a long prefill chunk by chunk.
+    generate: what turns the prompt into tokens, with generate_tokens' arguments (a batching
+    server passes one that makes the reply a row of its batch).
+    rope (`--rope-scaling auto`): the model's RoPE moves to YaRN when the reply would pass the
+    window in use, the cache is prefilled again, and on_notice gets one line saying so.
     """
     tools = tools or ToolSetup()
     phase = prompt_phase(prompt)
@@ -87,18 +95,51 @@ def start_reply(
     def start() -> Any:
         nonlocal reused
         on_start()
+        if rope is not None:
+            widen(len(prompt) + 1)
         reused = cache.reuse(prompt)
         seed_reply(settings["seed"], seed_index)
         mx.reset_peak_memory()
-        return generate_tokens(
-            model,
-            prompt[reused:],
-            cache.cache,
-            sampler=build_sampler(settings),
-            logits_processors=processors,
-            max_tokens=min(int(settings["max_tokens"]), context_limit - len(prompt)),
-            on_prefill=on_prefill,
+        budget = min(int(settings["max_tokens"]), context_limit - len(prompt))
+        options = dict(
+            sampler=build_sampler(settings), logits_processors=processors, on_prefill=on_prefill
         )
+        if rope is None:
+            return generate(model, prompt[reused:], cache.cache, max_tokens=budget, **options)
+        return generate_widening(budget, options)
+
+    def widen(length: int) -> bool:
+        """Switch to the RoPE that holds `length` tokens; False when none is wider."""
+        nonlocal reused
+        factor = rope.factor_for(length)
+        if factor == rope.factor:
+            return False
+        on_notice(rope.describe(factor))
+        switch(model, rope, factor)
+        rope.switches += 1
+        cache.clear()  # its keys were rotated with the old frequencies
+        reused = 0
+        return True
+
+    def generate_widening(budget: int, options: dict[str, Any]) -> Iterator[GeneratedToken]:
+        # Generate in segments, each as long as the RoPE in use allows; between two, widen the
+        # RoPE and prefill prompt + reply so far again, then go on from the last token.
+        produced: list[int] = []
+        pending, previous, elapsed = prompt[reused:], None, 0.0
+        while True:
+            # Tokens this RoPE can still produce: the last one fed sits at window - 1.
+            room = rope.current_window - len(prompt) - len(produced) + 1
+            take = min(budget - len(produced), room)
+            segment = generate_tokens(
+                model, pending, cache.cache, max_tokens=take, previous_token=previous, **options
+            )
+            for token in segment:
+                produced.append(token.token)
+                yield replace(token, seconds=elapsed + token.seconds)
+            if len(produced) >= budget or not widen(len(prompt) + len(produced) + 1):
+                return
+            elapsed += token.seconds
+            pending, previous = prompt + produced, produced[-1]
 
     def settle(stream: ReplyStream, started: bool) -> TurnResult:
         if not started:

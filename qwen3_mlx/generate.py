@@ -70,12 +70,19 @@ def generate_tokens(
     prefill_chunk: int = PREFILL_CHUNK,
     on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[GeneratedToken]:
-    """Yield up to max_tokens sampled tokens after `prompt` (the part not yet in the cache)."""
+    previous_token: int | None = None,
+    """Yield up to max_tokens sampled tokens after `prompt` (the part not yet in the cache).
+
+    previous_token: when this continues a reply (its sampled tokens end `prompt`), the last of
+    them, so stateful logits processors see it as they would have in one run.
+    """
     if not prompt:
         raise ValueError("generate_tokens needs at least one new prompt token")
     start = time.perf_counter()
     last = prefill(model, prompt, cache, prefill_chunk, on_prefill)
-    previous: list[mx.array | None] = [None]
+    previous: list[mx.array | None] = [
+        None if previous_token is None else mx.array([previous_token], dtype=mx.uint32)
+    ]
 
     def step(inputs: mx.array) -> mx.array:
         logits = model(inputs[None], cache=cache)[:, -1, :]
