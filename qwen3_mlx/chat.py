@@ -113,13 +113,14 @@ class Chat:
         *,
         rope_scaling: dict[str, Any] | None = None,
         compute_dtype: str = "auto",
+        group: Any = None,
         **chat_kwargs: Any,
     ) -> Chat:
-        """Load a model folder or repo id and open a chat with it."""
+        """Load a model folder or repo id and open a chat with it (group: see loading.load)."""
         from qwen3_mlx.loading import load
 
         model, tokenizer, generation_config = load(
-            path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype
+            path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype, group=group
         )
         chat_kwargs.setdefault("model_id", str(path_or_repo))
         return cls(model, tokenizer, generation_config, **chat_kwargs)

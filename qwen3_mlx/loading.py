@@ -180,8 +180,15 @@ def load(
     quantize_on_load: int | QuantSpec | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
     lazy: bool = False,
+    group: Any = None,
 ) -> tuple[Model, Tokenizer, GenerationConfig]:
-    """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id."""
+    """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id.
+
+    group: an mx.distributed group of 2+ ranks: this rank reads only its shard, and the model
+    returned is rank 0's LeaderModel (the other ranks call distributed.follow instead).
+    """
+    if group is not None and group.size() > 1:
+        return _load_leader(path_or_repo, group, rope_scaling, compute_dtype)
     model_dir = resolve_model_path(path_or_repo)
     # transformers reads config.json too, on the tokenizer's thread, and grinds for minutes over
     # a 10,000,000-layer one: the config is checked before that thread starts.
@@ -196,3 +203,20 @@ def load(
     )
     generation_config = GenerationConfig.from_model_dir(model_dir, config)
     return model, Tokenizer(hf_tokenizer.result()), generation_config
+
+
+def _load_leader(
+    path_or_repo: str | Path,
+    group: Any,
+    rope_scaling: dict[str, Any] | None,
+    compute_dtype: str | mx.Dtype | None,
+) -> tuple[Any, Tokenizer, GenerationConfig]:
+    """Rank 0's shard wrapped as the LeaderModel, with the tokenizer and generation config."""
+    from qwen3_mlx.distributed import LeaderModel, load_group_model
+
+    model, model_dir, config = load_group_model(
+        path_or_repo, group, rope_scaling=rope_scaling, compute_dtype=compute_dtype
+    )
+    tokenizer = Tokenizer(read_hf_tokenizer_in_background(model_dir).result())
+    generation_config = GenerationConfig.from_model_dir(model_dir, config)
+    return LeaderModel(model, group), tokenizer, generation_config

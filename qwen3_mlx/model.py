@@ -15,6 +15,8 @@ from qwen3_mlx.rope import RoPE
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
+    group: Any = None  # set by Model.shard: o_proj then holds this rank's input columns
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, head_dim = args.hidden_size, args.head_dim
@@ -51,11 +53,14 @@ class Attention(nn.Module):
         else:
             # The fused kernel handles GQA (fewer kv heads) without repeating k and v.
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    group: Any = None  # set by Model.shard: down_proj then holds this rank's input columns
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -64,7 +69,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
 
 class TransformerBlock(nn.Module):
@@ -122,6 +128,12 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         """The decoder blocks (mlx-lm's cache helpers look for this)."""
         return self.model.layers
+
+    def shard(self, group: Any) -> dict[str, Any]:
+        """Split every layer over an mx.distributed group in place (sharding.py); return the plan."""
+        from qwen3_mlx.sharding import shard_model
+
+        return shard_model(self, group)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop tensors the module tree has no place for (a tied lm_head)."""

@@ -8,11 +8,13 @@ import typer
 
 from qwen3_mlx import __version__
 from qwen3_mlx.cli import options as o
+from qwen3_mlx.cli.distributed_run import distributed_command
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.cli.user_config import history_path
 
 
 @o.with_session_options
+@distributed_command
 def chat_command(ctx: typer.Context, session: o.SessionOptions) -> None:
     """Chat with a model in the terminal (type /help inside for the commands)."""
     with reported_errors(ctx):

@@ -266,9 +266,11 @@ class SessionSpec:
     def open_chat(self) -> Any:
         """Load the model and start a Chat (imports MLX and the model code only now)."""
         from qwen3_mlx.chat import Chat
+        from qwen3_mlx.distributed import current_group
 
         return Chat.from_pretrained(
             self.model,
+            group=current_group(),
             rope_scaling=self.rope_scaling,
             compute_dtype=self.compute_dtype,
             system=self.system,

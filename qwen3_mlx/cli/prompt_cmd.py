@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from qwen3_mlx.cli import options as o
+from qwen3_mlx.cli.distributed_run import distributed_command
 from qwen3_mlx.cli.guard import EXIT_INTERRUPT, reported_errors
 from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
 from qwen3_mlx.limits import MAX_TOKEN_BYTES
@@ -134,6 +135,7 @@ def result_json(result: Any, model_id: str, tool_steps: list | None = None) -> s
 
 
 @o.with_session_options
+@distributed_command
 def prompt_command(
     ctx: typer.Context,
     session: o.SessionOptions,

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from qwen3_mlx.cli import options as o
+from qwen3_mlx.cli.distributed_run import distributed_command
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
@@ -72,6 +73,7 @@ def with_serve_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @with_serve_options
+@distributed_command
 def serve_command(
     ctx: typer.Context,
     session: o.SessionOptions,
@@ -130,12 +132,16 @@ def serve_command(
     with reported_errors(ctx):
         spec = session.spec()
         from qwen3_mlx.cli.loading_status import loading
+        from qwen3_mlx.distributed import current_group
         from qwen3_mlx.loading import load
         from qwen3_mlx.server.runner import ServeOptions, build_state, serve
 
         with loading(spec.model):
             model, tokenizer, generation_config = load(
-                spec.model, rope_scaling=spec.rope_scaling, compute_dtype=spec.compute_dtype
+                spec.model,
+                rope_scaling=spec.rope_scaling,
+                compute_dtype=spec.compute_dtype,
+                group=current_group(),
             )
         options = ServeOptions(
             host=host,

@@ -1,0 +1,80 @@
+"""Commands under `mlx.launch`: rank 0 runs the command with its shard; the other ranks follow.
+
+Rank 0 owns the terminal (or the HTTP socket) and everything a user sees. The other ranks load
+their shard, run the forward passes rank 0 announces and exit with rank 0's exit code when it
+stops; they ignore Ctrl-C, which on one machine the terminal sends to every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from qwen3_mlx.cli.guard import EXIT_RUNTIME, reported_errors
+
+
+def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
+    """Make a command that takes `session` run across the ranks of an mlx.launch group."""
+
+    @functools.wraps(command)
+    def run(ctx: typer.Context, session: Any, **values: Any) -> None:
+        from qwen3_mlx.distributed import launched
+
+        if not launched():
+            command(ctx=ctx, session=session, **values)
+            return
+        from qwen3_mlx.distributed import join_group
+
+        with reported_errors(ctx):
+            group = join_group()
+        if group.size() == 1:
+            command(ctx=ctx, session=session, **values)
+        elif group.rank() == 0:
+            _lead(command, ctx, session, values)
+        else:
+            with reported_errors(ctx):
+                code = _follow(session.spec(), group)
+            if code:
+                raise typer.Exit(code)
+
+    return run
+
+
+def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str, Any]) -> None:
+    """Run the command on rank 0; on the way out, stop the followers with its exit code."""
+    from qwen3_mlx.distributed import stop_followers
+
+    code = EXIT_RUNTIME
+    try:
+        command(ctx=ctx, session=session, **values)
+        code = 0
+    except typer.Exit as done:
+        code = done.exit_code
+        raise
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else EXIT_RUNTIME
+        raise
+    finally:
+        try:
+            stop_followers(code)
+        except RuntimeError:
+            pass  # a follower already went away: nothing is left to stop
+
+
+def _follow(spec: Any, group: Any) -> int:
+    """Load this rank's shard and run rank 0's forward passes until it stops; its exit code."""
+    from qwen3_mlx.distributed import follow, ignore_interrupts, load_group_model, lost_connection
+
+    ignore_interrupts()
+    try:
+        model, _, _ = load_group_model(
+            spec.model, group, rope_scaling=spec.rope_scaling, compute_dtype=spec.compute_dtype
+        )
+        return follow(model, group)
+    except RuntimeError as error:
+        if "[ring]" in str(error) or "connection" in str(error):
+            raise lost_connection(error) from None
+        raise

@@ -1,0 +1,60 @@
+"""What each rank runs in the distributed tests (started by `mlx.launch`, one process per rank).
+
+`python distributed_ranks.py OUT CHECKPOINT...`: for every checkpoint, each rank loads the whole
+model (the single-process reference) and its shard. The shards run a prompt together (every rank
+calls the model: full logits of every position), then rank 0 leads 32 greedy tokens through the
+engine's generator while the other ranks follow. Rank 0 writes OUT (JSON) with the differences.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from qwen3_mlx.cache import make_cache
+from qwen3_mlx.distributed import LeaderModel, follow, join_group, load_group_model
+from qwen3_mlx.generate import generate_tokens
+from qwen3_mlx.loading import load_model
+
+PROMPT = [3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 46, 26]
+GREEDY_TOKENS = 32
+
+
+def greedy(model, group=None) -> list[int]:
+    """32 greedy tokens after PROMPT; with a group, rank 0 leads and the others follow."""
+    if group is not None and group.rank() != 0:
+        follow(model, group)
+        return []
+    leader = LeaderModel(model, group) if group is not None else model
+    tokens = [t.token for t in generate_tokens(leader, PROMPT, make_cache(model), max_tokens=32)]
+    if group is not None:
+        leader.stop()
+    return tokens
+
+
+def compare(checkpoint: Path, group) -> dict:
+    """Logit difference and greedy tokens of the sharded model against the whole one."""
+    whole, _ = load_model(checkpoint, compute_dtype="float32")
+    ids = mx.array([PROMPT])
+    reference = whole(ids)
+    expected = greedy(whole)
+    shard, _, _ = load_group_model(checkpoint, group, compute_dtype="float32")
+    logits = shard(ids)  # every rank calls the model: all positions, no leader
+    difference = mx.abs(logits - reference).max().item()
+    tokens = greedy(shard, group)
+    return {"max_logit_diff": difference, "expected": expected, "tokens": tokens}
+
+
+def main() -> None:
+    group = join_group()
+    out, checkpoints = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+    results = {path.name: compare(path, group) for path in checkpoints}
+    if group.rank() == 0:
+        out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Tensor parallelism over 2 ranks on this machine: `mlx.launch -n 2 --backend ring` over loopback.
+
+One launch per module runs every comparison (tests/distributed_ranks.py); the CLI tests start a
+`prompt` under 2 ranks, and the misconfigurations start the ranks by hand (MLX_RANK and a
+hostfile, as mlx.launch does) so each rank's exit status and stderr can be read. Every process
+has a timeout: nothing here can hang CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from checkpoints import make_checkpoint
+from mlx.utils import tree_flatten
+
+from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.loading import load_model
+from qwen3_mlx.quant import QuantSpec, quantize_model, write_quantization
+from qwen3_mlx.sharding import ShardingError, shard_plan
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+TINY_CHAT = REPO / "models" / "qwen3-tiny-chat"
+TIMEOUT = 150
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (mlx.launch and the ring take consecutive ones from the first)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count >= 65535:
+            continue
+        try:
+            held = []
+            for port in range(first, first + count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", port))
+            return list(range(first, first + count))
+        except OSError:
+            continue
+        finally:
+            for held_socket in held:
+                held_socket.close()
+    raise RuntimeError("no free ports")
+
+
+def launch(command: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+    """Run command on `ranks` local ranks under mlx.launch (ring backend, loopback)."""
+    port = free_ports(ranks)[0]
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    return subprocess.run(
+        [str(launcher), "-n", str(ranks), "--backend", "ring", "-p", str(port), *command],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=ENV,
+    )
+
+
+def start_ranks(commands: list[list[str]], extra_env: dict[str, str] | None = None) -> list[Any]:
+    """Start one process per command as the ranks of a ring (some may never be started: None)."""
+    ports = free_ports(len(commands))
+    hostfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen3-mlx-hosts-{ports[0]}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
+    processes = []
+    for rank, command in enumerate(commands):
+        env = {**ENV, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), **(extra_env or {})}
+        processes.append(
+            None
+            if command is None
+            else subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return processes
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of a started rank (killed after the timeout)."""
+    try:
+        out, err = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"a rank hung: {err[-2000:]}")
+    return process.returncode, out, err
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `Error:` lines of a rank's stderr (MLX's ring adds its own socket notes)."""
+    return [line for line in stderr.splitlines() if line.startswith("Error:")]
+
+
+def quantized_copy(source: Path, target: Path) -> Path:
+    """A 4-bit (group 32) MLX checkpoint of the same weights."""
+    model, config = load_model(source, compute_dtype="checkpoint")
+    block = quantize_model(model, QuantSpec(bits=4, group_size=32))
+    target.mkdir(parents=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (target / "config.json").write_text(json.dumps(write_quantization(config, block)))
+    return target
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Launch 2 ranks once over four random models; rank 0's comparison for each."""
+    root = tmp_path_factory.mktemp("distributed")
+    # 4 query heads; 1 KV head (fewer than the ranks: replicated) or 2 (one per rank). The untied
+    # ones give varied greedy tokens (a tied random model repeats its input) and a vocab-split head.
+    kv1 = make_checkpoint(root / "dense-kv1", num_key_value_heads=1, tie_word_embeddings=False)
+    kv2 = make_checkpoint(root / "dense-kv2", num_key_value_heads=2, seed=1)
+    kv1_4bit = quantized_copy(kv1, root / "4bit-kv1")
+    kv2_4bit = quantized_copy(
+        make_checkpoint(root / "dense-kv2-untied", seed=2, tie_word_embeddings=False),
+        root / "4bit-kv2",
+    )
+    out = root / "results.json"
+    script = str(TESTS / "distributed_ranks.py")
+    paths = [str(path) for path in (kv1, kv2, kv1_4bit, kv2_4bit)]
+    done = launch([sys.executable, script, str(out), *paths])
+    assert out.exists(), done.stdout + done.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2", "4bit-kv1", "4bit-kv2"])
+def test_sharded_logits_equal_single_process(parity: dict[str, Any], name: str) -> None:
+    assert parity[name]["max_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2", "4bit-kv1", "4bit-kv2"])
+def test_32_greedy_tokens_identical(parity: dict[str, Any], name: str) -> None:
+    result = parity[name]
+    assert len(result["tokens"]) == 32
+    assert result["tokens"] == result["expected"]
+
+
+def test_untied_random_model_gives_varied_tokens(parity: dict[str, Any]) -> None:
+    # Guards the test above: identical runs of one repeated token would prove little.
+    assert len(set(parity["dense-kv1"]["expected"])) > 3
+
+
+def test_plan_refuses_heads_that_do_not_split() -> None:
+    args = ModelArgs.from_dict(json.loads((TINY_CHAT / "config.json").read_text()))
+    with pytest.raises(ShardingError, match="4 attention heads do not split evenly over 3"):
+        shard_plan(args, 0, 3)
+    plan = shard_plan(args, 3, 4)  # 2 KV heads over 4 ranks: ranks 2 and 3 hold KV head 1
+    assert plan["model.layers.0.self_attn.k_proj"].index == 1
+    assert plan["model.layers.0.self_attn.k_proj"].count == 2
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qwen3_mlx", *args]
+
+
+PROMPT_ARGS = ["prompt", "--model", str(TINY_CHAT), "--temp", "0", "--no-think", "--tools", "none"]
+
+
+def test_prompt_under_two_ranks_prints_the_single_process_answer() -> None:
+    question = "What is the capital of France?"
+    single = subprocess.run(
+        cli(*PROMPT_ARGS, question), capture_output=True, text=True, timeout=TIMEOUT, env=ENV
+    )
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.strip()
+    both = launch(cli(*PROMPT_ARGS, question))
+    assert both.stdout == single.stdout, both.stderr
+
+
+def test_rank_that_cannot_connect_fails_in_one_line() -> None:
+    (rank0, _) = start_ranks(
+        [cli(*PROMPT_ARGS, "hi"), None], extra_env={"QWEN3_MLX_CONNECT_TIMEOUT": "2"}
+    )
+    code, out, err = finish(rank0)
+    assert code != 0
+    assert (
+        error_lines(err) == [error_lines(err)[0]]
+        and "rank 0 could not connect to the other ranks within 2 s" in err
+    )
+    assert out == ""
+
+
+def test_heads_that_do_not_split_fail_on_every_rank(tmp_path: Path) -> None:
+    model = make_checkpoint(tmp_path / "three-heads", num_attention_heads=3, num_key_value_heads=1)
+    command = cli("prompt", "--model", str(model), "--tools", "none", "hi")
+    results = [finish(process) for process in start_ranks([command, command])]
+    for code, _, err in results:
+        assert code == 1
+        assert error_lines(err) == [
+            "Error: 3 attention heads do not split evenly over 2 ranks; use a number of ranks "
+            "that divides 3"
+        ]
+
+
+def test_different_model_files_fail_on_every_rank(tmp_path: Path) -> None:
+    first = make_checkpoint(tmp_path / "first", seed=1)
+    second = make_checkpoint(tmp_path / "second", seed=2)  # same shapes, other weights
+    commands = [
+        cli("prompt", "--model", str(path), "--tools", "none", "hi") for path in (first, second)
+    ]
+    results = [finish(process) for process in start_ranks(commands)]
+    for code, _, err in results:
+        assert code == 1
+        (line,) = error_lines(err)
+        assert "the ranks have different model files or settings" in line
