@@ -14,7 +14,8 @@ from typing import Any
 
 import mlx.core as mx
 
-Sampler = Callable[[mx.array], mx.array]
+# A sampler takes log probabilities [B, V] and an optional random key (None: MLX's global one).
+Sampler = Callable[..., mx.array]
 # A stateful logits processor sees the token sampled last (None on the first step) and the logits.
 LogitsProcessor = Callable[[mx.array | None, mx.array], mx.array]
 
@@ -29,8 +30,8 @@ class GeneratedToken:
     seconds: float
 
 
-def greedy(logprobs: mx.array) -> mx.array:
-    """The arg-max sampler."""
+def greedy(logprobs: mx.array, key: mx.array | None = None) -> mx.array:
+    """The arg-max sampler (the key is not needed)."""
     return mx.argmax(logprobs, axis=-1)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.rope import RoPE
@@ -146,6 +147,9 @@ class Model(nn.Module):
 
 def causal_mask(L: int, cache: Any) -> Any:
     """The attention mask for L new tokens: none for one token, else the fused causal mode."""
+    if isinstance(cache, BatchKVCache):
+        # Left-padded rows decoded together: each row masks its own padding.
+        return cache.make_mask(L)
     if L == 1:
         return None
     # "causal" lets the kernel align the lower-right corner, so it holds with a cache offset too.

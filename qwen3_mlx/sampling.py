@@ -39,13 +39,16 @@ def build_sampler(settings: Mapping[str, Any]) -> Sampler:
     Qwen's recommended settings assume transformers' order (temperature, then top_k, then top_p
     and min_p on the tempered, renormalized candidates), while make_sampler applies top_p to the
     untempered full distribution before top_k.
+
+    The sampler takes an optional random key: a batched server gives each reply its own, so a
+    seeded reply does not depend on what else is in the batch.
     """
     temperature = float(settings["temperature"])
     if temperature <= 0:
         return greedy
     top_k, top_p, min_p = int(settings["top_k"]), float(settings["top_p"]), float(settings["min_p"])
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def sample(logprobs: mx.array, key: mx.array | None = None) -> mx.array:
         vocab = logprobs.shape[-1]
         if 0 < top_k < vocab:
             # [B, V] -> [B, k]: candidate ids in no particular order, then their values.
@@ -63,7 +66,7 @@ def build_sampler(settings: Mapping[str, Any]) -> Sampler:
             keep = keep & ((mx.cumsum(probs, axis=-1) - probs) < top_p)
         if min_p > 0:
             keep = keep & (probs >= min_p * probs[..., :1])
-        choice = mx.random.categorical(mx.where(keep, values, -mx.inf), axis=-1)
+        choice = mx.random.categorical(mx.where(keep, values, -mx.inf), axis=-1, key=key)
         return mx.take_along_axis(ids, choice[..., None], axis=-1).squeeze(-1)
 
     return sample

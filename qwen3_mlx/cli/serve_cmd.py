@@ -98,10 +98,19 @@ def serve_command(
         typer.Option(
             "--max-concurrency",
             min=1,
-            help="Requests running or queued at once; more get HTTP 503.",
+            help="Requests decoded together in one batch; more wait in the queue.",
             rich_help_panel=SERVER,
         ),
-    ] = 16,
+    ] = 8,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            min=0,
+            help="Requests waiting for the batch; more get HTTP 503.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 32,
     prompt_cache_size: Annotated[
         str,
         typer.Option(
@@ -148,6 +157,7 @@ def serve_command(
             port=port,
             api_key=api_key,
             max_concurrency=max_concurrency,
+            max_queue=max_queue,
             prompt_cache_bytes=parse_size(prompt_cache_size),
             reasoning_field=reasoning_field.value,
             context_length=context_length,

@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.server import protocol as p
 from qwen3_mlx.server.generation import ChatRun, CompletionRun, error_body
-from qwen3_mlx.server.hooks import ResponseFormatError
 from qwen3_mlx.server.metrics import Metrics
+from qwen3_mlx.server.processors import ResponseFormatError
 from qwen3_mlx.server.requests import (
     ApiError,
     Prepared,

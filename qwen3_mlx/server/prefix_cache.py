@@ -8,6 +8,7 @@ belongs to keeps its own tail for its next step. Nothing here knows HTTP; the RE
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,39 +51,54 @@ def fork(model: Any, source: PromptCache, length: int) -> PromptCache:
 
 
 class PrefixCache:
-    """LRU entries of PromptCache, bounded by `max_bytes` (the entry in use is never dropped)."""
+    """LRU entries of PromptCache, bounded by `max_bytes` (entries in use are never dropped).
+
+    An entry in use by a running reply is busy until release(): it is neither chosen nor forked
+    (its arrays are changing), so concurrent replies never share one. Thread-safe.
+    """
 
     def __init__(self, model: Any, max_bytes: int, max_entries: int = 64):
         self.model = model
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.entries: list[PromptCache] = []  # least recently used first
+        self.busy: set[int] = set()  # id() of the entries in use
+        self.lock = threading.Lock()
 
     def choose(self, prompt: Sequence[int]) -> CacheChoice:
-        """The entry to run `prompt` in (made most recent), forked or new when none extends."""
-        best, shared = None, 0
-        for entry in self.entries:
-            length = common_prefix_length(entry.tokens, prompt)
-            if length > shared:
-                best, shared = entry, length
-        shared = min(shared, len(prompt) - 1)  # the last prompt token always runs again
-        if best is not None and shared == len(best.tokens):
-            self.entries.remove(best)
-            chosen = best
-        elif best is not None and shared > 0:
-            chosen = fork(self.model, best, shared)
-        else:
-            chosen, shared = PromptCache(self.model), 0
-        self.entries.append(chosen)
-        self.evict(keep=chosen)
+        """The entry to run `prompt` in (made most recent and busy), forked or new when none
+        extends."""
+        with self.lock:
+            best, shared = None, 0
+            for entry in self.entries:
+                length = common_prefix_length(entry.tokens, prompt)
+                if length > shared and id(entry) not in self.busy:
+                    best, shared = entry, length
+            shared = min(shared, len(prompt) - 1)  # the last prompt token always runs again
+            if best is not None and shared == len(best.tokens):
+                self.entries.remove(best)
+                chosen = best
+            elif best is not None and shared > 0:
+                chosen = fork(self.model, best, shared)
+            else:
+                chosen, shared = PromptCache(self.model), 0
+            self.entries.append(chosen)
+            self.busy.add(id(chosen))
+            self._evict()
         return CacheChoice(chosen, shared)
 
-    def evict(self, keep: PromptCache | None = None) -> None:
-        """Drop least recently used entries until the byte and entry bounds hold."""
+    def release(self, entry: PromptCache) -> None:
+        """The reply using `entry` ended: it may be chosen, forked or dropped again."""
+        with self.lock:
+            self.busy.discard(id(entry))
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used idle entries until the byte and entry bounds hold."""
         while len(self.entries) > 1 and (
             self.total_bytes() > self.max_bytes or len(self.entries) > self.max_entries
         ):
-            victim = next((entry for entry in self.entries if entry is not keep), None)
+            victim = next((entry for entry in self.entries if id(entry) not in self.busy), None)
             if victim is None:
                 return
             self.entries.remove(victim)

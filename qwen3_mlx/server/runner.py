@@ -21,7 +21,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_concurrency: int = 16  # requests running or queued; more get 503
+    max_concurrency: int = 8  # replies decoded together in one batch
+    max_queue: int = 32  # requests waiting for a place in the batch; more get 503
     prompt_cache_bytes: int = 4 << 30
     reasoning_field: str = "reasoning_content"
     context_length: int | None = None
@@ -41,7 +42,8 @@ def build_state(
         PrefixCache(model, options.prompt_cache_bytes),
         stop_ids=frozenset(generation_config.eos_token_ids) | {IM_END_ID},
         context_limit=context_limit,
-        max_pending=options.max_concurrency,
+        max_batch=options.max_concurrency,
+        max_queue=options.max_queue,
         metrics=metrics,
     )
     return ServerState(

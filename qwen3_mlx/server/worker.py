@@ -1,32 +1,48 @@
-"""The generation worker: one thread runs one Reply at a time from a bounded queue.
+"""The generation worker: continuous batching of the server's replies.
 
-This is not continuous batching: requests are decoded one after another, each in the prefix-cache
-entry that shares most of its prompt. The queue bound (running + waiting) turns overload into a
-503 instead of an ever longer wait. Events go back to the request's own delivery callback (the
-HTTP side hands them to its event loop); a request that is cancelled (client gone, stop string
-seen) closes its Reply at the next event.
+One decoding thread owns the model and a BatchDecoder: it takes queued jobs while the batch has
+room (--max-concurrency rows), picks each one's prefix-cache entry, and runs one batched decode
+step after another; replies join and leave between steps. Each running job also has a thread of
+its own that drives its Reply (detokenizing, think and tool-call split, stop rules) and hands the
+events to the request's delivery callback. Jobs beyond the batch wait in a queue with a bound
+(--max-queue); beyond it a request is refused (HTTP 503) instead of waiting ever longer.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import ReplyEvent, TurnResult
-from qwen3_mlx.server.hooks import AnswerGrammar, StepHook, prefill_calls
-from qwen3_mlx.server.prefix_cache import PrefixCache
+from qwen3_mlx.generate import GeneratedToken
+from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
+from qwen3_mlx.server.processors import (
+    AnswerConstraint,
+    AnswerGrammar,
+    FrequencyPenalty,
+    LogprobRecorder,
+)
 from qwen3_mlx.stream import RepetitionGuard
 from qwen3_mlx.thinking import Part, ThinkParser, prompt_phase
+
+IDLE_WAIT_SECONDS = 0.1
 
 
 class ServerBusy(Qwen3Error):
     """The queue is full: the request is refused (HTTP 503), not kept waiting."""
+
+
+class ServerStopped(Qwen3Error):
+    """The server shut down before the reply ended."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,7 @@ class Job:
 
 
 class GenerationWorker:
-    """A daemon thread that runs queued jobs one by one against one model."""
+    """The decoding thread, the bounded queue in front of it and the running jobs' threads."""
 
     def __init__(
         self,
@@ -89,7 +105,8 @@ class GenerationWorker:
         *,
         stop_ids: frozenset[int],
         context_limit: int,
-        max_pending: int,
+        max_batch: int,
+        max_queue: int,
         metrics: Any = None,
         repetition_guard: RepetitionGuard | None = RepetitionGuard(),  # noqa: B008 (frozen)
     ):
@@ -98,39 +115,45 @@ class GenerationWorker:
         self.cache = cache
         self.stop_ids = stop_ids
         self.context_limit = context_limit
-        self.max_pending = max_pending
+        self.max_batch = max_batch
+        self.max_queue = max_queue
         self.metrics = metrics
         self.guard = repetition_guard
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.pending = 0  # queued + running
-        self.running = 0
+        self.decoder = BatchDecoder(model, stop_ids)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.new_rows: queue.SimpleQueue[BatchRow] = queue.SimpleQueue()
+        self.running = 0  # jobs started and not finished
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._loop, name="qwen3-mlx-generation", daemon=True)
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="qwen3-mlx-decoder", daemon=True)
 
     def start(self) -> None:
-        """Start the thread."""
+        """Start the decoding thread."""
         self.thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to end after the job it is running."""
-        self.jobs.put(None)
+        """Ask the decoding thread to end; replies still running fail with ServerStopped."""
+        self.stopping = True
+        self.wake.set()
 
     def submit(self, job: Job) -> None:
-        """Queue a job; ServerBusy when max_pending jobs are already queued or running."""
+        """Queue a job; ServerBusy when the batch is full and max_queue jobs already wait."""
         with self.lock:
-            if self.pending >= self.max_pending:
+            if self.running + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise ServerBusy(
-                    f"the server is busy: {self.pending} requests are running or queued "
-                    f"(--max-concurrency {self.max_pending}); retry later"
+                    f"the server is busy: {self.running} replies running and "
+                    f"{len(self.waiting)} queued (--max-concurrency {self.max_batch}, "
+                    f"--max-queue {self.max_queue}); retry later"
                 )
-            self.pending += 1
+            self.waiting.append(job)
         self._gauge()
-        self.jobs.put(job)
+        self.wake.set()
 
     @property
     def queued(self) -> int:
-        """Jobs waiting for the worker."""
-        return self.pending - self.running
+        """Jobs waiting for a place in the batch."""
+        return len(self.waiting)
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -138,40 +161,62 @@ class GenerationWorker:
             self.metrics.running.set(self.running)
 
     def _loop(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            with self.lock:
-                self.running = 1
-            self._gauge()
+        while not self.stopping:
+            self._start_jobs()
+            while not self.new_rows.empty():
+                self.decoder.add(self.new_rows.get())
+            if self.decoder.idle:
+                self.wake.wait(IDLE_WAIT_SECONDS)
+                self.wake.clear()
+                continue
             try:
-                if not job.cancelled.is_set():
-                    self._run(job)
-            except BaseException as error:  # handed to the request, never kills the thread
-                job.deliver(Failed(error))
-            finally:
-                with self.lock:
-                    self.running = 0
-                    self.pending -= 1
-                self._gauge()
+                self.decoder.run_once()
+            except BaseException as error:  # every row's reply fails; the thread goes on
+                self.decoder.fail_all(error)
+        self.decoder.fail_all(ServerStopped("the server is shutting down"))
+        while not self.new_rows.empty():
+            self.new_rows.get().end(ServerStopped("the server is shutting down"))
 
-    def _run(self, job: Job) -> None:
-        choice = self.cache.choose(job.prompt)
+    def _start_jobs(self) -> None:
+        while True:
+            with self.lock:
+                if self.running >= self.max_batch or not self.waiting:
+                    return
+                job = self.waiting.popleft()
+                if job.cancelled.is_set():
+                    continue
+                self.running += 1
+            self._gauge()
+            choice = self.cache.choose(job.prompt)  # here: the decoder owns the caches' arrays
+            threading.Thread(
+                target=self._serve, args=(job, choice), name="qwen3-mlx-reply", daemon=True
+            ).start()
+
+    def _serve(self, job: Job, choice: CacheChoice) -> None:
+        try:
+            self._run(job, choice)
+        except BaseException as error:  # handed to the request, never kills the worker
+            job.deliver(Failed(error))
+        finally:
+            self.cache.release(choice.cache)
+            with self.lock:
+                self.running -= 1
+            self._gauge()
+            self.wake.set()
+
+    def _run(self, job: Job, choice: CacheChoice) -> None:
         phase = prompt_phase(job.prompt)
-        grammar = None
+        extra: list[Any] = []
+        if job.frequency_penalty:
+            extra.append(FrequencyPenalty(job.frequency_penalty))
         if job.json_answer:
             grammar = AnswerGrammar(self.tokenizer, job.schema, self.model.args.vocab_size)
-        hook = StepHook(
-            self.model,
-            prefill_calls(len(job.prompt) - choice.cached_tokens),
-            phase,
-            top_logprobs=job.top_logprobs,
-            grammar=grammar,
-            frequency_penalty=job.frequency_penalty,
-        )
+            extra.append(AnswerConstraint(grammar, phase))
+        recorder = LogprobRecorder(job.top_logprobs) if job.top_logprobs is not None else None
+        if recorder is not None:
+            extra.append(recorder)  # last: it records what the sampler sees
         reply = start_reply(
-            hook,
+            self.model,
             self.tokenizer,
             choice.cache,
             job.prompt,
@@ -180,8 +225,10 @@ class GenerationWorker:
             context_limit=self.context_limit,
             tools=job.tools,
             repetition_guard=self.guard,
+            extra_processors=extra,
+            generate=self._row_source(job.settings.get("seed")),
         )
-        labels = LogprobLabels(reply, hook, phase, job, self.stop_ids)
+        labels = LogprobLabels(reply.tokens, recorder, phase, job, self.stop_ids)
         first = True
         try:
             for event in reply:
@@ -190,11 +237,9 @@ class GenerationWorker:
                 first = False
                 job.deliver(Piece(event, labels.new()))
                 if job.cancelled.is_set():
-                    reply.close()
                     break
         finally:
             reply.close()
-            self.cache.evict(keep=choice.cache)
         for event in reply:  # what the detokenizer held back when it was closed
             job.deliver(Piece(event, []))
         assert reply.result is not None
@@ -202,28 +247,66 @@ class GenerationWorker:
             self.metrics.record_reply(reply.result, choice.cached_tokens)
         job.deliver(Finished(reply.result, choice.cached_tokens, labels.new()))
 
+    def _row_source(self, seed: int | None) -> Callable[..., Iterator[GeneratedToken]]:
+        """start_reply's token generator for one job: a row of the batch."""
+        row_seed = secrets.randbits(63) if seed is None else int(seed) % 2**63
+
+        def generate(
+            model: Any,
+            prompt: list[int],
+            cache: list[Any],
+            *,
+            sampler: Any,
+            logits_processors: Any = (),
+            max_tokens: int,
+            on_prefill: Any = None,
+        ) -> Iterator[GeneratedToken]:
+            row = BatchRow(
+                prompt,
+                cache,
+                sampler=sampler,
+                processors=logits_processors,
+                max_tokens=max_tokens,
+                seed=row_seed,
+                on_prefill=on_prefill,
+            )
+            if self.stopping:
+                row.end(ServerStopped("the server is shutting down"))
+                return row
+            self.new_rows.put(row)
+            self.wake.set()
+            return row
+
+        return generate
+
 
 class LogprobLabels:
     """The logprobs of the answer tokens of a reply, handed out as they are generated."""
 
-    def __init__(self, reply: Any, hook: StepHook, phase: Any, job: Job, stop_ids: frozenset):
-        self.tokens = reply.tokens  # a live view of the ids generated so far
-        self.hook = hook
+    def __init__(
+        self,
+        tokens: Any,
+        recorder: LogprobRecorder | None,
+        phase: Any,
+        job: Job,
+        stop_ids: frozenset,
+    ):
+        self.tokens = tokens  # a live view of the ids generated so far
+        self.recorder = recorder
         self.parser = ThinkParser(phase, tools=job.tools.parses_calls)
-        self.wanted = job.top_logprobs is not None
         self.stop_ids = stop_ids
         self.done = 0
 
     def new(self) -> list[TokenLogprob]:
         """Entries for the answer tokens generated since the last call."""
-        if not self.wanted:
+        if self.recorder is None:
             return []
         entries = []
-        while self.done < len(self.tokens) and self.done < len(self.hook.rows):
+        while self.done < len(self.tokens) and self.done < len(self.recorder.steps):
             token = self.tokens[self.done]
             part = self.parser.feed(token)
+            logprob, top = self.recorder.take(self.done, token)
             if part is Part.ANSWER and token not in self.stop_ids:
-                logprob, top = self.hook.entry(self.done, token)
                 entries.append(TokenLogprob(token, logprob, top))
             self.done += 1
         return entries
