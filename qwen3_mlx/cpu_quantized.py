@@ -5,8 +5,11 @@ matrix-vector product, unpacking the whole weight again per row. Two changes, bo
 within float32 rounding, and both only on the CPU backend (on a GPU these kernels are parallel
 GEMMs already):
 
-* Decode: the output rows are split into blocks computed on separate CPU streams, which MLX runs
-  on separate threads. Output rows are independent, so the result is bit for bit the same.
+* Decode (up to NATIVE_ROWS rows, 4-bit, float32 x): the native kernel (qwen3_mlx/native_kernel.py)
+  when it was built, ~10x MLX's kernel with float32 scales and ~70x with bf16 ones, which it reads
+  in place; results within float32 rounding of MLX's. Otherwise, and for other bit widths, the
+  output rows are split into blocks computed on separate CPU streams, which MLX runs on separate
+  threads. Output rows are independent, so that result is bit for bit the same.
 * Prefill (8+ rows, float32, OpenBLAS): dequantize the weight once per call and run one GEMM,
   ~35x faster for a 512-token chunk than row after row. Without OpenBLAS the bundled reference
   GEMM is no faster than the kernel; half precision keeps the kernel so "checkpoint" compute
@@ -23,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from qwen3_mlx import native_kernel
 from qwen3_mlx.blas import openblas_active
 
 # Below this many rows the per-call dequantization costs more than the row-by-row kernel: on a
@@ -31,6 +35,9 @@ MIN_ROWS = 8
 # Decode threads: one per core, capped; the kernel is compute-bound (~0.5 G weights/s per core),
 # far below memory bandwidth, so it scales with cores.
 THREADS = min(os.cpu_count() or 1, 8)
+# Rows of x up to which the native kernel runs (decode, small batches, speculative checks); more
+# rows re-read the weights per block of 4 and the dequantize + GEMM path wins.
+NATIVE_ROWS = 8
 MIN_BLOCK = 64  # output rows per thread below which splitting is not worth a synchronisation
 
 _streams: list[mx.Stream] = []
@@ -60,7 +67,14 @@ def quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     """x @ W.T for a quantized layer's W (its weight, scales and biases), the fastest way on the CPU."""
     weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     settings = {"group_size": layer.group_size, "bits": layer.bits, "mode": layer.mode}
-    gemm = x.size // x.shape[-1] >= MIN_ROWS and prefill_gemm_helps(x.dtype)
+    rows = x.size // x.shape[-1]
+    if (
+        rows <= NATIVE_ROWS
+        and biases is not None
+        and native_kernel.supports(x, layer.bits, layer.group_size, layer.mode, scales)
+    ):
+        return native_kernel.quantized_matvec(x, weight, scales, biases, layer.group_size, THREADS)
+    gemm = rows >= MIN_ROWS and prefill_gemm_helps(x.dtype)
     blocks = _blocks(weight.shape[0])
     outputs = []
     for index, (start, stop) in enumerate(blocks):

@@ -1,6 +1,7 @@
 """Quantized matmuls on the CPU backend (qwen3_mlx.cpu_quantized): decode split over threads gives
-the kernel's results bit for bit, the dequantize + GEMM prefill path gives them to float32
-rounding, and the loader installs the layers on the CPU backend only, keeping the checkpoint keys."""
+the kernel's results bit for bit, the native 4-bit kernel and the dequantize + GEMM prefill path
+give them to float32 rounding, and the loader installs the layers on the CPU backend only, keeping
+the checkpoint keys. Model-level parity holds with the native kernel on and off."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import qwen3_mlx.cpu_quantized as cpu_quantized
+import qwen3_mlx.native_kernel as native_kernel
 from qwen3_mlx.cache import make_cache
 from qwen3_mlx.cpu_quantized import (
     MIN_ROWS,
@@ -26,6 +28,14 @@ ON_CPU = mx.default_device() == mx.cpu
 OPENBLAS = "/usr/lib/libopenblas.so.0"  # a stand-in name: only whether one is active matters
 
 
+NATIVE = native_kernel.native() is not None
+
+
+def native_off(monkeypatch) -> None:
+    """Make the layers use MLX's kernel as if the extension had not been built."""
+    monkeypatch.setattr(native_kernel, "_loaded", (None, "turned off by the test"))
+
+
 def quantized_layer(bits: int = 4, group_size: int = 64) -> nn.QuantizedLinear:
     """A float32 quantized layer 256 -> 300 with random weights (300 rows: uneven thread blocks)."""
     mx.random.seed(0)
@@ -35,6 +45,7 @@ def quantized_layer(bits: int = 4, group_size: int = 64) -> nn.QuantizedLinear:
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (8, 32), (3, 64)])
 def test_threaded_decode_is_bit_identical(monkeypatch, threads, bits, group_size):
+    native_off(monkeypatch)
     monkeypatch.setattr(cpu_quantized, "THREADS", threads)
     layer = quantized_layer(bits, group_size)
     fast = CpuQuantizedLinear.from_quantized(layer)
@@ -46,6 +57,24 @@ def test_threaded_decode_is_bit_identical(monkeypatch, threads, bits, group_size
     ]:  # one token; a few rows (below the GEMM path)
         x = mx.random.normal(shape)
         assert mx.array_equal(fast(x), layer(x)).item()
+
+
+@pytest.mark.skipif(not NATIVE, reason=f"native kernel: {native_kernel.fallback_reason()}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_decode_matches_the_kernel(monkeypatch, threads):
+    monkeypatch.setattr(cpu_quantized, "THREADS", threads)
+    layer = quantized_layer()
+    fast = CpuQuantizedLinear.from_quantized(layer)
+    for rows in range(1, cpu_quantized.NATIVE_ROWS + 1):
+        x = mx.random.normal((1, rows, 256))
+        expected = np.array(layer(x))
+        np.testing.assert_allclose(
+            np.array(fast(x)), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+        )
+    x = mx.random.normal((1, 2, 256))  # other bit widths and half-precision x keep MLX's kernel
+    assert mx.array_equal(fast(x.astype(mx.bfloat16)), layer(x.astype(mx.bfloat16))).item()
+    eight = CpuQuantizedLinear.from_quantized(quantized_layer(8, 32))
+    assert mx.array_equal(eight(x), quantized_layer(8, 32)(x)).item()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -68,8 +97,16 @@ def test_gemm_only_for_float32_on_the_cpu_with_openblas(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_CPU, reason="these layers are for the CPU backend")
-@pytest.mark.parametrize("gemm", [False, True], ids=["kernel", "gemm"])
-def test_loaded_model_gives_the_same_logits(make_checkpoint, monkeypatch, gemm):
+@pytest.mark.parametrize(
+    ("gemm", "native"),
+    [(False, False), (True, False), (True, True)],
+    ids=["kernel", "gemm", "gemm-native"],
+)
+def test_loaded_model_gives_the_same_logits(make_checkpoint, monkeypatch, gemm, native):
+    if not native:
+        native_off(monkeypatch)
+    elif not NATIVE:
+        pytest.skip(f"native kernel: {native_kernel.fallback_reason()}")
     model_dir = make_checkpoint(
         dtype="bfloat16", **SHAPES
     )  # tied: the embedding is the output layer
@@ -90,7 +127,7 @@ def test_loaded_model_gives_the_same_logits(make_checkpoint, monkeypatch, gemm):
     ]  # prefill, then one decode step
     expected = [plain(ids, cache=plain_cache), plain(ids[:, :1], cache=plain_cache)]
     actual, expected = (np.array(mx.concatenate(pair, axis=1)) for pair in (actual, expected))
-    if gemm:  # float32 rounding of another summation order
+    if gemm or native:  # float32 rounding of another summation order
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
     else:
         np.testing.assert_array_equal(actual, expected)

@@ -1,0 +1,123 @@
+"""The native 4-bit mat-vec (qwen3_mlx/native/qmv.cpp), when it was built for the running mlx.
+
+`pip install` builds it on Linux x86-64 (setup.py) into `qwen3_mlx/_qmv_mlx_<mlx version>`. It is
+used only if that module exists for exactly this mlx version (it uses MLX's C++ ABI), imports,
+and passes a small self-test against mx.quantized_matmul; otherwise `fallback_reason()` says
+why and callers keep mx.quantized_matmul. QWEN3_MLX_NATIVE=0 turns it off;
+QWEN3_MLX_QMV_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
+
+Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
+float32, bfloat16 or float16: half-precision x keeps MLX's kernel, so "checkpoint" compute stays
+bit-identical to mlx-lm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+
+ENV = "QWEN3_MLX_NATIVE"
+BITS = 4
+GROUP_SIZES = (32, 64, 128)
+SCALE_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+
+_loaded: tuple[ModuleType | None, str | None] | None = None
+
+
+def module_name() -> str:
+    """The extension's module name for the running mlx: `_qmv_mlx_0_32_4`."""
+    return "_qmv_mlx_" + re.sub(r"\W", "_", mx.__version__)
+
+
+def _self_test(module: ModuleType) -> str | None:
+    """None if a small product matches mx.quantized_matmul to float32 rounding, else what failed."""
+    w, scales, biases = mx.quantize(mx.arange(128 * 16, dtype=mx.float32).reshape(16, 128) % 7)
+    x = mx.linspace(-1, 1, 128)[None]
+    expected = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=BITS)
+    actual = module.quantized_matvec(x, w, scales, biases, 64, 1)
+    if not mx.allclose(actual, expected, rtol=1e-5, atol=1e-4).item():
+        return "its self-test gave results different from mx.quantized_matmul"
+    return None
+
+
+def _load() -> tuple[ModuleType | None, str | None]:
+    if os.environ.get(ENV) == "0":
+        return None, f"{ENV}=0"
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, "it is built only on Linux x86-64"
+    if mx.default_device() != mx.cpu:
+        return None, "MLX runs on a GPU here"
+    name = module_name()
+    try:
+        module = importlib.import_module(f"qwen3_mlx.{name}")
+    except ImportError as error:
+        built = sorted(p.name.split(".")[0] for p in Path(__file__).parent.glob("_qmv_mlx_*"))
+        if built and name not in built:
+            return (
+                None,
+                f"it was built for another mlx ({', '.join(built)}), this is {mx.__version__}",
+            )
+        if not built:
+            return None, "it was not built (see `pip install -e .` output; needs g++ and cmake)"
+        return None, f"it failed to load ({error})"
+    if module.MLX_VERSION != mx.__version__.split(".dev")[0]:
+        return None, f"it was built for mlx {module.MLX_VERSION}, this is {mx.__version__}"
+    try:
+        problem = _self_test(module)
+    except Exception as error:  # an ABI mismatch shows up as a TypeError or a C++ exception
+        problem = f"its self-test failed ({type(error).__name__}: {error})"
+    return (None, problem) if problem else (module, None)
+
+
+def native() -> ModuleType | None:
+    """The loaded extension, or None when it cannot be used (see fallback_reason)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded[0]
+
+
+def fallback_reason() -> str | None:
+    """Why the native kernel is not used, or None when it is."""
+    native()
+    assert _loaded is not None
+    return _loaded[1]
+
+
+def supports(x: mx.array, layer_bits: int, group_size: int, mode: str, scales: mx.array) -> bool:
+    """Whether the native kernel computes this layer for x (4-bit affine, float32 x, CPU)."""
+    return (
+        layer_bits == BITS
+        and group_size in GROUP_SIZES
+        and mode == "affine"
+        and x.dtype == mx.float32
+        and scales.dtype in SCALE_DTYPES
+        and native() is not None
+    )
+
+
+def quantized_matvec(
+    x: mx.array,
+    weight: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    group_size: int,
+    threads: int,
+) -> mx.array:
+    """x @ dequantize(weight, scales, biases).T with the native kernel, float32 accumulation."""
+    module = native()
+    assert module is not None, "call supports() first"
+    return module.quantized_matvec(x, weight, scales, biases, group_size, threads)
+
+
+def isa() -> str | None:
+    """The instruction set the kernel runs with ('avx512', 'avx2', 'scalar'), or None."""
+    module = native()
+    return None if module is None else module.isa()
