@@ -48,6 +48,8 @@ class CMakeBuild(build_ext):
                 "mx.quantized_matmul will be used instead",
                 file=sys.stderr,
             )
+            # A new list (the caller iterates the old one): nothing is then copied or installed.
+            self.extensions = [other for other in self.extensions if other is not ext]
 
     def _cmake(self, ext: Extension) -> None:
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
