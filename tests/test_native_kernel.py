@@ -12,10 +12,11 @@ import pytest
 import qwen3_mlx.native_kernel as native_kernel
 from qwen3_mlx.native_kernel import quantized_matvec
 
-pytestmark = pytest.mark.skipif(
+NATIVE_SKIP = pytest.mark.skipif(
     native_kernel.native() is None,
     reason=f"native kernel not in use: {native_kernel.fallback_reason()}",
 )
+
 
 HIDDEN, HEAD_ROWS = 2560, 151_936
 # Qwen3-4B: q, k/v, o, gate/up, down (K -> N)
@@ -72,6 +73,7 @@ def check(x: mx.array, layer, group_size: int, rows: np.ndarray | None = None, t
         assert np.all(np.abs(actual - theirs) <= 2 * bound)
 
 
+@NATIVE_SKIP
 @pytest.mark.parametrize("M", range(1, 9))
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
 def test_rows_and_scale_dtypes(M, dtype):
@@ -79,6 +81,7 @@ def test_rows_and_scale_dtypes(M, dtype):
     check(mx.random.normal((M, 1024), key=mx.random.key(M)), layer, 64)
 
 
+@NATIVE_SKIP
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("width", [128, 384, 2560], ids=lambda w: f"K{w}")
 def test_group_sizes_and_widths(group_size, width):
@@ -87,6 +90,7 @@ def test_group_sizes_and_widths(group_size, width):
     check(mx.random.normal((3, width)), layer, group_size)
 
 
+@NATIVE_SKIP
 @pytest.mark.parametrize(("width", "rows"), PROJECTIONS, ids=lambda v: str(v))
 def test_qwen3_4b_projections(width, rows):
     layer = random_layer(rows, width, mx.bfloat16)
@@ -95,11 +99,13 @@ def test_qwen3_4b_projections(width, rows):
     check(mx.random.normal((4, width)), layer, 64, sample)
 
 
+@NATIVE_SKIP
 def test_tied_head_of_151936_rows():
     layer = random_layer(HEAD_ROWS, HIDDEN, mx.float32)
     check(mx.random.normal((1, HIDDEN)), layer, 64, np.arange(0, HEAD_ROWS, 97))
 
 
+@NATIVE_SKIP
 def test_strided_and_3d_x():
     layer = random_layer(96, 512)
     wide = mx.random.normal((2, 6, 1024))
@@ -108,6 +114,7 @@ def test_strided_and_3d_x():
     check(mx.random.normal((2, 3, 512)).astype(mx.bfloat16), layer, 64)  # bf16 x
 
 
+@NATIVE_SKIP
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_each_instruction_set(monkeypatch, isa):
     monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)
@@ -117,6 +124,7 @@ def test_each_instruction_set(monkeypatch, isa):
             check(mx.random.normal((5, 1536)), layer, group_size, threads=1)
 
 
+@NATIVE_SKIP
 def test_threads_give_the_same_result():
     layer = random_layer(1000, 1024)
     x = mx.random.normal((2, 1024))
@@ -125,6 +133,7 @@ def test_threads_give_the_same_result():
         assert mx.array_equal(quantized_matvec(x, *layer, 64, threads), one).item()
 
 
+@NATIVE_SKIP
 def test_bad_shapes_raise():
     words, scales, biases = random_layer(8, 256)
     with pytest.raises(ValueError):
@@ -139,3 +148,17 @@ def test_fallback_reasons(monkeypatch):
     assert module is None and "built for another mlx" in reason
     monkeypatch.setenv(native_kernel.ENV, "0")
     assert native_kernel._load() == (None, f"{native_kernel.ENV}=0")
+
+
+def test_cli_warns_of_the_fallback_only_under_debug(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen3_mlx.cli.app import app
+
+    monkeypatch.setattr(native_kernel, "_loaded", (None, "it was not built"))
+    runner = CliRunner()
+    quiet = runner.invoke(app, ["info", str(tmp_path / "missing")])
+    loud = runner.invoke(app, ["--debug", "info", str(tmp_path / "missing")])
+    warning = "Warning: native 4-bit kernel not used: it was not built"
+    assert warning not in quiet.stderr
+    assert loud.stderr.splitlines()[0] == warning

@@ -6,6 +6,8 @@ Commands import MLX, transformers and the model code inside their functions, so 
 
 from __future__ import annotations
 
+import platform
+import sys
 from typing import Annotated
 
 import typer
@@ -50,6 +52,20 @@ def root(
 ) -> None:
     """Chat with Qwen3 models on Apple silicon, with MLX."""
     ctx.obj = {"debug": debug}
+    if debug:
+        _note_native_kernel()
+
+
+def _note_native_kernel() -> None:
+    """Under --debug, one line when the native 4-bit CPU kernel was built for this platform but
+    is not in use (mx.quantized_matmul serves instead)."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    from qwen3_mlx.native_kernel import fallback_reason
+
+    reason = fallback_reason()
+    if reason:
+        print(f"Warning: native 4-bit kernel not used: {reason}", file=sys.stderr, flush=True)
 
 
 app.command("chat")(chat_command)
