@@ -49,6 +49,8 @@ def prefill(
     """
     ids = mx.array(list(tokens), dtype=mx.uint32)
     total, done = ids.shape[0] - 1, 0
+    if on_progress is not None and total > 0:
+        on_progress(0, total)  # the start, so a view can time the rate
     while ids.shape[0] > 1:
         take = min(chunk, ids.shape[0] - 1)
         model(ids[None, :take], cache=cache)
@@ -70,8 +72,8 @@ def generate_tokens(
     max_tokens: int = 256,
     prefill_chunk: int = PREFILL_CHUNK,
     on_prefill: Callable[[int, int], None] | None = None,
-) -> Iterator[GeneratedToken]:
     previous_token: int | None = None,
+) -> Iterator[GeneratedToken]:
     """Yield up to max_tokens sampled tokens after `prompt` (the part not yet in the cache).
 
     previous_token: when this continues a reply (its sampled tokens end `prompt`), the last of

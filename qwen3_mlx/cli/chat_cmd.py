@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -10,15 +12,35 @@ from qwen3_mlx import __version__
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.distributed_run import distributed_command
 from qwen3_mlx.cli.guard import reported_errors
+from qwen3_mlx.cli.transcript_files import load_path
 from qwen3_mlx.cli.user_config import history_path
+from qwen3_mlx.transcript import read_transcript, user_path
 
 
 @o.with_session_options
 @distributed_command
-def chat_command(ctx: typer.Context, session: o.SessionOptions) -> None:
+def chat_command(
+    ctx: typer.Context,
+    session: o.SessionOptions,
+    load: Annotated[
+        Path | None,
+        typer.Option(
+            "--load",
+            dir_okay=False,
+            metavar="FILE",
+            help="Continue the conversation saved in FILE (a /save transcript; its KV cache too "
+            "when saved with it).",
+        ),
+    ] = None,
+) -> None:
     """Chat with a model in the terminal (type /help inside for the commands)."""
     with reported_errors(ctx):
         spec = session.spec()
+        if load is not None:
+            load = load_path(user_path(load))
+            if not load.is_file():
+                raise typer.BadParameter(f"{load}: no such file", param_hint="--load")
+            read_transcript(load)  # a missing or damaged file fails before the model loads
         if sys.stdin is None or sys.stdin.closed:
             raise typer.BadParameter(
                 "it is closed; chat reads from a terminal or a pipe", param_hint="stdin"
@@ -45,14 +67,17 @@ def chat_command(ctx: typer.Context, session: o.SessionOptions) -> None:
                 print_header(console, chat, __version__, tools=summary)
             reader = terminal_reader(history_path()) if interactive else pipe_reader()
             ask_line = terminal_asker() if interactive and tools is not None else None
-            Repl(
+            repl = Repl(
                 chat,
                 console,
                 reader,
                 show_thinking=spec.show_thinking,
                 tools=tools,
                 ask_line=ask_line,
-            ).run()
+            )
+            if load is not None:
+                repl.load(load)
+            repl.run()
         finally:
             if tools is not None:
                 tools.manager.close()

@@ -23,9 +23,10 @@ TOOLS = "MCP tools"
 
 
 class RopeScaling(str, Enum):
-    """Context extension methods the loader understands."""
+    """Context extension: static YaRN, or YaRN only once the conversation needs it."""
 
     yarn = "yarn"
+    auto = "auto"
 
 
 class ComputeDtype(str, Enum):
@@ -99,8 +100,9 @@ RopeScalingOption = Annotated[
     RopeScaling | None,
     typer.Option(
         "--rope-scaling",
-        metavar="yarn",
-        help="Extend the context window (YaRN).",
+        metavar="yarn|auto",
+        help="Extend the context window with YaRN: always (yarn), or only once the conversation "
+        "passes the trained window (auto: factor 2, then 4).",
         rich_help_panel=SESSION,
     ),
 ]
@@ -216,9 +218,11 @@ def _sampling_option(name: str) -> Any:
 
 def rope_scaling_block(kind: RopeScaling | None, factor: float | None) -> dict[str, Any] | None:
     """The rope_scaling dict for the loader, or None; --rope-factor alone is a usage error."""
-    if kind is None:
+    if kind is None or kind is RopeScaling.auto:
         if factor is not None:
-            raise typer.BadParameter("needs --rope-scaling yarn", param_hint="--rope-factor")
+            raise typer.BadParameter(
+                "needs --rope-scaling yarn (auto picks 2, then 4)", param_hint="--rope-factor"
+            )
         return None
     if factor is not None and not (math.isfinite(factor) and factor > 1.0):
         raise typer.BadParameter(
@@ -255,6 +259,7 @@ class SessionSpec:
     show_thinking: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)
     rope_scaling: dict[str, Any] | None = None
+    auto_rope: bool = False  # --rope-scaling auto
     compute_dtype: str = "auto"
     kv_bits: int | None = None
     mcp_config: Path | None = None
@@ -277,6 +282,7 @@ class SessionSpec:
             thinking=self.thinking,
             sampling=self.sampling or None,
             kv_bits=self.kv_bits,
+            auto_rope=self.auto_rope,
         )
 
 
@@ -324,6 +330,7 @@ class SessionOptions:
             show_thinking=values["show_thinking"],
             sampling={name: values[name] for name in SETTINGS if values[name] is not None},
             rope_scaling=rope,
+            auto_rope=values["rope_scaling"] is RopeScaling.auto,
             compute_dtype=values["compute_dtype"].value,
             kv_bits=int(values["kv_bits"].value) if values["kv_bits"] is not None else None,
             mcp_config=mcp_config,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -168,6 +168,10 @@ def _answer(
 
     with loading(spec.model):
         chat = spec.open_chat()
+    from qwen3_mlx.cli.render import PrefillProgress
+
+    chat.on_prefill = PrefillProgress(sys.stderr)
+    chat.on_notice = lambda line: print(f"Note: {line}", file=sys.stderr, flush=True)
     for problem in tools.wait_started(chat) if tools is not None else []:
         print(f"Warning: {problem}", file=sys.stderr, flush=True)
     with_cache = False
@@ -217,8 +221,9 @@ def _run_turn(
         if not error.yarn_enabled:
             ways += " or add --rope-scaling yarn --rope-factor 4 for 4x the context"
         raise Qwen3Error(f"{error}: {ways}") from None
+    clear = getattr(chat.on_prefill, "clear", lambda: None)
     with stdout_errors():
-        result = _stream(reply, show_thinking, json_output)
+        result = _stream(reply, show_thinking, json_output, clear)
         steps: list[list[dict[str, Any]]] | None = [] if tools is not None else None
         while (
             tools is not None
@@ -234,7 +239,7 @@ def _run_turn(
             done = _tool_round(tools, result.tool_calls)
             steps.append([step.record() for step in done])
             reply = chat.send_tool_results([step.result() for step in done])
-            result = _stream(reply, show_thinking, json_output)
+            result = _stream(reply, show_thinking, json_output, clear)
         if json_output:
             sys.stdout.write(result_json(result, chat.model_id, steps) + "\n")
         elif result.answer and not result.answer.endswith("\n"):
@@ -243,11 +248,14 @@ def _run_turn(
     return result
 
 
-def _stream(reply: Any, show_thinking: bool, json_output: bool) -> Any:
+def _stream(
+    reply: Any, show_thinking: bool, json_output: bool, clear_progress: Callable[[], None]
+) -> Any:
     """Stream one reply; Ctrl-C closes it (recorded as interrupted) and shows what it held back."""
     try:
         stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
     except KeyboardInterrupt:
+        clear_progress()  # a prefill cut short leaves no half line
         reply.close()  # Chat records the partial reply, marked interrupted
         stream_reply(reply, show_thinking=show_thinking, collect_only=json_output)
     return reply.result

@@ -17,6 +17,46 @@ from qwen3_mlx.settings import SETTINGS
 PROGRESS_FROM_TOKENS = 2048  # shorter prompts read in a moment; a progress line would only flicker
 
 
+def prefill_line(done: int, total: int, seconds: float) -> str:
+    """The progress of a long prefill: tokens read of all, the rate and the time left."""
+    rate = done / seconds if seconds > 0 else 0.0
+    left = f" · ~{(total - done) / rate:.0f} s left" if rate > 0 else ""
+    return f"reading the prompt: {done:,} of {total:,} tokens · {rate:,.0f} tok/s{left}"
+
+
+class PrefillProgress:
+    """`prompt`'s on_prefill hook: the progress line on stderr, redrawn in place.
+
+    Only when a person watches (the stream is a terminal) and the prompt is long; the line is
+    erased when the prefill ends, so the answer and a --show-thinking trace start clean.
+    """
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.started = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == 0:  # each prefill reports 0 first
+            self.started = now
+        if total < PROGRESS_FROM_TOKENS or done == 0 or not self.stream.isatty():
+            return
+        if done >= total:
+            self.clear()
+            return
+        self.stream.write("\r\x1b[2K" + prefill_line(done, total, now - self.started))
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        """Erase the line if it is shown (the prefill ended, or was interrupted)."""
+        if self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self.shown = False
+
+
 class Tail:
     """Shows only the last lines of a renderable that fit the screen.
 
@@ -169,13 +209,11 @@ class ReplyView:
     def prefill_progress(self, done: int, total: int) -> None:
         """Chat's on_prefill hook: a long prompt shows tokens read, the rate and the time left."""
         now = time.perf_counter()
-        if self.prefill_started is None:
-            self.prefill_started = now - 1e-9
-        if self.live is None or total < PROGRESS_FROM_TOKENS:
+        if self.prefill_started is None or done == 0:  # each prefill reports 0 first
+            self.prefill_started = now
+        if self.live is None or total < PROGRESS_FROM_TOKENS or done == 0:
             return
-        rate = done / (now - self.prefill_started)
-        left = (total - done) / rate if rate > 0 else 0.0
-        text = f"reading the prompt: {done:,} of {total:,} tokens · {rate:,.0f} tok/s · ~{left:.0f} s left"
+        text = prefill_line(done, total, now - self.prefill_started)
         self.live.update(Text(text, style="dim"), refresh=True)
 
     def __enter__(self) -> ReplyView:

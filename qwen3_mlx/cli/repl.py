@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -119,6 +120,7 @@ class Repl:
         error: Exception | None = None
         interrupted = False
         self.chat.on_prefill = view.prefill_progress  # a long prompt shows its progress
+        self.chat.on_notice = self.note  # e.g. --rope-scaling auto moving to YaRN
         try:
             with view:
                 reply = start()
@@ -290,7 +292,10 @@ class Repl:
 
     def do_load(self, action: Action) -> None:
         """/load file: continue a saved conversation (its Markdown copy's name works too)."""
-        path = load_path(user_path(action.argument))
+        self.load(load_path(user_path(action.argument)))
+
+    def load(self, path: Path) -> None:
+        """Continue the conversation saved at path, and say what was restored."""
         cache_note = self.chat.load(path)
         if cache_note:
             self.note(cache_note, style="dim" if cache_note.startswith("restored") else "yellow")

@@ -140,6 +140,14 @@ def serve_command(
     """Serve the model over an OpenAI-compatible HTTP API (Qwen-Agent and the openai SDK work unchanged)."""
     with reported_errors(ctx):
         spec = session.spec()
+        if spec.auto_rope:
+            # One model serves every conversation in the prefix cache: moving its RoPE for one
+            # would invalidate all the others' caches mid-flight.
+            raise typer.BadParameter(
+                "auto is for chat and prompt (a server shares one model between many "
+                "conversations); use --rope-scaling yarn",
+                param_hint="--rope-scaling",
+            )
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.distributed import current_group
         from qwen3_mlx.loading import load
