@@ -1,9 +1,11 @@
 """What each rank runs in the distributed tests (started by `mlx.launch`, one process per rank).
 
-`python distributed_ranks.py OUT CHECKPOINT...`: for every checkpoint, each rank loads the whole
-model (the single-process reference) and its shard. The shards run a prompt together (every rank
-calls the model: full logits of every position), then rank 0 leads 32 greedy tokens through the
-engine's generator while the other ranks follow. Rank 0 writes OUT (JSON) with the differences.
+`python distributed_ranks.py OUT THREE_HEADS CHECKPOINT...`: for every checkpoint, each rank loads
+the whole model (the single-process reference) and its shard. The shards run a prompt together
+(every rank calls the model: full logits of every position), then rank 0 leads 32 greedy tokens
+through the engine's generator while the other ranks follow. Then the misconfigurations: a model
+whose heads do not split, and rank r loading checkpoint r (different files). Each rank writes
+OUT.<rank>.json with what it saw.
 """
 
 from __future__ import annotations
@@ -48,12 +50,23 @@ def compare(checkpoint: Path, group) -> dict:
     return {"max_logit_diff": difference, "expected": expected, "tokens": tokens}
 
 
+def load_error(checkpoint: Path, group) -> str:
+    """The error message loading checkpoint over group gives on this rank ('' if none)."""
+    try:
+        load_group_model(checkpoint, group, compute_dtype="float32")
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
 def main() -> None:
     group = join_group()
-    out, checkpoints = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+    out, three_heads = Path(sys.argv[1]), Path(sys.argv[2])
+    checkpoints = [Path(p) for p in sys.argv[3:]]
     results = {path.name: compare(path, group) for path in checkpoints}
-    if group.rank() == 0:
-        out.write_text(json.dumps(results, indent=2))
+    results["three_heads_error"] = load_error(three_heads, group)
+    results["different_files_error"] = load_error(checkpoints[group.rank()], group)
+    Path(f"{out}.{group.rank()}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

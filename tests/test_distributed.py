@@ -126,12 +126,17 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         make_checkpoint(root / "dense-kv2-untied", seed=2, tie_word_embeddings=False),
         root / "4bit-kv2",
     )
-    out = root / "results.json"
+    three_heads = make_checkpoint(
+        root / "three-heads", num_attention_heads=3, num_key_value_heads=1
+    )
+    out = root / "results"
     script = str(TESTS / "distributed_ranks.py")
-    paths = [str(path) for path in (kv1, kv2, kv1_4bit, kv2_4bit)]
+    paths = [str(path) for path in (three_heads, kv1, kv2, kv1_4bit, kv2_4bit)]
     done = launch([sys.executable, script, str(out), *paths])
-    assert out.exists(), done.stdout + done.stderr
-    return json.loads(out.read_text())
+    ranks = [Path(f"{out}.{rank}.json") for rank in range(2)]
+    assert all(path.exists() for path in ranks), done.stdout + done.stderr
+    rank0, rank1 = (json.loads(path.read_text()) for path in ranks)
+    return {**rank0, "rank1": rank1}
 
 
 @pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2", "4bit-kv1", "4bit-kv2"])
@@ -168,49 +173,73 @@ PROMPT_ARGS = ["prompt", "--model", str(TINY_CHAT), "--temp", "0", "--no-think",
 
 
 def test_prompt_under_two_ranks_prints_the_single_process_answer() -> None:
+    from typer.testing import CliRunner
+
+    from qwen3_mlx.cli.app import app
+
     question = "What is the capital of France?"
-    single = subprocess.run(
-        cli(*PROMPT_ARGS, question), capture_output=True, text=True, timeout=TIMEOUT, env=ENV
-    )
-    assert single.returncode == 0, single.stderr
-    assert single.stdout.strip()
+    single = CliRunner().invoke(app, [*PROMPT_ARGS, question])
+    assert single.exit_code == 0, single.output
+    answer = single.stdout
+    assert answer.strip()
     both = launch(cli(*PROMPT_ARGS, question))
-    assert both.stdout == single.stdout, both.stderr
+    assert both.stdout == answer, both.stderr
 
 
-def test_rank_that_cannot_connect_fails_in_one_line() -> None:
-    (rank0, _) = start_ranks(
-        [cli(*PROMPT_ARGS, "hi"), None], extra_env={"QWEN3_MLX_CONNECT_TIMEOUT": "2"}
-    )
-    code, out, err = finish(rank0)
+@pytest.fixture(scope="module")
+def misconfigured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple]]:
+    """Two broken groups of the CLI started together (each rank's exit status, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("misconfigured")
+    first = make_checkpoint(root / "first", seed=1)
+    second = make_checkpoint(root / "second", seed=2)  # same shapes, other weights
+
+    def prompt(model: Path) -> list[str]:
+        return cli("prompt", "--model", str(model), "--tools", "none", "hi")
+
+    groups = {
+        # rank 1 never starts: rank 0 waits 2 s for it
+        "alone": start_ranks(
+            [cli(*PROMPT_ARGS, "hi"), None], extra_env={"QWEN3_MLX_CONNECT_TIMEOUT": "2"}
+        ),
+        "different": start_ranks([prompt(first), prompt(second)]),
+    }
+    return {
+        name: [finish(process) for process in processes if process is not None]
+        for name, processes in groups.items()
+    }
+
+
+def test_rank_that_cannot_connect_fails_in_one_line(misconfigured: dict[str, list]) -> None:
+    ((code, out, err),) = misconfigured["alone"]
     assert code != 0
-    assert (
-        error_lines(err) == [error_lines(err)[0]]
-        and "rank 0 could not connect to the other ranks within 2 s" in err
-    )
+    assert error_lines(err) == [
+        "Error: rank 0 could not connect to the other ranks within 2 s; check that every host "
+        "in the hostfile runs the same command and can reach the others (set "
+        "QWEN3_MLX_CONNECT_TIMEOUT to wait longer)"
+    ]
     assert out == ""
 
 
-def test_heads_that_do_not_split_fail_on_every_rank(tmp_path: Path) -> None:
-    model = make_checkpoint(tmp_path / "three-heads", num_attention_heads=3, num_key_value_heads=1)
-    command = cli("prompt", "--model", str(model), "--tools", "none", "hi")
-    results = [finish(process) for process in start_ranks([command, command])]
-    for code, _, err in results:
-        assert code == 1
-        assert error_lines(err) == [
-            "Error: 3 attention heads do not split evenly over 2 ranks; use a number of ranks "
-            "that divides 3"
-        ]
-
-
-def test_different_model_files_fail_on_every_rank(tmp_path: Path) -> None:
-    first = make_checkpoint(tmp_path / "first", seed=1)
-    second = make_checkpoint(tmp_path / "second", seed=2)  # same shapes, other weights
-    commands = [
-        cli("prompt", "--model", str(path), "--tools", "none", "hi") for path in (first, second)
-    ]
-    results = [finish(process) for process in start_ranks(commands)]
-    for code, _, err in results:
+def test_different_model_files_fail_on_every_rank_of_the_cli(
+    misconfigured: dict[str, list],
+) -> None:
+    for code, out, err in misconfigured["different"]:
         assert code == 1
         (line,) = error_lines(err)
-        assert "the ranks have different model files or settings" in line
+        assert line.startswith("Error: the ranks have different model files or settings (rank 0 ")
+        assert out == ""
+
+
+def test_different_model_files_fail_on_every_rank(parity: dict[str, Any]) -> None:
+    for seen in (parity, parity["rank1"]):
+        assert seen["different_files_error"].startswith(
+            "DistributedError: the ranks have different model files or settings"
+        )
+
+
+def test_heads_that_do_not_split_fail_on_every_rank(parity: dict[str, Any]) -> None:
+    for seen in (parity, parity["rank1"]):
+        assert seen["three_heads_error"] == (
+            "ShardingError: 3 attention heads do not split evenly over 2 ranks; use a number of "
+            "ranks that divides 3"
+        )
