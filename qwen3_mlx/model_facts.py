@@ -55,6 +55,10 @@ class ModelFacts:
     context_length: int
     context_length_yarn: int | None  # with YaRN at yarn_factor; None when it adds nothing
     yarn_factor: float | None
+    # KV cache bytes per token in the compute dtype and with --kv-bits 8 and 4 ("float32", "8",
+    # "4"), and how many tokens of each fit in the memory free now beside the weights.
+    kv_bytes_per_token: dict[str, int]
+    kv_tokens_in_free_memory: dict[str, int] | None
     thinking: ThinkingSwitches
     generation_defaults: GenerationDefaults
 
@@ -198,6 +202,7 @@ def _describe_folder(
     dtype_name = compute_dtype_name(compute_dtype)
     disk, memory = weight_bytes(entries, dtype_name)
     yarn = _yarn_context(args, rope_factor)
+    kv = _kv_bytes(args, dtype_name or _checkpoint_float(config))
     return ModelFacts(
         model=name,
         path=path,
@@ -217,8 +222,36 @@ def _describe_folder(
         context_length=args.context_length,
         context_length_yarn=yarn,
         yarn_factor=rope_factor if yarn else None,
+        kv_bytes_per_token=kv,
+        kv_tokens_in_free_memory=_tokens_in_free_memory(kv, memory),
         **_template_facts(model_dir, config),
     )
+
+
+def _checkpoint_float(config: dict[str, Any]) -> str:
+    """The float dtype activations take without a compute dtype: the checkpoint's (bf16 else)."""
+    name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return name if name in ("float32", "float16", "bfloat16") else "bfloat16"
+
+
+def _kv_bytes(args: Any, dtype: str) -> dict[str, int]:
+    from qwen3_mlx.cache import kv_bytes_per_token
+    from qwen3_mlx.dtypes import COMPUTE_DTYPES
+
+    size = COMPUTE_DTYPES[dtype].size
+    return {dtype: kv_bytes_per_token(args, None, size)} | {
+        str(bits): kv_bytes_per_token(args, bits, size) for bits in (8, 4)
+    }
+
+
+def _tokens_in_free_memory(kv: dict[str, int], weights: int) -> dict[str, int] | None:
+    from qwen3_mlx.limits import available_memory
+
+    free = available_memory()
+    if free is None:
+        return None
+    room = max(free - weights, 0)  # the model is not loaded yet: its weights will take this
+    return {name: room // max(size, 1) for name, size in kv.items()}
 
 
 def _yarn_context(args: Any, rope_factor: float) -> int | None:

@@ -289,6 +289,16 @@ def test_info_describes_the_model_without_loading_it(model_dir: Path) -> None:
         "prompt_opens_think": False,
     }
     assert facts["context_length"] == 4096 and facts["context_length_yarn"] == 131072
+    config = json.loads((model_dir / "config.json").read_text())
+    elements = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"]
+    groups = elements // 64  # a scale and a bias (float32 here) per group of 64
+    assert facts["kv_bytes_per_token"] == {
+        "float32": 4 * elements,
+        "8": elements + groups * 8,
+        "4": elements // 2 + groups * 8,
+    }
+    free = facts["kv_tokens_in_free_memory"]
+    assert free is None or free["8"] > 3 * free["float32"] > 0
     assert facts["generation_defaults"]["thinking"]["temperature"] == 0.6
     assert facts["generation_defaults"]["eos_token_ids"] == [151645, 151643]
     text = invoke("info", str(model_dir))
@@ -296,6 +306,7 @@ def test_info_describes_the_model_without_loading_it(model_dir: Path) -> None:
         text.exit_code == 0
         and "hard (enable_thinking): yes" in text.stdout
         and "131,072" in text.stdout
+        and "a token as float32" in text.stdout
     )
 
 
@@ -454,8 +465,9 @@ def test_info_on_an_uncached_repo_reads_headers_not_weights(
     facts = json.loads(remote.stdout)
     local = json.loads(invoke("info", str(model_dir), "--json").stdout)
     assert facts["path"] is None
-    assert {k: v for k, v in facts.items() if k not in ("model", "path")} == {
-        k: v for k, v in local.items() if k not in ("model", "path")
+    varying = ("model", "path", "kv_tokens_in_free_memory")  # free memory moves between calls
+    assert {k: v for k, v in facts.items() if k not in varying} == {
+        k: v for k, v in local.items() if k not in varying
     }
     assert "not downloaded" in invoke("info", "owner/tiny").stdout
 

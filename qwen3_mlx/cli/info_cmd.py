@@ -39,6 +39,23 @@ def _settings_text(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in values.items())
 
 
+def _kv_text(facts: ModelFacts) -> str:
+    """'147.5 kB a token as float32, 41.5 kB with --kv-bits 8, ...; N tokens fit in free memory'."""
+    from qwen3_mlx.sizes import format_size
+
+    def label(name: str) -> str:
+        return f"with --kv-bits {name}" if name in ("8", "4") else f"as {name}"
+
+    sizes = facts.kv_bytes_per_token
+    text = ", ".join(f"{format_size(size)} {label(name)}" for name, size in sizes.items())
+    text = text.replace(" as", " a token as", 1)
+    fit = facts.kv_tokens_in_free_memory
+    if fit:
+        counts = ", ".join(f"{count:,} tokens {label(name)}" for name, count in fit.items())
+        text += f"; free memory beside the weights holds {counts}"
+    return text
+
+
 def info_lines(facts: ModelFacts) -> list[str]:
     """The facts of describe_model() as aligned `label  value` lines."""
     from qwen3_mlx.sizes import format_size
@@ -70,6 +87,7 @@ def info_lines(facts: ModelFacts) -> list[str]:
             f"{format_size(facts.weights_bytes_in_memory)} in memory as {facts.compute_dtype}",
         ),
         ("context", context),
+        ("KV cache", _kv_text(facts)),
         (
             "thinking switch",
             f"hard (enable_thinking): {_yes_no(thinking.hard_switch)} · "
