@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
-from qwen3_mlx.generate import PREFILL_CHUNK, GeneratedToken, LogitsProcessor, Sampler
+from qwen3_mlx.generate import PREFILL_CHUNK, GeneratedToken, LogitsProcessor, Sampler, greedy
 
 _END = object()
 
@@ -78,6 +78,11 @@ class BatchRow:
         self.closed.set()
         self.released.wait()
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Arg-max sampling and no logits processors."""
+        return self.sampler is greedy and not self.processors
+
     def sample(self, logits: mx.array) -> mx.array:
         """The next token [1] from this row's logits [1, V]."""
         for processor in self.processors:
@@ -117,6 +122,7 @@ class BatchDecoder:
         self.rows: list[BatchRow] = []  # in batch order
         self.cache: list[BatchKVCache] | None = None
         self.inputs: mx.array | None = None  # [B] the token each row feeds next
+        self.widest = 0  # the most rows decoded together so far
 
     def add(self, row: BatchRow) -> None:
         """Take a new row (call from the decoding thread)."""
@@ -128,7 +134,12 @@ class BatchDecoder:
         return not self.filling and not self.rows
 
     def run_once(self) -> None:
-        """Drop closed rows, advance each prefill by one chunk, then one decode step for the batch."""
+        """Drop closed rows, advance each prefill by one chunk, then one decode step for the batch.
+
+        The step overlaps like generate_tokens: the next forward pass is queued (async) before
+        the tokens of the last one are read and handed out, so rows that end there have been
+        fed once more (their caches hold that token too; nothing else changes).
+        """
         self._drop_closed()
         for row in list(self.filling):
             self._prefill(row)
@@ -161,13 +172,8 @@ class BatchDecoder:
         self.filling.remove(row)
         last = mx.array(row.pending, dtype=mx.uint32)[None]
         token = row.sample(self.model(last, cache=row.cache)[:, -1, :])
-        mx.eval(token)
-        value = int(token.item())
-        row.emit(value)
-        if value in self.stop_ids or row.produced >= row.max_tokens:
-            row.end()
-            return
-        self._join(row, token)
+        mx.async_eval(token)
+        self._join(row, token)  # the token is handed out with the batch's, at the next step
 
     def _join(self, row: BatchRow, token: mx.array) -> None:
         merged = [BatchKVCache.merge([layer]) for layer in row.cache]
@@ -178,20 +184,38 @@ class BatchDecoder:
                 batch_layer.extend(new_layer)
             self.inputs = mx.concatenate([self.inputs, token])
         self.rows.append(row)
+        self.widest = max(self.widest, len(self.rows))
 
     def _step(self) -> None:
-        assert self.inputs is not None
-        logits = self.model(self.inputs[:, None], cache=self.cache)[:, -1, :]  # [B, V]
-        tokens = [row.sample(logits[i : i + 1]) for i, row in enumerate(self.rows)]
-        self.inputs = mx.concatenate(tokens)
-        mx.eval(self.inputs)
+        fed = self.inputs  # sampled last step, not handed out yet
+        assert fed is not None
+        self.inputs = self._sample_next(fed)
+        mx.async_eval(self.inputs)
         done = []
-        for i, (row, token) in enumerate(zip(self.rows, self.inputs.tolist(), strict=True)):
+        for i, (row, token) in enumerate(zip(self.rows, fed.tolist(), strict=True)):
             row.emit(token)
             if token in self.stop_ids or row.produced >= row.max_tokens:
                 done.append(i)
         if done:
             self._leave(done)
+
+    def _sample_next(self, fed: mx.array) -> mx.array:
+        """The next token of every row [B], from one forward pass over `fed` [B]."""
+        logits = self.model(fed[:, None], cache=self.cache)[:, -1, :]  # [B, V]
+        plain = [i for i, row in enumerate(self.rows) if row.plain_greedy]
+        by_row: dict[int, mx.array] = {}
+        if plain:
+            # Greedy rows without processors take one arg-max over their logits together: a
+            # pass over the vocabulary for the group instead of one per row (and the same rule
+            # alone or in a batch, so a row's tokens never depend on its company).
+            picked = mx.argmax(logits[mx.array(plain)], axis=-1)
+            for n, i in enumerate(plain):
+                by_row[i] = self.rows[i].previous = picked[n : n + 1]
+        tokens = [
+            by_row[i] if i in by_row else row.sample(logits[i : i + 1])
+            for i, row in enumerate(self.rows)
+        ]
+        return mx.concatenate(tokens)
 
     def _leave(self, indices: list[int]) -> None:
         """Copy the rows' part of the batch cache back into their own caches and drop them."""

@@ -1,0 +1,105 @@
+"""Continuous batching without HTTP: the BatchDecoder against single runs, and the queue bound."""
+
+from __future__ import annotations
+
+import pytest
+from test_server_support import tiny_model
+
+from qwen3_mlx.batching import BatchDecoder, BatchRow
+from qwen3_mlx.cache import make_cache
+from qwen3_mlx.generate import greedy
+from qwen3_mlx.sampling import PresencePenalty, build_sampler
+from qwen3_mlx.server.prefix_cache import PrefixCache
+from qwen3_mlx.server.worker import GenerationWorker, Job, ServerBusy
+from qwen3_mlx.tokenizer import IM_END_ID
+
+TASKS = ("moon river", "apple lake star", "tree", "snow fish moon apple")
+SAMPLED = {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0}
+
+
+def _prompt(tokenizer, words: str) -> list[int]:
+    messages = [{"role": "user", "content": "Reverse these words: " + words}]
+    text = tokenizer.render_text(messages, add_generation_prompt=True, enable_thinking=True)
+    return tokenizer.encode(text)
+
+
+def _row(model, prompt, index: int, max_tokens: int = 16) -> BatchRow:
+    # Row 1 samples at T 0.6 with a presence penalty, the others are greedy: one batch mixes both.
+    sampled = index == 1
+    return BatchRow(
+        prompt,
+        make_cache(model),
+        sampler=build_sampler(SAMPLED) if sampled else greedy,
+        processors=[PresencePenalty(0.5)] if sampled else [],
+        max_tokens=max_tokens,
+        seed=100 + index,
+    )
+
+
+def _drain(decoder: BatchDecoder) -> None:
+    while not decoder.idle:
+        decoder.run_once()
+
+
+def test_batched_rows_match_single_runs_token_for_token():
+    model, tokenizer, _ = tiny_model()
+    prompts = [_prompt(tokenizer, words) for words in TASKS]
+    single = []
+    for index, prompt in enumerate(prompts):
+        decoder = BatchDecoder(model, {IM_END_ID})
+        row = _row(model, prompt, index)
+        decoder.add(row)
+        _drain(decoder)
+        single.append([item.token for item in row])
+
+    decoder = BatchDecoder(model, {IM_END_ID})
+    rows = [_row(model, prompt, index) for index, prompt in enumerate(prompts[:3])]
+    for row in rows:
+        decoder.add(row)
+    for _ in range(6):  # the first three are decoding together when the fourth joins
+        decoder.run_once()
+    assert len(decoder.rows) == 3
+    late = _row(model, prompts[3], 3)
+    decoder.add(late)
+    _drain(decoder)
+    batched = [[item.token for item in row] for row in [*rows, late]]
+    assert batched == single
+    # Each row's cache holds its prompt and its tokens (the last was fed by the step that
+    # overlapped handing it out), for the prefix cache.
+    for row, prompt, tokens in zip([*rows, late], prompts, batched, strict=True):
+        assert row.cache[0].offset == len(prompt) + len(tokens)
+
+
+def test_a_closed_row_leaves_the_batch_and_the_others_go_on():
+    model, tokenizer, _ = tiny_model()
+    prompts = [_prompt(tokenizer, words) for words in TASKS[:2]]
+    decoder = BatchDecoder(model, stop_ids=())
+    rows = [_row(model, prompt, 0, max_tokens=12) for prompt in prompts]
+    for row in rows:
+        decoder.add(row)
+    decoder.run_once()
+    decoder.run_once()
+    assert len(decoder.rows) == 2
+    rows[0].closed.set()
+    decoder.run_once()
+    assert decoder.rows == [rows[1]] and rows[0].released.is_set()
+    _drain(decoder)
+    assert len(list(rows[1])) == 12
+
+
+def test_the_queue_bound_refuses_with_server_busy():
+    model, tokenizer, _ = tiny_model()
+    worker = GenerationWorker(
+        model,
+        tokenizer,
+        PrefixCache(model, 1 << 20),
+        stop_ids=frozenset({IM_END_ID}),
+        context_limit=1024,
+        max_batch=1,
+        max_queue=1,
+    )  # not started: nothing leaves the queue
+    worker.running = 1  # the batch is full
+    worker.submit(Job([1, 2], {}, lambda item: None))
+    with pytest.raises(ServerBusy, match="max-queue 1"):
+        worker.submit(Job([1, 2], {}, lambda item: None))
+    assert worker.queued == 1
