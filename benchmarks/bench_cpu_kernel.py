@@ -1,0 +1,268 @@
+"""CPU 4-bit decode: the native kernel beside MLX's own, mlx-lm and llama.cpp, and the memory limit.
+
+    python -m benchmarks.bench_cpu_kernel           # bandwidth, 4B matrices, 0.6B and 4B decode
+    python -m benchmarks.bench_cpu_kernel --quick   # bandwidth, matrices, 0.6B decode only
+
+In one run it prints:
+1. the machine's read bandwidth (AVX2 loads on 1 and 2 threads, numpy sum): the limit;
+2. GB/s of weight bytes (packed words + scales + biases) per Qwen3-4B matrix, for the native
+   kernel and mx.quantized_matmul with float32 and bfloat16 scales. The native kernel cycles over
+   more than 1.2 GB of copies so every read comes from DRAM, not the (large) L3;
+3. decode tok/s of random-weight 0.6B and 4B 4-bit checkpoints (benchmarks/checkpoints.py):
+   ours (native kernel; and with QWEN3_MLX_NATIVE=0, which is the default before it), mlx-lm
+   (checkpoint bf16, and cast to float32) and llama.cpp (llama-cpp-python, GGUF Q4_0 of the same
+   weights via benchmarks/gguf_q4.py) when it is installed. Each engine runs in a fresh process,
+   once (the machine is shared; compare ratios). Timings are never asserted anywhere.
+Writes results.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import qwen3_mlx  # noqa: F401  (binds OpenBLAS before mlx is imported)
+from benchmarks.checkpoints import checkpoint
+from benchmarks.run import ROOT, machine, run_worker
+
+# Qwen3-4B (K -> N): the per-layer projections and the tied head
+MATRICES = {
+    "q": (2560, 4096),
+    "k/v": (2560, 1024),
+    "o": (4096, 2560),
+    "gate/up": (2560, 9728),
+    "down": (9728, 2560),
+    "head": (2560, 151_936),
+}
+COLD_BYTES = 1.2e9  # more than the L3 (480 MiB on the study's machine), so reads come from DRAM
+THREADS = min(os.cpu_count() or 1, 8)
+
+
+def bandwidth() -> dict[str, float]:
+    """Read bandwidth in GB/s: the native AVX2 loop on 1 and 2 threads, and numpy's sum."""
+    import numpy as np
+
+    from qwen3_mlx.native_kernel import native
+
+    result: dict[str, float] = {}
+    module = native()
+    if module is not None:
+        for threads in (1, 2):
+            result[f"read, {threads} thread(s)"] = module.read_bandwidth(1 << 30, 3, threads)
+    array = np.ones(1 << 28, dtype=np.float32)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        array.sum()
+        best = max(best, array.nbytes / (time.perf_counter() - start) / 1e9)
+    result["numpy sum, 1 thread"] = best
+    return result
+
+
+def _layer(rows: int, width: int, dtype: Any, seed: int) -> tuple[Any, Any, Any]:
+    import mlx.core as mx
+
+    key = mx.random.key(seed)
+    words = mx.random.randint(0, 2**31, (rows, width // 8), key=key).astype(mx.uint32)
+    scales = mx.random.uniform(0.001, 0.02, (rows, width // 64), key=key).astype(dtype)
+    biases = mx.random.normal((rows, width // 64), key=key).astype(dtype) * 0.05
+    mx.eval(words, scales, biases)
+    return words, scales, biases
+
+
+def _gbps(layers: list, call: Any, repeats: int) -> float:
+    """Best GB/s of weight bytes over `repeats` passes through every layer (one eval per pass)."""
+    import mlx.core as mx
+
+    size = sum(sum(a.nbytes for a in layer) for layer in layers)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval([call(layer) for layer in layers])
+        best = min(best, time.perf_counter() - start)
+    return size / best / 1e9
+
+
+def matrices() -> list[dict[str, Any]]:
+    """GB/s per 4B matrix: native (cold) and mx.quantized_matmul, float32 and bfloat16 scales."""
+    import mlx.core as mx
+
+    from qwen3_mlx.native_kernel import native
+
+    module = native()
+    rows = []
+    for name, (width, height) in MATRICES.items():
+        x = mx.random.normal((1, width))
+        for dtype in (mx.float32, mx.bfloat16):
+            size = sum(a.nbytes for a in _layer(1, width, dtype, 0)) * height
+            copies = max(2, int(COLD_BYTES // size) + 1)
+            layers = [_layer(height, width, dtype, seed) for seed in range(copies)]
+            row = {"matrix": name, "K": width, "N": height, "scales": str(dtype).split(".")[-1]}
+            if module is not None:
+
+                def ours(layer: tuple, x: Any = x) -> Any:
+                    return module.quantized_matvec(x, *layer, 64, THREADS)
+
+                row["native"] = _gbps(layers, ours, 3)
+                # The same matrix over and over: cache-resident when it fits (the compute ceiling)
+                row["native_hot"] = _gbps([layers[0]] * 8, ours, 3)
+
+            def theirs(layer: tuple, x: Any = x) -> Any:
+                return mx.quantized_matmul(x, *layer, transpose=True, group_size=64, bits=4)
+
+            # MLX's kernel is compute-bound (far below DRAM speed): two matrices are enough.
+            row["mlx"] = _gbps(layers[:2], theirs, 1)
+            rows.append(row)
+            del layers
+    return rows
+
+
+def _llama_worker(path: str, tokens: int, threads: int) -> None:
+    """In a fresh process: llama.cpp decode tok/s, one token per eval after a 1-token prompt."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=256, n_threads=threads, n_batch=8, verbose=False)
+    llm.eval([9707])
+    times = []
+    for index in range(tokens):
+        llm.eval([1000 + index])
+        times.append(time.perf_counter())
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    print(json.dumps({"tok_s": rate, "tokens": tokens}), flush=True)
+
+
+def llama_available() -> str | None:
+    """None when llama-cpp-python imports, else why not."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import llama_cpp"], capture_output=True, text=True
+    )
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def llama_decode(gguf: Path, tokens: int, timeout: float) -> dict[str, Any]:
+    """One llama.cpp decode measurement in a fresh process."""
+    command = [sys.executable, "-m", "benchmarks.bench_cpu_kernel", "--llama-worker", str(gguf)]
+    command += [str(tokens), str(THREADS)]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def engine_decode(path: Path, engine: str, dtype: str, tokens: int, native: bool) -> dict:
+    """One decode measurement of ours or mlx-lm (benchmarks/worker.py) in a fresh process."""
+    spec = {"engine": engine, "path": str(path), "dtype": dtype, "task": "decode"}
+    spec.update(tokens=tokens, openblas=True)
+    previous = os.environ.get("QWEN3_MLX_NATIVE")
+    os.environ["QWEN3_MLX_NATIVE"] = "1" if native else "0"
+    try:
+        return run_worker(spec, timeout=900)
+    finally:
+        if previous is None:
+            os.environ.pop("QWEN3_MLX_NATIVE")
+        else:
+            os.environ["QWEN3_MLX_NATIVE"] = previous
+
+
+def decode(shape: str, llama: str | None) -> list[dict[str, Any]]:
+    """Decode tok/s of one 4-bit random checkpoint for every engine (slow ones fewer tokens)."""
+    from benchmarks.gguf_q4 import export
+
+    path = checkpoint(shape, 4)
+    slow = 3 if shape == "4b" else 6
+    runs = [
+        ("ours (native kernel)", lambda: engine_decode(path, "ours", "auto", 24, True)),
+        ("ours, native off (before)", lambda: engine_decode(path, "ours", "auto", slow, False)),
+        ("mlx-lm, float32", lambda: engine_decode(path, "mlx_lm", "float32", slow, True)),
+        ("mlx-lm, default (bf16)", lambda: engine_decode(path, "mlx_lm", "checkpoint", 2, True)),
+    ]
+    if llama is None:
+        gguf = export(path, path.with_name(path.name + "-q4_0.gguf"))
+        runs.insert(1, ("llama.cpp Q4_0", lambda: llama_decode(gguf, 24, 900)))
+    rows = []
+    for name, run in runs:
+        result = run()
+        print(f"  {shape} {name}: {result.get('tok_s', result.get('error'))}", flush=True)
+        rows.append({"shape": shape, "engine": name, **result})
+    return rows
+
+
+def scale_memory(shape: str) -> dict[str, float]:
+    """Bytes of 4-bit scales + biases in the checkpoint's bf16 and after a float32 cast."""
+    import mlx.core as mx
+
+    weights = mx.load(str(checkpoint(shape, 4) / "model.safetensors"))
+    count = sum(v.size for k, v in weights.items() if k.endswith((".scales", ".biases")))
+    return {"bf16_gb": count * 2 / 1e9, "float32_gb": count * 4 / 1e9}
+
+
+def report(results: dict[str, Any]) -> None:
+    """Print the tables."""
+    limit = max(results["bandwidth"].values())
+    print("\nread bandwidth (GB/s):")
+    for name, value in results["bandwidth"].items():
+        print(f"  {name:24} {value:6.2f}")
+    print(f"\nper matrix, 1 row of x, {THREADS} threads (GB/s of weights; limit {limit:.1f}):")
+    print(
+        f"  {'matrix':8} {'K->N':>13} {'scales':8} {'native':>7} {'hot':>6} {'mlx':>6} "
+        f"{'ratio':>6} {'of limit':>8}"
+    )
+    for row in results["matrices"]:
+        native, hot = row.get("native", float("nan")), row.get("native_hot", float("nan"))
+        print(
+            f"  {row['matrix']:8} {row['K']:>6}->{row['N']:<6} {row['scales']:8} {native:7.2f} "
+            f"{hot:6.2f} {row['mlx']:6.2f} {native / row['mlx']:5.1f}x {native / limit:7.0%}"
+        )
+    print("\ndecode (tok/s, 1-token prompt, greedy):")
+    for row in results["decode"]:
+        print(f"  {row['shape']:5} {row['engine']:28} {row.get('tok_s', row.get('error'))}")
+    for shape, memory in results["scale_memory"].items():
+        saved = memory["float32_gb"] - memory["bf16_gb"]
+        print(
+            f"\n{shape}: scales + biases {memory['bf16_gb']:.3f} GB in bf16, "
+            f"{memory['float32_gb']:.3f} GB cast to float32 ({saved:.3f} GB more)"
+        )
+
+
+def main() -> None:
+    """Run every section and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="0.6B decode only")
+    parser.add_argument("--skip-decode", action="store_true", help="bandwidth and matrices only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_kernel")
+    args = parser.parse_args()
+    from qwen3_mlx.native_kernel import fallback_reason, isa
+
+    results: dict[str, Any] = {"machine": machine(), "threads": THREADS}
+    results["native"] = {"isa": isa(), "fallback_reason": fallback_reason()}
+    print(f"native kernel: {isa() or fallback_reason()}", flush=True)
+    results["bandwidth"] = bandwidth()
+    results["matrices"] = matrices()
+    shapes = [] if args.skip_decode else ["0.6b"] if args.quick else ["0.6b", "4b"]
+    llama = llama_available()
+    results["llama_cpp"] = llama or "installed"
+    if llama:
+        print(f"llama.cpp: not measured, llama-cpp-python does not import ({llama})", flush=True)
+    results["decode"] = [row for shape in shapes for row in decode(shape, llama)]
+    results["scale_memory"] = {shape: scale_memory(shape) for shape in shapes}
+    report(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--llama-worker":
+        _llama_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()
