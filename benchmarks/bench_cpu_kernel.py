@@ -199,12 +199,29 @@ def decode(shape: str, llama: str | None) -> list[dict[str, Any]]:
 
 
 def scale_memory(shape: str) -> dict[str, float]:
-    """Bytes of 4-bit scales + biases in the checkpoint's bf16 and after a float32 cast."""
+    """GB of 4-bit scales + biases in the checkpoint's bf16 and after a float32 cast, and the GB
+    a decode step reads (every matrix once: packed words + scales + biases) either way."""
     import mlx.core as mx
 
-    weights = mx.load(str(checkpoint(shape, 4) / "model.safetensors"))
+    path = checkpoint(shape, 4)
+    weights = mx.load(str(path / "model.safetensors"))
     count = sum(v.size for k, v in weights.items() if k.endswith((".scales", ".biases")))
-    return {"bf16_gb": count * 2 / 1e9, "float32_gb": count * 4 / 1e9}
+    packed = sum(v.nbytes for v in weights.values() if v.dtype == mx.uint32)
+    gguf = path.with_name(path.name + "-q4_0.gguf")
+    return {
+        "bf16_gb": count * 2 / 1e9,
+        "float32_gb": count * 4 / 1e9,
+        "step_bf16_gb": (packed + count * 2) / 1e9,
+        "step_float32_gb": (packed + count * 4) / 1e9,
+        "step_q4_0_gb": gguf.stat().st_size / 1e9 if gguf.is_file() else None,
+    }
+
+
+def step_gb(row: dict[str, Any], memory: dict[str, float]) -> float | None:
+    """GB one decode step of this engine reads (its 4-bit weights once)."""
+    if row["engine"].startswith("llama"):
+        return memory["step_q4_0_gb"]
+    return memory["step_bf16_gb" if "bf16" in row["engine"] else "step_float32_gb"]
 
 
 def report(results: dict[str, Any]) -> None:
@@ -224,14 +241,24 @@ def report(results: dict[str, Any]) -> None:
             f"  {row['matrix']:8} {row['K']:>6}->{row['N']:<6} {row['scales']:8} {native:7.2f} "
             f"{hot:6.2f} {row['mlx']:6.2f} {native / row['mlx']:5.1f}x {native / limit:7.0%}"
         )
-    print("\ndecode (tok/s, 1-token prompt, greedy):")
+    print("\ndecode (1-token prompt, greedy): tok/s, GB/s of weights read, fraction of the limit")
     for row in results["decode"]:
-        print(f"  {row['shape']:5} {row['engine']:28} {row.get('tok_s', row.get('error'))}")
+        rate = row.get("tok_s")
+        if rate is None:
+            print(f"  {row['shape']:5} {row['engine']:28} {row.get('error')}")
+            continue
+        gb = step_gb(row, results["scale_memory"][row["shape"]]) or float("nan")
+        print(
+            f"  {row['shape']:5} {row['engine']:28} {rate:7.3f} tok/s {rate * gb:6.2f} GB/s "
+            f"{rate * gb / limit:5.0%}"
+        )
     for shape, memory in results["scale_memory"].items():
         saved = memory["float32_gb"] - memory["bf16_gb"]
         print(
-            f"\n{shape}: scales + biases {memory['bf16_gb']:.3f} GB in bf16, "
-            f"{memory['float32_gb']:.3f} GB cast to float32 ({saved:.3f} GB more)"
+            f"{shape}: scales + biases {memory['bf16_gb']:.3f} GB in bf16, "
+            f"{memory['float32_gb']:.3f} GB cast to float32 ({saved:.3f} GB more); a step reads "
+            f"{memory['step_float32_gb']:.2f} GB (float32 scales), {memory['step_bf16_gb']:.2f} GB "
+            f"(bf16), {memory['step_q4_0_gb'] or float('nan'):.2f} GB (Q4_0)"
         )
 
 
@@ -256,6 +283,8 @@ def main() -> None:
         print(f"llama.cpp: not measured, llama-cpp-python does not import ({llama})", flush=True)
     results["decode"] = [row for shape in shapes for row in decode(shape, llama)]
     results["scale_memory"] = {shape: scale_memory(shape) for shape in shapes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
     report(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

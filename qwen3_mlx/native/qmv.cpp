@@ -628,11 +628,13 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
   auto out_type = mx::promote_types(x.dtype(), scales.dtype());
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  auto xin = mx::contiguous(x, false, stream);
+  // Parameters are evaluated and contiguous already: no graph node for them.
+  auto dense = [&](const mx::array& a) {
+    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
+  };
   return mx::array(
       shape, out_type, std::make_shared<QuantizedMatvec>(stream, group_size, threads),
-      {xin, mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream),
-       mx::contiguous(biases, false, stream)});
+      {mx::contiguous(x, false, stream), dense(w), dense(scales), dense(biases)});
 }
 
 #ifdef QMV_X86
