@@ -6,7 +6,8 @@
 A benchmark, never a test: nothing here is asserted, and timings on a shared machine are noisy.
 One run starts both servers (`qwen3-mlx serve` and `python -m mlx_lm server`) on free loopback
 ports, each in its own process group, and kills both at the end, on error and on Ctrl-C too. Then,
-against each, with the official `openai` SDK:
+against each, with the official `openai` SDK, one server at a time (each throughput run on one,
+then the same on the other, so a shared machine's changing load falls on both alike):
 
 1. An agent loop of `--steps` streamed requests with a system prompt and the two tools of
    tools/tiny_data.py. Each step appends the previous assistant message (content, the reasoning
@@ -15,7 +16,8 @@ against each, with the official `openai` SDK:
    both servers. Time to first token is the time to the first content or reasoning delta;
    usage.prompt_tokens_details.cached_tokens is kept when the server reports it.
 2. Throughput: generated tokens per second over all streams, with 1, 4 and 8 concurrent streams
-   (threads), each a short word task, greedy, the same seed per stream on both servers.
+   (threads), each a short word task, greedy, the same seed per stream on both servers; the best
+   of --repeats runs per level.
 3. Peak RSS of each server process (and its children), sampled by psutil during its run.
 """
 
@@ -278,22 +280,33 @@ def throughput(
     return sum(tokens) / wall, sum(tokens), wall
 
 
-def measure(server: Server, steps: int, max_tokens: int, repeats: int) -> dict:
-    client = OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=600)
-    # Warm-up, outside the numbers: a tool request with another system prompt (so the loop's
-    # first step shares only a few tokens with it) and a plain one.
-    warm = [{"role": "system", "content": "You are a tiny test model."}]
-    cold = streamed_turn(client, server.model_id, warm + [{"role": "user", "content": "Hi"}], 8)
-    throughput(client, server.model_id, 1, 8)
-    loop = agent_loop(client, server.model_id, steps, max_tokens)
-    rates = {}
+def measure(all_servers: list[Server], steps: int, max_tokens: int, repeats: int) -> dict:
+    """Every measurement on each server in turn, so a shared machine's changing load falls on
+    both alike (an idle server takes no CPU while the other is measured)."""
+    clients = {
+        s.name: OpenAI(base_url=s.base_url, api_key="none", max_retries=0, timeout=600)
+        for s in all_servers
+    }
+    results: dict[str, dict] = {s.name: {"runs": {n: [] for n in LEVELS}} for s in all_servers}
+    for s in all_servers:
+        # Warm-up, outside the numbers: a tool request with another system prompt (so the loop's
+        # first step shares only a few tokens with it) and a plain one.
+        warm = [{"role": "system", "content": "You are a tiny test model."}]
+        hi = warm + [{"role": "user", "content": "Hi"}]
+        results[s.name]["cold_ttft"] = streamed_turn(clients[s.name], s.model_id, hi, 8)["ttft"]
+        throughput(clients[s.name], s.model_id, 1, 8)
+    for s in all_servers:
+        results[s.name]["loop"] = agent_loop(clients[s.name], s.model_id, steps, max_tokens)
+        print(f"{s.name}: agent loop done", flush=True)
     for n in LEVELS:
-        best = max(
-            (throughput(client, server.model_id, n, max_tokens) for _ in range(repeats)),
-            key=lambda r: r[0],
-        )
-        rates[n] = best
-    return {"cold_ttft": cold["ttft"], "loop": loop, "rates": rates}
+        for _ in range(repeats):
+            for s in all_servers:
+                run = throughput(clients[s.name], s.model_id, n, max_tokens)
+                results[s.name]["runs"][n].append(run)
+        print(f"{n} streams done", flush=True)
+    for result in results.values():
+        result["rates"] = {n: max(runs, key=lambda r: r[0]) for n, runs in result["runs"].items()}
+    return results
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
@@ -339,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=2, help="throughput runs per level")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs per level")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--log-dir", default=None, help="server logs [default: a temp folder]")
     args = parser.parse_args(argv)
@@ -349,15 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="bench_server_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     all_servers = servers(args.model, args.max_tokens)
-    results = {}
     try:
-        # One server at a time, so the two never share the cores; both are stopped in `finally`.
         for server in all_servers:
             print(f"starting {server.name} on port {server.port} ...", flush=True)
             server.start(log_dir / f"{server.name}.log")
-            results[server.name] = measure(server, args.steps, args.max_tokens, args.repeats)
-            server.stop()
-            print(f"{server.name} done", flush=True)
+        results = measure(all_servers, args.steps, args.max_tokens, args.repeats)
     except KeyboardInterrupt:
         print("interrupted; stopping the servers", file=sys.stderr)
         raise SystemExit(130) from None

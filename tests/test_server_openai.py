@@ -301,7 +301,8 @@ def test_models_health_metrics_tokenize_completions(client, server):
 
 
 def test_keep_alive_comments_while_queued(server):
-    """A stream waiting behind another reply gets `: ping` comments before its first token."""
+    """A stream gets `: ping` comments before its first token (here, while the reply before it
+    runs and its own prompt is prefilled to join the batch)."""
     url, _ = server
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"messages": REVERSE, "temperature": 0.6, "seed": 1, "max_tokens": 200, "stream": True}

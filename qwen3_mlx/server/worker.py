@@ -132,10 +132,13 @@ class GenerationWorker:
         """Start the decoding thread."""
         self.thread.start()
 
-    def stop(self) -> None:
-        """Ask the decoding thread to end; replies still running fail with ServerStopped."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the decoding thread (replies still running fail with ServerStopped) and wait for
+        it, so no MLX work is left running when the process exits."""
         self.stopping = True
         self.wake.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         """Queue a job; ServerBusy when the batch is full and max_queue jobs already wait."""
@@ -187,7 +190,13 @@ class GenerationWorker:
                     continue
                 self.running += 1
             self._gauge()
-            choice = self.cache.choose(job.prompt)  # here: the decoder owns the caches' arrays
+            try:
+                choice = self.cache.choose(job.prompt)  # here: the decoder owns the arrays
+            except Exception as error:  # handed to the request; the decoder goes on
+                job.deliver(Failed(error))
+                with self.lock:
+                    self.running -= 1
+                continue
             threading.Thread(
                 target=self._serve, args=(job, choice), name="qwen3-mlx-reply", daemon=True
             ).start()
