@@ -20,6 +20,7 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import tiny_data  # noqa: E402
+import tiny_tokens  # noqa: E402
 from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, TOOL_CALL_ID  # noqa: E402
 
 BF16 = REPO / "models" / "qwen3-tiny-chat"
@@ -91,24 +92,24 @@ def test_four_bit_checkpoint_layout():
 
 def test_thinking_mode_reasons_then_answers(tokenizer, bf16_model):
     for example in held_out():
-        reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+        reply = greedy(bf16_model, tiny_tokens.render_prompt(tokenizer, example))
         assert reply[0] == THINK_ID and reply.count(END_THINK_ID) == 1
         think_ids = reply[1 : reply.index(END_THINK_ID)]
         assert tokenizer.decode(think_ids).strip(), "think block must not be empty"
         assert reply[-1] == IM_END_ID
-        assert tiny_data.answer_text(tokenizer, reply) == example.problem.answer
+        assert tiny_tokens.answer_text(tokenizer, reply) == example.problem.answer
 
 
 def test_no_think_switch_gives_empty_think_block(tokenizer, bf16_model):
     for example in held_out(switches=("/no_think",)):
-        reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+        reply = greedy(bf16_model, tiny_tokens.render_prompt(tokenizer, example))
         assert reply[:4] == EMPTY_THINK and reply[-1] == IM_END_ID
-        assert tiny_data.answer_text(tokenizer, reply) == example.problem.answer
+        assert tiny_tokens.answer_text(tokenizer, reply) == example.problem.answer
 
 
 def test_enable_thinking_false_reply_has_no_think_tokens(tokenizer, bf16_model):
     for example in held_out(enable_thinking=False):
-        prompt = tiny_data.render_prompt(tokenizer, example)
+        prompt = tiny_tokens.render_prompt(tokenizer, example)
         assert prompt[-4:] == EMPTY_THINK  # the template supplies the empty block
         reply = greedy(bf16_model, prompt)
         assert THINK_ID not in reply and END_THINK_ID not in reply and reply[-1] == IM_END_ID
@@ -123,9 +124,9 @@ def test_latest_soft_switch_wins_over_three_turns(tokenizer, bf16_model, switche
     example = tiny_data.make_example(
         random.Random(3), held_out=True, turns=3, switches=switches, task="reverse"
     )
-    reply = greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+    reply = greedy(bf16_model, tiny_tokens.render_prompt(tokenizer, example))
     assert (reply[:4] != EMPTY_THINK) == thinks and reply[0] == THINK_ID
-    assert tiny_data.answer_text(tokenizer, reply) == example.problem.answer
+    assert tiny_tokens.answer_text(tokenizer, reply) == example.problem.answer
 
 
 def tool_examples(**modes) -> list[tiny_data.Example]:
@@ -144,13 +145,13 @@ def replies_right(tokenizer, model, examples: list[tiny_data.Example]) -> list[b
     """Per example: the exact call (parsed arguments), or the exact answer and no call."""
     right = []
     for example in examples:
-        reply = greedy(model, tiny_data.render_prompt(tokenizer, example))
-        calls = [parsed for _, parsed in tiny_data.parse_tool_calls(reply, tokenizer)]
+        reply = greedy(model, tiny_tokens.render_prompt(tokenizer, example))
+        calls = [parsed for _, parsed in tiny_tokens.parse_tool_calls(reply, tokenizer)]
         if example.problem.call is not None:
             name, arguments = example.problem.call
             ok = calls == [{"name": name, "arguments": arguments}]
         else:
-            ok = not calls and tiny_data.answer_text(tokenizer, reply) == example.problem.answer
+            ok = not calls and tiny_tokens.answer_text(tokenizer, reply) == example.problem.answer
         right.append(ok and reply[-1] == IM_END_ID)
     return right
 
@@ -176,14 +177,14 @@ def test_answers_directly_when_no_tool_fits_or_none_is_given(tokenizer, bf16_mod
     ]
     assert all(replies_right(tokenizer, bf16_model, examples))
     for example in held_out():
-        assert TOOL_CALL_ID not in greedy(bf16_model, tiny_data.render_prompt(tokenizer, example))
+        assert TOOL_CALL_ID not in greedy(bf16_model, tiny_tokens.render_prompt(tokenizer, example))
 
 
 def test_four_bit_model_still_answers(tokenizer):
     model = load(str(FOUR_BIT))[0]
     examples = held_out(switches=("/no_think",)) + held_out()[:2]
     right = [
-        tiny_data.answer_text(tokenizer, greedy(model, tiny_data.render_prompt(tokenizer, e)))
+        tiny_tokens.answer_text(tokenizer, greedy(model, tiny_tokens.render_prompt(tokenizer, e)))
         == e.problem.answer
         for e in examples
     ]
@@ -200,7 +201,7 @@ def test_transformers_greedy_matches_mlx_lm(tokenizer, bf16_model):
 
     model = AutoModelForCausalLM.from_pretrained(str(BF16), dtype=torch.float32).eval()
     for example in held_out()[:2]:
-        prompt = tiny_data.render_prompt(tokenizer, example)
+        prompt = tiny_tokens.render_prompt(tokenizer, example)
         with torch.no_grad():
             output = model.generate(
                 torch.tensor([prompt]),

@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import tiny_data  # noqa: E402
+import tiny_tokens  # noqa: E402
 from tiny_data import END_TOOL_CALL_ID, IM_END_ID, TOOL_CALL_ID  # noqa: E402
 
 MODES = ({}, {"switches": ("/no_think",)}, {"enable_thinking": False}, {"switches": ("/think",)})
@@ -83,7 +84,7 @@ def test_tools_are_rendered_into_the_system_turn(tokenizer):
     example = tiny_data.make_example(
         random.Random(1), task="lookup", tools=("lookup",), system="You are a helpful assistant."
     )
-    text = tokenizer.decode(tiny_data.render_prompt(tokenizer, example))
+    text = tokenizer.decode(tiny_tokens.render_prompt(tokenizer, example))
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools")
     assert json.dumps(tiny_data.TOOLS["lookup"]) in text and "word_count" not in text
 
@@ -152,14 +153,14 @@ def test_held_out_keys_and_texts_never_reach_training():
 def test_training_sequence_trains_call_and_answer_together_when_thinking(tokenizer):
     rng = random.Random(7)
     example = tiny_data.make_example(rng, task="lookup", tools=("lookup",), after_result=True)
-    ids, spans = tiny_data.training_sequence(tokenizer, example)
+    ids, spans = tiny_tokens.training_sequence(tokenizer, example)
     call, answer = (tokenizer.decode(ids[start:end]) for start, end in spans)
     assert call.startswith("<think>\nThe user wants the secret word") and "<tool_call>" in call
     assert call.endswith("</tool_call><|im_end|>") and answer == example.completion()
     no_think = tiny_data.make_example(
         rng, task="lookup", tools=("lookup",), after_result=True, switches=("/no_think",)
     )
-    assert len(tiny_data.training_sequence(tokenizer, no_think)[1]) == 1
+    assert len(tiny_tokens.training_sequence(tokenizer, no_think)[1]) == 1
 
 
 def test_parse_tool_calls_reads_only_calls_after_the_think_block(tokenizer):
@@ -167,13 +168,13 @@ def test_parse_tool_calls_reads_only_calls_after_the_think_block(tokenizer):
     reply = tokenizer.encode(example.completion(), add_special_tokens=False)
     assert TOOL_CALL_ID in reply and END_TOOL_CALL_ID in reply and reply[-1] == IM_END_ID
     name, arguments = example.problem.call
-    assert [parsed for _, parsed in tiny_data.parse_tool_calls(reply, tokenizer)] == [
+    assert [parsed for _, parsed in tiny_tokens.parse_tool_calls(reply, tokenizer)] == [
         {"name": name, "arguments": arguments}
     ]
     inside = tokenizer.encode(
         '<think>\n<tool_call>\n{"name": "lookup", "arguments": {}}\n</tool_call>\n</think>\n\nmoon',
         add_special_tokens=False,
     )
-    assert tiny_data.parse_tool_calls(inside, tokenizer) == []
+    assert tiny_tokens.parse_tool_calls(inside, tokenizer) == []
     broken = tokenizer.encode("<tool_call>\n{not json\n</tool_call>", add_special_tokens=False)
-    assert tiny_data.parse_tool_calls(broken, tokenizer) == [("{not json", None)]
+    assert tiny_tokens.parse_tool_calls(broken, tokenizer) == [("{not json", None)]

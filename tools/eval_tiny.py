@@ -21,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_data  # noqa: E402
-from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, Example, answer_text  # noqa: E402
+import tiny_tokens  # noqa: E402
+from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, Example  # noqa: E402
+from tiny_tokens import answer_text  # noqa: E402
 
 MODELS = tiny_data.REPO_ROOT / "models"
 MAX_TOKENS = 256
@@ -233,7 +235,7 @@ class Tally:
 
 def score(tokenizer, example: Example, reply: list[int]) -> Scored:
     """Check the answer text, the think block (by token id) and the stop of one reply."""
-    think_ids, _ = tiny_data.split_reply(reply)
+    think_ids, _ = tiny_tokens.split_reply(reply)
     answer = answer_text(tokenizer, reply)
     if not example.enable_thinking:
         structure = THINK_ID not in reply and END_THINK_ID not in reply
@@ -244,7 +246,7 @@ def score(tokenizer, example: Example, reply: list[int]) -> Scored:
     if example.enable_thinking:
         structure = structure and reply[:1] == [THINK_ID] and reply.count(END_THINK_ID) == 1
     stopped = reply[-1:] == [IM_END_ID] and len(reply) <= MAX_TOKENS // 2
-    calls = tiny_data.parse_tool_calls(reply, tokenizer)
+    calls = tiny_tokens.parse_tool_calls(reply, tokenizer)
     if example.problem.call is None:
         exact = answer == example.problem.answer and not calls
         task = example.problem.task
@@ -279,13 +281,13 @@ def untrained_mass(path: Path, tokenizer, sets: dict, prompts: dict, limit: int 
     used = set()
     for _ in range(3000):
         used.update(
-            sum(tiny_data.encode_example(tokenizer, tiny_data.sample_training_example(rng)), [])
+            sum(tiny_tokens.encode_example(tokenizer, tiny_data.sample_training_example(rng)), [])
         )
     mask = mx.array([i not in used for i in range(tiny_data.VOCAB_SIZE)])
     worst = 0.0
     for name, examples in sets.items():
         for example, prompt in zip(examples[:limit], prompts[name][:limit], strict=True):
-            sequence = prompt + tiny_data.encode_example(tokenizer, example)[1]
+            sequence = prompt + tiny_tokens.encode_example(tokenizer, example)[1]
             # Steps that predict reply tokens; the step after the final stop was never trained.
             steps = slice(len(prompt) - 1, len(sequence) - 1)
             logits = model(mx.array(sequence)[None])[0, steps].astype(mx.float32)
@@ -391,7 +393,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     sets = build_sets(args.n, args.seed)
     prompts = {
-        name: [tiny_data.render_prompt(tokenizer, e) for e in examples]
+        name: [tiny_tokens.render_prompt(tokenizer, e) for e in examples]
         for name, examples in sets.items()
     }
     started = time.time()

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_data  # noqa: E402
+import tiny_tokens  # noqa: E402
 
 DEFAULT_OUT = tiny_data.REPO_ROOT / "models" / "qwen3-tiny-chat"
 
@@ -92,7 +93,7 @@ def build_batches(
 ) -> list[tuple]:
     """Draw `pool` batches' worth of examples and group them by length to cut padding."""
     encoded = [
-        tiny_data.training_sequence(tokenizer, tiny_data.sample_training_example(rng, stage))
+        tiny_tokens.training_sequence(tokenizer, tiny_data.sample_training_example(rng, stage))
         for _ in range(batch_size * pool)
     ]
     encoded.sort(key=lambda pair: len(pair[0]))
@@ -123,7 +124,7 @@ def data_vocabulary(tokenizer, rng: random.Random, samples: int = 4000) -> torch
     """Sorted ids of every token seen in the data, prompts included (inputs are tied outputs too)."""
     seen: set[int] = set()
     for _ in range(samples):
-        prompt, completion = tiny_data.encode_example(
+        prompt, completion = tiny_tokens.encode_example(
             tokenizer, tiny_data.sample_training_example(rng)
         )
         seen.update(prompt)
@@ -134,7 +135,7 @@ def data_vocabulary(tokenizer, rng: random.Random, samples: int = 4000) -> torch
             example = tiny_data.make_example(
                 rng, held_out=True, task=task, tools=tools, after_result=rng.random() < 0.5
             )
-            seen.update(sum(tiny_data.encode_example(tokenizer, example), []))
+            seen.update(sum(tiny_tokens.encode_example(tokenizer, example), []))
     return torch.tensor(sorted(seen))
 
 
