@@ -288,10 +288,10 @@ class Chat:
         """Clear the history; the system prompt and settings stay."""
         self._close_active()
         self._turns = []
-
         if self.rope_plan is not None and self.rope_plan.factor is not None:
             switch(self.model, self.rope_plan, None)  # a new conversation starts native again
             self.cache.clear()
+
     def save(self, path: str | Path, *, with_cache: bool = False) -> int | None:
         """Write the conversation to a JSON transcript; with_cache also writes the KV cache beside
         it (conv.kv.safetensors) and returns that file's size in bytes."""
@@ -326,15 +326,14 @@ class Chat:
         if not saved.exists():
             return None
         try:
-            prints = fingerprint(self.model, self.tokenizer, self.cache.kv_bits)
             if self.rope_plan is not None:  # take the RoPE the cache was made with, if auto may
                 self._adopt_saved_rope(saved)
+            prints = fingerprint(self.model, self.tokenizer, self.cache.kv_bits)
             self.cache = load_cache(saved, self.model, prints)
         except CacheFileError as error:
             return f"{error}; the conversation will be prefilled instead"
         return f"restored the KV cache ({len(self.cache.tokens):,} tokens)"
 
-    # --- one reply -----------------------------------------------------------------------------------
     def _adopt_saved_rope(self, saved: Path) -> None:
         from qwen3_mlx.cache_file import saved_rope
 
@@ -349,6 +348,7 @@ class Chat:
             switch(self.model, plan, factor)
             self.cache.clear()
 
+    # --- one reply -----------------------------------------------------------------------------------
 
     def _close_active(self) -> None:
         active, self._active = self._active, None
@@ -420,9 +420,9 @@ class Chat:
             repetition_guard=self.repetition_guard,
             seed_index=self._replies,
             on_prefill=self.on_prefill,
-            on_start=on_start,
             rope=self.rope_plan,
             on_notice=self.on_notice,
+            on_start=on_start,
             on_end=on_end,
         )
         return reply
