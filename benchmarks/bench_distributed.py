@@ -47,7 +47,7 @@ def _all_sum_seconds(group, hidden: int, repeats: int = 200) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def worker(out: Path, model_dir: Path, tokens: int) -> None:
+def worker(out: Path, model_dir: Path, tokens: int, split_vocabulary: bool = True) -> None:
     """Load the model (whole, or this rank's shard), decode `tokens` greedy tokens, write JSON."""
     import mlx.core as mx
 
@@ -61,7 +61,7 @@ def worker(out: Path, model_dir: Path, tokens: int) -> None:
     if group is None:
         model, _ = load_model(model_dir)
     else:
-        model, _, _ = load_group_model(model_dir, group)
+        model, _, _ = load_group_model(model_dir, group, split_vocabulary=split_vocabulary)
     result = {
         "ranks": 1 if group is None else group.size(),
         "rank": 0 if group is None else group.rank(),
@@ -94,15 +94,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(model_dir: Path, ranks: int, tokens: int, workdir: Path) -> list[dict]:
+def run(model_dir: Path, ranks: int, tokens: int, workdir: Path, whole: bool = False) -> list[dict]:
     """Run the worker as one process or as `ranks` ranks; every rank's result."""
-    out = workdir / f"ranks{ranks}"
-    command = [sys.executable, __file__, "--worker", str(out), str(model_dir), str(tokens)]
+    out = workdir / f"ranks{ranks}{'-whole' if whole else ''}"
+    worker_args = [__file__, "--worker", str(out), str(model_dir), str(tokens)]
+    worker_args += ["--whole-vocabulary"] if whole else []
+    command = [sys.executable, *worker_args]
     if ranks > 1:
         launcher = Path(sys.executable).with_name("mlx.launch")
         command = [str(launcher), "-n", str(ranks), "--backend", "ring"]
-        command += ["-p", str(free_port()), sys.executable, __file__]
-        command += ["--worker", str(out), str(model_dir), str(tokens)]
+        command += ["-p", str(free_port()), sys.executable, *worker_args]
     subprocess.run(command, check=True, timeout=1800)
     return [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(ranks)]
 
@@ -137,18 +138,23 @@ def main() -> None:
     parser.add_argument("--shape", default="0.6b", choices=("0.6b", "4b"))
     parser.add_argument("--bits", type=int, default=None, help="4 for a 4-bit checkpoint")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--whole-vocabulary",
+        action="store_true",
+        help="keep the embedding and head whole on every rank (default: split by vocabulary)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qwen3-bench-distributed"))
     args = parser.parse_args()
     if args.worker:
         out, model_dir, tokens = args.worker
-        worker(Path(out), Path(model_dir), int(tokens))
+        worker(Path(out), Path(model_dir), int(tokens), not args.whole_vocabulary)
         return
     from benchmarks.checkpoints import checkpoint
 
     model_dir = checkpoint(args.shape, args.bits)
     args.workdir.mkdir(parents=True, exist_ok=True)
     (single,) = run(model_dir, 1, args.tokens, args.workdir)
-    ranks = run(model_dir, 2, args.tokens, args.workdir)
+    ranks = run(model_dir, 2, args.tokens, args.workdir, args.whole_vocabulary)
     report(single, ranks, model_dir)
 
 

@@ -36,6 +36,10 @@ def cache_path(transcript: Path) -> Path:
 
 def fingerprint(model: Any, tokenizer: Any, kv_bits: int | None) -> dict[str, str]:
     """What a cache depends on, each part as a short string (compared part by part)."""
+    if getattr(model, "group", None) is not None:  # distributed.LeaderModel
+        # Rank 0's cache holds its shard of the KV heads only, and the embedding lookup below
+        # would be a collective the other ranks do not expect.
+        raise CacheFileError("a KV cache file cannot be saved or restored by a group of ranks")
     weights = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
     inner = model.model
     for tensor in (inner.norm.weight, inner.layers[0].input_layernorm.weight):

@@ -165,6 +165,7 @@ def load_group_model(
     *,
     rope_scaling: dict[str, Any] | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
+    split_vocabulary: bool = True,
 ) -> tuple[Any, Path, dict[str, Any]]:
     """This rank's shard of the model, once every rank has checked it holds the same files.
 
@@ -189,7 +190,11 @@ def load_group_model(
     try:
         dtype = resolve_compute_dtype(compute_dtype)
         model, config = load_rank_model(
-            model_dir, group, rope_scaling=rope_scaling, compute_dtype=dtype
+            model_dir,
+            group,
+            rope_scaling=rope_scaling,
+            compute_dtype=dtype,
+            split_vocabulary=split_vocabulary,
         )
     except Exception:
         agree(group, None, "load the model")
@@ -261,6 +266,10 @@ class LeaderModel:
         return self._keys[first]
 
     def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
+        if cache and type(cache[0]).__name__ not in ("KVCache", "QuantizedKVCache"):
+            raise DistributedError(
+                f"a {type(cache[0]).__name__} (batched decoding) cannot be used by a group of ranks"
+            )
         B, L = inputs.shape
         key = self._key(cache) if cache else 0
         offset = cache[0].offset if cache else 0

@@ -23,7 +23,7 @@ from qwen3_mlx.fp8 import fp8_block_size
 from qwen3_mlx.model import Model
 from qwen3_mlx.quant import apply_checkpoint_quantization, read_quantization
 from qwen3_mlx.safetensors_check import read_header, weight_files
-from qwen3_mlx.sharding import Slice, part_bounds
+from qwen3_mlx.sharding import Slice, part_bounds, shard_model
 
 # safetensors dtype -> (numpy dtype of the raw bytes, the MLX dtype they hold)
 _DTYPES = {
@@ -87,6 +87,7 @@ def load_rank_model(
     *,
     rope_scaling: dict[str, Any] | None = None,
     compute_dtype: mx.Dtype | None = None,
+    split_vocabulary: bool = True,
 ) -> tuple[Model, dict[str, Any]]:
     """This rank's share of the model in model_dir, split over group; return it with its config."""
     source = str(Path(model_dir) / "config.json")
@@ -107,7 +108,7 @@ def load_rank_model(
     names = set(model.sanitize(dict.fromkeys(headers)))  # type: ignore[arg-type]
     if block is not None:
         apply_checkpoint_quantization(model, block, names)
-    plan = model.shard(group)
+    plan = shard_model(model, group, split_vocabulary)
     weights = read_rank_weights(files, plan, compute_dtype, names)
     check_tensors(model_tensors(model), array_tensors(weights), Path(model_dir))
     model.load_weights(list(weights.items()), strict=True)

@@ -61,8 +61,14 @@ def check_split(args: ModelArgs, ranks: int) -> None:
         )
 
 
-def shard_plan(args: ModelArgs, rank: int, ranks: int) -> dict[str, Slice]:
-    """Module path -> the slice this rank keeps; modules not named (norms) stay whole."""
+def shard_plan(
+    args: ModelArgs, rank: int, ranks: int, split_vocabulary: bool = True
+) -> dict[str, Slice]:
+    """Module path -> the slice this rank keeps; modules not named (norms) stay whole.
+
+    split_vocabulary=False keeps the embedding and head whole on every rank (as does a vocabulary
+    that does not divide evenly).
+    """
     check_split(args, ranks)
     rows, columns = Slice(0, rank, ranks), Slice(1, rank, ranks)
     kv_parts = min(args.num_key_value_heads, ranks)
@@ -77,7 +83,7 @@ def shard_plan(args: ModelArgs, rank: int, ranks: int) -> dict[str, Slice]:
         plan[f"{mlp}.gate_proj"] = rows
         plan[f"{mlp}.up_proj"] = rows
         plan[f"{mlp}.down_proj"] = columns
-    if args.vocab_size % ranks == 0:
+    if split_vocabulary and args.vocab_size % ranks == 0:
         plan["model.embed_tokens"] = rows
         if not args.tie_word_embeddings:
             plan["lm_head"] = rows
@@ -184,10 +190,10 @@ class ShardedHead(_VocabShard):
         return self._logits(x)
 
 
-def shard_model(model: Any, group: Any) -> dict[str, Slice]:
+def shard_model(model: Any, group: Any, split_vocabulary: bool = True) -> dict[str, Slice]:
     """Split a Qwen3 Model in place over group (its parameters may be lazy); return the plan."""
     ranks, rank = group.size(), group.rank()
-    plan = shard_plan(model.args, rank, ranks)
+    plan = shard_plan(model.args, rank, ranks, split_vocabulary)
     if ranks == 1:
         return plan
     modules = dict(model.named_modules())

@@ -243,3 +243,26 @@ def test_heads_that_do_not_split_fail_on_every_rank(parity: dict[str, Any]) -> N
             "ShardingError: 3 attention heads do not split evenly over 2 ranks; use a number of "
             "ranks that divides 3"
         )
+
+
+def test_a_group_refuses_kv_cache_files() -> None:
+    from qwen3_mlx.cache_file import CacheFileError, fingerprint
+
+    class Leader:  # what fingerprint sees of distributed.LeaderModel: it has a group
+        group = object()
+
+    with pytest.raises(CacheFileError, match="cannot be saved or restored by a group of ranks"):
+        fingerprint(Leader(), None, None)
+
+
+def test_a_group_refuses_batched_caches() -> None:
+    from qwen3_mlx import distributed
+    from qwen3_mlx.distributed import DistributedError, LeaderModel
+
+    class BatchKVCache:  # the server's batched cache, by name: its rows would need their masks
+        offset = 0
+
+    leader = LeaderModel(object(), object())
+    distributed._leaders.remove(leader)  # it has no followers to stop at exit
+    with pytest.raises(DistributedError, match="BatchKVCache .batched decoding. cannot be used"):
+        leader(mx.zeros((2, 1), dtype=mx.int32), [BatchKVCache()])
