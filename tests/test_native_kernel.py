@@ -143,9 +143,11 @@ def test_bad_shapes_raise():
 
 
 def test_fallback_reasons(monkeypatch):
+    monkeypatch.delenv(native_kernel.ENV, raising=False)
     monkeypatch.setattr(native_kernel, "module_name", lambda: "_qmv_mlx_0_0_1")
     module, reason = native_kernel._load()
-    assert module is None and "built for another mlx" in reason
+    # another mlx's module is never imported (or, where none was built, that is the reason)
+    assert module is None and ("built for another mlx" in reason or "not built" in reason)
     monkeypatch.setenv(native_kernel.ENV, "0")
     assert native_kernel._load() == (None, f"{native_kernel.ENV}=0")
 
