@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from qwen3_mlx.cli import options as o
-from qwen3_mlx.cli.distributed_run import distributed_command
+from qwen3_mlx.cli.distributed_run import single_process_only
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
@@ -73,7 +73,10 @@ def with_serve_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @with_serve_options
-@distributed_command
+@single_process_only(
+    "serve does not run under mlx.launch yet: the batched decoder merges and forks KV caches, "
+    "which the other ranks cannot mirror; use chat or prompt"
+)
 def serve_command(
     ctx: typer.Context,
     session: o.SessionOptions,
