@@ -28,7 +28,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen3_mlx.cache import make_cache, trim_cache
 from qwen3_mlx.errors import Qwen3Error
 
 CONNECT_TIMEOUT_ENV = "QWEN3_MLX_CONNECT_TIMEOUT"
@@ -296,6 +295,8 @@ class LeaderModel:
 
 def follow(model: Any, group: Any) -> int:
     """Run rank 0's model calls on this rank's shard until it stops; return its exit code."""
+    from qwen3_mlx.cache import make_cache, trim_cache  # (mlx-lm: kept out of join_group's path)
+
     caches: dict[int, list[Any]] = {}
     empty = mx.zeros((HEADER_SIZE,), dtype=mx.int32)
     while True:

@@ -4,12 +4,15 @@
 the whole model (the single-process reference) and its shard. The shards run a prompt together
 (every rank calls the model: full logits of every position), then rank 0 leads 32 greedy tokens
 through the engine's generator while the other ranks follow. Then the misconfigurations: a model
-whose heads do not split, and rank r loading checkpoint r (different files). Each rank writes
-OUT.<rank>.json with what it saw.
+whose heads do not split, and rank r loading checkpoint r (different files). Last, the CLI:
+`qwen3-mlx prompt` with the tiny chat model, in this process, as under `mlx.launch` (rank 0 leads,
+rank 1 follows). Each rank writes OUT.<rank>.json with what it saw and printed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -22,6 +25,9 @@ from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.loading import load_model
 
 PROMPT = [3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 46, 26]
+TINY_CHAT = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"
+PROMPT_ARGS = ["prompt", "--model", str(TINY_CHAT), "--temp", "0", "--no-think", "--tools", "none"]
+QUESTION = "What is the capital of France?"
 GREEDY_TOKENS = 32
 
 
@@ -59,6 +65,19 @@ def load_error(checkpoint: Path, group) -> str:
     return ""
 
 
+def run_prompt() -> tuple[int, str]:
+    """`qwen3-mlx prompt QUESTION` in this process: its exit status and what it printed."""
+    from qwen3_mlx.cli.app import app
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            app([*PROMPT_ARGS, QUESTION], prog_name="qwen3-mlx")
+        except SystemExit as done:
+            return int(done.code or 0), printed.getvalue()
+    return 0, printed.getvalue()
+
+
 def main() -> None:
     group = join_group()
     out, three_heads = Path(sys.argv[1]), Path(sys.argv[2])
@@ -66,6 +85,7 @@ def main() -> None:
     results = {path.name: compare(path, group) for path in checkpoints}
     results["three_heads_error"] = load_error(three_heads, group)
     results["different_files_error"] = load_error(checkpoints[group.rank()], group)
+    results["prompt_exit"], results["prompt_printed"] = run_prompt()
     Path(f"{out}.{group.rank()}.json").write_text(json.dumps(results, indent=2))
 
 

@@ -1,9 +1,10 @@
 """Tensor parallelism over 2 ranks on this machine: `mlx.launch -n 2 --backend ring` over loopback.
 
-One launch per module runs every comparison (tests/distributed_ranks.py); the CLI tests start a
-`prompt` under 2 ranks, and the misconfigurations start the ranks by hand (MLX_RANK and a
-hostfile, as mlx.launch does) so each rank's exit status and stderr can be read. Every process
-has a timeout: nothing here can hang CI.
+One launch per module runs every comparison, the misconfigurations that need a group and a
+`prompt` through the CLI (tests/distributed_ranks.py: each rank reports what it saw and printed);
+a rank whose peer never comes is started by hand (MLX_RANK and a hostfile, as mlx.launch does).
+Every process has a timeout: nothing here can hang CI. Each rank process costs seconds of imports
+(mlx-lm, transformers, torch), so there are three.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import pytest
 from checkpoints import make_checkpoint
+from distributed_ranks import PROMPT_ARGS, QUESTION, TINY_CHAT
 from mlx.utils import tree_flatten
 
 from qwen3_mlx.config import ModelArgs
@@ -28,7 +30,6 @@ from qwen3_mlx.sharding import ShardingError, shard_plan
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
-TINY_CHAT = REPO / "models" / "qwen3-tiny-chat"
 TIMEOUT = 150
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
 
@@ -165,52 +166,28 @@ def test_plan_refuses_heads_that_do_not_split() -> None:
     assert plan["model.layers.0.self_attn.k_proj"].count == 2
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qwen3_mlx", *args]
-
-
-PROMPT_ARGS = ["prompt", "--model", str(TINY_CHAT), "--temp", "0", "--no-think", "--tools", "none"]
-
-
-def test_prompt_under_two_ranks_prints_the_single_process_answer() -> None:
+def test_prompt_under_two_ranks_prints_the_single_process_answer(parity: dict[str, Any]) -> None:
     from typer.testing import CliRunner
 
     from qwen3_mlx.cli.app import app
 
-    question = "What is the capital of France?"
-    single = CliRunner().invoke(app, [*PROMPT_ARGS, question])
+    single = CliRunner().invoke(app, [*PROMPT_ARGS, QUESTION])
     assert single.exit_code == 0, single.output
-    answer = single.stdout
-    assert answer.strip()
-    both = launch(cli(*PROMPT_ARGS, question))
-    assert both.stdout == answer, both.stderr
+    assert single.stdout.strip()
+    assert parity["prompt_exit"] == 0
+    assert parity["prompt_printed"] == single.stdout
+    assert parity["rank1"]["prompt_exit"] == 0
+    assert parity["rank1"]["prompt_printed"] == ""  # a follower prints nothing
 
 
-@pytest.fixture(scope="module")
-def misconfigured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple]]:
-    """Two broken groups of the CLI started together (each rank's exit status, stdout, stderr)."""
-    root = tmp_path_factory.mktemp("misconfigured")
-    first = make_checkpoint(root / "first", seed=1)
-    second = make_checkpoint(root / "second", seed=2)  # same shapes, other weights
-
-    def prompt(model: Path) -> list[str]:
-        return cli("prompt", "--model", str(model), "--tools", "none", "hi")
-
-    groups = {
-        # rank 1 never starts: rank 0 waits 2 s for it
-        "alone": start_ranks(
-            [cli(*PROMPT_ARGS, "hi"), None], extra_env={"QWEN3_MLX_CONNECT_TIMEOUT": "2"}
-        ),
-        "different": start_ranks([prompt(first), prompt(second)]),
-    }
-    return {
-        name: [finish(process) for process in processes if process is not None]
-        for name, processes in groups.items()
-    }
-
-
-def test_rank_that_cannot_connect_fails_in_one_line(misconfigured: dict[str, list]) -> None:
-    ((code, out, err),) = misconfigured["alone"]
+def test_rank_that_cannot_connect_fails_in_one_line() -> None:
+    # Rank 1 never starts: rank 0 waits 2 s for it. (join_group is what every command runs first
+    # under mlx.launch; this imports only it, to keep the test cheap.)
+    join = "from qwen3_mlx.distributed import join_group; join_group()"
+    (alone, _) = start_ranks(
+        [[sys.executable, "-c", join], None], extra_env={"QWEN3_MLX_CONNECT_TIMEOUT": "2"}
+    )
+    code, out, err = finish(alone)
     assert code != 0
     assert error_lines(err) == [
         "Error: rank 0 could not connect to the other ranks within 2 s; check that every host "
@@ -218,16 +195,6 @@ def test_rank_that_cannot_connect_fails_in_one_line(misconfigured: dict[str, lis
         "QWEN3_MLX_CONNECT_TIMEOUT to wait longer)"
     ]
     assert out == ""
-
-
-def test_different_model_files_fail_on_every_rank_of_the_cli(
-    misconfigured: dict[str, list],
-) -> None:
-    for code, out, err in misconfigured["different"]:
-        assert code == 1
-        (line,) = error_lines(err)
-        assert line.startswith("Error: the ranks have different model files or settings (rank 0 ")
-        assert out == ""
 
 
 def test_different_model_files_fail_on_every_rank(parity: dict[str, Any]) -> None:
@@ -266,3 +233,17 @@ def test_a_group_refuses_batched_caches() -> None:
     distributed._leaders.remove(leader)  # it has no followers to stop at exit
     with pytest.raises(DistributedError, match="BatchKVCache .batched decoding. cannot be used"):
         leader(mx.zeros((2, 1), dtype=mx.int32), [BatchKVCache()])
+
+
+def test_serve_refuses_to_run_under_a_group() -> None:
+    from typer.testing import CliRunner
+
+    from qwen3_mlx.cli.app import app
+
+    env = {"MLX_RANK": "1", "MLX_HOSTFILE": "/nonexistent/hosts.json"}  # as mlx.launch sets them
+    done = CliRunner().invoke(app, ["serve", "--model", str(TINY_CHAT)], env=env)
+    assert done.exit_code == 1
+    assert done.stderr.strip() == (
+        "Error: serve does not run under mlx.launch yet: the batched decoder merges and forks KV "
+        "caches, which the other ranks cannot mirror; use chat or prompt"
+    )
