@@ -212,11 +212,17 @@ def _load_leader(
     compute_dtype: str | mx.Dtype | None,
 ) -> tuple[Any, Tokenizer, GenerationConfig]:
     """Rank 0's shard wrapped as the LeaderModel, with the tokenizer and generation config."""
+    from qwen3_mlx import shard_loading  # noqa: F401 (imported before the tokenizer's thread starts)
     from qwen3_mlx.distributed import LeaderModel, load_group_model
 
+    try:  # the tokenizer loads while the shard is read, as in load(); a failure shows below
+        hf_tokenizer = read_hf_tokenizer_in_background(resolve_model_path(path_or_repo))
+    except Exception:
+        hf_tokenizer = None
     model, model_dir, config = load_group_model(
         path_or_repo, group, rope_scaling=rope_scaling, compute_dtype=compute_dtype
     )
-    tokenizer = Tokenizer(read_hf_tokenizer_in_background(model_dir).result())
+    hf_tokenizer = hf_tokenizer or read_hf_tokenizer_in_background(model_dir)
+    tokenizer = Tokenizer(hf_tokenizer.result())
     generation_config = GenerationConfig.from_model_dir(model_dir, config)
     return LeaderModel(model, group), tokenizer, generation_config
