@@ -31,13 +31,14 @@ QUESTION = "What is the capital of France?"
 GREEDY_TOKENS = 32
 
 
-def greedy(model, group=None) -> list[int]:
+def greedy(model, group=None, kv_bits=None) -> list[int]:
     """32 greedy tokens after PROMPT; with a group, rank 0 leads and the others follow."""
     if group is not None and group.rank() != 0:
         follow(model, group)
         return []
     leader = LeaderModel(model, group) if group is not None else model
-    tokens = [t.token for t in generate_tokens(leader, PROMPT, make_cache(model), max_tokens=32)]
+    cache = make_cache(model, kv_bits)
+    tokens = [t.token for t in generate_tokens(leader, PROMPT, cache, max_tokens=GREEDY_TOKENS)]
     if group is not None:
         leader.stop()
     return tokens
@@ -49,11 +50,20 @@ def compare(checkpoint: Path, group) -> dict:
     ids = mx.array([PROMPT])
     reference = whole(ids)
     expected = greedy(whole)
+    kv8 = whole.args.head_dim % 64 == 0  # a quantized KV cache groups 64 along each head
+    expected_kv8 = greedy(whole, kv_bits=8) if kv8 else []
     shard, _, _ = load_group_model(checkpoint, group, compute_dtype="float32")
     logits = shard(ids)  # every rank calls the model: all positions, no leader
     difference = mx.abs(logits - reference).max().item()
     tokens = greedy(shard, group)
-    return {"max_logit_diff": difference, "expected": expected, "tokens": tokens}
+    tokens_kv8 = greedy(shard, group, kv_bits=8) if kv8 else []  # followers quantize theirs too
+    return {
+        "max_logit_diff": difference,
+        "expected": expected,
+        "tokens": tokens,
+        "expected_kv8": expected_kv8,
+        "tokens_kv8": tokens_kv8,
+    }
 
 
 def load_error(checkpoint: Path, group) -> str:

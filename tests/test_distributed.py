@@ -120,7 +120,10 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("distributed")
     # 4 query heads; 1 KV head (fewer than the ranks: replicated) or 2 (one per rank). The untied
     # ones give varied greedy tokens (a tied random model repeats its input) and a vocab-split head.
-    kv1 = make_checkpoint(root / "dense-kv1", num_key_value_heads=1, tie_word_embeddings=False)
+    # dense-kv1 has 64-wide heads, so it also runs with an 8-bit KV cache (groups of 64).
+    kv1 = make_checkpoint(
+        root / "dense-kv1", num_key_value_heads=1, head_dim=64, tie_word_embeddings=False
+    )
     kv2 = make_checkpoint(root / "dense-kv2", num_key_value_heads=2, seed=1)
     kv1_4bit = quantized_copy(kv1, root / "4bit-kv1")
     kv2_4bit = quantized_copy(
@@ -150,6 +153,13 @@ def test_32_greedy_tokens_identical(parity: dict[str, Any], name: str) -> None:
     result = parity[name]
     assert len(result["tokens"]) == 32
     assert result["tokens"] == result["expected"]
+
+
+@pytest.mark.parametrize("name", ["dense-kv1", "4bit-kv1"])
+def test_greedy_tokens_identical_with_an_8_bit_kv_cache(parity: dict[str, Any], name: str) -> None:
+    result = parity[name]
+    assert len(result["tokens_kv8"]) == 32
+    assert result["tokens_kv8"] == result["expected_kv8"]
 
 
 def test_untied_random_model_gives_varied_tokens(parity: dict[str, Any]) -> None:
