@@ -257,3 +257,18 @@ def test_serve_refuses_to_run_under_a_group() -> None:
         "Error: serve does not run under mlx.launch yet: the batched decoder merges and forks KV "
         "caches, which the other ranks cannot mirror; use chat or prompt"
     )
+
+
+def test_auto_rope_refused_under_a_group_before_connecting() -> None:
+    from typer.testing import CliRunner
+
+    from qwen3_mlx.cli.app import app
+
+    env = {"MLX_RANK": "0", "MLX_HOSTFILE": "/nonexistent/hosts.json"}
+    args = ["prompt", "--model", str(TINY_CHAT), "--rope-scaling", "auto", "hi"]
+    done = CliRunner().invoke(app, args, env=env)
+    assert done.exit_code == 1
+    assert done.stderr.strip() == (
+        "Error: --rope-scaling auto does not run under mlx.launch (it would move rank 0's RoPE "
+        "alone); use --rope-scaling yarn"
+    )

@@ -26,9 +26,14 @@ def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
         if not launched():
             command(ctx=ctx, session=session, **values)
             return
-        from qwen3_mlx.distributed import join_group
+        from qwen3_mlx.distributed import DistributedError, join_group
 
         with reported_errors(ctx):
+            if session.spec().auto_rope:  # checked on every rank, before any of them connects
+                raise DistributedError(
+                    "--rope-scaling auto does not run under mlx.launch (it would move rank 0's "
+                    "RoPE alone); use --rope-scaling yarn"
+                )
             group = join_group()
         if group.size() == 1:
             command(ctx=ctx, session=session, **values)
