@@ -175,7 +175,7 @@ def engine_decode(path: Path, engine: str, dtype: str, tokens: int, native: bool
             os.environ["QWEN3_MLX_NATIVE"] = previous
 
 
-def decode(shape: str, llama: str | None) -> list[dict[str, Any]]:
+def decode(shape: str, llama: str | None, only: list[str] | None = None) -> list[dict[str, Any]]:
     """Decode tok/s of one 4-bit random checkpoint for every engine (slow ones fewer tokens)."""
     from benchmarks.gguf_q4 import export
 
@@ -192,6 +192,8 @@ def decode(shape: str, llama: str | None) -> list[dict[str, Any]]:
         runs.insert(1, ("llama.cpp Q4_0", lambda: llama_decode(gguf, 24, 900)))
     rows = []
     for name, run in runs:
+        if only and not any(name.startswith(prefix) for prefix in only):
+            continue
         result = run()
         print(f"  {shape} {name}: {result.get('tok_s', result.get('error'))}", flush=True)
         rows.append({"shape": shape, "engine": name, **result})
@@ -267,6 +269,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="0.6B decode only")
     parser.add_argument("--skip-decode", action="store_true", help="bandwidth and matrices only")
+    parser.add_argument(
+        "--skip-matrices", action="store_true", help="bandwidth and decode only (faster)"
+    )
+    parser.add_argument(
+        "--engines", help="decode only the engines whose names start so: 'ours (native,llama'"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_kernel")
     args = parser.parse_args()
     from qwen3_mlx.native_kernel import fallback_reason, isa
@@ -275,13 +283,14 @@ def main() -> None:
     results["native"] = {"isa": isa(), "fallback_reason": fallback_reason()}
     print(f"native kernel: {isa() or fallback_reason()}", flush=True)
     results["bandwidth"] = bandwidth()
-    results["matrices"] = matrices()
+    results["matrices"] = [] if args.skip_matrices else matrices()
     shapes = [] if args.skip_decode else ["0.6b"] if args.quick else ["0.6b", "4b"]
     llama = llama_available()
     results["llama_cpp"] = llama or "installed"
     if llama:
         print(f"llama.cpp: not measured, llama-cpp-python does not import ({llama})", flush=True)
-    results["decode"] = [row for shape in shapes for row in decode(shape, llama)]
+    only = args.engines.split(",") if args.engines else None
+    results["decode"] = [row for shape in shapes for row in decode(shape, llama, only)]
     results["scale_memory"] = {shape: scale_memory(shape) for shape in shapes}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
