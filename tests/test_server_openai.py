@@ -270,6 +270,18 @@ def test_errors_are_sdk_exceptions(client, server):
     assert overflow.value.code == "context_length_exceeded"
 
 
+def test_a_full_queue_answers_503(client, server):
+    worker = server[1].worker
+    bounds = worker.max_batch, worker.max_queue
+    worker.max_batch = worker.max_queue = 0  # the batch and the queue are full
+    try:
+        with pytest.raises(openai.InternalServerError) as busy:
+            client.chat.completions.create(model="m", messages=REVERSE, max_tokens=4)
+    finally:
+        worker.max_batch, worker.max_queue = bounds
+    assert busy.value.status_code == 503 and busy.value.body["type"] == "server_busy"
+
+
 def test_unknown_fields_are_ignored(client):
     reply = client.chat.completions.create(
         model="m",
