@@ -52,9 +52,10 @@ def worker(out: Path, model_dir: Path, tokens: int, split_vocabulary: bool = Tru
     import mlx.core as mx
 
     from qwen3_mlx.cache import make_cache
-    from qwen3_mlx.distributed import LeaderModel, follow, join_group, launched, load_group_model
+    from qwen3_mlx.distributed import join_group, launched, load_group_model
     from qwen3_mlx.generate import generate_tokens
     from qwen3_mlx.loading import load_model
+    from qwen3_mlx.lockstep import LeaderModel, follow
 
     group = join_group() if launched() else None
     start = time.perf_counter()

@@ -213,7 +213,8 @@ def _load_leader(
 ) -> tuple[Any, Tokenizer, GenerationConfig]:
     """Rank 0's shard wrapped as the LeaderModel, with the tokenizer and generation config."""
     from qwen3_mlx import shard_loading  # noqa: F401 (imported before the tokenizer's thread starts)
-    from qwen3_mlx.distributed import LeaderModel, load_group_model
+    from qwen3_mlx.distributed import load_group_model
+    from qwen3_mlx.lockstep import LeaderModel
 
     try:  # the tokenizer loads while the shard is read, as in load(); a failure shows below
         hf_tokenizer = read_hf_tokenizer_in_background(resolve_model_path(path_or_repo))

@@ -68,7 +68,7 @@ def single_process_only(reason: str) -> Callable[[Callable[..., None]], Callable
 
 def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str, Any]) -> None:
     """Run the command on rank 0; on the way out, stop the followers with its exit code."""
-    from qwen3_mlx.distributed import stop_followers
+    from qwen3_mlx.lockstep import stop_followers
 
     code = EXIT_RUNTIME
     try:
@@ -89,7 +89,8 @@ def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str
 
 def _follow(spec: Any, group: Any) -> int:
     """Load this rank's shard and run rank 0's forward passes until it stops; its exit code."""
-    from qwen3_mlx.distributed import follow, ignore_interrupts, load_group_model, lost_connection
+    from qwen3_mlx.distributed import load_group_model
+    from qwen3_mlx.lockstep import follow, ignore_interrupts, lost_connection
 
     ignore_interrupts()
     try:
