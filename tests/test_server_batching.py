@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 from test_server_support import tiny_model
 
@@ -103,3 +104,17 @@ def test_the_queue_bound_refuses_with_server_busy():
     with pytest.raises(ServerBusy, match="max-queue 1"):
         worker.submit(Job([1, 2], {}, lambda item: None))
     assert worker.queued == 1
+
+
+def test_a_busy_entry_is_forked_never_shared():
+    model, tokenizer, _ = tiny_model()
+    cache = PrefixCache(model, 1 << 30)
+    prompt = _prompt(tokenizer, "moon river")
+    first = cache.choose(prompt)
+    model(mx.array(prompt, dtype=mx.uint32)[None], cache=first.cache.cache)  # what a reply does
+    first.cache.tokens = list(prompt)
+    while_busy = cache.choose(prompt + [198])
+    assert while_busy.cache is not first.cache and while_busy.cached_tokens == len(prompt)
+    cache.release(first.cache)
+    after = cache.choose(prompt + [271])
+    assert after.cache is first.cache and after.cached_tokens == len(prompt)

@@ -53,8 +53,10 @@ def fork(model: Any, source: PromptCache, length: int) -> PromptCache:
 class PrefixCache:
     """LRU entries of PromptCache, bounded by `max_bytes` (entries in use are never dropped).
 
-    An entry in use by a running reply is busy until release(): it is neither chosen nor forked
-    (its arrays are changing), so concurrent replies never share one. Thread-safe.
+    An entry in use by a running reply is busy until release(): it is never run in again, but
+    a concurrent prompt may fork the prefix it holds (a reply only writes past the tokens its
+    entry lists, and each write makes new arrays, so a fork's slices stay as they were). Call
+    choose() from the thread that runs the model; release() from any.
     """
 
     def __init__(self, model: Any, max_bytes: int, max_entries: int = 64):
@@ -69,13 +71,14 @@ class PrefixCache:
         """The entry to run `prompt` in (made most recent and busy), forked or new when none
         extends."""
         with self.lock:
-            best, shared = None, 0
+            best, shared, idle = None, 0, False
             for entry in self.entries:
                 length = common_prefix_length(entry.tokens, prompt)
-                if length > shared and id(entry) not in self.busy:
-                    best, shared = entry, length
+                free = id(entry) not in self.busy
+                if length > shared or (length == shared > 0 and free and not idle):
+                    best, shared, idle = entry, length, free
             shared = min(shared, len(prompt) - 1)  # the last prompt token always runs again
-            if best is not None and shared == len(best.tokens):
+            if best is not None and idle and shared == len(best.tokens):
                 self.entries.remove(best)
                 chosen = best
             elif best is not None and shared > 0:
