@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from test_server_support import API_KEY, running_server
@@ -46,6 +48,25 @@ def test_eight_concurrent_clients_match_sequential_runs(server):
         for (answer, _), (words, _s) in zip(sequential, tasks, strict=True)
     )
     assert correct >= 6  # the tiny model's word tasks, sampled at T 0.6
+
+
+def test_a_client_that_disconnects_leaves_the_batch(server):
+    url, state = server
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    # The tiny model repeats "moon" until max_tokens or the repetition guard (about 64 tokens).
+    body = {"prompt": "moon moon moon moon", "max_tokens": 1000, "temperature": 0, "stream": True}
+    before = len(state.metrics.recent)
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", url + "/v1/completions", json=body, headers=headers) as response:
+            next(line for line in response.iter_lines() if line.startswith("data:"))
+    deadline = time.monotonic() + 30
+    while (len(state.metrics.recent) == before or state.worker.running) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    reply = state.metrics.recent[-1]
+    assert reply["finish_reason"] == "interrupted" and reply["generated_tokens"] < 60
+    assert not state.worker.decoder.rows and state.worker.running == 0
 
 
 def _lookup_tool():

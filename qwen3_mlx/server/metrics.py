@@ -46,7 +46,7 @@ class Metrics:
         self.queue_depth = Gauge("qwen3_mlx_queue_depth", "Replies waiting.", registry=r)
         self.running = Gauge("qwen3_mlx_running", "Replies being generated.", registry=r)
         # The last replies' token counts, newest last: what each step of an agent reused.
-        self.recent: deque[dict[str, int]] = deque(maxlen=64)
+        self.recent: deque[dict[str, int | str]] = deque(maxlen=64)
 
     def record_reply(self, result: TurnResult, cached_tokens: int) -> None:
         """Count one finished reply."""
@@ -60,6 +60,7 @@ class Metrics:
                 "cached_tokens": cached_tokens,
                 "prefilled_tokens": result.prefilled_tokens,
                 "generated_tokens": result.generated_tokens,
+                "finish_reason": result.finish_reason,
             }
         )
         if cached_tokens:
