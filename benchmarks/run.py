@@ -29,12 +29,15 @@ from benchmarks.plan import Plan, build_plan
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One measurement in a fresh process; an error or timeout becomes {'error': ...}."""
+def run_worker(
+    spec: dict[str, Any], timeout: float, module: str = "benchmarks.worker"
+) -> dict[str, Any]:
+    """One measurement in a fresh process (`python -m module spec`, its last line JSON); an error
+    or timeout becomes {'error': ...}. OpenBLAS unless the spec says "openblas": false."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
-    env["QWEN3_MLX_OPENBLAS"] = "1" if spec["openblas"] else "0"
-    command = [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
+    env["QWEN3_MLX_OPENBLAS"] = "1" if spec.get("openblas", True) else "0"
+    command = [sys.executable, "-m", module, json.dumps(spec)]
     try:
         done = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
