@@ -313,20 +313,22 @@ def test_models_health_metrics_tokenize_completions(client, server):
 
 
 def test_keep_alive_comments_while_queued(server):
-    """A stream gets `: ping` comments before its first token (here, while the reply before it
-    runs and its own prompt is prefilled to join the batch)."""
-    url, _ = server
+    """A stream waiting for a place in the batch gets `: ping` comments before its first token."""
+    url, state = server
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"messages": REVERSE, "temperature": 0.6, "seed": 1, "max_tokens": 200, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        lines = []
-        with http.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as first:
-            with http.stream(
-                "POST", url + "/v1/chat/completions", json=body, headers=headers
-            ) as second:
-                for line in second.iter_lines():
-                    lines.append(line)
-            for _ in first.iter_lines():
-                pass
+    batch, state.worker.max_batch = state.worker.max_batch, 1  # the second waits for the first
+    try:
+        with httpx.Client(timeout=60) as http:
+            lines = []
+            chat = url + "/v1/chat/completions"
+            with http.stream("POST", chat, json=body, headers=headers) as first:
+                with http.stream("POST", chat, json=body, headers=headers) as second:
+                    for line in second.iter_lines():
+                        lines.append(line)
+                for _ in first.iter_lines():
+                    pass
+    finally:
+        state.worker.max_batch = batch
     assert [line for line in lines if line][-1] == "data: [DONE]"
     assert any(line.startswith(":") for line in lines)
