@@ -126,6 +126,9 @@ class BatchDecoder:
 
     def add(self, row: BatchRow) -> None:
         """Take a new row (call from the decoding thread)."""
+        if row.max_tokens <= 0:  # nothing to generate (as generate_tokens yields nothing)
+            row.end()
+            return
         self.filling.append(row)
 
     @property
