@@ -147,10 +147,10 @@ def llama_available() -> str | None:
     return (done.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
-def llama_decode(gguf: Path, tokens: int, timeout: float) -> dict[str, Any]:
+def llama_decode(gguf: Path, tokens: int, threads: int, timeout: float) -> dict[str, Any]:
     """One llama.cpp decode measurement in a fresh process."""
     command = [sys.executable, "-m", "benchmarks.bench_cpu_kernel", "--llama-worker", str(gguf)]
-    command += [str(tokens), str(THREADS)]
+    command += [str(tokens), str(threads)]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -160,7 +160,7 @@ def llama_decode(gguf: Path, tokens: int, timeout: float) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def engine_decode(path: Path, engine: str, dtype: str, tokens: int, native: bool) -> dict:
+def engine_decode(path: Path, engine: str, dtype: str, tokens: int, native: bool = True) -> dict:
     """One decode measurement of ours or mlx-lm (benchmarks/worker.py) in a fresh process."""
     spec = {"engine": engine, "path": str(path), "dtype": dtype, "task": "decode"}
     spec.update(tokens=tokens, openblas=True)
@@ -182,14 +182,20 @@ def decode(shape: str, llama: str | None, only: list[str] | None = None) -> list
     path = checkpoint(shape, 4)
     slow = 3 if shape == "4b" else 6
     runs = [
-        ("ours (native kernel)", lambda: engine_decode(path, "ours", "auto", 24, True)),
+        (f"ours (native kernel, {THREADS} thr)", lambda: engine_decode(path, "ours", "auto", 24)),
+        ("ours (native kernel, 1 thr)", lambda: engine_decode(path, "ours_1thread", "auto", 24)),
         ("ours, native off (before)", lambda: engine_decode(path, "ours", "auto", slow, False)),
-        ("mlx-lm, float32", lambda: engine_decode(path, "mlx_lm", "float32", slow, True)),
-        ("mlx-lm, default (bf16)", lambda: engine_decode(path, "mlx_lm", "checkpoint", 2, True)),
+        ("mlx-lm, float32", lambda: engine_decode(path, "mlx_lm", "float32", slow)),
+        ("mlx-lm, default (bf16)", lambda: engine_decode(path, "mlx_lm", "checkpoint", 2)),
     ]
     if llama is None:
+        # llama.cpp splits rows evenly and spins at barriers: a core taken by another process
+        # stalls it, so it runs with 1 thread as well as with all of them.
         gguf = export(path, path.with_name(path.name + "-q4_0.gguf"))
-        runs.insert(1, ("llama.cpp Q4_0", lambda: llama_decode(gguf, 24, 900)))
+        runs[2:2] = [
+            (f"llama.cpp Q4_0, {THREADS} thr", lambda: llama_decode(gguf, 24, THREADS, 900)),
+            ("llama.cpp Q4_0, 1 thr", lambda: llama_decode(gguf, 24, 1, 900)),
+        ]
     rows = []
     for name, run in runs:
         if only and not any(name.startswith(prefix) for prefix in only):
