@@ -613,8 +613,9 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
     throw std::invalid_argument("qmv: group_size must be 32, 64 or 128");
   if (w.dtype() != mx::uint32 || w.ndim() != 2)
     throw std::invalid_argument("qmv: w must be a 2-D uint32 array of 4-bit words");
+  if (x.ndim() == 0) throw std::invalid_argument("qmv: x must have at least one axis");
   const int K = x.shape(-1);
-  if (K % group_size || w.shape(1) * 8 != K)
+  if (K == 0 || K % group_size || w.shape(1) * 8 != K)
     throw std::invalid_argument("qmv: x's last axis must be w's width * 8, a multiple of the group");
   if (scales.dtype() != biases.dtype() ||
       (scales.dtype() != mx::float32 && scales.dtype() != mx::bfloat16 &&
