@@ -308,15 +308,15 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1700)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=60)
     parser.add_argument(
-        "--copy-steps", type=int, default=250, help="curriculum: copy/reverse first"
+        "--copy-steps", type=int, default=300, help="curriculum: copy/reverse first"
     )
     parser.add_argument(
-        "--tools-from", type=int, default=650, help="curriculum: tool conversations from this step"
+        "--tools-from", type=int, default=700, help="curriculum: tool conversations from this step"
     )
     parser.add_argument(
         "--negatives", type=int, default=8192, help="sampled vocabulary rows per step"
