@@ -1,4 +1,4 @@
-"""Turn settings into a sampler and logits processors (presence penalty)."""
+"""Turn settings into a sampler and logits processors (presence and frequency penalties)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,45 @@ import mlx.core as mx
 from qwen3_mlx.generate import LogitsProcessor, Sampler, greedy
 
 
-class PresencePenalty:
-    """Subtract a flat penalty from every token already generated in this reply.
+class ReplyPenalty:
+    """Subtract `penalty` times a per-token tally kept over every token generated in this reply.
 
     mlx-lm's presence penalty looks back over a 20-token window; Qwen3's recommendation is meant
-    for the whole reply, so this keeps a running mask instead: one scatter per token, never a scan
-    of the reply, whatever its length.
+    for the whole reply, so this keeps a running vocabulary-sized tally instead: one scatter per
+    token, never a scan of the reply, whatever its length. Subclasses say how a token counts.
     """
 
     def __init__(self, penalty: float):
         self.penalty = float(penalty)
-        self.mask: mx.array | None = None
+        self.tally: mx.array | None = None
 
     def __call__(self, last_token: mx.array | None, logits: mx.array) -> mx.array:
-        if self.mask is None:
-            self.mask = mx.zeros((logits.shape[-1],), dtype=logits.dtype)
+        if self.tally is None:
+            self.tally = mx.zeros((logits.shape[-1],), dtype=logits.dtype)
         if last_token is not None:
-            self.mask[last_token] = self.penalty
-        return logits - self.mask
+            self.tally = self.counted(self.tally, last_token.reshape(-1))
+        return logits - self.penalty * self.tally
+
+    def counted(self, tally: mx.array, tokens: mx.array) -> mx.array:
+        """The tally with the newest tokens added."""
+        raise NotImplementedError
+
+
+class PresencePenalty(ReplyPenalty):
+    """A flat penalty on every token already generated in this reply, however often."""
+
+    def counted(self, tally: mx.array, tokens: mx.array) -> mx.array:
+        """The tally with the tokens marked as seen."""
+        tally[tokens] = 1.0
+        return tally
+
+
+class FrequencyPenalty(ReplyPenalty):
+    """OpenAI's frequency penalty: the count of each token over the whole output so far."""
+
+    def counted(self, tally: mx.array, tokens: mx.array) -> mx.array:
+        """The tally with one more per occurrence (`.at[].add`: a repeated token counts twice)."""
+        return tally.at[tokens].add(1.0)
 
 
 def build_sampler(settings: Mapping[str, Any]) -> Sampler:

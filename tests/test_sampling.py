@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from qwen3_mlx.errors import Qwen3Error, SettingsError
 from qwen3_mlx.generation_config import GenerationConfig
-from qwen3_mlx.sampling import PresencePenalty, build_logits_processors, build_sampler, seed_reply
+from qwen3_mlx.sampling import (
+    FrequencyPenalty,
+    PresencePenalty,
+    build_logits_processors,
+    build_sampler,
+    seed_reply,
+)
 from qwen3_mlx.settings import DEFAULT_MAX_TOKENS, effective_settings, mode_preset, validate_setting
 from qwen3_mlx.stream import RepetitionGuard
 
@@ -110,6 +116,17 @@ def test_presence_penalty_covers_the_whole_reply() -> None:
         out = penalty(mx.array([3]), logits)
     assert out[0, 3].item() == -1.5
     assert int((np.array(out) < 0).sum()) == 41  # token 3 and the 40 others seen
+
+
+def test_frequency_penalty_counts_every_occurrence() -> None:
+    vocab = 64
+    penalty = FrequencyPenalty(0.5)
+    logits = mx.zeros((1, vocab))
+    assert mx.array_equal(penalty(None, logits), logits)
+    for _ in range(3):
+        out = penalty(mx.array([3]), logits)
+    out = penalty(mx.array([7]), logits)
+    assert out[0, 3].item() == -1.5 and out[0, 7].item() == -0.5 and out[0, 4].item() == 0.0
 
 
 def test_presence_penalty_is_off_by_default() -> None:

@@ -1,4 +1,6 @@
-"""The server's own logits processors: frequency penalty, response_format and logprob recording.
+"""The server's own logits processors: response_format and logprob recording.
+
+(Its frequency penalty is sampling.FrequencyPenalty, beside the engine's presence penalty.)
 
 They go to start_reply as extra_processors and run after the engine's (presence penalty,
 tool_choice), one reply each, with the engine's (previous token, logits) call. In a batch they
@@ -14,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.sampling import FrequencyPenalty as FrequencyPenalty  # worker.py imports it here
 from qwen3_mlx.thinking import Phase, ThinkParser
 from qwen3_mlx.tokenizer import IM_END_ID, THINK_START_ID
 
@@ -56,21 +59,6 @@ class AnswerGrammar:
         llnp.fill_next_token_bitmask(self.matcher, bits, 0)
         keep = np.unpackbits(bits[0].view(np.uint8), bitorder="little")[: self.vocab]
         return mx.array(keep.astype(bool)) if keep.any() else None
-
-
-class FrequencyPenalty:
-    """OpenAI's frequency penalty: the count of each token over the whole output so far."""
-
-    def __init__(self, penalty: float):
-        self.penalty = float(penalty)
-        self.counts: mx.array | None = None
-
-    def __call__(self, previous: mx.array | None, logits: mx.array) -> mx.array:
-        if self.counts is None:
-            self.counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype)
-        if previous is not None:
-            self.counts = self.counts.at[previous.reshape(-1)].add(1.0)
-        return logits - self.penalty * self.counts
 
 
 class AnswerConstraint:
