@@ -73,10 +73,11 @@ class RopeAuto:
                 return factor
         return self.factors[-1]
 
-    def describe(self, factor: float | None) -> str:
-        """One line a view shows when the RoPE changes."""
-        if factor is None:
-            return f"RoPE back to native ({self.original:,} tokens)"
+    def describe(self, factor: float) -> str:
+        """One line a view shows when a conversation outgrows the RoPE and it widens to `factor`.
+
+        (Going back to native RoPE, for a new conversation, happens silently.)
+        """
         return (
             f"the conversation passed {self.current_window:,} tokens: switching to YaRN factor "
             f"{factor:g} ({self.window(factor):,} tokens) and prefilling it once more"
