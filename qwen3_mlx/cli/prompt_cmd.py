@@ -170,7 +170,8 @@ def _answer(
         chat = spec.open_chat()
     from qwen3_mlx.cli.render import PrefillProgress
 
-    chat.on_prefill = PrefillProgress(sys.stderr)
+    progress = PrefillProgress(sys.stderr)
+    chat.on_prefill = progress
     chat.on_notice = lambda line: print(f"Note: {line}", file=sys.stderr, flush=True)
     for problem in tools.wait_started(chat) if tools is not None else []:
         print(f"Warning: {problem}", file=sys.stderr, flush=True)
@@ -188,7 +189,7 @@ def _answer(
             chat.thinking = False
         for name, value in spec.sampling.items():
             chat.set(name, value)
-    result = _run_turn(chat, message, spec.show_thinking, json_output, tools)
+    result = _run_turn(chat, message, spec.show_thinking, json_output, progress.clear, tools)
     interrupted = result is None or result.finish_reason == "interrupted"
     if transcript is not None and not interrupted:
         chat.save(transcript, with_cache=with_cache)
@@ -211,7 +212,12 @@ def stdout_errors() -> Iterator[None]:
 
 
 def _run_turn(
-    chat: Any, message: str, show_thinking: bool, json_output: bool, tools: Any = None
+    chat: Any,
+    message: str,
+    show_thinking: bool,
+    json_output: bool,
+    clear_progress: Callable[[], None],
+    tools: Any = None,
 ) -> Any:
     """Stream one reply and its tool loop; return the last TurnResult ('interrupted' after Ctrl-C)."""
     try:
@@ -221,9 +227,8 @@ def _run_turn(
         if not error.yarn_enabled:
             ways += " or add --rope-scaling yarn --rope-factor 4 for 4x the context"
         raise Qwen3Error(f"{error}: {ways}") from None
-    clear = getattr(chat.on_prefill, "clear", lambda: None)
     with stdout_errors():
-        result = _stream(reply, show_thinking, json_output, clear)
+        result = _stream(reply, show_thinking, json_output, clear_progress)
         steps: list[list[dict[str, Any]]] | None = [] if tools is not None else None
         while (
             tools is not None
@@ -239,7 +244,7 @@ def _run_turn(
             done = _tool_round(tools, result.tool_calls)
             steps.append([step.record() for step in done])
             reply = chat.send_tool_results([step.result() for step in done])
-            result = _stream(reply, show_thinking, json_output, clear)
+            result = _stream(reply, show_thinking, json_output, clear_progress)
         if json_output:
             sys.stdout.write(result_json(result, chat.model_id, steps) + "\n")
         elif result.answer and not result.answer.endswith("\n"):
