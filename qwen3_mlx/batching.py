@@ -23,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
+from qwen3_mlx.cache_ops import cache_ops
 from qwen3_mlx.generate import PREFILL_CHUNK, GeneratedToken, LogitsProcessor, Sampler, greedy
 
 _END = object()
@@ -116,6 +117,7 @@ class BatchDecoder:
         self, model: Any, stop_ids: Iterable[int], prefill_chunk: int = PREFILL_CHUNK
     ) -> None:
         self.model = model
+        self.ops = cache_ops(model)  # under a group, rank 0's: the other ranks mirror them
         self.stop_ids = frozenset(stop_ids)
         self.prefill_chunk = prefill_chunk
         self.filling: list[BatchRow] = []
@@ -179,13 +181,9 @@ class BatchDecoder:
         self._join(row, token)  # the token is handed out with the batch's, at the next step
 
     def _join(self, row: BatchRow, token: mx.array) -> None:
-        merged = [BatchKVCache.merge([layer]) for layer in row.cache]
-        if self.cache is None:
-            self.cache, self.inputs = merged, token
-        else:
-            for batch_layer, new_layer in zip(self.cache, merged, strict=True):
-                batch_layer.extend(new_layer)
-            self.inputs = mx.concatenate([self.inputs, token])
+        first = self.cache is None
+        self.cache = self.ops.merge(self.cache, row.cache)
+        self.inputs = token if first else mx.concatenate([self.inputs, token])
         self.rows.append(row)
         self.widest = max(self.widest, len(self.rows))
 
@@ -225,16 +223,12 @@ class BatchDecoder:
         assert self.cache is not None and self.inputs is not None
         leaving = [self.rows[i] for i in indices]
         for i, row in zip(indices, leaving, strict=True):
-            for own, batch_layer in zip(row.cache, self.cache, strict=True):
-                part = batch_layer.extract(i)
-                own.keys, own.values, own.offset = part.keys, part.values, part.offset
+            self.ops.extract(self.cache, i, row.cache)
             mx.eval([layer.state for layer in row.cache])
         keep = [i for i in range(len(self.rows)) if i not in set(indices)]
         if keep:
-            kept = mx.array(keep)
-            for batch_layer in self.cache:
-                batch_layer.filter(kept)
-            self.inputs = self.inputs[kept]
+            self.ops.keep(self.cache, keep)
+            self.inputs = self.inputs[mx.array(keep)]
         else:
             self.cache, self.inputs = None, None
         self.rows = [self.rows[i] for i in keep]

@@ -11,6 +11,12 @@ Every collective of one call hangs on one chain of data (header -> tokens -> lay
 so both sides run them in the same order, and rank 0 queues the whole pass at once
 (`mx.async_eval`) so none is left half done. A call returns the logits of the last position only:
 the vocabulary-split head then gathers one row, and a 512-token prefill chunk costs no head.
+
+The server's cache operations beyond a forward pass (fork a prefix-cache entry, merge a reply into
+the batched cache, extract it, keep some rows: cache_ops.py) go the same way: rank 0 runs one on
+its caches, then sends its header (and, for keep, the row indices); the followers run the same
+function on theirs. Everything that touches the model or a cache runs on one thread of rank 0 (the
+REPL's, or the server's decoding thread), so the followers see the operations in rank 0's order.
 """
 
 from __future__ import annotations
@@ -18,17 +24,25 @@ from __future__ import annotations
 import signal
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
 
+from qwen3_mlx.cache_ops import CacheOps
 from qwen3_mlx.distributed import DistributedError
 
-# The header: op, cache key, tokens the cache holds, batch, length, kv bits, a cache to drop, code.
+# The header: op, cache key, number, other, length, kv bits, a cache to drop, exit code. By op:
+#   FORWARD  key: the cache (0: none), number: tokens it holds, other: batch size, length: tokens
+#   FORK     key: the new cache, number: tokens to copy, other: the cache copied from
+#   MERGE    key: the batched cache, number: tokens the row holds, other: the row's cache
+#   EXTRACT  key: the batched cache, number: the row's index, other: the row's cache
+#   KEEP     key: the batched cache, other: how many rows (their indices follow)
+#   STOP     code: the followers' exit status
 HEADER_SIZE = 8
-FORWARD, STOP = 1, 2
+FORWARD, STOP, FORK, MERGE, EXTRACT, KEEP = 1, 2, 3, 4, 5, 6
+KINDS = ("KVCache", "QuantizedKVCache", "BatchKVCache")
 
 
 def _last_logits(model: Any, tokens: mx.array, cache: Any) -> mx.array:
@@ -93,24 +107,43 @@ class LeaderModel:
             weakref.finalize(first, self._dropped.append, key)
         return self._keys[first]
 
+    def _header(self, op: int, key: int, number: int, other: int, L: int = 0, bits: int = 0) -> Any:
+        """Rank 0's header on every rank (not evaluated yet); call with the lock held."""
+        if self.stopped:
+            raise DistributedError("the other ranks were stopped; this model cannot run again")
+        drop = self._dropped.pop() if self._dropped else 0
+        values = [op, key, number, other, L, bits, drop, 0]
+        return _broadcast(mx.array(values, dtype=mx.int32), self.group, True)
+
+    @property
+    def cache_ops(self) -> CacheOps:
+        """The cache operations (cache_ops.py), each one mirrored by the other ranks."""
+        return MirroredCacheOps(self)
+
     def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
-        if cache and type(cache[0]).__name__ not in ("KVCache", "QuantizedKVCache"):
-            raise DistributedError(
-                f"a {type(cache[0]).__name__} (batched decoding) cannot be used by a group of ranks"
-            )
+        kind = type(cache[0]).__name__ if cache else ""
+        if cache and kind not in KINDS:
+            raise DistributedError(f"a {kind} cannot be used by a group of ranks")
         B, L = inputs.shape
         key = self._key(cache) if cache else 0
-        offset = cache[0].offset if cache else 0
+        offset = cache[0].offset if cache and kind != "BatchKVCache" else 0
         kv_bits = getattr(cache[0], "bits", 0) if cache else 0
-        drop = self._dropped.pop() if self._dropped else 0
         with self.lock, _uninterrupted():
-            header = mx.array([FORWARD, key, offset, B, L, kv_bits, drop, 0], dtype=mx.int32)
-            header = _broadcast(header, self.group, True)
+            header = self._header(FORWARD, key, offset, B, L, kv_bits or 0)
             # The token ids depend on the header, so the two collectives keep their order.
             tokens = _broadcast(inputs.astype(mx.int32) + 0 * header[0], self.group, True)
             logits = _last_logits(self.inner, tokens, cache)
             mx.async_eval(logits)
         return logits
+
+    def announce(self, op: int, key: int, number: int, other: int, rows: Sequence = ()) -> None:
+        """Tell the followers to run a cache operation rank 0 has just run (rows: KEEP's)."""
+        with self.lock, _uninterrupted():
+            header = self._header(op, key, number, other)
+            if rows:
+                indices = mx.array(rows, dtype=mx.int32) + 0 * header[0]
+                header = _broadcast(indices, self.group, True)
+            mx.eval(header)
 
     def stop(self, code: int = 0) -> None:
         """Tell the followers to exit with `code` (once; after everything queued has run)."""
@@ -122,32 +155,113 @@ class LeaderModel:
             mx.eval(_broadcast(header, self.group, True))
 
 
+class MirroredCacheOps(CacheOps):
+    """Rank 0's cache operations: each runs here, then the followers run it on their caches."""
+
+    def __init__(self, leader: LeaderModel):
+        self.leader = leader
+
+    def fork(self, source: list[Any], length: int, target: list[Any]) -> None:
+        """copy_prefix, mirrored."""
+        super().fork(source, length, target)
+        leader = self.leader
+        leader.announce(FORK, leader._key(target), length, leader._key(source))
+
+    def merge(self, batch: list[Any] | None, row: list[Any]) -> list[Any]:
+        """merge_row, mirrored."""
+        merged = super().merge(batch, row)
+        leader = self.leader
+        leader.announce(MERGE, leader._key(merged), row[0].offset, leader._key(row))
+        return merged
+
+    def extract(self, batch: list[Any], index: int, row: list[Any]) -> None:
+        """extract_row, mirrored."""
+        super().extract(batch, index, row)
+        self.leader.announce(EXTRACT, self.leader._key(batch), index, self.leader._key(row))
+
+    def keep(self, batch: list[Any], keep: Any) -> None:
+        """keep_rows, mirrored."""
+        rows = list(keep)
+        super().keep(batch, rows)
+        self.leader.announce(KEEP, self.leader._key(batch), 0, len(rows), rows)
+
+
 def follow(model: Any, group: Any) -> int:
     """Run rank 0's model calls on this rank's shard until it stops; return its exit code."""
-    from qwen3_mlx.cache import make_cache, trim_cache  # (mlx-lm: kept out of join_group's path)
+    return Follower(model, group).run()
 
-    caches: dict[int, list[Any]] = {}
-    empty = mx.zeros((HEADER_SIZE,), dtype=mx.int32)
-    while True:
-        header = _broadcast(empty, group, False).tolist()
-        op, key, offset, B, L, kv_bits, drop, code = header
-        caches.pop(drop, None)
-        if op == STOP:
-            return code
-        if op != FORWARD:
-            raise DistributedError(f"rank {group.rank()} got an unknown message {header}")
+
+class Follower:
+    """A follower's copies of rank 0's caches, by key, and the operations it runs on them."""
+
+    def __init__(self, model: Any, group: Any):
+        self.model = model
+        self.group = group
+        self.caches: dict[int, list[Any]] = {}
+
+    def run(self) -> int:
+        """Run rank 0's operations until it stops; its exit code."""
+        from qwen3_mlx import cache_ops
+
+        empty = mx.zeros((HEADER_SIZE,), dtype=mx.int32)
+        while True:
+            header = _broadcast(empty, self.group, False).tolist()
+            op, key, number, other, L, kv_bits, drop, code = header
+            self.caches.pop(drop, None)
+            if op == STOP:
+                return code
+            if op == FORWARD:
+                self._forward(key, number, other, L, kv_bits)
+            elif op == FORK:
+                target = self.caches[key] = self._new(kv_bits)
+                cache_ops.copy_prefix(target, self._known(other), number)
+            elif op == MERGE:
+                row = self._holding(other, number)
+                self.caches[key] = cache_ops.merge_row(self.caches.get(key), row)
+            elif op == EXTRACT:
+                row = self._known(other)
+                cache_ops.extract_row(self._known(key), number, row)
+                mx.eval([layer.state for layer in row])
+            elif op == KEEP:
+                rows = _broadcast(mx.zeros((other,), dtype=mx.int32), self.group, False)
+                cache_ops.keep_rows(self._known(key), rows.tolist())
+            else:
+                raise DistributedError(f"rank {self.group.rank()} got an unknown message {header}")
+
+    def _new(self, kv_bits: int) -> list[Any]:
+        from qwen3_mlx.cache import make_cache  # (mlx-lm: kept out of join_group's path)
+
+        return make_cache(self.model, kv_bits or None)
+
+    def _known(self, key: int) -> list[Any]:
+        if key not in self.caches:
+            raise DistributedError(
+                f"rank {self.group.rank()} has no copy of a cache rank 0 uses (key {key})"
+            )
+        return self.caches[key]
+
+    def _holding(self, key: int, offset: int) -> list[Any]:
+        """Cache `key`, trimmed to the `offset` tokens rank 0's copy holds."""
+        from qwen3_mlx.cache import trim_cache
+
+        cache = self._known(key)
+        held = cache[0].offset
+        if held < offset:
+            raise DistributedError(
+                f"rank {self.group.rank()} holds {held} tokens of a cache rank 0 says holds "
+                f"{offset}: a KV cache restored from a file cannot be used by a group"
+            )
+        trim_cache(cache, offset)
+        return cache
+
+    def _forward(self, key: int, offset: int, B: int, L: int, kv_bits: int) -> None:
         cache = None
         if key:
-            cache = caches.setdefault(key, make_cache(model, kv_bits or None))
-            held = cache[0].offset
-            if held < offset:
-                raise DistributedError(
-                    f"rank {group.rank()} holds {held} tokens of a cache rank 0 says holds "
-                    f"{offset}: a KV cache restored from a file cannot be used by a group"
-                )
-            trim_cache(cache, offset)
-        tokens = _broadcast(mx.zeros((B, L), dtype=mx.int32), group, False)
-        mx.eval(_last_logits(model, tokens, cache))
+            cache = self.caches.setdefault(key, self._new(kv_bits))
+            if type(cache[0]).__name__ != "BatchKVCache":  # a batch's rows leave by KEEP
+                self._holding(key, offset)
+        tokens = _broadcast(mx.zeros((B, L), dtype=mx.int32), self.group, False)
+        mx.eval(_last_logits(self.model, tokens, cache))
 
 
 def ignore_interrupts() -> None:

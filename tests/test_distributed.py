@@ -232,32 +232,18 @@ def test_a_group_refuses_kv_cache_files() -> None:
         fingerprint(Leader(), None, None)
 
 
-def test_a_group_refuses_batched_caches() -> None:
+def test_a_group_refuses_caches_it_cannot_mirror() -> None:
     from qwen3_mlx import lockstep
     from qwen3_mlx.distributed import DistributedError
     from qwen3_mlx.lockstep import LeaderModel
 
-    class BatchKVCache:  # the server's batched cache, by name: its rows would need their masks
+    class RotatingKVCache:  # by name: the followers have no protocol for its window
         offset = 0
 
     leader = LeaderModel(object(), object())
     lockstep._leaders.remove(leader)  # it has no followers to stop at exit
-    with pytest.raises(DistributedError, match="BatchKVCache .batched decoding. cannot be used"):
-        leader(mx.zeros((2, 1), dtype=mx.int32), [BatchKVCache()])
-
-
-def test_serve_refuses_to_run_under_a_group() -> None:
-    from typer.testing import CliRunner
-
-    from qwen3_mlx.cli.app import app
-
-    env = {"MLX_RANK": "1", "MLX_HOSTFILE": "/nonexistent/hosts.json"}  # as mlx.launch sets them
-    done = CliRunner().invoke(app, ["serve", "--model", str(TINY_CHAT)], env=env)
-    assert done.exit_code == 1
-    assert done.stderr.strip() == (
-        "Error: serve does not run under mlx.launch yet: the batched decoder merges and forks KV "
-        "caches, which the other ranks cannot mirror; use chat or prompt"
-    )
+    with pytest.raises(DistributedError, match="a RotatingKVCache cannot be used by a group"):
+        leader(mx.zeros((2, 1), dtype=mx.int32), [RotatingKVCache()])
 
 
 def test_auto_rope_refused_under_a_group_before_connecting() -> None:

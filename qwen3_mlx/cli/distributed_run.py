@@ -48,24 +48,6 @@ def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-def single_process_only(reason: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Make a command refuse to run under mlx.launch: every rank exits 1 with one line, at once."""
-
-    def decorate(command: Callable[..., None]) -> Callable[..., None]:
-        @functools.wraps(command)
-        def run(ctx: typer.Context, **values: Any) -> None:
-            from qwen3_mlx.distributed import DistributedError, launched
-
-            if launched():
-                with reported_errors(ctx):
-                    raise DistributedError(reason)
-            command(ctx=ctx, **values)
-
-        return run
-
-    return decorate
-
-
 def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str, Any]) -> None:
     """Run the command on rank 0; on the way out, stop the followers with its exit code."""
     from qwen3_mlx.lockstep import stop_followers

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from qwen3_mlx.cli import options as o
-from qwen3_mlx.cli.distributed_run import single_process_only
+from qwen3_mlx.cli.distributed_run import distributed_command
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
@@ -73,10 +73,7 @@ def with_serve_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @with_serve_options
-@single_process_only(
-    "serve does not run under mlx.launch yet: the batched decoder merges and forks KV caches, "
-    "which the other ranks cannot mirror; use chat or prompt"
-)
+@distributed_command
 def serve_command(
     ctx: typer.Context,
     session: o.SessionOptions,
@@ -140,7 +137,11 @@ def serve_command(
         ),
     ] = None,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (Qwen-Agent and the openai SDK work unchanged)."""
+    """Serve the model over an OpenAI-compatible HTTP API (Qwen-Agent and the openai SDK work unchanged).
+
+    Under mlx.launch, rank 0 serves HTTP and the other ranks run their shard of every batch.
+    Ctrl-C or SIGTERM stops the server (exit status 0).
+    """
     with reported_errors(ctx):
         spec = session.spec()
         if spec.auto_rope:

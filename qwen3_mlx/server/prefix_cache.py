@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen3_mlx.cache import PromptCache, common_prefix_length
+from qwen3_mlx.cache_ops import cache_ops
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,9 @@ def cache_bytes(cache: PromptCache) -> int:
 
 
 def fork(model: Any, source: PromptCache, length: int) -> PromptCache:
-    """A new entry holding the first `length` tokens of source; source is left as it is.
-
-    KVCache writes into its buffers in place, so the fork gets sliced copies, never the source's
-    own arrays.
-    """
+    """A new entry holding the first `length` tokens of source; source is left as it is."""
     copy = PromptCache(model)
-    for mine, theirs in zip(copy.cache, source.cache, strict=True):
-        if theirs.keys is not None and length > 0:
-            mine.keys = theirs.keys[..., :length, :]
-            mine.values = theirs.values[..., :length, :]
-            mine.offset = length
+    cache_ops(model).fork(source.cache, length, copy.cache)  # sliced copies (cache_ops.py)
     copy.tokens = list(source.tokens[:length])
     return copy
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,11 +67,41 @@ def build_state(
 
 
 def serve(state: ServerState, host: str, port: int, log_level: str = "info") -> None:
-    """Run the server until interrupted."""
+    """Run the server until SIGINT or SIGTERM, then return once the worker has stopped."""
     import uvicorn
 
     state.worker.start()
     try:
-        uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+        with _stop_signals_caught():
+            uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
     finally:
         state.worker.stop()
+
+
+class _Stopped(Exception):
+    """A stop signal, raised after uvicorn's graceful shutdown."""
+
+
+@contextmanager
+def _stop_signals_caught() -> Iterator[None]:
+    """Make SIGINT and SIGTERM a normal end of the server.
+
+    uvicorn shuts down gracefully on either, then raises the signal again for the handlers it
+    found; these turn it into a return, so the caller's clean-up runs (under a group: stopping
+    the other ranks), where SIGTERM's default would end the process at once.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signals reach the main thread only)
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
