@@ -1,8 +1,8 @@
 """A saved KV cache beside a transcript, so a long conversation resumes without a re-prefill.
 
-The file is safetensors, written by mlx-lm's save_prompt_cache (the layer states) with our metadata:
-the exact token ids the cache holds and a fingerprint of everything that decides those states:
-the weights (a digest of the config and of a few tensors), the chat template, the compute dtype,
+The file is safetensors: each layer's keys and values cut to the tokens they hold (a quantized
+layer's packed words, scales and biases as three tensors), and metadata: the exact token ids the
+cache holds and a fingerprint of everything that decides those states: the weights (a digest of the config and of a few tensors), the chat template, the compute dtype,
 the KV bits and the RoPE settings. A cache is restored only when every part matches; otherwise,
 or when the file is damaged, the caller falls back to a prefill. Writing is atomic.
 """
@@ -22,7 +22,8 @@ import mlx.core as mx
 from qwen3_mlx.cache import PromptCache
 from qwen3_mlx.errors import Qwen3Error
 
-FORMAT = "qwen3-mlx-kv-cache-1"
+# 2: our own layout (layer.keys.part, cut to the tokens held), bf16 scales in quantized caches.
+FORMAT = "qwen3-mlx-kv-cache-2"
 
 
 class CacheFileError(Qwen3Error):
@@ -55,10 +56,24 @@ def fingerprint(model: Any, tokenizer: Any, kv_bits: int | None) -> dict[str, st
     }
 
 
+def _layer_arrays(index: int, layer: Any, length: int) -> dict[str, mx.array]:
+    """One layer's keys and values, cut to the tokens it holds (not its 256-token allocation)."""
+    if layer.keys is None:
+        return {}
+    arrays = {}
+    for name, held in (("keys", layer.keys), ("values", layer.values)):
+        parts = held if isinstance(held, tuple) else (held,)  # quantized: (packed, scales, biases)
+        for part_index, part in enumerate(parts):
+            arrays[f"{index}.{name}.{part_index}"] = part[..., :length, :]
+    return arrays
+
+
 def save_cache(path: Path, cache: PromptCache, prints: dict[str, str]) -> int:
     """Write the cache and its metadata atomically; return the file's size in bytes."""
-    from mlx_lm.models.cache import save_prompt_cache
-
+    length = len(cache.tokens)
+    arrays: dict[str, mx.array] = {}
+    for index, layer in enumerate(cache.cache):
+        arrays |= _layer_arrays(index, layer, length)
     metadata = {
         "format": FORMAT,
         "tokens": json.dumps(cache.tokens),
@@ -69,7 +84,7 @@ def save_cache(path: Path, cache: PromptCache, prints: dict[str, str]) -> int:
     )
     os.close(handle)
     try:
-        save_prompt_cache(temporary, cache.cache, metadata)
+        mx.save_safetensors(temporary, arrays, metadata)
         os.replace(temporary, path)
     except OSError as error:
         raise CacheFileError(f"{path}: cannot write the KV cache ({error.strerror})") from None
@@ -81,8 +96,8 @@ def save_cache(path: Path, cache: PromptCache, prints: dict[str, str]) -> int:
 def saved_rope(path: Path) -> dict[str, Any] | None:
     """The RoPE settings a cache file was saved with (None: native or unreadable).
 
-    Reads only the safetensors header (8 bytes of length, then JSON), not the tensors. mlx-lm
-    flattens the metadata under a position prefix ("0.fingerprint").
+    Reads only the safetensors header (8 bytes of length, then JSON), not the tensors. Files of
+    format 1 (mlx-lm's save_prompt_cache) hold it under a position prefix ("0.fingerprint").
     """
     try:
         with open(path, "rb") as file:
@@ -98,24 +113,46 @@ def saved_rope(path: Path) -> dict[str, Any] | None:
     return rope if isinstance(rope, dict) else None
 
 
+def _restore_layer(
+    layer: Any, arrays: dict[str, mx.array], index: int, length: int, heads: int
+) -> bool:
+    """Put one layer's saved arrays into a fresh cache layer; False if they do not fit it."""
+    parts = 3 if hasattr(layer, "bits") else 1
+    held = []
+    for name in ("keys", "values"):
+        found = [arrays.get(f"{index}.{name}.{part}") for part in range(parts)]
+        if any(
+            part is None or part.ndim != 4 or part.shape[1:3] != (heads, length) for part in found
+        ):
+            return length == 0 and all(part is None for part in found)
+        held.append(tuple(found) if parts == 3 else found[0])
+    layer.keys, layer.values = held
+    layer.offset = length
+    return True
+
+
 def load_cache(path: Path, model: Any, prints: dict[str, str]) -> PromptCache:
     """The PromptCache saved at path; CacheFileError says why it cannot be used."""
-    from mlx_lm.models.cache import load_prompt_cache
-
     try:
-        layers, metadata = load_prompt_cache(str(path), return_metadata=True)
-        saved = json.loads(metadata["fingerprint"])
-        tokens = json.loads(metadata["tokens"])
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        mx.eval(list(arrays.values()))  # a truncated file fails here, not in the next reply
         known = metadata.get("format") == FORMAT
+        saved = json.loads(metadata["fingerprint"]) if known else {}
+        tokens = [int(token) for token in json.loads(metadata["tokens"])] if known else []
     except Exception as error:  # noqa: BLE001 (any damage: the caller re-prefills instead)
         raise CacheFileError(f"{path}: the KV cache file is damaged ({error})") from None
     if not known:
-        raise CacheFileError(f"{path}: not a qwen3-mlx KV cache")
+        older = any(key.endswith("format") for key in metadata)
+        raise CacheFileError(
+            f"{path}: " + ("written by an older qwen3-mlx" if older else "not a qwen3-mlx KV cache")
+        )
     differing = [part for part in prints if saved.get(part) != prints[part]]
     if differing:
         raise CacheFileError(f"{path}: saved for another {' and '.join(differing)}")
-    if len(layers) != len(model.layers) or any(layer.offset != len(tokens) for layer in layers):
-        raise CacheFileError(f"{path}: the KV cache does not match its token list")
     cache = PromptCache(model, None if prints["kv bits"] == "None" else int(prints["kv bits"]))
-    cache.cache, cache.tokens = layers, [int(token) for token in tokens]
+    for index, layer in enumerate(cache.cache):
+        heads = model.args.num_key_value_heads
+        if not _restore_layer(layer, arrays, index, len(tokens), heads):
+            raise CacheFileError(f"{path}: the KV cache does not match its token list")
+    cache.tokens = tokens
     return cache

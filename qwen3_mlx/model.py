@@ -6,10 +6,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.kv_attention import quantized_attention
 from qwen3_mlx.rope import RoPE
 
 
@@ -47,10 +47,8 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         if hasattr(cache, "bits"):
             # A quantized KV cache hands back packed (weights, scales, biases): attention runs on
-            # them with quantized matmuls, never dequantizing the whole cache (mlx-lm's kernel).
-            out = quantized_scaled_dot_product_attention(
-                q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits
-            )
+            # them in place, never dequantizing the whole cache.
+            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
         else:
             # The fused kernel handles GQA (fewer kv heads) without repeating k and v.
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)

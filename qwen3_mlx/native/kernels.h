@@ -310,7 +310,7 @@ RowsFn pick_for_type(Isa isa, int group_size) {
   return rows_scalar<T>;
 }
 
-RowsFn pick(Isa isa, ScaleType type, int group_size) {
+inline RowsFn pick(Isa isa, ScaleType type, int group_size) {
   switch (type) {
     case F32: return pick_for_type<F32>(isa, group_size);
     case BF16: return pick_for_type<BF16>(isa, group_size);

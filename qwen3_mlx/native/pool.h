@@ -103,7 +103,7 @@ class Pool {
   bool stop_ = false;
 };
 
-Pool& pool() {
+inline Pool& pool() {
   static Pool* instance = new Pool();  // never destroyed: workers may outlive static teardown
   return *instance;
 }

@@ -290,6 +290,8 @@ double read_bandwidth(int64_t bytes, int repeats, int threads) {
   return best;
 }
 
+void register_attention(nb::module_& m);  // attention.cpp
+
 }  // namespace qmv
 
 #define QMV_STR2(x) #x
@@ -303,6 +305,7 @@ NB_MODULE(QMV_MODULE_NAME, m) {
         nb::arg("scales"), nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
         nb::kw_only(), nb::arg("stream") = nb::none(),
         "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32.");
+  qmv::register_attention(m);
   m.def("isa", [] { return std::string(qmv::isa_name(qmv::chosen_isa())); },
         "The instruction set the kernels use (after QWEN3_MLX_QMV_ISA).");
   m.def("detected_isa", [] { return std::string(qmv::isa_name(qmv::detected_isa())); },
