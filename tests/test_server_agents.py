@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from test_server_support import API_KEY, running_server
+
+from qwen3_mlx.cache import common_prefix_length
+from qwen3_mlx.chat import render_prompt
 
 WORDS = ["moon", "river", "apple", "lake", "star", "tree", "fish", "snow"]
 
@@ -20,17 +25,29 @@ def server():
         yield url, state
 
 
-def _reverse(url: str, words: list[str], seed: int) -> tuple[str, str]:
+def _messages(words: list[str], system: str | None = None) -> list[dict[str, str]]:
+    user = [{"role": "user", "content": "Reverse these words: " + " ".join(words)}]
+    return user if system is None else [{"role": "system", "content": system}, *user]
+
+
+def _ask(url: str, messages: list[dict[str, str]], seed: int, max_tokens: int = 64) -> Any:
     client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
-    reply = client.chat.completions.create(
+    return client.chat.completions.create(
         model="m",
-        messages=[{"role": "user", "content": "Reverse these words: " + " ".join(words)}],
+        messages=messages,
         temperature=0 if seed % 2 else 0.6,  # greedy and seeded sampling share the batch
         seed=seed,
-        max_tokens=64,
+        max_tokens=max_tokens,
     )
+
+
+def _texts(reply: Any) -> tuple[str, str]:
     message = reply.choices[0].message
     return message.content, message.model_extra.get("reasoning_content", "")
+
+
+def _reverse(url: str, words: list[str], seed: int) -> tuple[str, str]:
+    return _texts(_ask(url, _messages(words), seed))
 
 
 def test_eight_concurrent_clients_match_sequential_runs(server):
@@ -48,6 +65,57 @@ def test_eight_concurrent_clients_match_sequential_runs(server):
         for (answer, _), (words, _s) in zip(sequential, tasks, strict=True)
     )
     assert correct >= 6  # the tiny model's word tasks, sampled at T 0.6
+
+
+def test_two_concurrent_requests_fork_one_cached_prefix(server, monkeypatch):
+    """Two requests sharing a long system prompt, started together, both fork the one entry an
+    earlier request left (the second while the first's reply holds its fork), report the shared
+    prefix as cached_tokens and answer as they do alone."""
+    import qwen3_mlx.server.prefix_cache as prefix_cache
+
+    url, state = server
+    worker, cache = state.worker, state.worker.cache
+    system = "You are a careful assistant who reverses lists of words. " * 24  # ~300 tokens
+    warm, tasks = ["snow", "fish"], [(["moon", "river"], 1), (["apple", "lake", "star"], 2)]
+    _ask(url, _messages(warm, system), seed=1, max_tokens=8)  # its entry holds the prefix
+
+    forks: list[tuple[Any, int, bool]] = []  # (source, length, first fork's entry busy then)
+    copies: list[Any] = []
+    fork = prefix_cache.fork
+
+    def spy(model, source, length):
+        forks.append((source, length, bool(copies) and id(copies[0]) in cache.busy))
+        copies.append(fork(model, source, length))
+        return copies[-1]
+
+    monkeypatch.setattr(prefix_cache, "fork", spy)
+    batch, worker.max_batch = worker.max_batch, 0  # both wait in the queue ...
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            pending = [pool.submit(_ask, url, _messages(w, system), s, 24) for w, s in tasks]
+            deadline = time.monotonic() + 10
+            while worker.queued < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            queued = worker.queued
+        finally:
+            worker.max_batch = batch  # ... and start in one pass of the decoder thread
+            worker.wake.set()
+        concurrent = [future.result() for future in pending]
+    monkeypatch.undo()
+    assert queued == 2
+
+    render = functools.partial(render_prompt, state.tokenizer, thinking=True, tools=None)
+    warm_prompt = render(_messages(warm, system))
+    shared = common_prefix_length(warm_prompt, render(_messages(tasks[0][0], system)))
+    assert shared == common_prefix_length(warm_prompt, render(_messages(tasks[1][0], system)))
+    assert shared > 250  # the system prompt and the template around it
+    (first, first_length, _), (second, second_length, first_busy) = forks
+    assert first is second and first.tokens[: len(warm_prompt)] == warm_prompt
+    assert first_length == second_length == shared and first_busy
+    for reply in concurrent:
+        assert reply.usage.prompt_tokens_details.cached_tokens == shared
+    sequential = [_texts(_ask(url, _messages(w, system), s, 24)) for w, s in tasks]
+    assert [_texts(reply) for reply in concurrent] == sequential
 
 
 def test_a_client_that_disconnects_leaves_the_batch(server):
