@@ -109,62 +109,80 @@ def bytes_table() -> list[str]:
             )
         bf16 = per[(None, "bfloat16")]
         ratios.append(
-            f"- {shape}: 8-bit / bf16 KV = {per[(8, 'float32')] / bf16:.1%} with float32 scales "
-            f"(our CPU policy), {per[(8, 'bfloat16')] / bf16:.1%} with bf16 scales (mlx-lm's "
-            f"default, ours under --compute-dtype bfloat16); 8-bit / float32 KV = "
-            f"{per[(8, 'float32')] / per[(None, 'float32')]:.1%}; 4-bit / bf16 = "
-            f"{per[(4, 'float32')] / bf16:.1%} (float32 scales), "
-            f"{per[(4, 'bfloat16')] / bf16:.1%} (bf16 scales)"
+            f"- {shape}: ours, 8-bit / bf16 KV = {per[(8, 'float32')] / bf16:.1%} under the "
+            f"float32 CPU policy (bf16 scales), {per[(8, 'bfloat16')] / bf16:.1%} under bf16; "
+            f"8-bit / float32 KV = {per[(8, 'float32')] / per[(None, 'float32')]:.1%}; "
+            f"4-bit / bf16 = {per[(4, 'float32')] / bf16:.1%}"
         )
     return lines + [""] + ratios
 
 
-def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[Any, list[float]]:
+ATTENTION_SETTINGS = ("none", "8-bit", "4-bit", "8-bit mlx-lm", "4-bit mlx-lm")
+
+
+def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[str, list[float]]:
     """Seconds of one decode step's attention over every layer at `context` tokens, per KV setting.
 
-    The same calls the model makes (mx.fast.scaled_dot_product_attention on float32 keys and
-    values; mlx-lm's quantized_scaled_dot_product_attention on 8- and 4-bit ones), each layer on
-    its own random cache, the settings alternating round by round so background load hits each
-    alike. Round 0 warms up and is dropped.
+    The calls the model makes: mx.fast.scaled_dot_product_attention on float32 keys and values;
+    qwen3_mlx.kv_attention on our 8- and 4-bit caches (bf16 scales; the native kernel when it was
+    built); and, as the peer, mlx-lm's quantized_scaled_dot_product_attention on packs with
+    float32 scales (what mlx-lm runs with float32 compute). Each layer has its own random cache;
+    the settings alternate round by round so background load hits each alike. Round 0 warms up
+    and is dropped.
     """
     import time
 
     import mlx.core as mx
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
+    from qwen3_mlx.kv_attention import quantized_attention
+
     scale = args.head_dim**-0.5
     queries = mx.random.normal((1, args.num_attention_heads, 1, args.head_dim))
     shape = (1, args.num_key_value_heads, context, args.head_dim)
-    layers: dict[Any, list[Any]] = {None: [], 8: [], 4: []}
+    layers: dict[str, list[Any]] = {setting: [] for setting in ATTENTION_SETTINGS}
     for _ in range(args.num_hidden_layers):
         keys, values = mx.random.normal(shape), mx.random.normal(shape)
-        layers[None].append((keys, values))
+        layers["none"].append((keys, values))
         for bits in (8, 4):
-            pack = (
-                mx.quantize(keys, group_size=KV_GROUP_SIZE, bits=bits),
-                mx.quantize(values, group_size=KV_GROUP_SIZE, bits=bits),
+            ours = make_cache(SimpleNamespace(layers=[0]), bits)[0]
+            layers[f"{bits}-bit"].append(ours.update_and_fetch(keys, values))
+            pack = tuple(
+                mx.quantize(a, group_size=KV_GROUP_SIZE, bits=bits) for a in (keys, values)
             )
-            layers[bits].append(pack)
-        mx.eval(layers[None][-1], layers[8][-1], layers[4][-1])
+            layers[f"{bits}-bit mlx-lm"].append(pack)
+        mx.eval([layers[setting][-1] for setting in ATTENTION_SETTINGS])
 
-    def step(kv_bits: Any) -> list[Any]:
-        if kv_bits is None:
+    def step(setting: str) -> list[Any]:
+        if setting == "none":
             attend = mx.fast.scaled_dot_product_attention
-            return [attend(queries, k, v, scale=scale) for k, v in layers[None]]
+            return [attend(queries, k, v, scale=scale) for k, v in layers[setting]]
+        bits = int(setting[0])
+        if setting.endswith("mlx-lm"):
+            return [
+                quantized_scaled_dot_product_attention(
+                    mx.array(queries),
+                    k,
+                    v,
+                    scale=scale,
+                    mask=None,
+                    group_size=KV_GROUP_SIZE,
+                    bits=bits,
+                )
+                for k, v in layers[setting]
+            ]
         return [
-            quantized_scaled_dot_product_attention(
-                queries, k, v, scale=scale, mask=None, group_size=KV_GROUP_SIZE, bits=kv_bits
-            )
-            for k, v in layers[kv_bits]
+            quantized_attention(queries, k, v, scale, None, KV_GROUP_SIZE, bits)
+            for k, v in layers[setting]
         ]
 
-    seconds: dict[Any, list[float]] = {kv_bits: [] for kv_bits in layers}
+    seconds: dict[str, list[float]] = {setting: [] for setting in layers}
     for round_index in range(rounds + 1):
-        for kv_bits in layers:
+        for setting in layers:
             start = time.perf_counter()
-            mx.eval(step(kv_bits))
+            mx.eval(step(setting))
             if round_index:
-                seconds[kv_bits].append(time.perf_counter() - start)
+                seconds[setting].append(time.perf_counter() - start)
     return seconds
 
 
@@ -173,15 +191,15 @@ def attention_table(shape: str, context: int, rounds: int) -> list[str]:
     import statistics
 
     seconds = attention_seconds(shape_args(shape), context, rounds)
-    base = statistics.median(seconds[None])
+    base = statistics.median(seconds["none"])
     lines = [
         "| shape | KV | attention ms per decode step (all layers, median) | range | vs unquantized |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for kv_bits, values in seconds.items():
+    for setting, values in seconds.items():
         median = statistics.median(values)
         lines.append(
-            f"| {shape} | {KV_LABELS[kv_bits]} | {median * 1e3:.1f} "
+            f"| {shape} | {setting} | {median * 1e3:.1f} "
             f"| {min(values) * 1e3:.1f}-{max(values) * 1e3:.1f} | {median / base:.1%} |"
         )
     return lines
