@@ -17,7 +17,7 @@ from qwen3_mlx.checkpoint_check import (
     model_tensors,
 )
 from qwen3_mlx.config import ModelArgs, read_config
-from qwen3_mlx.cpu_quantized import use_cpu_kernels
+from qwen3_mlx.cpu_quantized import scales_read_in_place, use_cpu_kernels
 from qwen3_mlx.dtypes import COMPUTE_DTYPES
 from qwen3_mlx.errors import CheckpointError, QuantizationError
 from qwen3_mlx.fp8 import dequantize_fp8_weights, fp8_block_size
@@ -120,9 +120,11 @@ def load_model(
         )
         quantize_model(model, spec)
     dtype = resolve_compute_dtype(compute_dtype)
+    # Quantized layers on the CPU backend: native or threaded decode, GEMM prefill. Before the
+    # cast: the native kernel reads the checkpoint's scales in place, so those keep their dtype.
+    use_cpu_kernels(model, dtype)
     if dtype is not None:
-        cast_floating(model, dtype)
-    use_cpu_kernels(model)  # quantized layers on the CPU backend: threaded decode, GEMM prefill
+        cast_floating(model, dtype, keep=scales_read_in_place(model))
     if not lazy:
         _evaluate(model, model_dir)
     model.eval()

@@ -96,11 +96,14 @@ def describe_model(
         )
 
 
-def weight_bytes(entries: TensorEntries, compute_dtype: str | None) -> tuple[int, int]:
+def weight_bytes(
+    entries: TensorEntries, compute_dtype: str | None, kept: set[str] = frozenset()
+) -> tuple[int, int]:
     """(bytes on disk, bytes in memory once loaded) of the weights.
 
     On load, floating tensors (weights, norms, quantization scales) are cast to the compute dtype,
-    FP8 weights are dequantized (their scale_inv tensors dropped) and packed integers stay as they are.
+    except those named in kept; FP8 weights are dequantized (their scale_inv tensors dropped) and
+    packed integers stay as they are.
     """
     from qwen3_mlx.dtypes import COMPUTE_DTYPES, SAFETENSORS_BYTES, SAFETENSORS_FLOATING
 
@@ -111,7 +114,9 @@ def weight_bytes(entries: TensorEntries, compute_dtype: str | None) -> tuple[int
         dtype, numel = entry["dtype"], _numel(entry["shape"])
         if name.endswith("_scale_inv"):
             continue
-        if dtype in SAFETENSORS_FLOATING or (
+        if name in kept:
+            memory += int(stop) - int(start)
+        elif dtype in SAFETENSORS_FLOATING or (
             dtype.startswith("F8") and name + "_scale_inv" in entries
         ):
             stored = 2 if dtype.startswith("F8") else SAFETENSORS_BYTES[dtype]  # FP8 -> bf16
@@ -127,6 +132,34 @@ def _numel(shape: list[int]) -> int:
     for size in shape:
         count *= int(size)
     return count
+
+
+def scales_read_in_place(
+    config: dict[str, Any], entries: TensorEntries, compute_dtype: str | None, source: str
+) -> set[str]:
+    """The scale and bias tensors a float32 load keeps in the checkpoint's dtype: those of the
+    4-bit layers the native kernel computes (see qwen3_mlx.cpu_quantized.scales_read_in_place)."""
+    import mlx.core as mx
+
+    from qwen3_mlx import native_kernel
+    from qwen3_mlx.quant import read_quantization
+
+    block = read_quantization(config, source)
+    if block is None or compute_dtype != "float32" or mx.default_device() != mx.cpu:
+        return set()
+    dtypes = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
+    kept = set()
+    for name, entry in entries.items():
+        path = name.removesuffix(".scales")
+        if path == name or f"{path}.biases" not in entries:
+            continue
+        params = block[path] if isinstance(block.get(path), dict) else block
+        dtype = dtypes.get(entry["dtype"])
+        if dtype is not None and native_kernel.supports_layer(
+            params["bits"], params["group_size"], block.get("mode", "affine"), dtype
+        ):
+            kept |= {name, f"{path}.biases"}
+    return kept
 
 
 def compute_dtype_name(compute_dtype: str) -> str | None:
@@ -200,7 +233,8 @@ def _describe_folder(
     entries = entries if entries is not None else tensor_headers(weight_files(model_dir))
     parameters = checked_parameter_count(args, config, entries, source)
     dtype_name = compute_dtype_name(compute_dtype)
-    disk, memory = weight_bytes(entries, dtype_name)
+    kept = scales_read_in_place(config, entries, dtype_name, source)
+    disk, memory = weight_bytes(entries, dtype_name, kept)
     yarn = _yarn_context(args, rope_factor)
     kv = _kv_bytes(args, dtype_name or _checkpoint_float(config))
     return ModelFacts(

@@ -91,16 +91,20 @@ def fallback_reason() -> str | None:
     return _loaded[1]
 
 
-def supports(x: mx.array, layer_bits: int, group_size: int, mode: str, scales: mx.array) -> bool:
-    """Whether the native kernel computes this layer for x (4-bit affine, float32 x, CPU)."""
+def supports_layer(layer_bits: int, group_size: int, mode: str, scales_dtype: mx.Dtype) -> bool:
+    """Whether the native kernel computes a layer so quantized for float32 x (4-bit affine, CPU)."""
     return (
         layer_bits == BITS
         and group_size in GROUP_SIZES
         and mode == "affine"
-        and x.dtype == mx.float32
-        and scales.dtype in SCALE_DTYPES
+        and scales_dtype in SCALE_DTYPES
         and native() is not None
     )
+
+
+def supports(x: mx.array, layer_bits: int, group_size: int, mode: str, scales: mx.array) -> bool:
+    """Whether the native kernel computes this layer for x (float32 x only)."""
+    return x.dtype == mx.float32 and supports_layer(layer_bits, group_size, mode, scales.dtype)
 
 
 def quantized_matvec(

@@ -145,13 +145,18 @@ def apply_checkpoint_quantization(
     nn.quantize(model, class_predicate=predicate)
 
 
-def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast every floating-point parameter (weights, norms, scales, biases) to dtype; packed ints stay."""
-    from mlx.utils import tree_map
+def cast_floating(model: nn.Module, dtype: mx.Dtype, keep: set[str] = frozenset()) -> None:
+    """Cast every floating-point parameter (weights, norms, scales, biases) to dtype; packed ints
+    stay, and so do the parameters named in keep (`model.layers.0.mlp.up_proj.scales`)."""
+    from mlx.utils import tree_map_with_path
 
-    def cast(value: Any) -> Any:
-        if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+    def cast(path: str, value: Any) -> Any:
+        if (
+            isinstance(value, mx.array)
+            and mx.issubdtype(value.dtype, mx.floating)
+            and path not in keep
+        ):
             return value.astype(dtype)
         return value
 
-    model.update(tree_map(cast, model.parameters()))
+    model.update(tree_map_with_path(cast, model.parameters()))

@@ -22,6 +22,7 @@ from qwen3_mlx.cpu_quantized import (
     use_cpu_kernels,
 )
 from qwen3_mlx.loading import load_model, read_weights
+from qwen3_mlx.quant import QuantSpec
 
 SHAPES = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
 ON_CPU = mx.default_device() == mx.cpu
@@ -142,16 +143,53 @@ def _plain_modules(model: nn.Module) -> list:
             layer = nn.QuantizedLinear(
                 64, 1, bias=False, group_size=module.group_size, bits=module.bits
             )
-            layer.update(dict(module.parameters()))
+            layer.update(_float32_scales(module))
             return layer
         if type(module) is CpuQuantizedEmbedding:
             layer = nn.QuantizedEmbedding(1, 64, group_size=module.group_size, bits=module.bits)
-            layer.update(dict(module.parameters()))
+            layer.update(_float32_scales(module))
             layer.num_embeddings, layer.dims = module.num_embeddings, module.dims
             return layer
         return module
 
     return tree_map_with_path(plain, model.leaf_modules(), is_leaf=nn.Module.is_module)
+
+
+def _float32_scales(module: nn.Module) -> dict:
+    """The layer's parameters with scales and biases kept in place cast to float32 (exact)."""
+    return {
+        name: value.astype(mx.float32) if name in ("scales", "biases") else value
+        for name, value in module.parameters().items()
+    }
+
+
+@pytest.mark.skipif(not (ON_CPU and NATIVE), reason=f"native: {native_kernel.fallback_reason()}")
+@pytest.mark.parametrize("gemm", [False, True], ids=["kernel", "gemm"])
+def test_scales_read_in_place_give_the_logits_of_float32_scales(make_checkpoint, monkeypatch, gemm):
+    """Float32 compute keeps the 4-bit layers' bf16 scales for the native kernel; the prefill
+    paths, the embedding lookup and the other bit widths cast them per call: bit for bit the
+    logits of scales cast at load. 6-bit layers (mixed_4_6) are cast at load."""
+    monkeypatch.setattr(cpu_quantized, "openblas_active", lambda: OPENBLAS if gemm else None)
+    model_dir = make_checkpoint(dtype="bfloat16", **SHAPES)  # tied: the embedding is the head
+    spec = QuantSpec(bits=4, recipe="mixed_4_6")
+    kept, _ = load_model(model_dir, quantize_on_load=spec, compute_dtype="float32")
+    assert kept.layers[0].self_attn.q_proj.scales.dtype == mx.bfloat16
+    assert kept.layers[0].mlp.down_proj.scales.dtype == mx.float32  # 6-bit: MLX's kernel
+    assert kept.model.embed_tokens.scales.dtype == mx.float32  # 6-bit in mixed_4_6
+    kept_4bit, _ = load_model(model_dir, quantize_on_load=4, compute_dtype="float32")
+    assert kept_4bit.model.embed_tokens.biases.dtype == mx.bfloat16
+    for model in (kept, kept_4bit):
+        cast, _ = load_model(model_dir, quantize_on_load=spec if model is kept else 4)
+        for _, module in cast.named_modules():
+            if isinstance(module, (CpuQuantizedLinear, CpuQuantizedEmbedding)):
+                module.update(_float32_scales(module))
+        ids = mx.array(np.random.default_rng(6).integers(0, 512, (1, 20)))
+        cache, cast_cache = make_cache(model), make_cache(cast)
+        actual = [model(ids, cache=cache), model(ids[:, :1], cache=cache)]
+        expected = [cast(ids, cache=cast_cache), cast(ids[:, :1], cache=cast_cache)]
+        for mine, theirs in zip(actual, expected, strict=True):
+            assert mine.dtype == mx.float32
+            assert mx.array_equal(mine, theirs).item()
 
 
 def test_checkpoint_keys_are_kept(make_checkpoint):
