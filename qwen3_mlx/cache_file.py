@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from qwen3_mlx.cache import PromptCache
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.rope_auto import RopeAuto, switch
 
 # 2: our own layout (layer.keys.part, cut to the tokens held), bf16 scales in quantized caches.
 FORMAT = "qwen3-mlx-kv-cache-2"
@@ -156,3 +157,32 @@ def load_cache(path: Path, model: Any, prints: dict[str, str]) -> PromptCache:
             raise CacheFileError(f"{path}: the KV cache does not match its token list")
     cache.tokens = tokens
     return cache
+
+
+def save_beside(transcript: Path, model: Any, tokenizer: Any, cache: PromptCache) -> int:
+    """Write a conversation's KV cache beside its transcript; return the file's size in bytes."""
+    prints = fingerprint(model, tokenizer, cache.kv_bits)
+    return save_cache(cache_path(transcript), cache, prints)
+
+
+def restore_beside(
+    transcript: Path, model: Any, tokenizer: Any, cache: PromptCache, plan: RopeAuto | None
+) -> PromptCache:
+    """The KV cache saved beside a transcript, for this model; CacheFileError says why not.
+
+    Under `--rope-scaling auto` (plan) the model first takes the RoPE the cache was made with, if
+    the plan could have chosen it (the current cache is then dropped); the fingerprint check
+    decides the rest.
+    """
+    saved = cache_path(transcript)
+    scaling = saved_rope(saved) if plan is not None else None
+    if plan is not None:
+        factor = None if scaling is None else float(scaling.get("factor", 0))
+        fits = scaling is None or (
+            factor in plan.factors
+            and scaling.get("original_max_position_embeddings") == plan.original
+        )
+        if fits and factor != plan.factor:
+            switch(model, plan, factor)
+            cache.clear()
+    return load_cache(saved, model, fingerprint(model, tokenizer, cache.kv_bits))

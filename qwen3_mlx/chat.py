@@ -302,10 +302,9 @@ class Chat:
         write_transcript(path, data, self.settings)
         if not with_cache:
             return None
-        from qwen3_mlx.cache_file import cache_path, fingerprint, save_cache
+        from qwen3_mlx.cache_file import save_beside
 
-        prints = fingerprint(self.model, self.tokenizer, self.cache.kv_bits)
-        return save_cache(cache_path(Path(path).expanduser()), self.cache, prints)
+        return save_beside(Path(path).expanduser(), self.model, self.tokenizer, self.cache)
 
     def load(self, path: str | Path) -> str | None:
         """Continue the conversation saved in a transcript (history, system, thinking, settings).
@@ -320,33 +319,17 @@ class Chat:
         self._system = data.system
         self._explicit = dict(data.explicit_settings)
         self._turns = list(data.turns)
-        from qwen3_mlx.cache_file import CacheFileError, cache_path, fingerprint, load_cache
+        from qwen3_mlx.cache_file import CacheFileError, cache_path, restore_beside
 
-        saved = cache_path(Path(path).expanduser())
-        if not saved.exists():
+        if not cache_path(Path(path).expanduser()).exists():
             return None
         try:
-            if self.rope_plan is not None:  # take the RoPE the cache was made with, if auto may
-                self._adopt_saved_rope(saved)
-            prints = fingerprint(self.model, self.tokenizer, self.cache.kv_bits)
-            self.cache = load_cache(saved, self.model, prints)
+            self.cache = restore_beside(
+                Path(path).expanduser(), self.model, self.tokenizer, self.cache, self.rope_plan
+            )
         except CacheFileError as error:
             return f"{error}; the conversation will be prefilled instead"
         return f"restored the KV cache ({len(self.cache.tokens):,} tokens)"
-
-    def _adopt_saved_rope(self, saved: Path) -> None:
-        from qwen3_mlx.cache_file import saved_rope
-
-        scaling, plan = saved_rope(saved), self.rope_plan
-        factor = None if scaling is None else float(scaling.get("factor", 0))
-        if scaling is not None and (
-            factor not in plan.factors
-            or scaling.get("original_max_position_embeddings") != plan.original
-        ):
-            return  # not a RoPE this plan would use: the fingerprint check refuses the cache
-        if factor != plan.factor:
-            switch(self.model, plan, factor)
-            self.cache.clear()
 
     # --- one reply -----------------------------------------------------------------------------------
 
