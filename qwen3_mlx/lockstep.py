@@ -42,7 +42,6 @@ from qwen3_mlx.distributed import DistributedError
 #   STOP     code: the followers' exit status
 HEADER_SIZE = 8
 FORWARD, STOP, FORK, MERGE, EXTRACT, KEEP = 1, 2, 3, 4, 5, 6
-KINDS = ("KVCache", "QuantizedKVCache", "BatchKVCache")
 
 
 def _last_logits(model: Any, tokens: mx.array, cache: Any) -> mx.array:
@@ -121,12 +120,16 @@ class LeaderModel:
         return MirroredCacheOps(self)
 
     def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
-        kind = type(cache[0]).__name__ if cache else ""
-        if cache and kind not in KINDS:
-            raise DistributedError(f"a {kind} cannot be used by a group of ranks")
+        from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+
+        if cache and not isinstance(cache[0], (KVCache, QuantizedKVCache, BatchKVCache)):
+            # (a rotating window, say: the followers have no protocol for it)
+            raise DistributedError(
+                f"a {type(cache[0]).__name__} cannot be used by a group of ranks"
+            )
         B, L = inputs.shape
         key = self._key(cache) if cache else 0
-        offset = cache[0].offset if cache and kind != "BatchKVCache" else 0
+        offset = cache[0].offset if cache and not isinstance(cache[0], BatchKVCache) else 0
         kv_bits = getattr(cache[0], "bits", 0) if cache else 0
         with self.lock, _uninterrupted():
             header = self._header(FORWARD, key, offset, B, L, kv_bits or 0)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import psutil
 import pytest
 from checkpoints import make_checkpoint
 from distributed_ranks import PROMPT_ARGS, QUESTION, TINY_CHAT
@@ -66,6 +69,22 @@ def launch(command: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
         text=True,
         timeout=TIMEOUT,
         env=ENV,
+    )
+
+
+def start_group(command: list[str], stdout: Any, stderr: Any) -> subprocess.Popen:
+    """Start `mlx.launch -n 2 --backend ring` of a qwen3-mlx command in a session of its own
+    (os.killpg(pid, SIGINT) is then Ctrl-C at its terminal)."""
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    ring = ["-n", "2", "--backend", "ring", "-p", str(free_ports(2)[0]), "--"]
+    qwen3_mlx = str(Path(sys.executable).with_name("qwen3-mlx"))
+    return subprocess.Popen(
+        [str(launcher), *ring, qwen3_mlx, *command],
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
     )
 
 
@@ -259,3 +278,33 @@ def test_auto_rope_refused_under_a_group_before_connecting() -> None:
         "Error: --rope-scaling auto does not run under mlx.launch (it would move rank 0's RoPE "
         "alone); use --rope-scaling yarn"
     )
+
+
+def test_ctrl_c_stops_a_two_rank_prompt_on_every_rank(tmp_path: Path) -> None:
+    # Ctrl-C at a terminal reaches every process of the foreground group: the launcher and both
+    # ranks. Rank 1 ignores it; rank 0 stops its reply mid-stream (exit 130) and tells rank 1,
+    # which exits with the same status. (Temperature 2: the tiny model rambles until stopped.)
+    answer, notes = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    command = [
+        *("prompt", "--model", str(TINY_CHAT), "--no-think", "--tools", "none"),
+        *("--temp", "2", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", "1"),
+        *("--max-tokens", "4000", QUESTION),
+    ]
+    with answer.open("w") as out, notes.open("w") as err:
+        launcher = start_group(command, out, err)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not answer.read_text().strip() and launcher.poll() is None:
+            assert time.monotonic() < deadline, "no answer began"
+            time.sleep(0.2)
+        assert launcher.poll() is None, notes.read_text()[-3000:]
+        ranks = psutil.Process(launcher.pid).children(recursive=True)
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=60)
+        assert psutil.wait_procs(ranks, timeout=10)[1] == []
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    text = notes.read_text()
+    for rank in (0, 1):
+        assert f"Node with rank {rank} exited with code 130" in text, text[-3000:]

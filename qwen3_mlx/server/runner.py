@@ -72,7 +72,7 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info") -> 
 
     state.worker.start()
     try:
-        with _stop_signals_caught():
+        with stop_signals_caught():
             uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
     finally:
         state.worker.stop()
@@ -83,7 +83,7 @@ class _Stopped(Exception):
 
 
 @contextmanager
-def _stop_signals_caught() -> Iterator[None]:
+def stop_signals_caught() -> Iterator[None]:
     """Make SIGINT and SIGTERM a normal end of the server.
 
     uvicorn shuts down gracefully on either, then raises the signal again for the handlers it
