@@ -105,7 +105,12 @@ def test_greedy_chat_equals_the_single_process_server(client, single) -> None:
         model="m", messages=REVERSE, temperature=0, max_tokens=64
     )
     assert again.choices[0].message.content == "river moon"
-    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the prefix cache, mirrored
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the entry, reused in place
+    other = [{"role": "user", "content": "Reverse these words: apple river"}]
+    forked = client.chat.completions.create(model="m", messages=other, temperature=0, max_tokens=64)
+    alone = single.chat.completions.create(model="m", messages=other, temperature=0, max_tokens=64)
+    assert forked.usage.prompt_tokens_details.cached_tokens > 0  # a fork of the shared prefix
+    assert forked.choices[0].message.content == alone.choices[0].message.content
 
 
 def test_streamed_answer_equals_the_whole_one(client) -> None:
