@@ -5,6 +5,9 @@ used only if that module exists for exactly this mlx version (it uses MLX's C++ 
 and passes a small self-test against mx.quantized_matmul; otherwise `fallback_reason()` says
 why and callers keep mx.quantized_matmul. QWEN3_MLX_NATIVE=0 turns it off;
 QWEN3_MLX_QMV_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
+QWEN3_MLX_QMV_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for VNNI dot products,
+as llama.cpp does: up to ~1.2x faster decode here, but logits drift as far as bf16 compute does
+(docs/benchmarks.md, "CPU 4-bit kernel").
 
 Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
 float32, bfloat16 or float16: half-precision x keeps MLX's kernel, so "checkpoint" compute stays

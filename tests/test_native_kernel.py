@@ -1,7 +1,8 @@
 """The native 4-bit mat-vec (qwen3_mlx.native_kernel): within float32 rounding of a float64
 reference and of mx.quantized_matmul, for 1-8 rows of x, the Qwen3-4B projections and the
 151,936-row head, scales in float32, bfloat16 and float16, group sizes 32/64/128, strided and 3-D
-x, and each instruction set forced once; the fallback when it is missing or built for another mlx."""
+x, and each instruction set forced once; the opt-in int8 variant within the rounding of x and the
+4-bit logit tolerance; the fallback when it is missing or built for another mlx."""
 
 from __future__ import annotations
 
@@ -140,6 +141,71 @@ def test_bad_shapes_raise():
         quantized_matvec(mx.zeros((1, 128)), words, scales, biases, 64, 1)
     with pytest.raises(ValueError):
         quantized_matvec(mx.zeros((1, 256)), words, scales, biases.astype(mx.float16), 64, 1)
+
+
+# The 4-bit logit tolerance bfloat16 compute is held to (BF16_QUANTIZED_RELATIVE_TOLERANCE in
+# tests/test_compute_dtype.py); measured here 0.034 of the largest logit, bf16 compute 0.031.
+INT8_RELATIVE_TOLERANCE = 0.06
+
+
+def int8_or_skip(monkeypatch) -> None:
+    """Turn the int8 variant on, or skip where the CPU has no AVX-512 VNNI."""
+    monkeypatch.setenv("QWEN3_MLX_QMV_INT8", "1")
+    if not native_kernel.native().int8():
+        pytest.skip("the int8 variant needs AVX-512 VNNI")
+
+
+@NATIVE_SKIP
+def test_int8_variant_is_off_by_default(monkeypatch):
+    monkeypatch.delenv("QWEN3_MLX_QMV_INT8", raising=False)
+    assert not native_kernel.native().int8()
+
+
+@NATIVE_SKIP
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int8_variant_within_the_rounding_of_x(monkeypatch, dtype, group_size):
+    """QWEN3_MLX_QMV_INT8=1: x rounded to int8 per block of 32 (step max|x|/127) is its only
+    error: within half a step per element of the float64 result, plus float32 rounding."""
+    int8_or_skip(monkeypatch)
+    layer = random_layer(150, 1536, dtype, group_size, seed=group_size)
+    for rows in (1, 3, 5):
+        x = mx.random.normal((rows, 1536), key=mx.random.key(rows))
+        actual = np.array(quantized_matvec(x, *layer, group_size, 2)).astype(np.float64)
+        x64 = np.array(x).astype(np.float64)
+        weight = dequantized64(layer, group_size)
+        biases = np.repeat(np.array(layer[2].astype(mx.float32)), group_size, axis=1)
+        half_step = np.repeat(np.abs(x64).reshape(rows, -1, 32).max(-1) / 127 / 2, 32, axis=1)
+        bound = half_step @ np.abs(weight - biases).T * 1.01
+        bound += 2e-6 * (np.abs(x64) @ np.abs(weight).T)
+        assert np.all(np.abs(actual - x64 @ weight.T) <= bound)
+
+
+@NATIVE_SKIP
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the native kernel is for the CPU")
+def test_int8_variant_logits_within_the_4bit_tolerance(make_checkpoint, monkeypatch):
+    """A 4-bit model decoding token by token: the int8 variant against the float kernel, within
+    the tolerance bfloat16 compute has against float32 (tests/test_compute_dtype.py)."""
+    from qwen3_mlx.cache import make_cache
+    from qwen3_mlx.loading import load_model
+
+    int8_or_skip(monkeypatch)
+    shapes = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}  # test_compute_dtype's
+    model_dir = make_checkpoint(dtype="float32", tie_word_embeddings=False, **shapes)
+    model, _ = load_model(model_dir, quantize_on_load=4)
+    ids = np.random.default_rng(8).integers(0, 512, 24)
+    logits = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("QWEN3_MLX_QMV_INT8", switch)
+        cache = make_cache(model)
+        steps = [model(mx.array([[int(token)]]), cache=cache) for token in ids]
+        logits[switch] = np.array(mx.concatenate(steps, axis=1))[0]
+    scale = float(np.abs(logits["0"]).max())
+    diff = float(np.abs(logits["1"] - logits["0"]).max())
+    agree = float((logits["1"].argmax(-1) == logits["0"].argmax(-1)).mean())
+    print(f"\n[int8 x] vs float kernel: {diff:.3g} (scale {scale:.3g}), top-1 agree {agree:.2f}")
+    assert 0 < diff < INT8_RELATIVE_TOLERANCE * scale
+    assert agree >= 0.9
 
 
 def test_fallback_reasons(monkeypatch):

@@ -71,6 +71,11 @@ struct Job {
   const float* xs;  // [M][K/8] sums of each word's 8 elements of x
   float* out;       // [M][N] float32
   int64_t prefetch_words;
+  // The int8 variant (QWEN3_MLX_QMV_INT8=1) only: x quantized to int8 per block of 32 and laid
+  // out per step of 16 words as [the 4 even elements of each word][the 4 odd ones], and each
+  // word's block scale.
+  const int8_t* xq = nullptr;  // [M][K]
+  const float* xd = nullptr;   // [M][K/8]
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -285,9 +290,83 @@ QMV_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI, int8 x (opt-in): 16 words per step. `w & 0x0f0f0f0f` holds a word's even
+// nibbles as bytes and `(w >> 4) & 0x0f0f0f0f` its odd ones, so two vpdpbusd (u8 weights times
+// s8 x) give each word's 8 products summed in its int32 lane, then scaled by the lane's group
+// scale times its x block scale. The bias term uses the exact float sums of x, so the only
+// error is x's int8 rounding (half a block step per element), as llama.cpp's Q8_0 activations.
+
+#define QMV_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+template <int T, int GS, int MB>
+QMV_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
+  constexpr int G = 128 / GS;  // groups per step: 1, 2 or 4
+  const int64_t K = job.K, steps = K / 128, groups = K / GS;
+  const int64_t esize = T == F32 ? 4 : 2;
+  const uint32_t* row = job.w + n * (K / 8);
+  const char* srow = static_cast<const char*>(job.scales) + n * groups * esize;
+  const char* brow = static_cast<const char*>(job.biases) + n * groups * esize;
+  __m512 total[MB], totalb[MB];
+  for (int m = 0; m < MB; ++m) total[m] = totalb[m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t c = 0; c < steps; ++c) {
+    if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(row + c * 16 + job.prefetch_words), _MM_HINT_T0);
+    const __m512i words = _mm512_loadu_si512(row + c * 16);
+    const __m512i even = _mm512_and_si512(words, low);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), low);
+    const __m512 sv = scales16<T, G>(srow + c * G * esize);
+    const __m512 bv = scales16<T, G>(brow + c * G * esize);
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* xq = job.xq + (m0 + m) * K + c * 128;
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xq));
+      dot = _mm512_dpbusd_epi32(dot, odd, _mm512_loadu_si512(xq + 64));
+      const int64_t word = (m0 + m) * (K / 8) + c * 16;
+      const __m512 step = _mm512_mul_ps(sv, _mm512_loadu_ps(job.xd + word));
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, total[m]);
+      totalb[m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(job.xs + word), totalb[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
+}
+
+template <int T, int GS>
+QMV_VNNI void rows_vnni(const Job& job, int64_t r0, int64_t r1) {
+  for (int64_t n = r0; n < r1; ++n) {
+    int m = 0;
+    for (; m + 4 <= job.M; m += 4) block_vnni<T, GS, 4>(job, n, m);
+    switch (job.M - m) {
+      case 3: block_vnni<T, GS, 3>(job, n, m); break;
+      case 2: block_vnni<T, GS, 2>(job, n, m); break;
+      case 1: block_vnni<T, GS, 1>(job, n, m); break;
+      default: break;
+    }
+  }
+}
+
 #endif  // QMV_X86
 
 using RowsFn = void (*)(const Job&, int64_t, int64_t);
+
+// The int8 kernel for an AVX-512 VNNI CPU (nullptr elsewhere: the float kernels serve).
+inline RowsFn pick_int8(ScaleType type, int group_size) {
+#ifdef QMV_X86
+  auto by_group = [group_size](auto k32, auto k64, auto k128) -> RowsFn {
+    return group_size == 32 ? k32 : group_size == 64 ? k64 : k128;
+  };
+  switch (type) {
+    case F32: return by_group(rows_vnni<F32, 32>, rows_vnni<F32, 64>, rows_vnni<F32, 128>);
+    case BF16: return by_group(rows_vnni<BF16, 32>, rows_vnni<BF16, 64>, rows_vnni<BF16, 128>);
+    default: return by_group(rows_vnni<F16, 32>, rows_vnni<F16, 64>, rows_vnni<F16, 128>);
+  }
+#else
+  (void)type;
+  (void)group_size;
+  return nullptr;
+#endif
+}
 
 template <int T>
 RowsFn pick_for_type(Isa isa, int group_size) {

@@ -18,6 +18,7 @@
 // worker never stalls the op.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -82,6 +83,18 @@ const char* isa_name(Isa isa) {
   return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "scalar";
 }
 
+// The int8 variant (kernels.h, block_vnni): QWEN3_MLX_QMV_INT8=1 on an AVX-512 VNNI CPU, read
+// per call like the ISA. Off by default: see docs/benchmarks.md, "CPU 4-bit kernel".
+bool int8_chosen() {
+#ifdef QMV_X86
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  const char* env = std::getenv("QWEN3_MLX_QMV_INT8");
+  return vnni && env != nullptr && std::string(env) == "1" && chosen_isa() == AVX512;
+#else
+  return false;
+#endif
+}
+
 int64_t prefetch_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("QWEN3_MLX_QMV_PREFETCH");
@@ -134,6 +147,29 @@ void prepare_x(const mx::array& x, int M, int64_t K, Isa isa, std::vector<float>
   // The sums must follow the same per-step lane order as the words: they already do (word j).
 }
 
+// x (plain float32, [M][K]) to int8 per block of 32 with its scale per word, in block_vnni's
+// layout: per step of 16 words, the even elements of each word, then the odd ones.
+void quantize_x(const std::vector<float>& plain, int M, int64_t K, std::vector<int8_t>& xq,
+                std::vector<float>& xd) {
+  std::vector<int8_t> q(size_t(M) * K);
+  xq.assign(q.size(), 0);
+  xd.assign(size_t(M) * (K / 8), 0.0f);
+  for (int64_t block = 0; block < int64_t(q.size()) / 32; ++block) {
+    const float* src = plain.data() + block * 32;
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(src[i]));
+    const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int i = 0; i < 32; ++i) q[block * 32 + i] = int8_t(std::nearbyint(src[i] * inverse));
+    for (int i = 0; i < 4; ++i) xd[block * 4 + i] = step;
+  }
+  for (int64_t c = 0; c < int64_t(q.size()) / 128; ++c)
+    for (int j = 0; j < 16; ++j)
+      for (int t = 0; t < 4; ++t) {
+        xq[c * 128 + j * 4 + t] = q[c * 128 + 8 * j + 2 * t];
+        xq[c * 128 + 64 + j * 4 + t] = q[c * 128 + 8 * j + 2 * t + 1];
+      }
+}
+
 template <typename Out>
 void store(const float* in, Out* out, int64_t count) {
   for (int64_t i = 0; i < count; ++i) out[i] = static_cast<Out>(in[i]);
@@ -183,16 +219,19 @@ void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   if (isa == AVX2 && K % 64) isa = SCALAR;
   const int threads = threads_;
   const int group_size = group_size_;
+  const bool int8 = isa == AVX512 && int8_chosen();
 
   encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = w.data<uint32_t>(),
                     s = scales.data<void>(), b = biases.data<void>(),
                     out = mx::array::unsafe_weak_copy(out), K, N, M, type, isa, threads,
-                    group_size]() mutable {
-    std::vector<float> xp, xs, result(size_t(M) * N);
-    prepare_x(x, M, K, isa, xp, xs);
+                    group_size, int8]() mutable {
+    std::vector<float> xp, xs, xd, result(size_t(M) * N);
+    std::vector<int8_t> xq;
+    prepare_x(x, M, K, int8 ? SCALAR : isa, xp, xs);  // SCALAR: plain x, quantized below
+    if (int8) quantize_x(xp, M, K, xq, xd);
     Job job{w, s, b, N, K, M, group_size, xp.data(), xs.data(), result.data(),
-            isa == SCALAR ? 0 : prefetch_bytes() / 4};
-    RowsFn rows = pick(isa, type, group_size);
+            isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data()};
+    RowsFn rows = int8 ? pick_int8(type, group_size) : pick(isa, type, group_size);
     // Chunks of >= 16 rows, about 8 per thread, so a late thread finds work left or none.
     int64_t per = std::max<int64_t>(16, N / (int64_t(std::max(threads, 1)) * 8));
     int64_t chunks = (N + per - 1) / per;
@@ -310,6 +349,8 @@ NB_MODULE(QMV_MODULE_NAME, m) {
         "The instruction set the kernels use (after QWEN3_MLX_QMV_ISA).");
   m.def("detected_isa", [] { return std::string(qmv::isa_name(qmv::detected_isa())); },
         "The best instruction set this CPU supports.");
+  m.def("int8", &qmv::int8_chosen,
+        "Whether x is quantized to int8 for VNNI dot products (QWEN3_MLX_QMV_INT8=1, AVX-512 VNNI).");
   m.def(
       "read_bandwidth",
       [](int64_t bytes, int repeats, int threads) {
