@@ -233,23 +233,33 @@ QMV_AVX512 inline __m512 scales16(const void* p) {
   return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v));
 }
 
+// Row n of w and its scales and biases (bytes), for the 16-word steps of the AVX-512 kernels.
+template <int T, int GS>
+struct Row512 {
+  static constexpr int G = 128 / GS;  // groups per step: 1, 2 or 4
+  static constexpr int64_t esize = T == F32 ? 4 : 2;
+  const uint32_t* w;
+  const char *s, *b;
+  Row512(const Job& job, int64_t n)
+      : w(job.w + n * (job.K / 8)),
+        s(static_cast<const char*>(job.scales) + n * (job.K / GS) * esize),
+        b(static_cast<const char*>(job.biases) + n * (job.K / GS) * esize) {}
+};
+
 template <int T, int GS, int MB>
 QMV_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
-  constexpr int G = 128 / GS;  // groups per step: 1, 2 or 4
-  const int64_t K = job.K, steps = K / 128, groups = K / GS;
-  const int64_t esize = T == F32 ? 4 : 2;
-  const uint32_t* row = job.w + n * (K / 8);
-  const char* srow = static_cast<const char*>(job.scales) + n * groups * esize;
-  const char* brow = static_cast<const char*>(job.biases) + n * groups * esize;
+  constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
+  const int64_t K = job.K, steps = K / 128;
+  const Row512<T, GS> r(job, n);
+  const uint32_t* row = r.w;
   __m512 total[MB], totalb[MB];
   for (int m = 0; m < MB; ++m) total[m] = totalb[m] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi32(0xf);
   for (int64_t c = 0; c < steps; ++c) {
     if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(row + c * 16 + job.prefetch_words), _MM_HINT_T0);
     const __m512i words = _mm512_loadu_si512(row + c * 16);
-    const int64_t g = c * G;
-    const __m512 sv = scales16<T, G>(srow + g * esize);
-    const __m512 bv = scales16<T, G>(brow + g * esize);
+    const __m512 sv = scales16<T, G>(r.s + c * G * esize);
+    const __m512 bv = scales16<T, G>(r.b + c * G * esize);
     __m512 even[MB], odd[MB];
     for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
 #pragma GCC unroll 8
@@ -276,20 +286,6 @@ QMV_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
     job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
 }
 
-template <int T, int GS>
-QMV_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
-  for (int64_t n = r0; n < r1; ++n) {
-    int m = 0;
-    for (; m + 4 <= job.M; m += 4) block_avx512<T, GS, 4>(job, n, m);
-    switch (job.M - m) {
-      case 3: block_avx512<T, GS, 3>(job, n, m); break;
-      case 2: block_avx512<T, GS, 2>(job, n, m); break;
-      case 1: block_avx512<T, GS, 1>(job, n, m); break;
-      default: break;
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI, int8 x (opt-in): 16 words per step. `w & 0x0f0f0f0f` holds a word's even
 // nibbles as bytes and `(w >> 4) & 0x0f0f0f0f` its odd ones, so two vpdpbusd (u8 weights times
@@ -302,45 +298,51 @@ QMV_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
 
 template <int T, int GS, int MB>
 QMV_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
-  constexpr int G = 128 / GS;  // groups per step: 1, 2 or 4
-  const int64_t K = job.K, steps = K / 128, groups = K / GS;
-  const int64_t esize = T == F32 ? 4 : 2;
-  const uint32_t* row = job.w + n * (K / 8);
-  const char* srow = static_cast<const char*>(job.scales) + n * groups * esize;
-  const char* brow = static_cast<const char*>(job.biases) + n * groups * esize;
+  constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
+  const Row512<T, GS> r(job, n);
   __m512 total[MB], totalb[MB];
   for (int m = 0; m < MB; ++m) total[m] = totalb[m] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0f);
-  for (int64_t c = 0; c < steps; ++c) {
-    if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(row + c * 16 + job.prefetch_words), _MM_HINT_T0);
-    const __m512i words = _mm512_loadu_si512(row + c * 16);
-    const __m512i even = _mm512_and_si512(words, low);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), low);
-    const __m512 sv = scales16<T, G>(srow + c * G * esize);
-    const __m512 bv = scales16<T, G>(brow + c * G * esize);
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  for (int64_t c = 0, K = job.K; c < K / 128; ++c) {
+    if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(r.w + c * 16 + job.prefetch_words), _MM_HINT_T0);
+    const __m512i packed = _mm512_loadu_si512(r.w + c * 16);
+    const __m512i even = _mm512_and_si512(packed, nibble);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(packed, 4), nibble);
+    const __m512 step_scales = scales16<T, G>(r.s + c * G * esize);
+    const __m512 step_biases = scales16<T, G>(r.b + c * G * esize);
     for (int m = 0; m < MB; ++m) {
       const int8_t* xq = job.xq + (m0 + m) * K + c * 128;
       __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xq));
       dot = _mm512_dpbusd_epi32(dot, odd, _mm512_loadu_si512(xq + 64));
       const int64_t word = (m0 + m) * (K / 8) + c * 16;
-      const __m512 step = _mm512_mul_ps(sv, _mm512_loadu_ps(job.xd + word));
+      const __m512 step = _mm512_mul_ps(step_scales, _mm512_loadu_ps(job.xd + word));
       total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, total[m]);
-      totalb[m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(job.xs + word), totalb[m]);
+      totalb[m] = _mm512_fmadd_ps(step_biases, _mm512_loadu_ps(job.xs + word), totalb[m]);
     }
   }
   for (int m = 0; m < MB; ++m)
     job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
 }
 
-template <int T, int GS>
-QMV_VNNI void rows_vnni(const Job& job, int64_t r0, int64_t r1) {
+template <int T, int GS, int MB, bool INT8>
+QMV_AVX512 inline void block512(const Job& job, int64_t n, int m0) {
+  if constexpr (INT8) {
+    block_vnni<T, GS, MB>(job, n, m0);  // a call: another target
+  } else {
+    block_avx512<T, GS, MB>(job, n, m0);
+  }
+}
+
+// INT8: the int8 variant (block_vnni).
+template <int T, int GS, bool INT8 = false>
+QMV_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
   for (int64_t n = r0; n < r1; ++n) {
     int m = 0;
-    for (; m + 4 <= job.M; m += 4) block_vnni<T, GS, 4>(job, n, m);
+    for (; m + 4 <= job.M; m += 4) block512<T, GS, 4, INT8>(job, n, m);
     switch (job.M - m) {
-      case 3: block_vnni<T, GS, 3>(job, n, m); break;
-      case 2: block_vnni<T, GS, 2>(job, n, m); break;
-      case 1: block_vnni<T, GS, 1>(job, n, m); break;
+      case 3: block512<T, GS, 3, INT8>(job, n, m); break;
+      case 2: block512<T, GS, 2, INT8>(job, n, m); break;
+      case 1: block512<T, GS, 1, INT8>(job, n, m); break;
       default: break;
     }
   }
@@ -357,9 +359,15 @@ inline RowsFn pick_int8(ScaleType type, int group_size) {
     return group_size == 32 ? k32 : group_size == 64 ? k64 : k128;
   };
   switch (type) {
-    case F32: return by_group(rows_vnni<F32, 32>, rows_vnni<F32, 64>, rows_vnni<F32, 128>);
-    case BF16: return by_group(rows_vnni<BF16, 32>, rows_vnni<BF16, 64>, rows_vnni<BF16, 128>);
-    default: return by_group(rows_vnni<F16, 32>, rows_vnni<F16, 64>, rows_vnni<F16, 128>);
+    case F32:
+      return by_group(rows_avx512<F32, 32, true>, rows_avx512<F32, 64, true>,
+                      rows_avx512<F32, 128, true>);
+    case BF16:
+      return by_group(rows_avx512<BF16, 32, true>, rows_avx512<BF16, 64, true>,
+                      rows_avx512<BF16, 128, true>);
+    default:
+      return by_group(rows_avx512<F16, 32, true>, rows_avx512<F16, 64, true>,
+                      rows_avx512<F16, 128, true>);
   }
 #else
   (void)type;
