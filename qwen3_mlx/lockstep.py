@@ -260,7 +260,9 @@ class Follower:
     def _forward(self, key: int, offset: int, B: int, L: int, kv_bits: int) -> None:
         cache = None
         if key:
-            cache = self.caches.setdefault(key, self._new(kv_bits))
+            if key not in self.caches:
+                self.caches[key] = self._new(kv_bits)
+            cache = self.caches[key]
             if type(cache[0]).__name__ != "BatchKVCache":  # a batch's rows leave by KEEP
                 self._holding(key, offset)
         tokens = _broadcast(mx.zeros((B, L), dtype=mx.int32), self.group, False)

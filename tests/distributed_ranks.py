@@ -3,7 +3,8 @@
 `python distributed_ranks.py OUT THREE_HEADS CHECKPOINT...`: for every checkpoint, each rank loads
 the whole model (the single-process reference) and its shard. The shards run a prompt together
 (every rank calls the model: full logits of every position), then rank 0 leads 32 greedy tokens
-through the engine's generator while the other ranks follow. Then the misconfigurations: a model
+through the engine's generator while the other ranks follow, and the same through the server's
+batch decoder (rows joining, leaving and forked: every cache operation mirrored). Then the misconfigurations: a model
 whose heads do not split, and rank r loading checkpoint r (different files). Last, the CLI:
 `qwen3-mlx prompt` with the tiny chat model, in this process, as under `mlx.launch` (rank 0 leads,
 rank 1 follows). Each rank writes OUT.<rank>.json with what it saw and printed.
@@ -19,9 +20,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.cache import make_cache
+from qwen3_mlx.cache_ops import cache_ops
 from qwen3_mlx.distributed import join_group, load_group_model
 from qwen3_mlx.generate import generate_tokens
+from qwen3_mlx.generate import greedy as argmax
 from qwen3_mlx.loading import load_model
 from qwen3_mlx.lockstep import LeaderModel, follow
 
@@ -30,6 +34,7 @@ TINY_CHAT = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat
 PROMPT_ARGS = ["prompt", "--model", str(TINY_CHAT), "--temp", "0", "--no-think", "--tools", "none"]
 QUESTION = "What is the capital of France?"
 GREEDY_TOKENS = 32
+BATCH = [(PROMPT, 12), (PROMPT[3:], 5), (PROMPT[:7], 9)]  # (prompt, tokens) of each row
 
 
 def greedy(model, group=None, kv_bits=None) -> list[int]:
@@ -45,6 +50,43 @@ def greedy(model, group=None, kv_bits=None) -> list[int]:
     return tokens
 
 
+def batched(model, group=None) -> list[list[int]]:
+    """Greedy tokens of rows decoded together by the server's BatchDecoder, then of a row in a
+    fork of the first row's cache (its prompt and first tokens); with a group, rank 0 leads (merge, extract, keep and fork
+    mirrored) and the others follow."""
+    if group is not None and group.rank() != 0:
+        follow(model, group)
+        return []
+    leader = LeaderModel(model, group) if group is not None else model
+    decoder = BatchDecoder(leader, stop_ids=())
+
+    def row(prompt: list[int], tokens: int, cache=None) -> BatchRow:
+        cache = cache or make_cache(model)
+        return BatchRow(prompt, cache, sampler=argmax, max_tokens=tokens, seed=0)
+
+    def run(*rows: BatchRow, late: BatchRow | None = None) -> None:
+        for each in rows:
+            decoder.add(each)
+        for _ in range(3):
+            decoder.run_once()
+        if late is not None:
+            decoder.add(late)  # joins a running batch; the rows leave at different steps
+        while not decoder.idle:
+            decoder.run_once()
+
+    rows = [row(prompt, tokens) for prompt, tokens in BATCH]
+    run(rows[0], rows[1], late=rows[2])
+    tokens = [[generated.token for generated in each] for each in rows]
+    # The fork holds the first row's prompt and 4 of its tokens: extracted from the batch.
+    fork = make_cache(model)
+    cache_ops(leader).fork(rows[0].cache, len(PROMPT) + 4, fork)
+    forked = row(tokens[0][4:8], 4, fork)
+    run(forked)
+    if group is not None:
+        leader.stop()
+    return [*tokens, [generated.token for generated in forked]]
+
+
 def compare(checkpoint: Path, group) -> dict:
     """Logit difference and greedy tokens of the sharded model against the whole one."""
     whole, _ = load_model(checkpoint, compute_dtype="float32")
@@ -53,12 +95,15 @@ def compare(checkpoint: Path, group) -> dict:
     expected = greedy(whole)
     kv8 = whole.args.head_dim % 64 == 0  # a quantized KV cache groups 64 along each head
     expected_kv8 = greedy(whole, kv_bits=8) if kv8 else []
+    batched_expected = batched(whole)
     shard, _, _ = load_group_model(checkpoint, group, compute_dtype="float32")
     logits = shard(ids)  # every rank calls the model: all positions, no leader
     difference = mx.abs(logits - reference).max().item()
     tokens = greedy(shard, group)
     tokens_kv8 = greedy(shard, group, kv_bits=8) if kv8 else []  # followers quantize theirs too
     return {
+        "batched_expected": batched_expected,
+        "batched": batched(shard, group),
         "max_logit_diff": difference,
         "expected": expected,
         "tokens": tokens,

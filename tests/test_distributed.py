@@ -181,6 +181,15 @@ def test_greedy_tokens_identical_with_an_8_bit_kv_cache(parity: dict[str, Any], 
     assert result["tokens_kv8"] == result["expected_kv8"]
 
 
+@pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2", "4bit-kv1", "4bit-kv2"])
+def test_batched_decoding_tokens_identical(parity: dict[str, Any], name: str) -> None:
+    # The server's decoder: rows merged into one batch (one late), extracted and dropped at
+    # different steps, then a row in a fork of the first's cache.
+    result = parity[name]
+    assert [len(row) for row in result["batched"]] == [12, 5, 9, 4]
+    assert result["batched"] == result["batched_expected"]
+
+
 def test_untied_random_model_gives_varied_tokens(parity: dict[str, Any]) -> None:
     # Guards the test above: identical runs of one repeated token would prove little.
     assert len(set(parity["dense-kv1"]["expected"])) > 3
