@@ -6,11 +6,12 @@
 In one run it prints:
 1. the machine's read bandwidth (AVX2 loads on 1 and 2 threads, numpy sum): the limit;
 2. GB/s of weight bytes (packed words + scales + biases) per Qwen3-4B matrix, for the native
-   kernel and mx.quantized_matmul with float32 and bfloat16 scales. The native kernel cycles over
-   more than 1.2 GB of copies so every read comes from DRAM, not the (large) L3;
+   kernel (and its opt-in int8 variant where the CPU has AVX-512 VNNI) and mx.quantized_matmul
+   with float32 and bfloat16 scales. The native kernel cycles over more than 1.2 GB of copies so
+   every read comes from DRAM, not the (large) L3;
 3. decode tok/s of random-weight 0.6B and 4B 4-bit checkpoints (benchmarks/checkpoints.py):
-   ours (native kernel; and with QWEN3_MLX_NATIVE=0, which is the default before it), mlx-lm
-   (checkpoint bf16, and cast to float32) and llama.cpp (llama-cpp-python, GGUF Q4_0 of the same
+   ours (native kernel, float and int8 x; and with QWEN3_MLX_NATIVE=0, the default before it),
+   mlx-lm (checkpoint bf16, and cast to float32) and llama.cpp (llama-cpp-python, GGUF Q4_0 of the same
    weights via benchmarks/gguf_q4.py) when it is installed. Each engine runs in a fresh process,
    once (the machine is shared; compare ratios). Timings are never asserted anywhere.
 Writes results.json to --out.
@@ -42,6 +43,7 @@ MATRICES = {
 }
 COLD_BYTES = 1.2e9  # more than the L3 (480 MiB on the study's machine), so reads come from DRAM
 THREADS = min(os.cpu_count() or 1, 8)
+INT8_ENV = "QWEN3_MLX_QMV_INT8"  # the native kernel's opt-in int8 variant
 
 
 def bandwidth() -> dict[str, float]:
@@ -112,6 +114,11 @@ def matrices() -> list[dict[str, Any]]:
                 row["native"] = _gbps(layers, ours, 3)
                 # The same matrix over and over: cache-resident when it fits (the compute ceiling)
                 row["native_hot"] = _gbps([layers[0]] * 8, ours, 3)
+                if _int8_available(module):  # the opt-in int8 variant, right after
+                    os.environ[INT8_ENV] = "1"
+                    row["int8"] = _gbps(layers, ours, 3)
+                    row["int8_hot"] = _gbps([layers[0]] * 8, ours, 3)
+                    os.environ.pop(INT8_ENV)
 
             def theirs(layer: tuple, x: Any = x) -> Any:
                 return mx.quantized_matmul(x, *layer, transpose=True, group_size=64, bits=4)
@@ -121,6 +128,18 @@ def matrices() -> list[dict[str, Any]]:
             rows.append(row)
             del layers
     return rows
+
+
+def _int8_available(module: Any) -> bool:
+    """Whether the native kernel's opt-in int8 variant runs on this CPU (AVX-512 VNNI)."""
+    previous = os.environ.get(INT8_ENV)
+    os.environ[INT8_ENV] = "1"
+    try:
+        return bool(module.int8())
+    finally:
+        os.environ.pop(INT8_ENV)
+        if previous is not None:
+            os.environ[INT8_ENV] = previous
 
 
 def _llama_worker(path: str, tokens: int, threads: int) -> None:
@@ -160,19 +179,23 @@ def llama_decode(gguf: Path, tokens: int, threads: int, timeout: float) -> dict[
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def engine_decode(path: Path, engine: str, dtype: str, tokens: int, native: bool = True) -> dict:
+def engine_decode(
+    path: Path, engine: str, dtype: str, tokens: int, native: bool = True, int8: bool = False
+) -> dict:
     """One decode measurement of ours or mlx-lm (benchmarks/worker.py) in a fresh process."""
     spec = {"engine": engine, "path": str(path), "dtype": dtype, "task": "decode"}
     spec.update(tokens=tokens, openblas=True)
-    previous = os.environ.get("QWEN3_MLX_NATIVE")
-    os.environ["QWEN3_MLX_NATIVE"] = "1" if native else "0"
+    settings = {"QWEN3_MLX_NATIVE": "1" if native else "0", INT8_ENV: "1" if int8 else "0"}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         return run_worker(spec, timeout=900)
     finally:
-        if previous is None:
-            os.environ.pop("QWEN3_MLX_NATIVE")
-        else:
-            os.environ["QWEN3_MLX_NATIVE"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def decode(shape: str, llama: str | None, only: list[str] | None = None) -> list[dict[str, Any]]:
@@ -184,6 +207,14 @@ def decode(shape: str, llama: str | None, only: list[str] | None = None) -> list
     runs = [
         (f"ours (native kernel, {THREADS} thr)", lambda: engine_decode(path, "ours", "auto", 24)),
         ("ours (native kernel, 1 thr)", lambda: engine_decode(path, "ours_1thread", "auto", 24)),
+        (
+            f"ours (native int8, {THREADS} thr)",
+            lambda: engine_decode(path, "ours", "auto", 24, int8=True),
+        ),
+        (
+            "ours (native int8, 1 thr)",
+            lambda: engine_decode(path, "ours_1thread", "auto", 24, int8=True),
+        ),
         ("ours, native off (before)", lambda: engine_decode(path, "ours", "auto", slow, False)),
         ("mlx-lm, float32", lambda: engine_decode(path, "mlx_lm", "float32", slow)),
         ("mlx-lm, default (bf16)", lambda: engine_decode(path, "mlx_lm", "checkpoint", 2)),
@@ -226,10 +257,13 @@ def scale_memory(shape: str) -> dict[str, float]:
 
 
 def step_gb(row: dict[str, Any], memory: dict[str, float]) -> float | None:
-    """GB one decode step of this engine reads (its 4-bit weights once)."""
-    if row["engine"].startswith("llama"):
+    """GB one decode step of this engine reads (its 4-bit weights once). The native kernel reads
+    the checkpoint's bf16 scales in place; without it `auto` casts them to float32."""
+    engine = row["engine"]
+    if engine.startswith("llama"):
         return memory["step_q4_0_gb"]
-    return memory["step_bf16_gb" if "bf16" in row["engine"] else "step_float32_gb"]
+    bf16 = "bf16" in engine or engine.startswith("ours (native")
+    return memory["step_bf16_gb" if bf16 else "step_float32_gb"]
 
 
 def report(results: dict[str, Any]) -> None:
@@ -241,13 +275,15 @@ def report(results: dict[str, Any]) -> None:
     print(f"\nper matrix, 1 row of x, {THREADS} threads (GB/s of weights; limit {limit:.1f}):")
     print(
         f"  {'matrix':8} {'K->N':>13} {'scales':8} {'native':>7} {'hot':>6} {'mlx':>6} "
-        f"{'ratio':>6} {'of limit':>8}"
+        f"{'ratio':>6} {'of limit':>8} {'int8':>6} {'hot':>6}"
     )
+    nan = float("nan")
     for row in results["matrices"]:
-        native, hot = row.get("native", float("nan")), row.get("native_hot", float("nan"))
+        native, hot = row.get("native", nan), row.get("native_hot", nan)
         print(
             f"  {row['matrix']:8} {row['K']:>6}->{row['N']:<6} {row['scales']:8} {native:7.2f} "
-            f"{hot:6.2f} {row['mlx']:6.2f} {native / row['mlx']:5.1f}x {native / limit:7.0%}"
+            f"{hot:6.2f} {row['mlx']:6.2f} {native / row['mlx']:5.1f}x {native / limit:7.0%} "
+            f"{row.get('int8', nan):6.2f} {row.get('int8_hot', nan):6.2f}"
         )
     print("\ndecode (1-token prompt, greedy): tok/s, GB/s of weights read, fraction of the limit")
     for row in results["decode"]:
