@@ -108,17 +108,18 @@ def matrices() -> list[dict[str, Any]]:
             row = {"matrix": name, "K": width, "N": height, "scales": str(dtype).split(".")[-1]}
             if module is not None:
 
-                def ours(layer: tuple, x: Any = x) -> Any:
-                    return module.quantized_matvec(x, *layer, 64, THREADS)
+                def ours(layer: tuple, x: Any = x, int8: bool = False) -> Any:
+                    return module.quantized_matvec(x, *layer, 64, THREADS, int8)
+
+                def int8(layer: tuple, x: Any = x) -> Any:
+                    return ours(layer, x, True)
 
                 row["native"] = _gbps(layers, ours, 3)
                 # The same matrix over and over: cache-resident when it fits (the compute ceiling)
                 row["native_hot"] = _gbps([layers[0]] * 8, ours, 3)
-                if _int8_available(module):  # the opt-in int8 variant, right after
-                    os.environ[INT8_ENV] = "1"
-                    row["int8"] = _gbps(layers, ours, 3)
-                    row["int8_hot"] = _gbps([layers[0]] * 8, ours, 3)
-                    os.environ.pop(INT8_ENV)
+                if module.int8_supported():  # the opt-in int8 variant, right after
+                    row["int8"] = _gbps(layers, int8, 3)
+                    row["int8_hot"] = _gbps([layers[0]] * 8, int8, 3)
 
             def theirs(layer: tuple, x: Any = x) -> Any:
                 return mx.quantized_matmul(x, *layer, transpose=True, group_size=64, bits=4)
@@ -128,18 +129,6 @@ def matrices() -> list[dict[str, Any]]:
             rows.append(row)
             del layers
     return rows
-
-
-def _int8_available(module: Any) -> bool:
-    """Whether the native kernel's opt-in int8 variant runs on this CPU (AVX-512 VNNI)."""
-    previous = os.environ.get(INT8_ENV)
-    os.environ[INT8_ENV] = "1"
-    try:
-        return bool(module.int8())
-    finally:
-        os.environ.pop(INT8_ENV)
-        if previous is not None:
-            os.environ[INT8_ENV] = previous
 
 
 def _llama_worker(path: str, tokens: int, threads: int) -> None:

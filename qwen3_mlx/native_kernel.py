@@ -6,8 +6,8 @@ and passes a small self-test against mx.quantized_matmul; otherwise `fallback_re
 why and callers keep mx.quantized_matmul. QWEN3_MLX_NATIVE=0 turns it off;
 QWEN3_MLX_QMV_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
 QWEN3_MLX_QMV_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for VNNI dot products,
-as llama.cpp does: up to ~1.2x faster decode here, but logits drift as far as bf16 compute does
-(docs/benchmarks.md, "CPU 4-bit kernel").
+as llama.cpp does: at most ~1.1-1.2x faster decode here, and logits drift as far as bf16 compute
+does (docs/benchmarks.md, "CPU 4-bit kernel").
 
 Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
 float32, bfloat16 or float16: half-precision x keeps MLX's kernel, so "checkpoint" compute stays
@@ -27,6 +27,7 @@ from types import ModuleType
 import mlx.core as mx
 
 ENV = "QWEN3_MLX_NATIVE"
+INT8_ENV = "QWEN3_MLX_QMV_INT8"
 BITS = 4
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -121,7 +122,12 @@ def quantized_matvec(
     """x @ dequantize(weight, scales, biases).T with the native kernel, float32 accumulation."""
     module = native()
     assert module is not None, "call supports() first"
-    return module.quantized_matvec(x, weight, scales, biases, group_size, threads)
+    return module.quantized_matvec(x, weight, scales, biases, group_size, threads, int8_requested())
+
+
+def int8_requested() -> bool:
+    """Whether QWEN3_MLX_QMV_INT8=1 asks for the int8 variant (read per call, for tests)."""
+    return os.environ.get(INT8_ENV) == "1"
 
 
 def isa() -> str | None:

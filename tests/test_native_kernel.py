@@ -150,15 +150,20 @@ INT8_RELATIVE_TOLERANCE = 0.06
 
 def int8_or_skip(monkeypatch) -> None:
     """Turn the int8 variant on, or skip where the CPU has no AVX-512 VNNI."""
-    monkeypatch.setenv("QWEN3_MLX_QMV_INT8", "1")
-    if not native_kernel.native().int8():
+    monkeypatch.setenv(native_kernel.INT8_ENV, "1")
+    if not native_kernel.native().int8_supported():
         pytest.skip("the int8 variant needs AVX-512 VNNI")
 
 
 @NATIVE_SKIP
-def test_int8_variant_is_off_by_default(monkeypatch):
-    monkeypatch.delenv("QWEN3_MLX_QMV_INT8", raising=False)
-    assert not native_kernel.native().int8()
+def test_int8_variant_is_off_by_default_and_in_the_self_test(monkeypatch):
+    monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
+    assert not native_kernel.int8_requested()
+    int8_or_skip(monkeypatch)
+    assert native_kernel._self_test(native_kernel.native()) is None  # it runs the float kernel
+    layer, x = random_layer(64, 512), mx.random.normal((1, 512))
+    float_kernel = native_kernel.native().quantized_matvec(x, *layer, 64, 1)
+    assert not mx.array_equal(quantized_matvec(x, *layer, 64, 1), float_kernel).item()
 
 
 @NATIVE_SKIP
@@ -196,7 +201,7 @@ def test_int8_variant_logits_within_the_4bit_tolerance(make_checkpoint, monkeypa
     ids = np.random.default_rng(8).integers(0, 512, 24)
     logits = {}
     for switch in ("0", "1"):
-        monkeypatch.setenv("QWEN3_MLX_QMV_INT8", switch)
+        monkeypatch.setenv(native_kernel.INT8_ENV, switch)
         cache = make_cache(model)
         steps = [model(mx.array([[int(token)]]), cache=cache) for token in ids]
         logits[switch] = np.array(mx.concatenate(steps, axis=1))[0]

@@ -83,13 +83,12 @@ const char* isa_name(Isa isa) {
   return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "scalar";
 }
 
-// The int8 variant (kernels.h, block_vnni): QWEN3_MLX_QMV_INT8=1 on an AVX-512 VNNI CPU, read
-// per call like the ISA. Off by default: see docs/benchmarks.md, "CPU 4-bit kernel".
-bool int8_chosen() {
+// Whether the int8 variant (kernels.h, block_vnni) can run: an AVX-512 VNNI CPU, AVX-512 not
+// turned down by QWEN3_MLX_QMV_ISA. The caller asks for it (off by default: docs/benchmarks.md).
+bool int8_supported() {
 #ifdef QMV_X86
   static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  const char* env = std::getenv("QWEN3_MLX_QMV_INT8");
-  return vnni && env != nullptr && std::string(env) == "1" && chosen_isa() == AVX512;
+  return vnni && chosen_isa() == AVX512;
 #else
   return false;
 #endif
@@ -180,8 +179,8 @@ void store(const float* in, Out* out, int64_t count) {
 
 class QuantizedMatvec : public mx::UnaryPrimitive {
  public:
-  QuantizedMatvec(mx::Stream stream, int group_size, int threads)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), threads_(threads) {}
+  QuantizedMatvec(mx::Stream stream, int group_size, int threads, bool int8)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), threads_(threads), int8_(int8) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -190,11 +189,12 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
   const char* name() const override { return "QuantizedMatvec"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedMatvec&>(other);
-    return group_size_ == o.group_size_ && threads_ == o.threads_;
+    return group_size_ == o.group_size_ && threads_ == o.threads_ && int8_ == o.int8_;
   }
 
  private:
   int group_size_, threads_;
+  bool int8_;
 };
 
 void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -219,7 +219,7 @@ void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   if (isa == AVX2 && K % 64) isa = SCALAR;
   const int threads = threads_;
   const int group_size = group_size_;
-  const bool int8 = isa == AVX512 && int8_chosen();
+  const bool int8 = int8_ && isa == AVX512 && int8_supported();
 
   encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = w.data<uint32_t>(),
                     s = scales.data<void>(), b = biases.data<void>(),
@@ -248,7 +248,7 @@ void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
 }
 
 mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
-                           const mx::array& biases, int group_size, int threads,
+                           const mx::array& biases, int group_size, int threads, bool int8,
                            mx::StreamOrDevice s) {
   if (group_size != 32 && group_size != 64 && group_size != 128)
     throw std::invalid_argument("qmv: group_size must be 32, 64 or 128");
@@ -275,7 +275,7 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
     return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
   };
   return mx::array(
-      shape, out_type, std::make_shared<QuantizedMatvec>(stream, group_size, threads),
+      shape, out_type, std::make_shared<QuantizedMatvec>(stream, group_size, threads, int8),
       {mx::contiguous(x, false, stream), dense(w), dense(scales), dense(biases)});
 }
 
@@ -342,15 +342,16 @@ NB_MODULE(QMV_MODULE_NAME, m) {
       MLX_VERSION_PATCH);
   m.def("quantized_matvec", &qmv::quantized_matvec, nb::arg("x"), nb::arg("w"),
         nb::arg("scales"), nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
-        nb::kw_only(), nb::arg("stream") = nb::none(),
-        "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32.");
+        nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32 (with x "
+        "rounded to int8 per block of 32 when int8 and int8_supported()).");
   qmv::register_attention(m);
   m.def("isa", [] { return std::string(qmv::isa_name(qmv::chosen_isa())); },
         "The instruction set the kernels use (after QWEN3_MLX_QMV_ISA).");
   m.def("detected_isa", [] { return std::string(qmv::isa_name(qmv::detected_isa())); },
         "The best instruction set this CPU supports.");
-  m.def("int8", &qmv::int8_chosen,
-        "Whether x is quantized to int8 for VNNI dot products (QWEN3_MLX_QMV_INT8=1, AVX-512 VNNI).");
+  m.def("int8_supported", &qmv::int8_supported,
+        "Whether quantized_matvec(..., int8=True) runs the int8 VNNI kernel on this CPU.");
   m.def(
       "read_bandwidth",
       [](int64_t bytes, int repeats, int threads) {
