@@ -291,11 +291,11 @@ def test_info_describes_the_model_without_loading_it(model_dir: Path) -> None:
     assert facts["context_length"] == 4096 and facts["context_length_yarn"] == 131072
     config = json.loads((model_dir / "config.json").read_text())
     elements = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"]
-    groups = elements // 64  # a scale and a bias (float32 here) per group of 64
+    groups = elements // 64  # a bf16 scale and bias per group of 64, whatever the compute dtype
     assert facts["kv_bytes_per_token"] == {
         "float32": 4 * elements,
-        "8": elements + groups * 8,
-        "4": elements // 2 + groups * 8,
+        "8": elements + groups * 4,
+        "4": elements // 2 + groups * 4,
     }
     free = facts["kv_tokens_in_free_memory"]
     assert free is None or free["8"] > 3 * free["float32"] > 0
