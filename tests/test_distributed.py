@@ -81,7 +81,11 @@ def start_group(command: list[str], stdout: Any, stderr: Any) -> subprocess.Pope
     return subprocess.Popen(
         [str(launcher), *ring, qwen3_mlx, *command],
         env=ENV,
-        stdin=subprocess.DEVNULL,
+        # A pipe never written to, like a terminal nobody types at. Not /dev/null: mlx.launch
+        # (mlx 0.32) then reads EOF ten times a second and puts it on a queue, and a SIGINT that
+        # lands inside that queue's lock leaves it held: its I/O threads block, and it hangs
+        # after both ranks exited (seen here about once in ten runs under load).
+        stdin=subprocess.PIPE,
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
