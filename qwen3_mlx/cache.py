@@ -19,6 +19,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from qwen3_mlx.errors import ConfigError
+
 KV_BITS = (4, 8)
 KV_GROUP_SIZE = 64
 KV_SCALE_BYTES = 2  # bf16 scales and biases (f16 when the model computes in f16)
@@ -40,6 +42,12 @@ def make_cache(model: Any, kv_bits: int | None = None) -> list[Any]:
         return [KVCache() for _ in model.layers]
     if kv_bits not in KV_BITS:
         raise ValueError(f"kv_bits must be one of {KV_BITS}, not {kv_bits}")
+    head_dim = getattr(getattr(model, "args", None), "head_dim", KV_GROUP_SIZE)
+    if head_dim % KV_GROUP_SIZE:
+        raise ConfigError(
+            f"--kv-bits needs a head size that is a multiple of {KV_GROUP_SIZE} (the "
+            f"quantization group); this model's is {head_dim}"
+        )
     return [CompactQuantizedKVCache(group_size=KV_GROUP_SIZE, bits=kv_bits) for _ in model.layers]
 
 
