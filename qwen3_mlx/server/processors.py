@@ -16,7 +16,6 @@ import mlx.core as mx
 import numpy as np
 
 from qwen3_mlx.errors import Qwen3Error
-from qwen3_mlx.sampling import FrequencyPenalty as FrequencyPenalty  # worker.py imports it here
 from qwen3_mlx.thinking import Phase, ThinkParser
 from qwen3_mlx.tokenizer import IM_END_ID, THINK_START_ID
 

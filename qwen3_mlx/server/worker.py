@@ -24,13 +24,9 @@ from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import ReplyEvent, TurnResult
 from qwen3_mlx.generate import GeneratedToken
+from qwen3_mlx.sampling import FrequencyPenalty
 from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
-from qwen3_mlx.server.processors import (
-    AnswerConstraint,
-    AnswerGrammar,
-    FrequencyPenalty,
-    LogprobRecorder,
-)
+from qwen3_mlx.server.processors import AnswerConstraint, AnswerGrammar, LogprobRecorder
 from qwen3_mlx.stream import RepetitionGuard
 from qwen3_mlx.thinking import Part, ThinkParser, prompt_phase
 
