@@ -71,13 +71,12 @@ def test_logits_stay_within_the_stated_bound_of_the_float_cache(tiny, bits: int)
     assert drift <= most_drift, (bits, agreement, drift)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
     "shape",
     [{"head_dim": 64}, {"head_dim": 128, "num_attention_heads": 8, "num_key_value_heads": 2}],
     ids=["head64-gqa2", "head128-gqa4"],
 )
-def test_random_models_stay_within_the_same_bounds(tmp_path, shape, bits: int) -> None:
+def test_random_models_stay_within_the_same_bounds(tmp_path, shape) -> None:
     # Measured: 8-bit 100 % and 0.003-0.004, 4-bit 99.3-100 % and 0.028-0.031 on 136 positions.
     from checkpoints import make_checkpoint
 
@@ -87,11 +86,11 @@ def test_random_models_stay_within_the_same_bounds(tmp_path, shape, bits: int) -
     rng = random.Random(0)
     tokens = [rng.randrange(model.args.vocab_size) for _ in range(200)]
     reference = teacher_forced_logits(model, tokens, None, prefill=64)
-    quantized = teacher_forced_logits(model, tokens, bits, prefill=64)
-    agreement = float(np.mean(reference.argmax(-1) == quantized.argmax(-1)))
-    drift = float(np.max(np.abs(reference - quantized)) / np.max(np.abs(reference)))
-    least_agreement, most_drift = BOUNDS[bits]
-    assert agreement >= least_agreement and drift <= most_drift, (bits, agreement, drift)
+    for bits, (least_agreement, most_drift) in BOUNDS.items():
+        quantized = teacher_forced_logits(model, tokens, bits, prefill=64)
+        agreement = float(np.mean(reference.argmax(-1) == quantized.argmax(-1)))
+        drift = float(np.max(np.abs(reference - quantized)) / np.max(np.abs(reference)))
+        assert agreement >= least_agreement and drift <= most_drift, (bits, agreement, drift)
 
 
 def test_a_head_size_the_group_does_not_divide_is_refused_in_one_line(tmp_path) -> None:
