@@ -175,8 +175,8 @@ def restore_beside(
     decides the rest.
     """
     saved = cache_path(transcript)
-    scaling = saved_rope(saved) if plan is not None else None
     if plan is not None:
+        scaling = saved_rope(saved)
         factor = None if scaling is None else float(scaling.get("factor", 0))
         fits = scaling is None or (
             factor in plan.factors

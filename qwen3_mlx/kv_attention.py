@@ -7,7 +7,7 @@ over float32 queries takes the native kernel (qwen3_mlx/native/attention.cpp) wh
 keys, values, scales and biases read once and in place, the softmax fused, results within float32
 rounding of mlx-lm's. The cache keeps bf16 scales (qwen3_mlx/cache.py); MLX's CPU kernel for
 bf16 scales is a scalar loop, so the fallback casts them to the query dtype first (a transient
-of 1/16 of the keys' elements).
+of two values per 64 cached elements).
 """
 
 from __future__ import annotations

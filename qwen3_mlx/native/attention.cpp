@@ -268,7 +268,8 @@ ScaleType scale_type(const mx::array& a) {
   return a.dtype() == mx::float32 ? F32 : a.dtype() == mx::bfloat16 ? BF16 : F16;
 }
 
-// The cache tensors are views; copy one to a dense buffer only if its last axis is strided.
+// The cache tensors are views into the cache's allocation (strided along T); their last axis is
+// contiguous, as mlx-lm's cache slices only along T.
 Packed packed(const mx::array& w, const mx::array& s, const mx::array& b) {
   if (w.strides().back() != 1 || s.strides().back() != 1 || b.strides().back() != 1 ||
       s.strides() != b.strides())
