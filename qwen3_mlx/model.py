@@ -9,6 +9,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.cpu_ops import RMSNorm, swiglu
 from qwen3_mlx.kv_attention import quantized_attention
 from qwen3_mlx.rope import RoPE
 
@@ -29,8 +30,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(D, self.n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * head_dim, D, bias=False)
-        self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.q_norm = RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
@@ -68,7 +69,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
 
@@ -79,8 +80,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -94,7 +95,7 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: plain RoPE and YaRN, both on mx.fast.rope."""
+"""Rotary position embeddings: plain RoPE and YaRN, on mx.fast.rope (the native op for float32 on
+the CPU: qwen3_mlx/cpu_ops.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from qwen3_mlx import cpu_ops
 
 
 def _yarn_correction_dim(rotations: float, dims: int, base: float, original: int) -> float:
@@ -61,8 +64,23 @@ class RoPE(nn.Module):
             self._freqs, self.attention_factor = yarn_frequencies(dims, base, scaling)
         elif rope_type not in ("default", None):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}")
+        self._inv_freq: mx.array | None = None  # for the native op, made at first use
+
+    def _inverse_frequencies(self) -> mx.array:
+        if self._inv_freq is None:
+            # What mx.fast.rope's CPU path computes from base or from freqs, bit for bit.
+            if self._freqs is None:
+                self._inv_freq = cpu_ops.default_inv_freq(self.dims, self.base)
+            else:
+                self._inv_freq = mx.reciprocal(self._freqs)
+            mx.eval(self._inv_freq)
+        return self._inv_freq
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if x.dtype == mx.float32 and x.shape[-1] == self.dims:
+            out = cpu_ops.rope(x, self._inverse_frequencies(), offset, self.attention_factor)
+            if out is not None:
+                return out
         if self.attention_factor != 1.0:
             # transformers scales cos and sin; scaling the input is the same rotation, scaled.
             x = x * self.attention_factor

@@ -330,6 +330,7 @@ double read_bandwidth(int64_t bytes, int repeats, int threads) {
 }
 
 void register_attention(nb::module_& m);  // attention.cpp
+void register_decode_ops(nb::module_& m);  // decode_ops.cpp
 
 }  // namespace qmv
 
@@ -346,6 +347,7 @@ NB_MODULE(QMV_MODULE_NAME, m) {
         "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32 (with x "
         "rounded to int8 per block of 32 when int8 and int8_supported()).");
   qmv::register_attention(m);
+  qmv::register_decode_ops(m);
   m.def("isa", [] { return std::string(qmv::isa_name(qmv::chosen_isa())); },
         "The instruction set the kernels use (after QWEN3_MLX_QMV_ISA).");
   m.def("detected_isa", [] { return std::string(qmv::isa_name(qmv::detected_isa())); },

@@ -1,0 +1,102 @@
+"""RMSNorm, RoPE and SwiGLU for float32 on the CPU: one native op each when built, else MLX's.
+
+On MLX's CPU backend `mx.fast.rms_norm` and `mx.fast.rope` have no kernel and run as chains of
+6-15 ops, and `nn.silu`'s exp is scalar: for one token of a 4B model that is ~30 ms of a ~180 ms
+decode step spent on a few hundred kilobytes (docs/benchmarks.md). The extension
+(qwen3_mlx/native/decode_ops.cpp) does each in one pass, within a few float32 roundings of MLX's
+ops. Everything else (a GPU, half precision, an array of per-row offsets, no extension) keeps
+MLX's ops, which stay the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen3_mlx import native_kernel
+
+_checked: tuple[ModuleType | None, str | None] | None = None
+
+
+def _self_test(module: ModuleType) -> str | None:
+    """None if each op matches MLX's on a small input, else what failed."""
+    x = mx.linspace(-3, 3, 2 * 3 * 64).reshape(2, 3, 1, 64)
+    weight = mx.linspace(0.5, 1.5, 64)
+    checks = {
+        "rms_norm": (module.rms_norm(x, weight, 1e-6), mx.fast.rms_norm(x, weight, 1e-6)),
+        "rope": (
+            module.rope(x, default_inv_freq(64, 10_000.0), 5),
+            mx.fast.rope(x, 64, traditional=False, base=10_000.0, scale=1.0, offset=5),
+        ),
+        "swiglu": (module.swiglu(x, x[::-1]), nn.silu(x) * x[::-1]),
+    }
+    for name, (actual, expected) in checks.items():
+        if not mx.allclose(actual, expected, rtol=1e-5, atol=1e-6).item():
+            return f"its {name} self-test differed from MLX's"
+    return None
+
+
+def native_ops() -> ModuleType | None:
+    """The extension when its decode ops are present and passed their self-test, else None."""
+    global _checked
+    if _checked is None:
+        module = native_kernel.native()
+        if module is None:
+            _checked = (None, native_kernel.fallback_reason())
+        elif not hasattr(module, "swiglu"):
+            _checked = (None, "the extension was built without the decode ops")
+        else:
+            try:
+                problem = _self_test(module)
+            except Exception as error:  # an ABI mismatch shows up as a TypeError or C++ exception
+                problem = f"its decode-op self-test failed ({type(error).__name__})"
+            _checked = (None, problem) if problem else (module, None)
+    return _checked[0]
+
+
+def _native_for(*arrays: mx.array) -> ModuleType | None:
+    """The extension if every array is float32 and MLX computes on the CPU, else None."""
+    if any(a.dtype != mx.float32 for a in arrays) or mx.default_device() != mx.cpu:
+        return None
+    return native_ops()
+
+
+def default_inv_freq(dims: int, base: float) -> mx.array:
+    """RoPE's inverse frequencies, computed as mx.fast.rope's CPU path does (bit for bit)."""
+    half = dims // 2
+    return mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """weight * x / sqrt(mean(x^2) + eps) over the last axis."""
+    module = _native_for(x, weight)
+    if module is None:
+        return mx.fast.rms_norm(x, weight, eps)
+    return module.rms_norm(x, weight, eps)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, Qwen3's MLP activation."""
+    module = _native_for(gate, up)
+    if module is None or gate.shape != up.shape:
+        return nn.silu(gate) * up
+    return module.swiglu(gate, up)
+
+
+def rope(x: mx.array, inv_freq: mx.array, offset: int, factor: float) -> mx.array | None:
+    """Non-interleaved RoPE of factor * x over its whole last axis at positions offset.., or None
+    where the native op does not apply (the caller then uses mx.fast.rope)."""
+    module = _native_for(x)
+    if module is None or not isinstance(offset, int) or x.ndim < 2:
+        return None
+    return module.rope(x, inv_freq, offset, factor)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter), computed by `rms_norm`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self["weight"], self.eps)
