@@ -5,7 +5,8 @@
 // scalar. For one token of a 4B model that measured 65 us per norm, 160 us per RoPE and 260 us per
 // SwiGLU: 30 ms of a 180 ms step, for a few hundred kilobytes of arithmetic. Each op here is one
 // pass. Arithmetic is float32, as MLX's; results are within a few float32 roundings of MLX's ops
-// (tests/test_decode_ops.py), and callers use them only for float32 on the CPU (qwen3_mlx/cpu_ops.py).
+// (tests/test_decode_ops.py), and callers use them only for float32 on the CPU
+// (qwen3_mlx/cpu_ops.py).
 
 #include <cmath>
 #include <cstdint>
@@ -139,9 +140,9 @@ class FloatOp : public mx::UnaryPrimitive {
     encoder.set_output_array(out);
     std::vector<mx::array> held;
     for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out), body]() mutable {
-      body(held, out);
-    });
+    auto target = mx::array::unsafe_weak_copy(out);
+    encoder.dispatch(
+        [held = std::move(held), target, body]() mutable { body(held, target); });
   }
 };
 
@@ -156,7 +157,8 @@ class RmsNorm : public FloatOp {
     const float eps = eps_;
     run(inputs, out, [eps](const std::vector<mx::array>& in, mx::array& o) {
       const int64_t D = in[0].shape(-1);
-      rms_norm_rows(in[0].data<float>(), in[1].data<float>(), o.data<float>(), in[0].size() / D, D, eps);
+      rms_norm_rows(in[0].data<float>(), in[1].data<float>(), o.data<float>(), in[0].size() / D,
+                    D, eps);
     });
   }
 
@@ -208,12 +210,14 @@ class SwiGlu : public FloatOp {
 
 mx::Stream cpu_stream(mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("qmv decode ops: CPU streams only");
+  if (stream.device != mx::Device::cpu)
+    throw std::invalid_argument("qmv decode ops: CPU streams only");
   return stream;
 }
 
 void require_float32(const mx::array& a, const char* what) {
-  if (a.dtype() != mx::float32) throw std::invalid_argument(std::string("qmv decode ops: ") + what + " must be float32");
+  if (a.dtype() != mx::float32)
+    throw std::invalid_argument(std::string("qmv decode ops: ") + what + " must be float32");
 }
 
 }  // namespace
@@ -232,8 +236,10 @@ mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, fl
                mx::StreamOrDevice s) {
   require_float32(x, "x");
   require_float32(inv_freq, "inv_freq");
-  if (x.ndim() < 2 || x.shape(-1) % 2 || inv_freq.ndim() != 1 || inv_freq.shape(0) * 2 != x.shape(-1))
-    throw std::invalid_argument("qmv decode ops: rope needs x [..., L, D] with D even and inv_freq [D/2]");
+  if (x.ndim() < 2 || x.shape(-1) % 2 || inv_freq.ndim() != 1 ||
+      inv_freq.shape(0) * 2 != x.shape(-1))
+    throw std::invalid_argument(
+        "qmv decode ops: rope needs x [..., L, D] with D even and inv_freq [D/2]");
   if (offset < 0) throw std::invalid_argument("qmv decode ops: rope's offset must be >= 0");
   auto stream = cpu_stream(s);
   return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream, offset, factor),
@@ -243,7 +249,8 @@ mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, fl
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
   require_float32(gate, "gate");
   require_float32(up, "up");
-  if (gate.shape() != up.shape()) throw std::invalid_argument("qmv decode ops: gate and up must have one shape");
+  if (gate.shape() != up.shape())
+    throw std::invalid_argument("qmv decode ops: gate and up must have one shape");
   auto stream = cpu_stream(s);
   return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGlu>(stream),
                    {mx::contiguous(gate, false, stream), mx::contiguous(up, false, stream)});
@@ -251,9 +258,10 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice 
 
 void register_decode_ops(nb::module_& m) {
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"), nb::kw_only(),
-        nb::arg("stream") = nb::none(), "weight * x / sqrt(mean(x^2) + eps) over the last axis, float32.");
-  m.def("rope", &rope, nb::arg("x"), nb::arg("inv_freq"), nb::arg("offset"), nb::arg("factor") = 1.0f,
-        nb::kw_only(), nb::arg("stream") = nb::none(),
+        nb::arg("stream") = nb::none(),
+        "weight * x / sqrt(mean(x^2) + eps) over the last axis, float32.");
+  m.def("rope", &rope, nb::arg("x"), nb::arg("inv_freq"), nb::arg("offset"),
+        nb::arg("factor") = 1.0f, nb::kw_only(), nb::arg("stream") = nb::none(),
         "Non-interleaved RoPE of factor * x [..., L, D] at positions offset + l, float32.");
   m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), nb::kw_only(),
         nb::arg("stream") = nb::none(), "silu(gate) * up, float32.");
