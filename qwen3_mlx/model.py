@@ -10,7 +10,7 @@ from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.cpu_ops import RMSNorm, swiglu
-from qwen3_mlx.kv_attention import quantized_attention
+from qwen3_mlx.kv_attention import float_attention, quantized_attention
 from qwen3_mlx.rope import RoPE
 
 
@@ -52,7 +52,7 @@ class Attention(nn.Module):
             out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
         else:
             # The fused kernel handles GQA (fewer kv heads) without repeating k and v.
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            out = float_attention(q, k, v, self.scale, mask)
         out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 

@@ -1,8 +1,10 @@
-"""Decode attention over a quantized KV cache (qwen3_mlx/kv_attention.py): the native fused kernel
+"""Decode attention (qwen3_mlx/kv_attention.py). Over a quantized KV cache the native fused kernel
 matches a float64 reference and mlx-lm's quantized attention on the same packed cache, for 8 and
 4 bits, float32/bf16/f16 scales, GQA ratios, batches, contexts across its 256-token chunks and
-strided cache views, on every instruction set; the model decodes the same tokens with it and with
-mlx-lm's path; and everything it does not take (prefill chunks, masks) goes to mlx-lm's path."""
+strided cache views, on every instruction set. Over a float32 cache the native kernel matches a
+float64 reference and mx.fast.scaled_dot_product_attention the same way, and follows any strides.
+The model decodes the same tokens with the kernels and without them; everything they do not take
+(prefill chunks, masks, other dtypes) goes to mlx-lm's or MLX's path."""
 
 from __future__ import annotations
 
@@ -114,27 +116,169 @@ def test_prefill_and_masked_calls_take_mlx_lms_path(monkeypatch) -> None:
     assert calls == [(1, 4, 3, 64), (1, 4, 1, 64)]
 
 
+def greedy_decode(model, tokenizer, bits) -> tuple[list[int], np.ndarray]:
+    """24 greedy tokens after a prompt of ~70 tokens, and the logits of each step."""
+    prompt = tokenizer.encode("Reverse these words: moon river star lake bird tree") * 6
+    cache = make_cache(model, bits)
+    logits = model(mx.array([prompt]), cache=cache)[0, -1]
+    tokens, rows = [], []
+    for _ in range(24):
+        token = int(mx.argmax(logits).item())
+        tokens.append(token)
+        logits = model(mx.array([[token]]), cache=cache)[0, -1]
+        rows.append(np.array(logits))
+    return tokens, np.stack(rows)
+
+
 @needs_native
 @pytest.mark.parametrize("bits", [8, 4])
 def test_the_model_decodes_the_same_with_and_without_the_kernel(bits, monkeypatch) -> None:
     from qwen3_mlx.loading import load
 
     model, tokenizer, _ = load(REPO / "models" / "qwen3-tiny-chat")
-    prompt = tokenizer.encode("Reverse these words: moon river star lake bird tree") * 6
-
-    def decode() -> tuple[list[int], np.ndarray]:
-        cache = make_cache(model, bits)
-        logits = model(mx.array([prompt]), cache=cache)[0, -1]
-        tokens, rows = [], []
-        for _ in range(24):
-            token = int(mx.argmax(logits).item())
-            tokens.append(token)
-            logits = model(mx.array([[token]]), cache=cache)[0, -1]
-            rows.append(np.array(logits))
-        return tokens, np.stack(rows)
-
-    with_kernel = decode()
+    with_kernel = greedy_decode(model, tokenizer, bits)
     monkeypatch.setattr(kv_attention, "native_attention", lambda: None)
-    without = decode()
+    without = greedy_decode(model, tokenizer, bits)
     assert with_kernel[0] == without[0]
     assert np.abs(with_kernel[1] - without[1]).max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Float32 KV cache
+
+native_float = kv_attention.native_float_attention()
+needs_native_float = pytest.mark.skipif(
+    native_float is None, reason=f"native float attention not available: {kv_attention._checked}"
+)
+
+
+def float64_float_attention(q, k, v, scale):
+    B, Hq, _, D = q.shape
+    k, v = np.array(k, dtype=np.float64), np.array(v, dtype=np.float64)
+    H = k.shape[1]
+    qn = np.array(q, dtype=np.float64).reshape(B, H, Hq // H, D)
+    scores = np.einsum("bhrd,bhtd->bhrt", qn, k) * scale
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhrt,bhtd->bhrd", weights, v).reshape(B, Hq, 1, D)
+
+
+def check_float(q, k, v, threads=2) -> None:
+    """The native kernel within float32 rounding of float64 and of mx.fast."""
+    scale = q.shape[-1] ** -0.5
+    ours = native_float.decode_attention(q, k, v, scale, threads)
+    fast = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    assert ours.shape == q.shape and ours.dtype == mx.float32
+    np.testing.assert_allclose(ours, float64_float_attention(q, k, v, scale), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(ours, fast, rtol=1e-5, atol=2e-6)
+
+
+FLOAT_CASES = [
+    # (B, Hq, Hkv, T, D, capacity): capacity > T makes the cache a view strided along T
+    (1, 8, 8, 1, 128, 4),  # no GQA, one token
+    (1, 16, 8, 255, 128, 300),  # Qwen3-0.6B heads, one short of a chunk
+    (1, 32, 8, 256, 128, 256),  # Qwen3-4B heads, exactly one chunk
+    (2, 16, 2, 257, 64, 512),  # a batch, 8 query heads per KV head, one past a chunk
+    (1, 12, 4, 700, 128, 768),  # 3 query heads per KV head (a pair and one), three chunks
+    (1, 6, 2, 33, 48, 40),  # D a multiple of 16, not 32: AVX2 where AVX-512 was asked for
+    (1, 4, 2, 40, 24, 64),  # D not a multiple of 16: the portable kernels on every ISA
+]
+
+
+@needs_native_float
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("case", FLOAT_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_the_native_float_kernel_matches_float64_and_mx_fast(case, isa, monkeypatch) -> None:
+    monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)  # never above what the CPU has
+    B, Hq, Hkv, T, D, capacity = case
+    mx.random.seed(sum(case))
+    k = (mx.random.normal((B, Hkv, capacity, D)) * 2)[..., :T, :]
+    v = mx.random.normal((B, Hkv, capacity, D))[..., :T, :]
+    check_float(mx.random.normal((B, Hq, 1, D)), k, v)
+
+
+@needs_native_float
+def test_the_native_float_kernel_follows_any_strides() -> None:
+    mx.random.seed(3)
+    q = mx.random.normal((2, 8, 1, 64))
+    by_token = mx.random.normal((2, 300, 4, 64)).transpose(0, 2, 1, 3)  # [B, T, H, D] as a model's
+    check_float(q, by_token[:, :, :290], by_token[:, :, 5:295])
+    columns = mx.random.normal((2, 4, 64, 300)).swapaxes(2, 3)  # the last axis strided
+    check_float(q, columns, columns * 0.5 + 1, threads=1)
+
+
+@needs_native_float
+def test_the_native_float_kernel_gives_zeros_for_an_empty_cache() -> None:
+    empty = mx.zeros((1, 2, 0, 64))
+    out = native_float.decode_attention(mx.ones((1, 4, 1, 64)), empty, empty, 0.125, 2)
+    assert out.shape == (1, 4, 1, 64) and not mx.any(out).item()
+
+
+@needs_native_float
+def test_bad_float_inputs_are_refused_with_a_message() -> None:
+    k = v = mx.zeros((1, 2, 8, 64))
+    q = mx.zeros((1, 4, 1, 64))
+    with pytest.raises(ValueError, match=r"q must be float32 \[B, Hq, 1, D\]"):
+        native_float.decode_attention(q.astype(mx.bfloat16), k, v, 1.0, 1)
+    with pytest.raises(ValueError, match="q must be float32"):
+        native_float.decode_attention(mx.zeros((1, 4, 2, 64)), k, v, 1.0, 1)
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        native_float.decode_attention(mx.zeros((1, 5, 1, 64)), k, v, 1.0, 1)
+    with pytest.raises(ValueError, match=r"keys and values must be float32 \[B, Hkv, T, D\]"):
+        native_float.decode_attention(q, k[..., :32], v[..., :32], 1.0, 1)
+    with pytest.raises(ValueError, match="keys and values"):
+        native_float.decode_attention(q, k, v.astype(mx.float16), 1.0, 1)
+
+
+def test_float_attention_takes_mx_fast_for_what_the_kernel_does_not(monkeypatch) -> None:
+    taken = []
+
+    class Recorder:
+        def decode_attention(self, q, *args):
+            taken.append(("native", q.shape[2], q.dtype))
+            return mx.zeros(q.shape)
+
+    fast = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(kv_attention, "native_float_attention", Recorder)
+    monkeypatch.setattr(
+        mx.fast,
+        "scaled_dot_product_attention",
+        lambda q, *a, **k: taken.append(("fast", q.shape[2], q.dtype)) or fast(q, *a, **k),
+    )
+    cache = mx.ones((1, 2, 16, 64))
+    decode = mx.ones((1, 4, 1, 64))
+    for q, keys, mask in (
+        (decode, cache, None),
+        (mx.ones((1, 4, 3, 64)), mx.ones((1, 2, 18, 64)), "causal"),  # a prefill chunk
+        (decode, cache, mx.ones((1, 16), dtype=mx.bool_)),  # a masked (padded) batch row
+        (decode.astype(mx.bfloat16), cache.astype(mx.bfloat16), None),
+    ):
+        out = kv_attention.float_attention(q, keys, keys, 0.125, mask)
+        assert out.shape == q.shape
+    assert taken == [
+        ("native", 1, mx.float32),
+        ("fast", 3, mx.float32),
+        ("fast", 1, mx.float32),
+        ("fast", 1, mx.bfloat16),
+    ]
+
+
+@needs_native_float
+def test_the_model_decodes_the_same_with_and_without_the_float_kernel(monkeypatch) -> None:
+    from qwen3_mlx.loading import load
+
+    model, tokenizer, _ = load(REPO / "models" / "qwen3-tiny-chat")
+    calls = []
+
+    class Counting:
+        def decode_attention(self, *args):
+            calls.append(args[0].shape)
+            return native_float.decode_attention(*args)
+
+    monkeypatch.setattr(kv_attention, "native_float_attention", Counting)
+    with_kernel = greedy_decode(model, tokenizer, None)
+    assert len(calls) == 24 * len(model.layers)  # every decode step of every layer
+    monkeypatch.setattr(kv_attention, "native_float_attention", lambda: None)
+    without = greedy_decode(model, tokenizer, None)
+    assert with_kernel[0] == without[0]
+    assert np.abs(with_kernel[1] - without[1]).max() < 1e-4

@@ -31,6 +31,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "attention.h"
 #include "kernels.h"
 #include "pool.h"
 
@@ -42,8 +43,6 @@ namespace qmv {
 Isa chosen_isa();  // qmv.cpp: the best ISA, or QWEN3_MLX_QMV_ISA
 
 namespace {
-
-constexpr int64_t CHUNK = 256;  // context tokens per work item
 
 // One packed cache tensor (keys or values) and its scales and biases, with element strides of
 // the B, H and T axes (the last axis is contiguous).
@@ -62,16 +61,12 @@ struct Packed {
   }
 };
 
-struct Job {
+struct Job : Partials {
   Packed k, v;
   ScaleType type;
-  int bits, group, R, D;
-  int64_t B, H, T, chunks;
+  int bits, group;
   const float* q;     // [B, H, R, D], times the softmax scale
   const float* qsum;  // [B, H, R, D/group]: sums of each group of q
-  float* part_acc;    // [B, H, chunks, R, D]
-  float* part_max;    // [B, H, chunks, R]
-  float* part_sum;    // [B, H, chunks, R]
 };
 
 float scale_at(ScaleType type, const uint8_t* base, int64_t index) {
@@ -214,18 +209,7 @@ void run_chunk(const Job& job, int64_t item, ScoresFn scores, ValuesFn values) {
   float* sum = job.part_sum + item * R;
   std::fill(acc, acc + R * D, 0.0f);
   std::vector<float> bias(size_t(R) * groups, 0.0f), weight(size_t(R) * groups);
-  for (int r = 0; r < R; ++r) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < t1 - t0; ++t) m = std::max(m, score[t * R + r]);
-    float total = 0.0f;
-    for (int64_t t = 0; t < t1 - t0; ++t) {
-      float p = std::exp(score[t * R + r] - m);
-      score[t * R + r] = p;
-      total += p;
-    }
-    top[r] = m;
-    sum[r] = total;
-  }
+  softmax_chunk(score.data(), t1 - t0, R, top, sum);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t index = job.v.scale_index(bi, h, t);
     for (int g = 0; g < groups; ++g) {
@@ -241,27 +225,6 @@ void run_chunk(const Job& job, int64_t item, ScoresFn scores, ValuesFn values) {
   }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < D; ++i) acc[r * D + i] += bias[r * groups + i / job.group];
-}
-
-// Merge the chunks of every (b, h, r): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
-void merge(const Job& job, float* out) {
-  const int R = job.R, D = job.D;
-  for (int64_t bh = 0; bh < job.B * job.H; ++bh)
-    for (int r = 0; r < R; ++r) {
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < job.chunks; ++c) m = std::max(m, job.part_max[(bh * job.chunks + c) * R + r]);
-      float* o = out + (bh * R + r) * D;
-      std::fill(o, o + D, 0.0f);
-      float total = 0.0f;
-      for (int64_t c = 0; c < job.chunks; ++c) {
-        const int64_t item = bh * job.chunks + c;
-        const float factor = std::exp(job.part_max[item * R + r] - m);
-        total += factor * job.part_sum[item * R + r];
-        const float* a = job.part_acc + (item * R + r) * D;
-        for (int i = 0; i < D; ++i) o[i] += factor * a[i];
-      }
-      for (int i = 0; i < D; ++i) o[i] /= total;
-    }
 }
 
 ScaleType scale_type(const mx::array& a) {
@@ -320,7 +283,7 @@ void QuantizedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx
   job.T = inputs[1].shape(2);
   job.R = int(q.shape(1) / job.H);
   job.D = int(q.shape(3));
-  job.chunks = std::max<int64_t>(1, (job.T + CHUNK - 1) / CHUNK);
+  job.chunks = chunks_for(job.T);
   Isa isa = chosen_isa();
   const float scale = scale_;
   const int threads = threads_;
@@ -332,14 +295,9 @@ void QuantizedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx
     const float* in = q.data<float>();
     for (int64_t i = 0; i < rows * job.D; ++i) qs[i] = in[i] * scale;
     for (int64_t i = 0; i < rows * job.D; ++i) qsum[i / job.group] += qs[i];
-    const int64_t items = job.B * job.H * job.chunks;
-    std::vector<float> acc(size_t(items) * job.R * job.D), top(size_t(items) * job.R),
-        sum(size_t(items) * job.R);
+    const std::vector<float> partials = job.allocate();
     job.q = qs.data();
     job.qsum = qsum.data();
-    job.part_acc = acc.data();
-    job.part_max = top.data();
-    job.part_sum = sum.data();
     ScoresFn scores = scores_scalar;
     ValuesFn values = values_scalar;
 #ifdef QMV_X86
@@ -352,7 +310,7 @@ void QuantizedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx
       std::fill(out.data<float>(), out.data<float>() + rows * job.D, 0.0f);
       return;
     }
-    pool().run(threads, items, [&](int64_t item) { run_chunk(job, item, scores, values); });
+    pool().run(threads, job.items(), [&](int64_t item) { run_chunk(job, item, scores, values); });
     merge(job, out.data<float>());
   });
 }
@@ -399,6 +357,9 @@ void register_attention(nb::module_& m) {
         nb::arg("v_biases"), nb::arg("scale"), nb::arg("group_size") = 64, nb::arg("bits") = 8,
         nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
         "softmax(scale q K^T) V for one query position over an affine-quantized KV cache.");
+  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "softmax(scale q K^T) V for one query position over a float32 KV cache (any strides).");
 }
 
 }  // namespace qmv

@@ -1,0 +1,89 @@
+"""One decode step's attention over a float32 KV cache: the native kernel beside mx.fast's.
+
+    python -m benchmarks.bench_attention                 # 0.6B and 4B heads, 64/1,024/4,096 tokens
+    python -m benchmarks.bench_attention --rounds 15 --contexts 64,1024
+
+One layer's attention for one query position (head_dim 128, float32) over a cache of T tokens
+held as mlx-lm's KVCache holds it: a view of a larger allocation, sliced along T. Each round
+times `--calls` calls of each path, one `mx.eval` per call, the two paths alternating so
+background load hits both alike; the table shows microseconds per call, best round. The native
+path is `qwen3_mlx.kv_attention.float_attention` (what the model calls, with its thread count);
+the peer is `mx.fast.scaled_dot_product_attention`. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import qwen3_mlx  # noqa: F401  (binds OpenBLAS before mlx is imported)
+
+SHAPES = {"0.6b": (16, 8), "4b": (32, 8)}  # query heads, KV heads
+HEAD_DIM = 128
+GROWTH = 256  # mlx-lm's KVCache grows its allocation in steps of this many tokens
+
+
+def paths(query_heads: int, kv_heads: int, context: int) -> dict[str, Callable[[], object]]:
+    """The two attention calls over one random cache of `context` tokens."""
+    import mlx.core as mx
+
+    from qwen3_mlx.kv_attention import float_attention
+
+    capacity = (context // GROWTH + 1) * GROWTH
+    keys = mx.random.normal((1, kv_heads, capacity, HEAD_DIM))
+    values = mx.random.normal((1, kv_heads, capacity, HEAD_DIM))
+    queries = mx.random.normal((1, query_heads, 1, HEAD_DIM))
+    mx.eval(keys, values, queries)
+    k, v = keys[..., :context, :], values[..., :context, :]
+    scale = HEAD_DIM**-0.5
+    return {
+        "native": lambda: float_attention(queries, k, v, scale, None),
+        "mx.fast": lambda: mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale),
+    }
+
+
+def best_microseconds(calls: dict[str, Callable[[], object]], rounds: int, count: int) -> dict:
+    """Microseconds per call of each path, best of `rounds` alternating rounds."""
+    import mlx.core as mx
+
+    best = {name: float("inf") for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            mx.eval(call())  # warm: first-use self-test, pool threads, caches
+            start = time.perf_counter()
+            for _ in range(count):
+                mx.eval(call())
+            best[name] = min(best[name], (time.perf_counter() - start) / count * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="64,1024,4096")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20)
+    options = parser.parse_args(argv)
+
+    from qwen3_mlx.kv_attention import THREADS, native_float_attention
+
+    module = native_float_attention()
+    where = f"ISA {module.isa()}, {THREADS} thread(s)" if module else "native kernel unavailable"
+    print(f"float32 decode attention, one layer, {where}")
+    print("| shape | tokens | native us | mx.fast us | mx.fast / native |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for shape, (query_heads, kv_heads) in SHAPES.items():
+        for context in map(int, options.contexts.split(",")):
+            calls = paths(query_heads, kv_heads, context)
+            best = best_microseconds(calls, options.rounds, options.calls)
+            ratio = best["mx.fast"] / best["native"]
+            print(
+                f"| {shape} | {context:,} | {best['native']:.0f} | {best['mx.fast']:.0f} "
+                f"| {ratio:.1f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
