@@ -117,16 +117,17 @@ def bytes_table() -> list[str]:
     return lines + [""] + ratios
 
 
-ATTENTION_SETTINGS = ("none", "8-bit", "4-bit", "8-bit mlx-lm", "4-bit mlx-lm")
+ATTENTION_SETTINGS = ("none", "8-bit", "4-bit", "none mx.fast", "8-bit mlx-lm", "4-bit mlx-lm")
 
 
 def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[str, list[float]]:
     """Seconds of one decode step's attention over every layer at `context` tokens, per KV setting.
 
-    The calls the model makes: mx.fast.scaled_dot_product_attention on float32 keys and values;
-    qwen3_mlx.kv_attention on our 8- and 4-bit caches (bf16 scales; the native kernel when it was
-    built); and, as the peer, mlx-lm's quantized_scaled_dot_product_attention on packs with
-    float32 scales (what mlx-lm runs with float32 compute). Each layer has its own random cache;
+    The calls the model makes: qwen3_mlx.kv_attention on float32 keys and values and on our 8- and
+    4-bit caches (bf16 scales; the native kernels when they were built); and, as the peers,
+    mx.fast.scaled_dot_product_attention on the float32 cache and mlx-lm's
+    quantized_scaled_dot_product_attention on packs with float32 scales (what mlx-lm runs with
+    float32 compute). Each layer has its own random cache;
     the settings alternate round by round so background load hits each alike. Round 0 warms up
     and is dropped.
     """
@@ -135,7 +136,7 @@ def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[str, l
     import mlx.core as mx
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-    from qwen3_mlx.kv_attention import quantized_attention
+    from qwen3_mlx.kv_attention import float_attention, quantized_attention
 
     scale = args.head_dim**-0.5
     queries = mx.random.normal((1, args.num_attention_heads, 1, args.head_dim))
@@ -144,6 +145,7 @@ def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[str, l
     for _ in range(args.num_hidden_layers):
         keys, values = mx.random.normal(shape), mx.random.normal(shape)
         layers["none"].append((keys, values))
+        layers["none mx.fast"].append((keys, values))
         for bits in (8, 4):
             ours = make_cache(SimpleNamespace(layers=[0]), bits)[0]
             layers[f"{bits}-bit"].append(ours.update_and_fetch(keys, values))
@@ -155,6 +157,8 @@ def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[str, l
 
     def step(setting: str) -> list[Any]:
         if setting == "none":
+            return [float_attention(queries, k, v, scale, None) for k, v in layers[setting]]
+        if setting == "none mx.fast":
             attend = mx.fast.scaled_dot_product_attention
             return [attend(queries, k, v, scale=scale) for k, v in layers[setting]]
         bits = int(setting[0])

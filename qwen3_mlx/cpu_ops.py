@@ -18,8 +18,6 @@ import mlx.nn as nn
 
 from qwen3_mlx import native_kernel
 
-_checked: tuple[ModuleType | None, str | None] | None = None
-
 
 def _self_test(module: ModuleType) -> str | None:
     """None if each op matches MLX's on a small input, else what failed."""
@@ -41,20 +39,7 @@ def _self_test(module: ModuleType) -> str | None:
 
 def native_ops() -> ModuleType | None:
     """The extension when its decode ops are present and passed their self-test, else None."""
-    global _checked
-    if _checked is None:
-        module = native_kernel.native()
-        if module is None:
-            _checked = (None, native_kernel.fallback_reason())
-        elif not hasattr(module, "swiglu"):
-            _checked = (None, "the extension was built without the decode ops")
-        else:
-            try:
-                problem = _self_test(module)
-            except Exception as error:  # an ABI mismatch shows up as a TypeError or C++ exception
-                problem = f"its decode-op self-test failed ({type(error).__name__})"
-            _checked = (None, problem) if problem else (module, None)
-    return _checked[0]
+    return native_kernel.checked("swiglu", _self_test)
 
 
 def _native_for(*arrays: mx.array) -> ModuleType | None:

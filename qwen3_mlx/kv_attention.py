@@ -20,7 +20,6 @@ loops.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -31,9 +30,6 @@ from qwen3_mlx import native_kernel
 from qwen3_mlx.cpu_quantized import THREADS
 
 Packed = tuple[mx.array, mx.array, mx.array]
-
-# Per native function: (the extension if it passed that function's self-test, else why not).
-_checked: dict[str, tuple[ModuleType | None, str | None]] = {}
 
 
 def _reference(q: mx.array, keys: Packed, values: Packed, scale: float, mask: Any, **quant: int):
@@ -70,31 +66,14 @@ def _float_self_test(module: ModuleType) -> str | None:
     return None
 
 
-def _native(function: str, self_test: Callable[[ModuleType], str | None]) -> ModuleType | None:
-    """The extension when it has `function` and that passed its self-test, else None."""
-    if function not in _checked:
-        module = native_kernel.native()
-        if module is None:
-            _checked[function] = (None, native_kernel.fallback_reason())
-        elif not hasattr(module, function):
-            _checked[function] = (None, f"the extension was built without {function}")
-        else:
-            try:
-                problem = self_test(module)
-            except Exception as error:  # an ABI mismatch shows up as a TypeError or C++ exception
-                problem = f"its {function} self-test failed ({type(error).__name__})"
-            _checked[function] = (None, problem) if problem else (module, None)
-    return _checked[function][0]
-
-
 def native_attention() -> ModuleType | None:
     """The extension when its quantized decode attention passed its self-test, else None."""
-    return _native("quantized_decode_attention", _self_test)
+    return native_kernel.checked("quantized_decode_attention", _self_test)
 
 
 def native_float_attention() -> ModuleType | None:
     """The extension when its float32 decode attention passed its self-test, else None."""
-    return _native("decode_attention", _float_self_test)
+    return native_kernel.checked("decode_attention", _float_self_test)
 
 
 def quantized_attention(

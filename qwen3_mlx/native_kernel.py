@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +34,8 @@ GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
 _loaded: tuple[ModuleType | None, str | None] | None = None
+# Per extension function: (the extension if that function passed its self-test, else why not).
+_checked: dict[str, tuple[ModuleType | None, str | None]] = {}
 
 
 def module_name() -> str:
@@ -93,6 +96,28 @@ def fallback_reason() -> str | None:
     native()
     assert _loaded is not None
     return _loaded[1]
+
+
+def checked(function: str, self_test: Callable[[ModuleType], str | None]) -> ModuleType | None:
+    """The extension when it has `function` and `self_test` (None, or what failed) passed once."""
+    if function not in _checked:
+        module = native()
+        if module is None:
+            _checked[function] = (None, fallback_reason())
+        elif not hasattr(module, function):
+            _checked[function] = (None, f"the extension was built without {function}")
+        else:
+            try:
+                problem = self_test(module)
+            except Exception as error:  # an ABI mismatch shows up as a TypeError or C++ exception
+                problem = f"its {function} self-test failed ({type(error).__name__})"
+            _checked[function] = (None, problem) if problem else (module, None)
+    return _checked[function][0]
+
+
+def checked_reason(function: str) -> str | None:
+    """Why `checked(function, ...)` gave None (after it was called), or None."""
+    return _checked.get(function, (None, "not checked yet"))[1]
 
 
 def supports_layer(layer_bits: int, group_size: int, mode: str, scales_dtype: mx.Dtype) -> bool:

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 from qwen3_mlx import cpu_ops
+from qwen3_mlx.native_kernel import checked_reason
 from qwen3_mlx.rope import RoPE
 
 REPO = Path(__file__).resolve().parent.parent
 
 native = cpu_ops.native_ops()
 needs_native = pytest.mark.skipif(
-    native is None, reason=f"native ops not built: {cpu_ops._checked}"
+    native is None, reason=f"native ops not built: {checked_reason('swiglu')}"
 )
 ISAS = [None, "avx2", "scalar"]
 

@@ -16,12 +16,14 @@ import pytest
 
 from qwen3_mlx import kv_attention
 from qwen3_mlx.cache import make_cache
+from qwen3_mlx.native_kernel import checked_reason
 
 REPO = Path(__file__).resolve().parent.parent
 
 native = kv_attention.native_attention()
 needs_native = pytest.mark.skipif(
-    native is None, reason=f"native attention not available: {kv_attention._checked}"
+    native is None,
+    reason=f"native attention not available: {checked_reason('quantized_decode_attention')}",
 )
 
 
@@ -148,7 +150,8 @@ def test_the_model_decodes_the_same_with_and_without_the_kernel(bits, monkeypatc
 
 native_float = kv_attention.native_float_attention()
 needs_native_float = pytest.mark.skipif(
-    native_float is None, reason=f"native float attention not available: {kv_attention._checked}"
+    native_float is None,
+    reason=f"native float attention not available: {checked_reason('decode_attention')}",
 )
 
 
