@@ -3,8 +3,9 @@ matches a float64 reference and mlx-lm's quantized attention on the same packed 
 4 bits, float32/bf16/f16 scales, GQA ratios, batches, contexts across its 256-token chunks and
 strided cache views, on every instruction set. Over a float32 cache the native kernel matches a
 float64 reference and mx.fast.scaled_dot_product_attention the same way, and follows any strides.
-The model decodes the same tokens with the kernels and without them; everything they do not take
-(prefill chunks, masks, other dtypes) goes to mlx-lm's or MLX's path."""
+The model decodes the same tokens with the kernels and without them, each quantized call within
+float32 rounding of mlx-lm's; everything they do not take (prefill chunks, masks, other dtypes)
+goes to mlx-lm's or MLX's path."""
 
 from __future__ import annotations
 
@@ -65,15 +66,19 @@ CASES = [
     (2, 6, 2, 257, 64, 8, 32, mx.bfloat16, 512),  # a batch, 3 query heads per KV head
     (1, 4, 4, 1, 64, 4, 64, mx.float32, 256),  # one token, no GQA
     (1, 10, 2, 40, 128, 8, 128, mx.float32, 64),  # 5 rows: a block of 4 and one more
+    (1, 16, 2, 45, 128, 4, 32, mx.bfloat16, 64),  # 8 rows: two blocks of 4; an odd key row left
+    (1, 8, 8, 7, 64, 8, 32, mx.float16, 16),  # 7 tokens: fewer than a vector's lanes
+    (1, 12, 4, 260, 256, 4, 128, mx.bfloat16, 300),  # D 256: several column passes, 3 rows
+    (1, 8, 4, 33, 96, 8, 32, mx.float32, 40),  # D 96: column passes of 64 and then 32
+    (1, 8, 4, 33, 96, 4, 32, mx.bfloat16, 40),
 ]
 
 
 @needs_native
-@pytest.mark.parametrize("isa", [None, "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case[:7])))
 def test_the_native_kernel_matches_float64_and_mlx_lm(case, isa, monkeypatch) -> None:
-    if isa is not None:
-        monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)
+    monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)  # never above what the CPU has
     B, Hq, Hkv, T, D, bits, group, dtype, capacity = case
     mx.random.seed(sum(case[:7]))
     keys, values = packed_cache((B, Hkv, T, D), bits, group, dtype, capacity)
@@ -138,11 +143,32 @@ def test_the_model_decodes_the_same_with_and_without_the_kernel(bits, monkeypatc
     from qwen3_mlx.loading import load
 
     model, tokenizer, _ = load(REPO / "models" / "qwen3-tiny-chat")
+    errors = []
+
+    class Checking:
+        """The kernel, each call compared with mlx-lm's attention over the same cache."""
+
+        def quantized_decode_attention(self, q, *args):
+            out = native.quantized_decode_attention(q, *args)
+            keys, values, (scale, group, bits_, _) = args[:3], args[3:6], args[6:]
+            reference = kv_attention._reference(
+                q, keys, values, scale, None, group_size=group, bits=bits_
+            )
+            errors.append(np.abs(np.array(out) - np.array(reference)).max())
+            return out
+
+    monkeypatch.setattr(kv_attention, "native_attention", Checking)
     with_kernel = greedy_decode(model, tokenizer, bits)
+    assert len(errors) == 24 * len(model.layers) and max(errors) < 1e-5
     monkeypatch.setattr(kv_attention, "native_attention", lambda: None)
     without = greedy_decode(model, tokenizer, bits)
     assert with_kernel[0] == without[0]
-    assert np.abs(with_kernel[1] - without[1]).max() < 1e-3
+    # Each run fills its own cache, so a last-bit difference in one step's attention can put a
+    # later key or value on the other side of one of the quantizer's rounding boundaries: a step
+    # of 1/255 of its group's range at 8 bits, ~2e-3 in these logits (seen with the AVX-512
+    # kernel; 6e-4 with the portable one) while every call agrees to ~1e-6. So the calls are
+    # checked one by one above, and the two runs to within a few such steps.
+    assert np.abs(with_kernel[1] - without[1]).max() < 1e-2
 
 
 # ---------------------------------------------------------------------------------------------
