@@ -134,6 +134,31 @@ def quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=-1)
 
 
+def _native_together(x: mx.array, layers: tuple[nn.Module, ...]) -> bool:
+    """Whether one native call can compute every layer for x: all CPU 4-bit layers without a
+    bias, with one group size, that the native kernel takes for this many rows."""
+    if x.size // x.shape[-1] > NATIVE_ROWS:
+        return False
+    return all(
+        type(layer) is CpuQuantizedLinear
+        and "bias" not in layer
+        and "biases" in layer
+        and layer.group_size == layers[0].group_size
+        and native_kernel.supports(x, layer.bits, layer.group_size, layer.mode, layer["scales"])
+        for layer in layers
+    )
+
+
+def project(x: mx.array, *layers: nn.Module) -> list[mx.array]:
+    """layer(x) for each layer; a decode step's q/k/v (or gate/up) in one native call where every
+    layer takes the native kernel: x is laid out once and the pool wakes once (bit for bit the
+    results of separate calls)."""
+    if len(layers) < 2 or not _native_together(x, layers):
+        return [layer(x) for layer in layers]
+    parts = [(layer["weight"], layer["scales"], layer["biases"]) for layer in layers]
+    return native_kernel.quantized_matvecs(x, parts, layers[0].group_size, THREADS)
+
+
 class CpuQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear computed by `quantized_matmul` (threads for decode, GEMM for prefill)."""
 

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.cpu_ops import RMSNorm, swiglu
+from qwen3_mlx.cpu_quantized import project
 from qwen3_mlx.kv_attention import float_attention, quantized_attention
 from qwen3_mlx.rope import RoPE
 
@@ -36,7 +37,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         # [B, L, H * head_dim] -> [B, H, L, head_dim]; the norms act per head.
         q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
@@ -69,7 +70,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        out = self.down_proj(swiglu(*project(x, self.gate_proj, self.up_proj)))
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
 

@@ -150,6 +150,19 @@ def quantized_matvec(
     return module.quantized_matvec(x, weight, scales, biases, group_size, threads, int8_requested())
 
 
+def quantized_matvecs(
+    x: mx.array,
+    layers: list[tuple[mx.array, mx.array, mx.array]],
+    group_size: int,
+    threads: int,
+) -> list[mx.array]:
+    """quantized_matvec for several (weight, scales, biases) with one x, in one native call."""
+    module = native()
+    assert module is not None, "call supports() first"
+    ws, scales, biases = (list(part) for part in zip(*layers, strict=True))
+    return module.quantized_matvecs(x, ws, scales, biases, group_size, threads, int8_requested())
+
+
 def int8_requested() -> bool:
     """Whether QWEN3_MLX_QMV_INT8=1 asks for the int8 variant (read per call, for tests)."""
     return os.environ.get(INT8_ENV) == "1"

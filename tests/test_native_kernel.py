@@ -143,6 +143,62 @@ def test_bad_shapes_raise():
         quantized_matvec(mx.zeros((1, 256)), words, scales, biases.astype(mx.float16), 64, 1)
 
 
+@NATIVE_SKIP
+@pytest.mark.parametrize("M", [1, 3])
+def test_several_matrices_in_one_call_equal_separate_calls(M):
+    """quantized_matvecs (a layer's q/k/v or gate/up at once) is bit for bit quantized_matvec per
+    matrix, whatever each matrix's scale dtype and row count."""
+    layers = [
+        random_layer(2048, 1024, mx.bfloat16, seed=1),
+        random_layer(1000, 1024, mx.float32, seed=2),
+        random_layer(24, 1024, mx.float16, seed=3),
+    ]
+    x = mx.random.normal((M, 1, 1024), key=mx.random.key(4))
+    together = native_kernel.quantized_matvecs(x, layers, 64, 2)
+    for out, layer in zip(together, layers, strict=True):
+        expected = quantized_matvec(x, *layer, 64, 2)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        assert mx.array_equal(out, expected).item()
+    module = native_kernel.native()
+    with pytest.raises(ValueError, match="one or more matrices"):
+        module.quantized_matvecs(x, [layers[0][0]], [], [], 64, 1)
+    with pytest.raises(ValueError, match="scales and biases"):
+        module.quantized_matvecs(x, [layers[0][0]], [layers[0][1]], [layers[1][2]], 64, 1)
+
+
+@NATIVE_SKIP
+def test_project_joins_native_layers_and_keeps_every_other(monkeypatch):
+    """cpu_quantized.project gives each layer's own output: one native call for CPU 4-bit layers
+    (a decode step), the layers one by one for more rows or a layer of another kind."""
+    import mlx.nn as nn
+
+    from qwen3_mlx import cpu_quantized
+
+    def layer(rows: int, seed: int) -> nn.Module:
+        linear = nn.Linear(512, rows, bias=False)
+        linear.weight = mx.random.normal((rows, 512), key=mx.random.key(seed)) * 0.05
+        return cpu_quantized.CpuQuantizedLinear.from_quantized(
+            nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
+        )
+
+    layers = [layer(256, 1), layer(128, 2), layer(128, 3)]
+    calls = []
+    joined = native_kernel.quantized_matvecs
+    monkeypatch.setattr(
+        native_kernel, "quantized_matvecs", lambda *a: calls.append(1) or joined(*a)
+    )
+    x = mx.random.normal((1, 1, 512), key=mx.random.key(5))
+    for out, one in zip(cpu_quantized.project(x, *layers), layers, strict=True):
+        assert mx.array_equal(out, one(x)).item()
+    assert calls == [1]
+    prefill = mx.random.normal((1, 16, 512), key=mx.random.key(6))
+    dense = nn.Linear(512, 64, bias=False)
+    for inputs, group in ((prefill, layers), (x, [layers[0], dense])):
+        for out, one in zip(cpu_quantized.project(inputs, *group), group, strict=True):
+            assert mx.array_equal(out, one(inputs)).item()
+    assert calls == [1]
+
+
 # The 4-bit logit tolerance bfloat16 compute is held to (BF16_QUANTIZED_RELATIVE_TOLERANCE in
 # tests/test_compute_dtype.py); measured here 0.034 of the largest logit, bf16 compute 0.031.
 INT8_RELATIVE_TOLERANCE = 0.06

@@ -40,6 +40,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -197,59 +198,121 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
   bool int8_;
 };
 
-void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto& x = inputs[0];
-  const auto& w = inputs[1];
-  const auto& scales = inputs[2];
-  const auto& biases = inputs[3];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(w);
-  encoder.set_input_array(scales);
-  encoder.set_input_array(biases);
-  encoder.set_output_array(out);
+// The matrices of one call: each its own weights, scales and biases and float32 result rows.
+struct Matrix {
+  const uint32_t* w;
+  const void *s, *b;
+  ScaleType type;
+  int64_t N;
+  float* out;  // [M][N]
+};
 
-  const int64_t K = x.shape(-1), N = w.shape(0);
-  const int M = int(x.size() / K);
-  const ScaleType type =
-      scales.dtype() == mx::float32 ? F32 : scales.dtype() == mx::bfloat16 ? BF16 : F16;
-  Isa isa = chosen_isa();
-  if (isa == AVX512 && K % 128) isa = AVX2;
-  if (isa == AVX2 && K % 64) isa = SCALAR;
-  const int threads = threads_;
-  const int group_size = group_size_;
-  const bool int8 = int8_ && isa == AVX512 && int8_supported();
-
-  encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = w.data<uint32_t>(),
-                    s = scales.data<void>(), b = biases.data<void>(),
-                    out = mx::array::unsafe_weak_copy(out), K, N, M, type, isa, threads,
-                    group_size, int8]() mutable {
-    std::vector<float> xp, xs, xd, result(size_t(M) * N);
-    std::vector<int8_t> xq;
-    prepare_x(x, M, K, int8 ? SCALAR : isa, xp, xs);  // SCALAR: plain x, quantized below
-    if (int8) quantize_x(xp, M, K, xq, xd);
-    Job job{w, s, b, N, K, M, group_size, xp.data(), xs.data(), result.data(),
-            isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data()};
-    RowsFn rows = int8 ? pick_int8(type, group_size) : pick(isa, type, group_size);
-    // Chunks of >= 16 rows, about 8 per thread, so a late thread finds work left or none.
-    int64_t per = std::max<int64_t>(16, N / (int64_t(std::max(threads, 1)) * 8));
-    int64_t chunks = (N + per - 1) / per;
-    pool().run(threads, chunks, [&](int64_t c) {
-      int64_t r0 = c * per, r1 = std::min(N, r0 + per);
-      rows(job, r0, r1);
-    });
-    switch (out.dtype()) {
-      case mx::float32: std::memcpy(out.data<float>(), result.data(), result.size() * 4); break;
-      case mx::bfloat16: store(result.data(), out.data<mx::bfloat16_t>(), result.size()); break;
-      default: store(result.data(), out.data<mx::float16_t>(), result.size()); break;
-    }
+// Every matrix times the same x (prepared once), rows of all of them in one pool run: chunks of
+// >= 16 rows, about 8 per thread per matrix, so a late thread finds work left or none.
+void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, int group_size,
+                  bool int8, std::vector<Matrix>& matrices) {
+  std::vector<float> xp, xs, xd;
+  std::vector<int8_t> xq;
+  prepare_x(x, M, K, int8 ? SCALAR : isa, xp, xs);  // SCALAR: plain x, quantized below
+  if (int8) quantize_x(xp, M, K, xq, xd);
+  std::vector<Job> jobs;
+  std::vector<RowsFn> fns;
+  std::vector<int64_t> per, first;  // rows per chunk and first chunk index, per matrix
+  int64_t chunks = 0;
+  for (const auto& m : matrices) {
+    jobs.push_back(Job{m.w, m.s, m.b, m.N, K, M, group_size, xp.data(), xs.data(), m.out,
+                       isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data()});
+    fns.push_back(int8 ? pick_int8(m.type, group_size) : pick(isa, m.type, group_size));
+    per.push_back(std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)));
+    first.push_back(chunks);
+    chunks += (m.N + per.back() - 1) / per.back();
+  }
+  pool().run(threads, chunks, [&](int64_t c) {
+    size_t i = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const int64_t r0 = (c - first[i]) * per[i], r1 = std::min(matrices[i].N, r0 + per[i]);
+    fns[i](jobs[i], r0, r1);
   });
 }
 
-mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
-                           const mx::array& biases, int group_size, int threads, bool int8,
-                           mx::StreamOrDevice s) {
+ScaleType scale_type_of(const mx::array& scales) {
+  return scales.dtype() == mx::float32 ? F32 : scales.dtype() == mx::bfloat16 ? BF16 : F16;
+}
+
+// Float32 results into `out` in its dtype.
+void store_out(const std::vector<float>& result, mx::array& out) {
+  switch (out.dtype()) {
+    case mx::float32: std::memcpy(out.data<float>(), result.data(), result.size() * 4); break;
+    case mx::bfloat16: store(result.data(), out.data<mx::bfloat16_t>(), result.size()); break;
+    default: store(result.data(), out.data<mx::float16_t>(), result.size()); break;
+  }
+}
+
+// inputs: x, then (w, scales, biases) per matrix; one output per matrix.
+void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
+                  std::vector<mx::array>& outputs, int group_size, int threads, bool int8_asked) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& input : inputs) encoder.set_input_array(input);
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    encoder.set_output_array(out);
+  }
+  const auto& x = inputs[0];
+  const int64_t K = x.shape(-1);
+  const int M = int(x.size() / K);
+  Isa isa = chosen_isa();
+  if (isa == AVX512 && K % 128) isa = AVX2;
+  if (isa == AVX2 && K % 64) isa = SCALAR;
+  const bool int8 = int8_asked && isa == AVX512 && int8_supported();
+  std::vector<mx::array> held, outs;
+  for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
+  for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
+  encoder.dispatch([held = std::move(held), outs = std::move(outs), K, M, isa, threads,
+                    group_size, int8]() mutable {
+    std::vector<std::vector<float>> results(outs.size());
+    std::vector<Matrix> matrices;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const auto &w = held[1 + 3 * i], &scales = held[2 + 3 * i], &biases = held[3 + 3 * i];
+      results[i].resize(size_t(M) * w.shape(0));
+      matrices.push_back(Matrix{w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
+                                scale_type_of(scales), w.shape(0), results[i].data()});
+    }
+    run_matrices(held[0], M, K, isa, threads, group_size, int8, matrices);
+    for (size_t i = 0; i < outs.size(); ++i) store_out(results[i], outs[i]);
+  });
+}
+
+void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  std::vector<mx::array> outputs{out};
+  eval_matvecs(stream(), inputs, outputs, group_size_, threads_, int8_);
+}
+
+// Several matrices with one x: one prepared x and one pool run for all of them (a layer's
+// q/k/v or gate/up), where separate calls each pay the dispatch, x's layout and a pool wake-up.
+class QuantizedMatvecs : public mx::Primitive {
+ public:
+  QuantizedMatvecs(mx::Stream stream, int group_size, int threads, bool int8)
+      : mx::Primitive(stream), group_size_(group_size), threads_(threads), int8_(int8) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    eval_matvecs(stream(), inputs, outputs, group_size_, threads_, int8_);
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("qmv: CPU only");
+  }
+  const char* name() const override { return "QuantizedMatvecs"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedMatvecs&>(other);
+    return group_size_ == o.group_size_ && threads_ == o.threads_ && int8_ == o.int8_;
+  }
+
+ private:
+  int group_size_, threads_;
+  bool int8_;
+};
+
+// Refuses, with a message, a matrix whose shapes or dtypes the kernels cannot take.
+void check_matrix(const mx::array& x, const mx::array& w, const mx::array& scales,
+                  const mx::array& biases, int group_size) {
   if (group_size != 32 && group_size != 64 && group_size != 128)
     throw std::invalid_argument("qmv: group_size must be 32, 64 or 128");
   if (w.dtype() != mx::uint32 || w.ndim() != 2)
@@ -265,18 +328,53 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
   if (scales.shape() != biases.shape() || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
       scales.shape(1) * group_size != K)
     throw std::invalid_argument("qmv: scales and biases must be [N, K / group_size]");
+}
+
+mx::Stream cpu_stream_of(mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu) throw std::invalid_argument("qmv: CPU streams only");
-  auto out_type = mx::promote_types(x.dtype(), scales.dtype());
+  return stream;
+}
+
+// Parameters are evaluated and contiguous already: no graph node for them.
+mx::array dense(const mx::array& a, mx::Stream stream) {
+  return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
+}
+
+mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int threads, bool int8,
+                           mx::StreamOrDevice s) {
+  check_matrix(x, w, scales, biases, group_size);
+  auto stream = cpu_stream_of(s);
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  // Parameters are evaluated and contiguous already: no graph node for them.
-  auto dense = [&](const mx::array& a) {
-    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
-  };
   return mx::array(
-      shape, out_type, std::make_shared<QuantizedMatvec>(stream, group_size, threads, int8),
-      {mx::contiguous(x, false, stream), dense(w), dense(scales), dense(biases)});
+      shape, mx::promote_types(x.dtype(), scales.dtype()),
+      std::make_shared<QuantizedMatvec>(stream, group_size, threads, int8),
+      {mx::contiguous(x, false, stream), dense(w, stream), dense(scales, stream),
+       dense(biases, stream)});
+}
+
+std::vector<mx::array> quantized_matvecs(const mx::array& x, const std::vector<mx::array>& ws,
+                                         const std::vector<mx::array>& scales,
+                                         const std::vector<mx::array>& biases, int group_size,
+                                         int threads, bool int8, mx::StreamOrDevice s) {
+  if (ws.empty() || ws.size() != scales.size() || ws.size() != biases.size())
+    throw std::invalid_argument("qmv: give one or more matrices, each with scales and biases");
+  auto stream = cpu_stream_of(s);
+  std::vector<mx::array> inputs{mx::contiguous(x, false, stream)};
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_matrix(x, ws[i], scales[i], biases[i], group_size);
+    for (const auto* a : {&ws[i], &scales[i], &biases[i]}) inputs.push_back(dense(*a, stream));
+    shapes.push_back(x.shape());
+    shapes.back().back() = ws[i].shape(0);
+    dtypes.push_back(mx::promote_types(x.dtype(), scales[i].dtype()));
+  }
+  return mx::array::make_arrays(
+      std::move(shapes), dtypes,
+      std::make_shared<QuantizedMatvecs>(stream, group_size, threads, int8), inputs);
 }
 
 #ifdef QMV_X86
@@ -346,6 +444,11 @@ NB_MODULE(QMV_MODULE_NAME, m) {
         nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
         "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32 (with x "
         "rounded to int8 per block of 32 when int8 and int8_supported()).");
+  m.def("quantized_matvecs", &qmv::quantized_matvecs, nb::arg("x"), nb::arg("ws"),
+        nb::arg("scales"), nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
+        nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "[x @ dequantize(w, s, b).T for each matrix]: quantized_matvec over several matrices "
+        "with one x, in one pass.");
   qmv::register_attention(m);
   qmv::register_decode_ops(m);
   m.def("isa", [] { return std::string(qmv::isa_name(qmv::chosen_isa())); },
