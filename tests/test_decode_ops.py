@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from greedy import greedy_decode
 
 from qwen3_mlx import cpu_ops
 from qwen3_mlx.native_kernel import checked_reason
@@ -146,22 +147,12 @@ def test_what_the_native_ops_do_not_take_keeps_mlxs_ops() -> None:
 
 @needs_native
 def test_the_model_decodes_the_same_with_and_without_the_ops(monkeypatch) -> None:
-    from qwen3_mlx.cache import make_cache
     from qwen3_mlx.loading import load
 
     model, tokenizer, _ = load(REPO / "models" / "qwen3-tiny-chat")
-    prompt = tokenizer.encode("Reverse these words: moon river star lake bird tree") * 4
 
     def decode() -> tuple[list[int], np.ndarray]:
-        cache = make_cache(model)
-        logits = model(mx.array([prompt]), cache=cache)[0, -1]
-        tokens, rows = [], []
-        for _ in range(24):
-            token = int(mx.argmax(logits).item())
-            tokens.append(token)
-            logits = model(mx.array([[token]]), cache=cache)[0, -1]
-            rows.append(np.array(logits))
-        return tokens, np.stack(rows)
+        return greedy_decode(model, tokenizer, None, repeats=4)
 
     calls: Counter[str] = Counter()
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from greedy import greedy_decode
 
 from qwen3_mlx import kv_attention
-from qwen3_mlx.cache import make_cache
 from qwen3_mlx.native_kernel import checked_reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,24 +37,28 @@ def packed_cache(shape, bits, group, dtype, capacity):
     return [tuple(part[..., :T, :] for part in packed) for packed in pack]
 
 
-def float64_attention(q, keys, values, scale, group, bits):
-    def dense(packed):
-        w, s, b = packed
-        return np.array(
-            mx.dequantize(
-                w, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits
-            ),
-            dtype=np.float64,
-        )
-
-    k, v = dense(keys), dense(values)
+def float64_float_attention(q, k, v, scale):
+    """softmax(scale q K^T) V in float64, query head h*R + r on KV head h."""
     B, Hq, _, D = q.shape
+    k, v = np.array(k, dtype=np.float64), np.array(v, dtype=np.float64)
     H = k.shape[1]
     qn = np.array(q, dtype=np.float64).reshape(B, H, Hq // H, D)
     scores = np.einsum("bhrd,bhtd->bhrt", qn, k) * scale
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     return np.einsum("bhrt,bhtd->bhrd", weights, v).reshape(B, Hq, 1, D)
+
+
+def float64_attention(q, keys, values, scale, group, bits):
+    """The same over packed keys and values, dequantized exactly (float32 scales)."""
+
+    def dense(packed):
+        w, s, b = packed
+        return mx.dequantize(
+            w, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits
+        )
+
+    return float64_float_attention(q, dense(keys), dense(values), scale)
 
 
 CASES = [
@@ -123,20 +127,6 @@ def test_prefill_and_masked_calls_take_mlx_lms_path(monkeypatch) -> None:
     assert calls == [(1, 4, 3, 64), (1, 4, 1, 64)]
 
 
-def greedy_decode(model, tokenizer, bits) -> tuple[list[int], np.ndarray]:
-    """24 greedy tokens after a prompt of ~70 tokens, and the logits of each step."""
-    prompt = tokenizer.encode("Reverse these words: moon river star lake bird tree") * 6
-    cache = make_cache(model, bits)
-    logits = model(mx.array([prompt]), cache=cache)[0, -1]
-    tokens, rows = [], []
-    for _ in range(24):
-        token = int(mx.argmax(logits).item())
-        tokens.append(token)
-        logits = model(mx.array([[token]]), cache=cache)[0, -1]
-        rows.append(np.array(logits))
-    return tokens, np.stack(rows)
-
-
 @needs_native
 @pytest.mark.parametrize("bits", [8, 4])
 def test_the_model_decodes_the_same_with_and_without_the_kernel(bits, monkeypatch) -> None:
@@ -179,17 +169,6 @@ needs_native_float = pytest.mark.skipif(
     native_float is None,
     reason=f"native float attention not available: {checked_reason('decode_attention')}",
 )
-
-
-def float64_float_attention(q, k, v, scale):
-    B, Hq, _, D = q.shape
-    k, v = np.array(k, dtype=np.float64), np.array(v, dtype=np.float64)
-    H = k.shape[1]
-    qn = np.array(q, dtype=np.float64).reshape(B, H, Hq // H, D)
-    scores = np.einsum("bhrd,bhtd->bhrt", qn, k) * scale
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    return np.einsum("bhrt,bhtd->bhrd", weights, v).reshape(B, Hq, 1, D)
 
 
 def check_float(q, k, v, threads=2) -> None:
