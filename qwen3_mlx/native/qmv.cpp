@@ -178,26 +178,6 @@ void store(const float* in, Out* out, int64_t count) {
 // ---------------------------------------------------------------------------------------------
 // The primitive
 
-class QuantizedMatvec : public mx::UnaryPrimitive {
- public:
-  QuantizedMatvec(mx::Stream stream, int group_size, int threads, bool int8)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), threads_(threads), int8_(int8) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("qmv: CPU only");
-  }
-  const char* name() const override { return "QuantizedMatvec"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const QuantizedMatvec&>(other);
-    return group_size_ == o.group_size_ && threads_ == o.threads_ && int8_ == o.int8_;
-  }
-
- private:
-  int group_size_, threads_;
-  bool int8_;
-};
-
 // The matrices of one call: each its own weights, scales and biases and float32 result rows.
 struct Matrix {
   const uint32_t* w;
@@ -238,12 +218,12 @@ ScaleType scale_type_of(const mx::array& scales) {
   return scales.dtype() == mx::float32 ? F32 : scales.dtype() == mx::bfloat16 ? BF16 : F16;
 }
 
-// Float32 results into `out` in its dtype.
+// Float32 results into a half-precision `out`.
 void store_out(const std::vector<float>& result, mx::array& out) {
-  switch (out.dtype()) {
-    case mx::float32: std::memcpy(out.data<float>(), result.data(), result.size() * 4); break;
-    case mx::bfloat16: store(result.data(), out.data<mx::bfloat16_t>(), result.size()); break;
-    default: store(result.data(), out.data<mx::float16_t>(), result.size()); break;
+  if (out.dtype() == mx::bfloat16) {
+    store(result.data(), out.data<mx::bfloat16_t>(), result.size());
+  } else {
+    store(result.data(), out.data<mx::float16_t>(), result.size());
   }
 }
 
@@ -268,25 +248,26 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
   for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
   encoder.dispatch([held = std::move(held), outs = std::move(outs), K, M, isa, threads,
                     group_size, int8]() mutable {
+    // float32 outputs (x float32, the CPU policy) take the results directly; others via a copy.
     std::vector<std::vector<float>> results(outs.size());
     std::vector<Matrix> matrices;
     for (size_t i = 0; i < outs.size(); ++i) {
       const auto &w = held[1 + 3 * i], &scales = held[2 + 3 * i], &biases = held[3 + 3 * i];
-      results[i].resize(size_t(M) * w.shape(0));
+      float* target = outs[i].dtype() == mx::float32 ? outs[i].data<float>() : nullptr;
+      if (target == nullptr) {
+        results[i].resize(size_t(M) * w.shape(0));
+        target = results[i].data();
+      }
       matrices.push_back(Matrix{w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
-                                scale_type_of(scales), w.shape(0), results[i].data()});
+                                scale_type_of(scales), w.shape(0), target});
     }
     run_matrices(held[0], M, K, isa, threads, group_size, int8, matrices);
-    for (size_t i = 0; i < outs.size(); ++i) store_out(results[i], outs[i]);
+    for (size_t i = 0; i < outs.size(); ++i)
+      if (!results[i].empty()) store_out(results[i], outs[i]);
   });
 }
 
-void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  std::vector<mx::array> outputs{out};
-  eval_matvecs(stream(), inputs, outputs, group_size_, threads_, int8_);
-}
-
-// Several matrices with one x: one prepared x and one pool run for all of them (a layer's
+// One or more matrices with one x: x prepared once and one pool run for all of them (a layer's
 // q/k/v or gate/up), where separate calls each pay the dispatch, x's layout and a pool wake-up.
 class QuantizedMatvecs : public mx::Primitive {
  public:
@@ -341,20 +322,6 @@ mx::array dense(const mx::array& a, mx::Stream stream) {
   return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
 }
 
-mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
-                           const mx::array& biases, int group_size, int threads, bool int8,
-                           mx::StreamOrDevice s) {
-  check_matrix(x, w, scales, biases, group_size);
-  auto stream = cpu_stream_of(s);
-  auto shape = x.shape();
-  shape.back() = w.shape(0);
-  return mx::array(
-      shape, mx::promote_types(x.dtype(), scales.dtype()),
-      std::make_shared<QuantizedMatvec>(stream, group_size, threads, int8),
-      {mx::contiguous(x, false, stream), dense(w, stream), dense(scales, stream),
-       dense(biases, stream)});
-}
-
 std::vector<mx::array> quantized_matvecs(const mx::array& x, const std::vector<mx::array>& ws,
                                          const std::vector<mx::array>& scales,
                                          const std::vector<mx::array>& biases, int group_size,
@@ -375,6 +342,12 @@ std::vector<mx::array> quantized_matvecs(const mx::array& x, const std::vector<m
   return mx::array::make_arrays(
       std::move(shapes), dtypes,
       std::make_shared<QuantizedMatvecs>(stream, group_size, threads, int8), inputs);
+}
+
+mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int threads, bool int8,
+                           mx::StreamOrDevice s) {
+  return quantized_matvecs(x, {w}, {scales}, {biases}, group_size, threads, int8, s)[0];
 }
 
 #ifdef QMV_X86
