@@ -1,8 +1,8 @@
-"""Build step for the optional native 4-bit mat-vec (qwen3_mlx/native); the metadata is pyproject.toml.
+"""Build step for the optional native CPU ops (qwen3_mlx/native); the metadata is pyproject.toml.
 
-On Linux x86-64 it compiles qwen3_mlx/native/qmv.cpp with CMake against the mlx wheel of the build
+On Linux x86-64 it compiles qwen3_mlx/native with CMake against the mlx wheel of the build
 environment (its CMake config, headers and libmlx) and nanobind. The module's name carries that
-mlx version (`_qmv_mlx_0_32_4`), so qwen3_mlx only imports a module built for the mlx it runs
+mlx version (`_native_mlx_0_32_4`), so qwen3_mlx only imports a module built for the mlx it runs
 with. Elsewhere, with QWEN3_MLX_NATIVE=0, or when the build fails (no compiler, no cmake), the
 package installs without it and uses mx.quantized_matmul.
 """
@@ -24,7 +24,7 @@ SOURCE = Path(__file__).resolve().parent / "qwen3_mlx" / "native"
 
 
 def module_name() -> str | None:
-    """`_qmv_mlx_<version>` for the mlx in this (build) environment, or None: skip the build."""
+    """`_native_mlx_<version>` for the mlx in this (build) environment, or None: skip the build."""
     if os.environ.get("QWEN3_MLX_NATIVE") == "0":
         return None
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
@@ -33,7 +33,7 @@ def module_name() -> str | None:
         import mlx.core as mx
     except Exception:
         return None
-    return "_qmv_mlx_" + re.sub(r"\W", "_", mx.__version__)
+    return "_native_mlx_" + re.sub(r"\W", "_", mx.__version__)
 
 
 class CMakeBuild(build_ext):
@@ -44,8 +44,8 @@ class CMakeBuild(build_ext):
             self._cmake(ext)
         except (OSError, subprocess.CalledProcessError) as error:
             print(
-                f"qwen3-mlx: the native 4-bit kernel was not built ({error}); "
-                "mx.quantized_matmul will be used instead",
+                f"qwen3-mlx: the native CPU ops were not built ({error}); "
+                "MLX's own ops will be used instead",
                 file=sys.stderr,
             )
             # A new list (the caller iterates the old one): nothing is then copied or installed.
@@ -53,12 +53,12 @@ class CMakeBuild(build_ext):
 
     def _cmake(self, ext: Extension) -> None:
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build = Path(self.build_temp).resolve() / "qmv"
+        build = Path(self.build_temp).resolve() / "native"
         build.mkdir(parents=True, exist_ok=True)
         configure = [
             "cmake",
             str(SOURCE),
-            f"-DQMV_MODULE_NAME={ext.name.rsplit('.', 1)[-1]}",
+            f"-DNATIVE_MODULE_NAME={ext.name.rsplit('.', 1)[-1]}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
             "-DCMAKE_BUILD_TYPE=Release",

@@ -23,24 +23,20 @@
 #include <stdexcept>
 #include <vector>
 
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/variant.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 #include "attention.h"
-#include "kernels.h"
+#include "isa.h"
+#include "matvec_kernels.h"
 #include "pool.h"
+#include "ops.h"
 #include "quantized_kernels.h"
 
-namespace nb = nanobind;
 namespace mx = mlx::core;
 
-namespace qmv {
-
-Isa chosen_isa();  // qmv.cpp: the best ISA, or QWEN3_MLX_QMV_ISA
+namespace native {
 
 namespace {
 
@@ -121,7 +117,7 @@ void run_chunk(const Job& job, int64_t item) {
 }
 
 QuantKernels kernels_for(Isa isa, int bits) {
-#ifdef QMV_X86
+#ifdef NATIVE_X86
   if (isa == AVX512) return avx512_kernels(bits);
   if (isa == AVX2) return avx2_kernels(bits);
 #endif
@@ -138,7 +134,7 @@ decltype(Job::scales) scales_for(const mx::array& a) {
 Packed packed(const mx::array& w, const mx::array& s, const mx::array& b) {
   if (w.strides().back() != 1 || s.strides().back() != 1 || b.strides().back() != 1 ||
       s.strides() != b.strides())
-    throw std::invalid_argument("qmv attention: the cache's last axis must be contiguous");
+    throw std::invalid_argument("quantized attention: the cache's last axis must be contiguous");
   Packed p{w.data<uint32_t>(), s.data<uint8_t>(), b.data<uint8_t>(), {}, {}, w.shape(3), s.shape(3)};
   for (int a = 0; a < 3; ++a) {
     p.w_stride[a] = w.strides()[a];
@@ -154,7 +150,7 @@ class QuantizedDecodeAttention : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("qmv attention: CPU only");
+    throw std::runtime_error("quantized attention: CPU only");
   }
   const char* name() const override { return "QuantizedDecodeAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -214,44 +210,33 @@ mx::array quantized_decode_attention(const mx::array& q, const mx::array& k, con
                                      const mx::array& v_scales, const mx::array& v_biases,
                                      float scale, int group_size, int bits, int threads,
                                      mx::StreamOrDevice s) {
-  if (bits != 4 && bits != 8) throw std::invalid_argument("qmv attention: bits must be 4 or 8");
+  if (bits != 4 && bits != 8) throw std::invalid_argument("quantized attention: bits must be 4 or 8");
   if (group_size != 32 && group_size != 64 && group_size != 128)
-    throw std::invalid_argument("qmv attention: group_size must be 32, 64 or 128");
+    throw std::invalid_argument("quantized attention: group_size must be 32, 64 or 128");
   if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) != 1)
-    throw std::invalid_argument("qmv attention: q must be float32 [B, Hq, 1, D]");
+    throw std::invalid_argument("quantized attention: q must be float32 [B, Hq, 1, D]");
   const int D = q.shape(3);
   for (const auto* a : {&k, &v}) {
     if (a->dtype() != mx::uint32 || a->ndim() != 4 || a->shape(0) != q.shape(0) ||
         a->shape(3) * (32 / bits) != D || q.shape(1) % a->shape(1) || a->shape(1) != k.shape(1) ||
         a->shape(2) != k.shape(2))
-      throw std::invalid_argument("qmv attention: keys and values must be uint32 [B, Hkv, T, D*bits/32]");
+      throw std::invalid_argument("quantized attention: keys and values must be uint32 [B, Hkv, T, D*bits/32]");
   }
-  if (D % group_size) throw std::invalid_argument("qmv attention: D must be a multiple of the group");
+  if (D % group_size) throw std::invalid_argument("quantized attention: D must be a multiple of the group");
   for (const auto* a : {&k_scales, &k_biases, &v_scales, &v_biases}) {
     if (a->dtype() != k_scales.dtype() ||
         (a->dtype() != mx::float32 && a->dtype() != mx::bfloat16 && a->dtype() != mx::float16) ||
         a->ndim() != 4 || a->shape(0) != k.shape(0) || a->shape(1) != k.shape(1) ||
         a->shape(2) != k.shape(2) || a->shape(3) * group_size != D)
       throw std::invalid_argument(
-          "qmv attention: scales and biases must share one float dtype, [B, Hkv, T, D/group]");
+          "quantized attention: scales and biases must share one float dtype, [B, Hkv, T, D/group]");
   }
   auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("qmv attention: CPU streams only");
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("quantized attention: CPU streams only");
   return mx::array(
       q.shape(), mx::float32,
       std::make_shared<QuantizedDecodeAttention>(stream, scale, group_size, bits, threads),
       {mx::contiguous(q, false, stream), k, k_scales, k_biases, v, v_scales, v_biases});
 }
 
-void register_attention(nb::module_& m) {
-  m.def("quantized_decode_attention", &quantized_decode_attention, nb::arg("q"), nb::arg("k"),
-        nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v"), nb::arg("v_scales"),
-        nb::arg("v_biases"), nb::arg("scale"), nb::arg("group_size") = 64, nb::arg("bits") = 8,
-        nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "softmax(scale q K^T) V for one query position over an affine-quantized KV cache.");
-  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "softmax(scale q K^T) V for one query position over a float32 KV cache (any strides).");
-}
-
-}  // namespace qmv
+}  // namespace native

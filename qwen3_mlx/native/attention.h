@@ -11,7 +11,7 @@
 
 #include "mlx/mlx.h"
 
-namespace qmv {
+namespace native {
 
 constexpr int64_t CHUNK = 256;  // context tokens per work item
 
@@ -75,9 +75,4 @@ inline void merge(const Partials& job, float* out) {
     }
 }
 
-// float_attention.cpp
-mlx::core::array decode_attention(const mlx::core::array& q, const mlx::core::array& k,
-                                  const mlx::core::array& v, float scale, int threads,
-                                  mlx::core::StreamOrDevice s);
-
-}  // namespace qmv
+}  // namespace native

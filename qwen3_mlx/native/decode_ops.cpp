@@ -14,21 +14,16 @@
 #include <stdexcept>
 #include <vector>
 
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/variant.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
-#include "kernels.h"
+#include "isa.h"
+#include "ops.h"
 
-namespace nb = nanobind;
 namespace mx = mlx::core;
 
-namespace qmv {
-
-Isa chosen_isa();  // qmv.cpp: the best ISA, or QWEN3_MLX_QMV_ISA
+namespace native {
 
 namespace {
 
@@ -82,13 +77,12 @@ void swiglu_scalar(const float* gate, const float* up, float* out, int64_t count
   }
 }
 
-#ifdef QMV_X86
-#define OPS_AVX2 __attribute__((target("avx2,fma")))
+#ifdef NATIVE_X86
 
 // e^x for 8 lanes: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, so r is exact), e^r by
 // Cephes' degree-7 polynomial, 2^n through the exponent bits. About 1 ulp; inputs clamped to
 // [-87.3, 88.3] (e^x stays finite and normal).
-OPS_AVX2 inline __m256 exp8(__m256 x) {
+NATIVE_AVX2 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -106,7 +100,7 @@ OPS_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-OPS_AVX2 void swiglu_avx2(const float* gate, const float* up, float* out, int64_t count) {
+NATIVE_AVX2 void swiglu_avx2(const float* gate, const float* up, float* out, int64_t count) {
   const __m256 one = _mm256_set1_ps(1.0f);
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
@@ -127,7 +121,7 @@ class FloatOp : public mx::UnaryPrimitive {
  public:
   using mx::UnaryPrimitive::UnaryPrimitive;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("qmv decode ops: CPU only");
+    throw std::runtime_error("decode ops: CPU only");
   }
 
  protected:
@@ -199,7 +193,7 @@ class SwiGlu : public FloatOp {
     const Isa isa = chosen_isa();
     run(inputs, out, [isa](const std::vector<mx::array>& in, mx::array& o) {
       const float *gate = in[0].data<float>(), *up = in[1].data<float>();
-#ifdef QMV_X86
+#ifdef NATIVE_X86
       if (isa != SCALAR) return swiglu_avx2(gate, up, o.data<float>(), o.size());
 #endif
       (void)isa;
@@ -211,13 +205,13 @@ class SwiGlu : public FloatOp {
 mx::Stream cpu_stream(mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu)
-    throw std::invalid_argument("qmv decode ops: CPU streams only");
+    throw std::invalid_argument("decode ops: CPU streams only");
   return stream;
 }
 
 void require_float32(const mx::array& a, const char* what) {
   if (a.dtype() != mx::float32)
-    throw std::invalid_argument(std::string("qmv decode ops: ") + what + " must be float32");
+    throw std::invalid_argument(std::string("decode ops: ") + what + " must be float32");
 }
 
 }  // namespace
@@ -226,7 +220,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
   require_float32(x, "x");
   require_float32(weight, "weight");
   if (x.ndim() == 0 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
-    throw std::invalid_argument("qmv decode ops: rms_norm's weight must be [x.shape[-1]]");
+    throw std::invalid_argument("decode ops: rms_norm's weight must be [x.shape[-1]]");
   auto stream = cpu_stream(s);
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps),
                    {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)});
@@ -239,8 +233,8 @@ mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, fl
   if (x.ndim() < 2 || x.shape(-1) % 2 || inv_freq.ndim() != 1 ||
       inv_freq.shape(0) * 2 != x.shape(-1))
     throw std::invalid_argument(
-        "qmv decode ops: rope needs x [..., L, D] with D even and inv_freq [D/2]");
-  if (offset < 0) throw std::invalid_argument("qmv decode ops: rope's offset must be >= 0");
+        "decode ops: rope needs x [..., L, D] with D even and inv_freq [D/2]");
+  if (offset < 0) throw std::invalid_argument("decode ops: rope's offset must be >= 0");
   auto stream = cpu_stream(s);
   return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream, offset, factor),
                    {mx::contiguous(x, false, stream), mx::contiguous(inv_freq, false, stream)});
@@ -250,21 +244,10 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice 
   require_float32(gate, "gate");
   require_float32(up, "up");
   if (gate.shape() != up.shape())
-    throw std::invalid_argument("qmv decode ops: gate and up must have one shape");
+    throw std::invalid_argument("decode ops: gate and up must have one shape");
   auto stream = cpu_stream(s);
   return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGlu>(stream),
                    {mx::contiguous(gate, false, stream), mx::contiguous(up, false, stream)});
 }
 
-void register_decode_ops(nb::module_& m) {
-  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"), nb::kw_only(),
-        nb::arg("stream") = nb::none(),
-        "weight * x / sqrt(mean(x^2) + eps) over the last axis, float32.");
-  m.def("rope", &rope, nb::arg("x"), nb::arg("inv_freq"), nb::arg("offset"),
-        nb::arg("factor") = 1.0f, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "Non-interleaved RoPE of factor * x [..., L, D] at positions offset + l, float32.");
-  m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), nb::kw_only(),
-        nb::arg("stream") = nb::none(), "silu(gate) * up, float32.");
-}
-
-}  // namespace qmv
+}  // namespace native

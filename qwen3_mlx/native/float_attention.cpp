@@ -23,14 +23,13 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 #include "attention.h"
-#include "kernels.h"
+#include "isa.h"
+#include "ops.h"
 #include "pool.h"
 
 namespace mx = mlx::core;
 
-namespace qmv {
-
-Isa chosen_isa();  // qmv.cpp: the best ISA, or QWEN3_MLX_QMV_ISA
+namespace native {
 
 namespace {
 
@@ -81,15 +80,13 @@ void values_scalar(const Span& v, const float* p, int R, int D, float* acc) {
   }
 }
 
-#ifdef QMV_X86
+#ifdef NATIVE_X86
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA and AVX-512 (step 1; D a multiple of 16 and 32). Each ISA has two inner kernels;
 // the drivers below split tokens and query rows into blocks for either.
 
-#define ATT_AVX2 __attribute__((target("avx2,fma")))
-#define ATT_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
-ATT_AVX2 inline float hsum(__m256 v) {
+NATIVE_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -99,7 +96,7 @@ ATT_AVX2 inline float hsum(__m256 v) {
 struct Avx2 {
   // score[t * R + r] = q_r . k_t for RB query rows and TB key rows: each load feeds RB or TB FMAs.
   template <int RB, int TB>
-  ATT_AVX2 static void dots(const float* k, int64_t stride, const float* q, int R, int D,
+  NATIVE_AVX2 static void dots(const float* k, int64_t stride, const float* q, int R, int D,
                             float* score) {
     __m256 acc[TB][RB];
 #pragma GCC unroll 8
@@ -127,7 +124,7 @@ struct Avx2 {
 
   // acc[r * D + i] += sum_t p[t * R + r] v_t[i] for RB rows, 16 columns at a time.
   template <int RB>
-  ATT_AVX2 static void weigh(const float* v, int64_t stride, int64_t n, const float* p, int R,
+  NATIVE_AVX2 static void weigh(const float* v, int64_t stride, int64_t n, const float* p, int R,
                              int D, float* acc) {
     for (int i = 0; i < D; i += 16) {
       __m256 a[RB][2];
@@ -157,7 +154,7 @@ struct Avx2 {
 
 struct Avx512 {  // as Avx2, twice as wide
   template <int RB, int TB>
-  ATT_AVX512 static void dots(const float* k, int64_t stride, const float* q, int R, int D,
+  NATIVE_AVX512 static void dots(const float* k, int64_t stride, const float* q, int R, int D,
                               float* score) {
     __m512 acc[TB][RB];
 #pragma GCC unroll 8
@@ -184,7 +181,7 @@ struct Avx512 {  // as Avx2, twice as wide
   }
 
   template <int RB>
-  ATT_AVX512 static void weigh(const float* v, int64_t stride, int64_t n, const float* p, int R,
+  NATIVE_AVX512 static void weigh(const float* v, int64_t stride, int64_t n, const float* p, int R,
                                int D, float* acc) {
     for (int i = 0; i < D; i += 32) {
       __m512 a[RB][2];
@@ -243,7 +240,7 @@ void values_simd(const Span& v, const float* p, int R, int D, float* acc) {
     for (; r < R; ++r) Simd::template weigh<1>(rows, s, n, pt + r, R, D, acc + r * D);
   }
 }
-#endif  // QMV_X86
+#endif  // NATIVE_X86
 
 struct Kernels {
   ScoresFn scores;
@@ -251,7 +248,7 @@ struct Kernels {
 };
 
 Kernels kernels_for(Isa isa, int D, bool unit_step) {
-#ifdef QMV_X86
+#ifdef NATIVE_X86
   if (unit_step && isa == AVX512 && D % 32 == 0) return {scores_simd<Avx512>, values_simd<Avx512>};
   if (unit_step && isa != SCALAR && D % 16 == 0) return {scores_simd<Avx2>, values_simd<Avx2>};
 #endif
@@ -361,4 +358,4 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
                    {mx::contiguous(q, false, stream), k, v});
 }
 
-}  // namespace qmv
+}  // namespace native

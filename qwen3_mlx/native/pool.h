@@ -1,4 +1,4 @@
-// A small worker pool for qmv.cpp: the calling (MLX stream) thread works too, and chunks come
+// The worker pool every op shares: the calling (MLX stream) thread works too, and chunks come
 // from one atomic counter, so a descheduled worker never holds an op up.
 #pragma once
 
@@ -14,7 +14,7 @@
 #include <immintrin.h>
 #endif
 
-namespace qmv {
+namespace native {
 // ---------------------------------------------------------------------------------------------
 // Worker pool: the calling (MLX stream) thread works too; chunks come from one atomic counter
 
@@ -77,7 +77,7 @@ class Pool {
     while (true) {
       // Spin briefly (ops come back to back within one token), then sleep.
       for (int i = 0; i < 2000 && generation_.load(std::memory_order_acquire) == seen; ++i) {
-#ifdef QMV_X86
+#ifdef NATIVE_X86
         _mm_pause();
 #endif
       }
@@ -116,4 +116,4 @@ inline Pool& pool() {
   return *instance;
 }
 
-}  // namespace qmv
+}  // namespace native

@@ -13,7 +13,7 @@
 #define QUANT_SIMD 1
 #endif
 
-namespace qmv {
+namespace native {
 
 #ifdef QUANT_SIMD
 namespace {
@@ -83,4 +83,4 @@ QuantKernels avx2_kernels(int bits) {
 #endif
 }
 
-}  // namespace qmv
+}  // namespace native

@@ -13,7 +13,7 @@
 #define QUANT_SIMD 1
 #endif
 
-namespace qmv {
+namespace native {
 
 #ifdef QUANT_SIMD
 namespace {
@@ -76,4 +76,4 @@ QuantKernels avx512_kernels(int bits) {
 #endif
 }
 
-}  // namespace qmv
+}  // namespace native

@@ -7,7 +7,7 @@
 
 #include "attention.h"
 
-namespace qmv {
+namespace native {
 namespace {
 
 // Element i of a packed row as an integer 0..2^BITS-1. The uint32 words are little-endian (x86-64,
@@ -86,4 +86,4 @@ void from_kernel_order(const float* in, float* out, int64_t count, int lanes) {
     }
 }
 
-}  // namespace qmv
+}  // namespace native

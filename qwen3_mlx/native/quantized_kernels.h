@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-namespace qmv {
+namespace native {
 
 // n packed rows (8 or 4 bits per element): row t's bytes at first + t * stride.
 struct PackedRows {
@@ -60,4 +60,4 @@ QuantKernels avx512_kernels(int bits);
 void to_kernel_order(const float* in, float* out, int64_t count, int lanes);
 void from_kernel_order(const float* in, float* out, int64_t count, int lanes);
 
-}  // namespace qmv
+}  // namespace native

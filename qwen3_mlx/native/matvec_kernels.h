@@ -1,18 +1,14 @@
 // The 4-bit mat-vec kernels (portable, AVX2+FMA, AVX-512) and the per-call Job they share.
-// See qmv.cpp for the layout and the tricks.
+// See quantized_matmul.cpp for the layout and the tricks.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QMV_X86 1
-#include <immintrin.h>
-#endif
+#include "isa.h"
 
-namespace qmv {
+namespace native {
 
-enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 enum ScaleType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 // ---------------------------------------------------------------------------------------------
@@ -71,7 +67,7 @@ struct Job {
   const float* xs;  // [M][K/8] sums of each word's 8 elements of x
   float* out;       // [M][N] float32
   int64_t prefetch_words;
-  // The int8 variant (QWEN3_MLX_QMV_INT8=1) only: x quantized to int8 per block of 32 and laid
+  // The int8 variant (QWEN3_MLX_NATIVE_INT8=1) only: x quantized to int8 per block of 32 and laid
   // out per step of 16 words as [the 4 even elements of each word][the 4 odd ones], and each
   // word's block scale.
   const int8_t* xq = nullptr;  // [M][K]
@@ -107,16 +103,15 @@ void rows_scalar(const Job& job, int64_t r0, int64_t r1) {
   }
 }
 
-#ifdef QMV_X86
+#ifdef NATIVE_X86
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA: 8 words (64 weights) per step, up to 2 rows of x at once
 
-#define QMV_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // G scales starting at p, widened to 8 lanes (lane j -> value j*G/8), as float32.
 template <int T, int G>
-QMV_AVX2 inline __m256 scales8(const void* p) {
+NATIVE_AVX2 inline __m256 scales8(const void* p) {
   __m128 v;
   if constexpr (T == F32) {
     const float* f = static_cast<const float*>(p);
@@ -137,7 +132,7 @@ QMV_AVX2 inline __m256 scales8(const void* p) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), index);
 }
 
-QMV_AVX2 inline float hsum8(__m256 v) {
+NATIVE_AVX2 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -145,7 +140,7 @@ QMV_AVX2 inline float hsum8(__m256 v) {
 }
 
 template <int T, int GS, int MB>
-QMV_AVX2 void block_avx2(const Job& job, int64_t n, int m0) {
+NATIVE_AVX2 void block_avx2(const Job& job, int64_t n, int m0) {
   constexpr int G = 64 / GS > 0 ? 64 / GS : 1;  // groups per step
   const int64_t K = job.K, steps = K / 64, groups = K / GS;
   const uint32_t* row = job.w + n * (K / 8);
@@ -187,7 +182,7 @@ QMV_AVX2 void block_avx2(const Job& job, int64_t n, int m0) {
 }
 
 template <int T, int GS>
-QMV_AVX2 void rows_avx2(const Job& job, int64_t r0, int64_t r1) {
+NATIVE_AVX2 void rows_avx2(const Job& job, int64_t r0, int64_t r1) {
   for (int64_t n = r0; n < r1; ++n) {
     int m = 0;
     for (; m + 2 <= job.M; m += 2) block_avx2<T, GS, 2>(job, n, m);
@@ -198,10 +193,9 @@ QMV_AVX2 void rows_avx2(const Job& job, int64_t r0, int64_t r1) {
 // ---------------------------------------------------------------------------------------------
 // AVX-512: 16 words (128 weights) per step, up to 4 rows of x at once
 
-#define QMV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
 template <int T, int G>
-QMV_AVX512 inline __m512 scales16(const void* p) {
+NATIVE_AVX512 inline __m512 scales16(const void* p) {
   __m128 v;
   if constexpr (T == F32) {
     const float* f = static_cast<const float*>(p);
@@ -247,7 +241,7 @@ struct Row512 {
 };
 
 template <int T, int GS, int MB>
-QMV_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
+NATIVE_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
   constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
   const int64_t K = job.K, steps = K / 128;
   const Row512<T, GS> r(job, n);
@@ -293,11 +287,9 @@ QMV_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
 // scale times its x block scale. The bias term uses the exact float sums of x, so the only
 // error is x's int8 rounding (half a block step per element), as llama.cpp's Q8_0 activations.
 
-#define QMV_VNNI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
 template <int T, int GS, int MB>
-QMV_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
+NATIVE_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
   constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
   const Row512<T, GS> r(job, n);
   __m512 total[MB], totalb[MB];
@@ -325,7 +317,7 @@ QMV_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
 }
 
 template <int T, int GS, int MB, bool INT8>
-QMV_AVX512 inline void block512(const Job& job, int64_t n, int m0) {
+NATIVE_AVX512 inline void block512(const Job& job, int64_t n, int m0) {
   if constexpr (INT8) {
     block_vnni<T, GS, MB>(job, n, m0);  // a call: another target
   } else {
@@ -335,7 +327,7 @@ QMV_AVX512 inline void block512(const Job& job, int64_t n, int m0) {
 
 // INT8: the int8 variant (block_vnni).
 template <int T, int GS, bool INT8 = false>
-QMV_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
+NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
   for (int64_t n = r0; n < r1; ++n) {
     int m = 0;
     for (; m + 4 <= job.M; m += 4) block512<T, GS, 4, INT8>(job, n, m);
@@ -348,13 +340,13 @@ QMV_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
   }
 }
 
-#endif  // QMV_X86
+#endif  // NATIVE_X86
 
 using RowsFn = void (*)(const Job&, int64_t, int64_t);
 
 // The int8 kernel for an AVX-512 VNNI CPU (nullptr elsewhere: the float kernels serve).
 inline RowsFn pick_int8(ScaleType type, int group_size) {
-#ifdef QMV_X86
+#ifdef NATIVE_X86
   auto by_group = [group_size](auto k32, auto k64, auto k128) -> RowsFn {
     return group_size == 32 ? k32 : group_size == 64 ? k64 : k128;
   };
@@ -378,7 +370,7 @@ inline RowsFn pick_int8(ScaleType type, int group_size) {
 
 template <int T>
 RowsFn pick_for_type(Isa isa, int group_size) {
-#ifdef QMV_X86
+#ifdef NATIVE_X86
   if (isa == AVX512) {
     switch (group_size) {
       case 32: return rows_avx512<T, 32>;
@@ -405,4 +397,4 @@ inline RowsFn pick(Isa isa, ScaleType type, int group_size) {
   }
 }
 
-}  // namespace qmv
+}  // namespace native

@@ -31,74 +31,24 @@
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QMV_X86 1
-#include <immintrin.h>
-#endif
 
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/string.h>
-#include <nanobind/stl/variant.h>
-#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
-#include "mlx/version.h"
-#include "kernels.h"
+#include "gemm.h"
+#include "isa.h"
+#include "matvec_kernels.h"
+#include "ops.h"
 #include "pool.h"
 
-namespace nb = nanobind;
 namespace mx = mlx::core;
 
-namespace qmv {
-// ---------------------------------------------------------------------------------------------
-// ISA selection: the best the CPU has, or QWEN3_MLX_QMV_ISA=avx512|avx2|scalar (never above it)
-
-Isa detected_isa() {
-#ifdef QMV_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
-    return AVX512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return AVX2;
-#endif
-  return SCALAR;
-}
-
-Isa chosen_isa() {
-  static const Isa best = detected_isa();
-  // Read per call (a getenv is nothing beside a mat-vec), so a test can switch it in-process.
-  const char* env = std::getenv("QWEN3_MLX_QMV_ISA");
-  if (env == nullptr || *env == 0) return best;
-  std::string want(env);
-  Isa asked = want == "avx512" ? AVX512 : want == "avx2" ? AVX2 : SCALAR;
-  return asked < best ? asked : best;
-}
-
-const char* isa_name(Isa isa) {
-  return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "scalar";
-}
-
-// Whether the int8 variant (kernels.h, block_vnni) can run: an AVX-512 VNNI CPU, AVX-512 not
-// turned down by QWEN3_MLX_QMV_ISA. The caller asks for it (off by default: docs/benchmarks.md).
-bool int8_supported() {
-#ifdef QMV_X86
-  static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  return vnni && chosen_isa() == AVX512;
-#else
-  return false;
-#endif
-}
-
+namespace native {
 int64_t prefetch_bytes() {
   static const int64_t bytes = [] {
-    const char* env = std::getenv("QWEN3_MLX_QMV_PREFETCH");
-    return env && *env ? std::atoll(env) : int64_t(2048);
+    const char* env = setting("QWEN3_MLX_NATIVE_PREFETCH", "QWEN3_MLX_QMV_PREFETCH");
+    return env ? std::atoll(env) : int64_t(2048);
   }();
   return bytes;
 }
@@ -111,15 +61,21 @@ void convert_rows(const In* in, float* out, int64_t count) {
   for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
 }
 
-void prepare_x(const mx::array& x, int M, int64_t K, Isa isa, std::vector<float>& xp,
-               std::vector<float>& xs) {
-  std::vector<float> plain(size_t(M) * K);
+// x as float32 [count] (a copy: the kernels lay it out their own way).
+std::vector<float> float_rows(const mx::array& x, size_t count) {
+  std::vector<float> plain(count);
   switch (x.dtype()) {
     case mx::float32: std::memcpy(plain.data(), x.data<float>(), plain.size() * 4); break;
     case mx::bfloat16: convert_rows(x.data<mx::bfloat16_t>(), plain.data(), plain.size()); break;
     case mx::float16: convert_rows(x.data<mx::float16_t>(), plain.data(), plain.size()); break;
-    default: throw std::invalid_argument("qmv: x must be float32, bfloat16 or float16");
+    default: throw std::invalid_argument("quantized_matmul: x must be float32, bfloat16 or float16");
   }
+  return plain;
+}
+
+void prepare_x(const mx::array& x, int M, int64_t K, Isa isa, std::vector<float>& xp,
+               std::vector<float>& xs) {
+  std::vector<float> plain = float_rows(x, size_t(M) * K);
   xs.assign(size_t(M) * (K / 8), 0.0f);
   for (int m = 0; m < M; ++m)
     for (int64_t i = 0; i < K / 8; ++i) {
@@ -214,6 +170,36 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
   });
 }
 
+GemmKernels gemm_kernels(Isa isa) {
+  return isa == AVX512 ? gemm_avx512_kernels() : isa == AVX2 ? gemm_avx2_kernels()
+                                                              : gemm_scalar_kernels();
+}
+
+// More rows than the mat-vec kernels take (prefill): x packed once, then panels of every matrix's
+// output columns in one pool run, each dequantizing its weight tiles as it goes (gemm.h).
+void run_gemm(const mx::array& x, int M, int64_t K, Isa isa, int threads, int group_size,
+              const std::vector<Matrix>& matrices) {
+  const GemmKernels kernels = gemm_kernels(isa);
+  std::vector<float> packed(size_t(packed_rows_size(M, K, kernels.MR)));
+  pack_rows(float_rows(x, size_t(M) * K).data(), M, K, kernels.MR, packed.data());
+  const GemmRows rows{packed.data(), M, K, group_size};
+  std::vector<GemmMatrix> jobs;
+  std::vector<int64_t> per, first, panels;  // panels per chunk, first chunk, panels per matrix
+  int64_t chunks = 0;
+  for (const auto& m : matrices) {
+    jobs.push_back(GemmMatrix{m.w, m.s, m.b, int(m.type), m.N, m.out});
+    panels.push_back((m.N + kernels.NR - 1) / kernels.NR);
+    per.push_back(std::max<int64_t>(1, panels.back() / (int64_t(std::max(threads, 1)) * 8)));
+    first.push_back(chunks);
+    chunks += (panels.back() + per.back() - 1) / per.back();
+  }
+  pool().run(threads, chunks, [&](int64_t c) {
+    size_t i = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const int64_t p0 = (c - first[i]) * per[i], p1 = std::min(panels[i], p0 + per[i]);
+    kernels.panels(rows, jobs[i], p0, p1);
+  });
+}
+
 ScaleType scale_type_of(const mx::array& scales) {
   return scales.dtype() == mx::float32 ? F32 : scales.dtype() == mx::bfloat16 ? BF16 : F16;
 }
@@ -226,6 +212,10 @@ void store_out(const std::vector<float>& result, mx::array& out) {
     store(result.data(), out.data<mx::float16_t>(), result.size());
   }
 }
+
+// Rows of x up to which the mat-vec kernels run (each re-decodes the weights per block of 4
+// rows); more take the matmul (gemm.h), which decodes them once per 512 rows.
+constexpr int MATVEC_ROWS = 8;
 
 // inputs: x, then (w, scales, biases) per matrix; one output per matrix.
 void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
@@ -261,7 +251,11 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
       matrices.push_back(Matrix{w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
                                 scale_type_of(scales), w.shape(0), target});
     }
-    run_matrices(held[0], M, K, isa, threads, group_size, int8, matrices);
+    if (M > MATVEC_ROWS) {
+      run_gemm(held[0], M, K, chosen_isa(), threads, group_size, matrices);
+    } else {
+      run_matrices(held[0], M, K, isa, threads, group_size, int8, matrices);
+    }
     for (size_t i = 0; i < outs.size(); ++i)
       if (!results[i].empty()) store_out(results[i], outs[i]);
   });
@@ -278,7 +272,7 @@ class QuantizedMatvecs : public mx::Primitive {
     eval_matvecs(stream(), inputs, outputs, group_size_, threads_, int8_);
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qmv: CPU only");
+    throw std::runtime_error("quantized_matmul: CPU only");
   }
   const char* name() const override { return "QuantizedMatvecs"; }
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -295,25 +289,25 @@ class QuantizedMatvecs : public mx::Primitive {
 void check_matrix(const mx::array& x, const mx::array& w, const mx::array& scales,
                   const mx::array& biases, int group_size) {
   if (group_size != 32 && group_size != 64 && group_size != 128)
-    throw std::invalid_argument("qmv: group_size must be 32, 64 or 128");
+    throw std::invalid_argument("quantized_matmul: group_size must be 32, 64 or 128");
   if (w.dtype() != mx::uint32 || w.ndim() != 2)
-    throw std::invalid_argument("qmv: w must be a 2-D uint32 array of 4-bit words");
-  if (x.ndim() == 0) throw std::invalid_argument("qmv: x must have at least one axis");
+    throw std::invalid_argument("quantized_matmul: w must be a 2-D uint32 array of 4-bit words");
+  if (x.ndim() == 0) throw std::invalid_argument("quantized_matmul: x must have at least one axis");
   const int K = x.shape(-1);
   if (K == 0 || K % group_size || w.shape(1) * 8 != K)
-    throw std::invalid_argument("qmv: x's last axis must be w's width * 8, a multiple of the group");
+    throw std::invalid_argument("quantized_matmul: x's last axis must be w's width * 8, a multiple of the group");
   if (scales.dtype() != biases.dtype() ||
       (scales.dtype() != mx::float32 && scales.dtype() != mx::bfloat16 &&
        scales.dtype() != mx::float16))
-    throw std::invalid_argument("qmv: scales and biases must share one float dtype");
+    throw std::invalid_argument("quantized_matmul: scales and biases must share one float dtype");
   if (scales.shape() != biases.shape() || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
       scales.shape(1) * group_size != K)
-    throw std::invalid_argument("qmv: scales and biases must be [N, K / group_size]");
+    throw std::invalid_argument("quantized_matmul: scales and biases must be [N, K / group_size]");
 }
 
 mx::Stream cpu_stream_of(mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("qmv: CPU streams only");
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("quantized_matmul: CPU streams only");
   return stream;
 }
 
@@ -322,12 +316,12 @@ mx::array dense(const mx::array& a, mx::Stream stream) {
   return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
 }
 
-std::vector<mx::array> quantized_matvecs(const mx::array& x, const std::vector<mx::array>& ws,
+std::vector<mx::array> quantized_matmuls(const mx::array& x, const std::vector<mx::array>& ws,
                                          const std::vector<mx::array>& scales,
                                          const std::vector<mx::array>& biases, int group_size,
                                          int threads, bool int8, mx::StreamOrDevice s) {
   if (ws.empty() || ws.size() != scales.size() || ws.size() != biases.size())
-    throw std::invalid_argument("qmv: give one or more matrices, each with scales and biases");
+    throw std::invalid_argument("quantized_matmul: give one or more matrices, each with scales and biases");
   auto stream = cpu_stream_of(s);
   std::vector<mx::array> inputs{mx::contiguous(x, false, stream)};
   std::vector<mx::Shape> shapes;
@@ -344,98 +338,10 @@ std::vector<mx::array> quantized_matvecs(const mx::array& x, const std::vector<m
       std::make_shared<QuantizedMatvecs>(stream, group_size, threads, int8), inputs);
 }
 
-mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int threads, bool int8,
                            mx::StreamOrDevice s) {
-  return quantized_matvecs(x, {w}, {scales}, {biases}, group_size, threads, int8, s)[0];
+  return quantized_matmuls(x, {w}, {scales}, {biases}, group_size, threads, int8, s)[0];
 }
 
-#ifdef QMV_X86
-QMV_AVX2 uint64_t read_avx2(const uint64_t* p, size_t count) {
-  __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
-  for (size_t i = 0; i + 16 <= count; i += 16) {
-    a = _mm256_add_epi64(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
-    b = _mm256_add_epi64(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 4)));
-    c = _mm256_add_epi64(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 8)));
-    d = _mm256_add_epi64(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 12)));
-  }
-  a = _mm256_add_epi64(_mm256_add_epi64(a, b), _mm256_add_epi64(c, d));
-  return uint64_t(_mm256_extract_epi64(a, 0) + _mm256_extract_epi64(a, 3));
-}
-#endif
-
-uint64_t read_plain(const uint64_t* p, size_t count) {
-  uint64_t a = 0, b = 0;
-  for (size_t i = 0; i + 2 <= count; i += 2) {
-    a += p[i];
-    b += p[i + 1];
-  }
-  return a + b;
-}
-
-// Best read bandwidth (GB/s) over `bytes`, split over `threads` threads: the bound for a mat-vec.
-double read_bandwidth(int64_t bytes, int repeats, int threads) {
-  std::vector<uint64_t> buffer(size_t(bytes / 8), 1);
-  threads = std::max(threads, 1);
-  std::atomic<uint64_t> sink{0};
-  double best = 0.0;
-  for (int r = 0; r < repeats; ++r) {
-    auto start = std::chrono::steady_clock::now();
-    const size_t per = buffer.size() / size_t(threads);
-    auto part = [&](int t) {
-      const uint64_t* p = buffer.data() + per * t;
-#ifdef QMV_X86
-      sink += detected_isa() != SCALAR ? read_avx2(p, per) : read_plain(p, per);
-#else
-      sink += read_plain(p, per);
-#endif
-    };
-    std::vector<std::thread> others;
-    for (int t = 1; t < threads; ++t) others.emplace_back(part, t);
-    part(0);
-    for (auto& t : others) t.join();
-    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, double(per * threads * 8) / seconds / 1e9);
-  }
-  return best;
-}
-
-void register_attention(nb::module_& m);  // attention.cpp
-void register_decode_ops(nb::module_& m);  // decode_ops.cpp
-
-}  // namespace qmv
-
-#define QMV_STR2(x) #x
-#define QMV_STR(x) QMV_STR2(x)
-
-NB_MODULE(QMV_MODULE_NAME, m) {
-  m.doc() = "4-bit affine quantized mat-vec for MLX's CPU backend";
-  m.attr("MLX_VERSION") = QMV_STR(MLX_VERSION_MAJOR) "." QMV_STR(MLX_VERSION_MINOR) "." QMV_STR(
-      MLX_VERSION_PATCH);
-  m.def("quantized_matvec", &qmv::quantized_matvec, nb::arg("x"), nb::arg("w"),
-        nb::arg("scales"), nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
-        nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32 (with x "
-        "rounded to int8 per block of 32 when int8 and int8_supported()).");
-  m.def("quantized_matvecs", &qmv::quantized_matvecs, nb::arg("x"), nb::arg("ws"),
-        nb::arg("scales"), nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
-        nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "[x @ dequantize(w, s, b).T for each matrix]: quantized_matvec over several matrices "
-        "with one x, in one pass.");
-  qmv::register_attention(m);
-  qmv::register_decode_ops(m);
-  m.def("isa", [] { return std::string(qmv::isa_name(qmv::chosen_isa())); },
-        "The instruction set the kernels use (after QWEN3_MLX_QMV_ISA).");
-  m.def("detected_isa", [] { return std::string(qmv::isa_name(qmv::detected_isa())); },
-        "The best instruction set this CPU supports.");
-  m.def("int8_supported", &qmv::int8_supported,
-        "Whether quantized_matvec(..., int8=True) runs the int8 VNNI kernel on this CPU.");
-  m.def(
-      "read_bandwidth",
-      [](int64_t bytes, int repeats, int threads) {
-        nb::gil_scoped_release release;
-        return qmv::read_bandwidth(bytes, repeats, threads);
-      },
-      nb::arg("bytes") = int64_t(1) << 30, nb::arg("repeats") = 3, nb::arg("threads") = 1,
-      "Best read bandwidth in GB/s over `bytes` on `threads` threads (AVX2 loads where present).");
-}
+}  // namespace native

@@ -1,0 +1,70 @@
+// The extension's Python face: the module definition and nothing else. The ops are declared in
+// ops.h; NATIVE_MODULE_NAME (CMakeLists.txt) carries the mlx version it was built against.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+
+#include "isa.h"
+#include "mlx/version.h"
+#include "ops.h"
+
+namespace nb = nanobind;
+
+#define NATIVE_STR2(x) #x
+#define NATIVE_STR(x) NATIVE_STR2(x)
+
+NB_MODULE(NATIVE_MODULE_NAME, m) {
+  using namespace native;
+  m.doc() = "qwen3-mlx's native CPU ops for MLX: 4-bit matmuls, decode attention, norms, RoPE";
+  m.attr("MLX_VERSION") = NATIVE_STR(MLX_VERSION_MAJOR) "." NATIVE_STR(
+      MLX_VERSION_MINOR) "." NATIVE_STR(MLX_VERSION_PATCH);
+
+  m.def("quantized_matmul", &quantized_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
+        nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32 (with x "
+        "rounded to int8 per block of 32 when int8, at most 8 rows and int8_supported()).");
+  m.def("quantized_matmuls", &quantized_matmuls, nb::arg("x"), nb::arg("ws"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
+        nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "[x @ dequantize(w, s, b).T for each matrix]: quantized_matmul over several matrices "
+        "with one x, in one pass.");
+
+  m.def("quantized_decode_attention", &quantized_decode_attention, nb::arg("q"), nb::arg("k"),
+        nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v"), nb::arg("v_scales"),
+        nb::arg("v_biases"), nb::arg("scale"), nb::arg("group_size") = 64, nb::arg("bits") = 8,
+        nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "softmax(scale q K^T) V for one query position over an affine-quantized KV cache.");
+  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "softmax(scale q K^T) V for one query position over a float32 KV cache (any strides).");
+
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"), nb::kw_only(),
+        nb::arg("stream") = nb::none(),
+        "weight * x / sqrt(mean(x^2) + eps) over the last axis, float32.");
+  m.def("rope", &rope, nb::arg("x"), nb::arg("inv_freq"), nb::arg("offset"),
+        nb::arg("factor") = 1.0f, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "Non-interleaved RoPE of factor * x [..., L, D] at positions offset + l, float32.");
+  m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), nb::kw_only(),
+        nb::arg("stream") = nb::none(), "silu(gate) * up, float32.");
+
+  m.def("isa", [] { return std::string(isa_name(chosen_isa())); },
+        "The instruction set the kernels use (after QWEN3_MLX_NATIVE_ISA).");
+  m.def("detected_isa", [] { return std::string(isa_name(detected_isa())); },
+        "The best instruction set this CPU supports.");
+  m.def("int8_supported", &int8_supported,
+        "Whether quantized_matmul(..., int8=True) runs the int8 VNNI kernel on this CPU.");
+  m.def(
+      "read_bandwidth",
+      [](int64_t bytes, int repeats, int threads) {
+        nb::gil_scoped_release release;
+        return read_bandwidth(bytes, repeats, threads);
+      },
+      nb::arg("bytes") = int64_t(1) << 30, nb::arg("repeats") = 3, nb::arg("threads") = 1,
+      "Best read bandwidth in GB/s over `bytes` on `threads` threads (AVX2 loads where present).");
+}

@@ -1,0 +1,57 @@
+// The prefill matmul (gemm_simd.h) in AVX2+FMA: 8 lanes, tiles of 6 rows x 16 columns (12 sums,
+// 2 weight vectors and a broadcast in 16 registers).
+//
+// This file alone is compiled with AVX2 flags (CMakeLists.txt), like quantized_avx2.cpp; nothing
+// here runs unless chosen_isa() found AVX2, and everything but gemm_avx2_kernels is in an
+// unnamed namespace.
+
+#include "gemm.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GEMM_SIMD 1
+#endif
+
+namespace native {
+
+#ifdef GEMM_SIMD
+namespace {
+
+struct Avx2 {
+  static constexpr int L = 8, MR = 6;
+  using V = __m256;
+  using IV = __m256i;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static IV gather(const uint32_t* p, int64_t stride, int valid) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i row = _mm256_min_epi32(lane, _mm256_set1_epi32(valid - 1));
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(p),
+                                  _mm256_mullo_epi32(row, _mm256_set1_epi32(int(stride))), 4);
+  }
+  static V nibble(IV words, int s) {
+    return _mm256_cvtepi32_ps(
+        _mm256_and_si256(_mm256_srl_epi32(words, _mm_cvtsi32_si128(4 * s)), _mm256_set1_epi32(0xf)));
+  }
+  static float half(uint16_t h) { return _cvtsh_ss(h); }
+};
+
+#include "gemm_simd.h"
+
+}  // namespace
+#endif
+
+// Without the flags (another compiler or CPU family) the portable kernels stand in.
+GemmKernels gemm_avx2_kernels() {
+#ifdef GEMM_SIMD
+  return gemm_kernels_for<Avx2>();
+#else
+  return gemm_scalar_kernels();
+#endif
+}
+
+}  // namespace native

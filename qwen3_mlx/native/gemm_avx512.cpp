@@ -1,0 +1,56 @@
+// The prefill matmul (gemm_simd.h) in AVX-512: 16 lanes, tiles of 12 rows x 32 columns (24 sums,
+// 2 weight vectors and a broadcast in 32 registers).
+//
+// This file alone is compiled with AVX-512 flags (CMakeLists.txt), like quantized_avx512.cpp;
+// nothing here runs unless chosen_isa() found AVX-512, and everything but gemm_avx512_kernels is
+// in an unnamed namespace.
+
+#include "gemm.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GEMM_SIMD 1
+#endif
+
+namespace native {
+
+#ifdef GEMM_SIMD
+namespace {
+
+struct Avx512 {
+  static constexpr int L = 16, MR = 12;
+  using V = __m512;
+  using IV = __m512i;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static IV gather(const uint32_t* p, int64_t stride, int valid) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i row = _mm512_min_epi32(lane, _mm512_set1_epi32(valid - 1));
+    return _mm512_i32gather_epi32(_mm512_mullo_epi32(row, _mm512_set1_epi32(int(stride))), p, 4);
+  }
+  static V nibble(IV words, int s) {
+    return _mm512_cvtepi32_ps(
+        _mm512_and_si512(_mm512_srl_epi32(words, _mm_cvtsi32_si128(4 * s)), _mm512_set1_epi32(0xf)));
+  }
+  static float half(uint16_t h) { return _cvtsh_ss(h); }
+};
+
+#include "gemm_simd.h"
+
+}  // namespace
+#endif
+
+// Without the flags (another compiler or CPU family) the portable kernels stand in.
+GemmKernels gemm_avx512_kernels() {
+#ifdef GEMM_SIMD
+  return gemm_kernels_for<Avx512>();
+#else
+  return gemm_scalar_kernels();
+#endif
+}
+
+}  // namespace native

@@ -1,0 +1,88 @@
+// The portable prefill matmul (gemm_simd.h over plain arrays, which the compiler may vectorize
+// for the baseline ISA) and the packing of x that every ISA's kernel shares.
+
+#include <algorithm>
+
+#include "gemm.h"
+#include "matvec_kernels.h"
+
+namespace native {
+namespace {
+
+struct Portable {
+  static constexpr int L = 8, MR = 4;
+  struct V {
+    float v[L];
+  };
+  struct IV {
+    uint32_t v[L];
+  };
+  static V zero() { return V{}; }
+  static V load(const float* p) {
+    V out;
+    for (int i = 0; i < L; ++i) out.v[i] = p[i];
+    return out;
+  }
+  static void store(float* p, const V& a) {
+    for (int i = 0; i < L; ++i) p[i] = a.v[i];
+  }
+  static V set1(float x) {
+    V out;
+    for (int i = 0; i < L; ++i) out.v[i] = x;
+    return out;
+  }
+  static V fma(const V& a, const V& b, const V& c) {
+    V out;
+    for (int i = 0; i < L; ++i) out.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return out;
+  }
+  static V add(const V& a, const V& b) {
+    V out;
+    for (int i = 0; i < L; ++i) out.v[i] = a.v[i] + b.v[i];
+    return out;
+  }
+  static IV gather(const uint32_t* p, int64_t stride, int valid) {
+    IV out;
+    for (int j = 0; j < L; ++j) out.v[j] = p[(j < valid ? j : valid - 1) * stride];
+    return out;
+  }
+  static V nibble(const IV& words, int s) {
+    V out;
+    for (int i = 0; i < L; ++i) out.v[i] = float((words.v[i] >> (4 * s)) & 0xf);
+    return out;
+  }
+  static float half(uint16_t h) { return f16_to_f32(h); }
+};
+
+#include "gemm_simd.h"
+
+}  // namespace
+
+GemmKernels gemm_scalar_kernels() { return gemm_kernels_for<Portable>(); }
+
+int64_t packed_rows_size(int M, int64_t K, int MR) {
+  return int64_t((M + MR - 1) / MR) * MR * K;
+}
+
+void pack_rows(const float* x, int M, int64_t K, int MR, float* packed) {
+  const int tiles = (M + MR - 1) / MR;
+  const int64_t padded = int64_t(tiles) * MR;
+  for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+    const int64_t kc = std::min<int64_t>(GEMM_KC, K - k0);
+    float* block = packed + k0 * padded;
+    for (int t = 0; t < tiles; ++t) {
+      float* tile = block + int64_t(t) * MR * kc;
+      for (int r = 0; r < MR; ++r) {
+        const int row = t * MR + r;
+        if (row >= M) {
+          for (int64_t k = 0; k < kc; ++k) tile[k * MR + r] = 0.0f;
+          continue;
+        }
+        const float* source = x + row * K + k0;
+        for (int64_t k = 0; k < kc; ++k) tile[k * MR + r] = source[k];
+      }
+    }
+  }
+}
+
+}  // namespace native

@@ -1,0 +1,41 @@
+// Every op the extension offers (bindings.cpp is their Python face). Each builds an MLX graph node
+// (a primitive evaluated on a CPU stream) and checks its inputs, throwing std::invalid_argument
+// with a message where the kernels cannot take them.
+#pragma once
+
+#include <vector>
+
+#include "mlx/mlx.h"
+
+namespace native {
+
+namespace mx = mlx::core;
+
+// quantized_matmul.cpp: x @ dequantize(w, scales, biases).T for 4-bit affine w, in float32, for
+// every matrix with one x: the mat-vec kernels up to 8 rows of x (int8 x where asked and
+// supported), the tiled matmul (gemm.h) above.
+std::vector<mx::array> quantized_matmuls(const mx::array& x, const std::vector<mx::array>& ws,
+                                         const std::vector<mx::array>& scales,
+                                         const std::vector<mx::array>& biases, int group_size,
+                                         int threads, bool int8, mx::StreamOrDevice s);
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int threads, bool int8,
+                           mx::StreamOrDevice s);
+
+// attention.cpp: one query position over an affine-quantized KV cache (4 or 8 bits).
+mx::array quantized_decode_attention(const mx::array& q, const mx::array& k,
+                                     const mx::array& k_scales, const mx::array& k_biases,
+                                     const mx::array& v, const mx::array& v_scales,
+                                     const mx::array& v_biases, float scale, int group_size,
+                                     int bits, int threads, mx::StreamOrDevice s);
+// float_attention.cpp: one query position over a float32 KV cache (any strides).
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                           float scale, int threads, mx::StreamOrDevice s);
+
+// decode_ops.cpp: float32 RMSNorm, non-interleaved RoPE and SwiGLU, one pass each.
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s);
+mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, float factor,
+               mx::StreamOrDevice s);
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
+
+}  // namespace native
