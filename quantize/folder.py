@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from qwen3_mlx.quantize.errors import ConversionError
+from qwen3_mlx.quantize.plan import Plan
 
-from quantize.errors import ConversionError
-from quantize.plan import Plan
 from qwen3_mlx.config import read_config
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.hub import is_repo_id

@@ -16,9 +16,15 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from qwen3_mlx.quantize.errors import ConversionError
+from qwen3_mlx.quantize.tensor_io import (
+    FP8_DTYPES,
+    WRITE_DTYPES,
+    OutputTensor,
+    SourceTensor,
+    source_tensors,
+)
 
-from quantize.errors import ConversionError
-from quantize.tensor_io import FP8_DTYPES, WRITE_DTYPES, OutputTensor, SourceTensor, source_tensors
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.dtypes import COMPUTE_DTYPES
 from qwen3_mlx.errors import CheckpointError, QuantizationError

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from qwen3_mlx.quantize.errors import ConversionError
 
-from quantize.errors import ConversionError
 from qwen3_mlx.errors import CheckpointError
 from qwen3_mlx.safetensors_check import read_header
 

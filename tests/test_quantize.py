@@ -13,13 +13,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+import qwen3_mlx.quantize.convert as convert_module
+import qwen3_mlx.quantize.tensor_io as tensor_io
 from checkpoints import FIXTURES, read_safetensors, save_weights, write_config
+from qwen3_mlx.quantize import ConversionError, quantize_checkpoint, verify_quantized
+from qwen3_mlx.quantize.plan import target_tensors
 from typer.testing import CliRunner
 
-import quantize.convert as convert_module
-import quantize.tensor_io as tensor_io
-from quantize import ConversionError, quantize_checkpoint, verify_quantized
-from quantize.plan import target_tensors
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError, QuantizationError
 from qwen3_mlx.loading import load_model
@@ -531,7 +531,7 @@ def test_too_little_disk_space_is_refused_up_front(
 ) -> None:
     from shutil import _ntuple_diskusage as shutil_usage
 
-    import quantize.folder as folder_module
+    import qwen3_mlx.quantize.folder as folder_module
 
     source = make_checkpoint("src")
     monkeypatch.setattr(

@@ -153,16 +153,15 @@ def serve_command(
                 param_hint="--rope-scaling",
             )
         from qwen3_mlx.cli.loading_status import loading
-        from qwen3_mlx.distributed import current_group
-        from qwen3_mlx.loading import load
+        from qwen3_mlx.parallel.distributed import current_group, load_for_group
         from qwen3_mlx.server.runner import ServeOptions, build_state, serve
 
         with loading(spec.model):
-            model, tokenizer, generation_config = load(
+            model, tokenizer, generation_config = load_for_group(
                 spec.model,
+                current_group(),
                 rope_scaling=spec.rope_scaling,
                 compute_dtype=spec.compute_dtype,
-                group=current_group(),
             )
         options = ServeOptions(
             host=host,
