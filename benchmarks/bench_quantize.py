@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from qwen3_mlx.quantize.tensor_io import OutputTensor, ShardWriter
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.model import Model
+from qwen3_mlx.quantize.tensor_io import OutputTensor, ShardWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 

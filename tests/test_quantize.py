@@ -13,17 +13,17 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-import qwen3_mlx.quantize.convert as convert_module
-import qwen3_mlx.quantize.tensor_io as tensor_io
 from checkpoints import FIXTURES, read_safetensors, save_weights, write_config
-from qwen3_mlx.quantize import ConversionError, quantize_checkpoint, verify_quantized
-from qwen3_mlx.quantize.plan import target_tensors
 from typer.testing import CliRunner
 
+import qwen3_mlx.quantize.convert as convert_module
+import qwen3_mlx.quantize.tensor_io as tensor_io
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError, QuantizationError
 from qwen3_mlx.loading import load_model
 from qwen3_mlx.quant import QuantSpec
+from qwen3_mlx.quantize import ConversionError, quantize_checkpoint, verify_quantized
+from qwen3_mlx.quantize.plan import target_tensors
 
 REAL_4B = FIXTURES / "mlx-community-Qwen3-4B-4bit"
 IDS = mx.array([[1, 5, 9, 42, 7, 300, 11, 2]])

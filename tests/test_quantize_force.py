@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from qwen3_mlx.quantize import ConversionError, quantize_checkpoint
 from test_quantize import cli_app, leftovers
 from typer.testing import CliRunner
+
+from qwen3_mlx.quantize import ConversionError, quantize_checkpoint
 
 MakeCheckpoint = Callable[..., Path]
 runner = CliRunner()

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import qwen3_mlx.quantize.convert as convert_module
-from qwen3_mlx.quantize import quantize_checkpoint
 from test_quantize import cli_app
 from typer.testing import CliRunner
+
+import qwen3_mlx.quantize.convert as convert_module
+from qwen3_mlx.quantize import quantize_checkpoint
 
 MakeCheckpoint = Callable[..., Path]
 runner = CliRunner()

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from qwen3_mlx.quantize import quantize_checkpoint
-from qwen3_mlx.quantize.side_files import SkippedSideFileWarning
 from test_quantize import cli_app, leftovers
 from typer.testing import CliRunner
+
+from qwen3_mlx.quantize import quantize_checkpoint
+from qwen3_mlx.quantize.side_files import SkippedSideFileWarning
 
 MakeCheckpoint = Callable[..., Path]
 runner = CliRunner()

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_quantize import leftovers
+
 from qwen3_mlx.quantize import quantize_checkpoint
 from qwen3_mlx.quantize.staging import remove_stale_partials
-from test_quantize import leftovers
 
 MakeCheckpoint = Callable[..., Path]
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -341,16 +341,25 @@ class SessionOptions:
         )
 
 
-def with_session_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give a command the shared session options; it receives them as `session: SessionOptions`."""
+def with_session_options(
+    command: Callable[..., None] | None = None, *, only: Collection[str] | None = None
+) -> Any:
+    """Give a command the shared session options; it receives them as `session: SessionOptions`.
+
+    only: the names of the shared options the command takes (serve takes the model, sampling and
+    context ones); the others keep their defaults. Used bare or as `with_session_options(only=...)`.
+    """
+    if command is None:
+        return functools.partial(with_session_options, only=only)
     signature = inspect.signature(command, eval_str=True)
     own = [p for p in signature.parameters.values() if p.name != "session"]
-    shared = {p.name for p in SESSION_PARAMETERS}
+    shared = [p for p in SESSION_PARAMETERS if only is None or p.name in only]
+    defaults = {p.name: p.default for p in SESSION_PARAMETERS}
 
     @functools.wraps(command)
     def run(**values: Any) -> None:
-        options = SessionOptions({name: values.pop(name) for name in shared})
-        command(session=options, **values)
+        picked = {p.name: values.pop(p.name) for p in shared}
+        command(session=SessionOptions({**defaults, **picked}), **values)
 
-    run.__signature__ = signature.replace(parameters=own + SESSION_PARAMETERS)  # type: ignore[attr-defined]
+    run.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
     return run
