@@ -1,6 +1,6 @@
 """Quantized matmuls on the CPU backend (qwen3_mlx.cpu.quantized): decode split over threads gives
-the kernel's results bit for bit, the native 4-bit kernel and the dequantize + GEMM prefill path
-give them to float32 rounding, and the loader installs the layers on the CPU backend only, keeping
+the kernel's results bit for bit, the native 4-bit kernels (mat-vec and prefill matmul) and the
+dequantize + GEMM prefill path give them to float32 rounding, and the loader installs the layers on the CPU backend only, keeping
 the checkpoint keys. Model-level parity holds with the native kernel on and off."""
 
 from __future__ import annotations
@@ -62,11 +62,12 @@ def test_threaded_decode_is_bit_identical(monkeypatch, threads, bits, group_size
 
 @pytest.mark.skipif(not NATIVE, reason=f"native kernel: {native_kernel.fallback_reason()}")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_decode_matches_the_kernel(monkeypatch, threads):
+def test_native_decode_and_prefill_match_the_kernel(monkeypatch, threads):
+    """The mat-vec (up to 8 rows) and the prefill matmul (more) within float32 rounding of MLX's."""
     monkeypatch.setattr(cpu_quantized, "THREADS", threads)
     layer = quantized_layer()
     fast = CpuQuantizedLinear.from_quantized(layer)
-    for rows in range(1, cpu_quantized.NATIVE_ROWS + 1):
+    for rows in [*range(1, 10), 13, 40]:
         x = mx.random.normal((1, rows, 256))
         expected = np.array(layer(x))
         np.testing.assert_allclose(
@@ -132,6 +133,34 @@ def test_loaded_model_gives_the_same_logits(make_checkpoint, monkeypatch, gemm, 
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
     else:
         np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.skipif(not (ON_CPU and NATIVE), reason=f"native: {native_kernel.fallback_reason()}")
+def test_tiny_model_greedy_tokens_with_and_without_the_native_prefill(monkeypatch):
+    """The shipped tiny model, 4-bit: a prompt of more than 8 tokens takes the native prefill
+    matmul; greedy tokens equal those with the extension off (MLX's kernels throughout)."""
+    from pathlib import Path
+
+    from greedy import greedy_decode
+
+    from qwen3_mlx.loading import load
+
+    model, tokenizer, _ = load(
+        Path(__file__).resolve().parents[1] / "models" / "qwen3-tiny-chat", quantize_on_load=4
+    )
+    rows = []
+    matmul = native_kernel.quantized_matmuls
+    monkeypatch.setattr(
+        native_kernel,
+        "quantized_matmuls",
+        lambda x, *rest: rows.append(x.size // x.shape[-1]) or matmul(x, *rest),
+    )
+    with_native, logits = greedy_decode(model, tokenizer, None, repeats=3, steps=12)
+    assert max(rows) > 8  # the prompt went through the prefill matmul
+    native_off(monkeypatch)
+    without, expected = greedy_decode(model, tokenizer, None, repeats=3, steps=12)
+    assert with_native == without
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 def _plain_modules(model: nn.Module) -> list:

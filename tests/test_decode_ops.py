@@ -99,7 +99,7 @@ def test_default_inverse_frequencies_are_mlxs_bit_for_bit() -> None:
 @pytest.mark.parametrize("isa", ISAS)
 def test_swiglu_matches_float64_and_mlx(isa, monkeypatch) -> None:
     if isa:
-        monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)
+        monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)
     gate = mx.random.normal((1, 1, 9731), key=mx.random.key(3)) * 6
     edges = mx.array([[[-100.0, 100.0, 0.0, -87.5, 88.5, -1e-30, 30.0, -30.0, 1e-3]]])
     gate = mx.concatenate([gate, edges], -1)

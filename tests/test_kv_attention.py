@@ -82,7 +82,7 @@ CASES = [
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case[:7])))
 def test_the_native_kernel_matches_float64_and_mlx_lm(case, isa, monkeypatch) -> None:
-    monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)  # never above what the CPU has
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)  # never above what the CPU has
     B, Hq, Hkv, T, D, bits, group, dtype, capacity = case
     mx.random.seed(sum(case[:7]))
     keys, values = packed_cache((B, Hkv, T, D), bits, group, dtype, capacity)
@@ -197,7 +197,7 @@ FLOAT_CASES = [
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("case", FLOAT_CASES, ids=lambda case: "-".join(map(str, case)))
 def test_the_native_float_kernel_matches_float64_and_mx_fast(case, isa, monkeypatch) -> None:
-    monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)  # never above what the CPU has
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)  # never above what the CPU has
     B, Hq, Hkv, T, D, capacity = case
     mx.random.seed(sum(case))
     k = (mx.random.normal((B, Hkv, capacity, D)) * 2)[..., :T, :]

@@ -1,5 +1,6 @@
-"""The native 4-bit mat-vec (qwen3_mlx.cpu.native): within float32 rounding of a float64
-reference and of mx.quantized_matmul, for 1-8 rows of x, the Qwen3-4B projections and the
+"""The native 4-bit matmul (qwen3_mlx.cpu.native): within float32 rounding of a float64
+reference and of mx.quantized_matmul, for 1-8 rows of x (the mat-vec), more (the prefill matmul,
+odd shapes, every ISA), the Qwen3-4B projections and the
 151,936-row head, scales in float32, bfloat16 and float16, group sizes 32/64/128, strided and 3-D
 x, and each instruction set forced once; the opt-in int8 variant within the rounding of x and the
 4-bit logit tolerance; the fallback when it is missing or built for another mlx."""
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import qwen3_mlx.cpu.native as native_kernel
-from qwen3_mlx.cpu.native import quantized_matvec
+from qwen3_mlx.cpu.native import quantized_matmul
 
 NATIVE_SKIP = pytest.mark.skipif(
     native_kernel.native() is None,
@@ -53,7 +54,7 @@ def dequantized64(layer, group_size: int, rows: np.ndarray | None = None) -> np.
 
 def check(x: mx.array, layer, group_size: int, rows: np.ndarray | None = None, threads: int = 2):
     """Ours against float64 (to float32 rounding) and against mx.quantized_matmul."""
-    ours = quantized_matvec(x, *layer, group_size, threads)
+    ours = quantized_matmul(x, *layer, group_size, threads)
     assert ours.shape == (*x.shape[:-1], layer[0].shape[0])
     assert ours.dtype == (mx.zeros(1, x.dtype) + mx.zeros(1, layer[1].dtype)).dtype  # as MLX's
     x64 = np.array(x.astype(mx.float32)).astype(np.float64).reshape(-1, x.shape[-1])
@@ -118,7 +119,7 @@ def test_strided_and_3d_x():
 @NATIVE_SKIP
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_each_instruction_set(monkeypatch, isa):
-    monkeypatch.setenv("QWEN3_MLX_QMV_ISA", isa)
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)
     for dtype in (mx.float32, mx.bfloat16, mx.float16):
         for group_size in (32, 64, 128):
             layer = random_layer(150, 1536, dtype, group_size)
@@ -126,27 +127,57 @@ def test_each_instruction_set(monkeypatch, isa):
 
 
 @NATIVE_SKIP
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_prefill_matmul_odd_shapes_each_instruction_set(monkeypatch, isa):
+    """More than 8 rows take the tiled matmul: row counts, widths and heights that fill no tile
+    evenly (12 x 32 for AVX-512, 6 x 16 for AVX2, 4 x 16 portable), widths past one 256 block."""
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)
+    cases = [
+        (9, 96, 33, 32, mx.float32),
+        (13, 320, 70, 64, mx.bfloat16),
+        (29, 640, 17, 128, mx.float16),
+    ]
+    for seed, (M, K, N, group_size, dtype) in enumerate(cases):
+        layer = random_layer(N, K, dtype, group_size, seed=seed)
+        check(mx.random.normal((M, K), key=mx.random.key(seed)), layer, group_size)
+
+
+@NATIVE_SKIP
+@pytest.mark.parametrize(("width", "rows"), [(2560, 1024), (9728, 2560)], ids=str)
+def test_prefill_matmul_qwen3_4b_shapes(width, rows):
+    """A 520-row prefill chunk (more than one block of 512 rows) at 4B shapes."""
+    layer = random_layer(rows, width, mx.bfloat16)
+    check(mx.random.normal((1, 520, width)), layer, 64, np.arange(0, rows, 61))
+
+
+@NATIVE_SKIP
+def test_prefill_matmul_tied_head():
+    layer = random_layer(HEAD_ROWS, 256, mx.bfloat16)  # every panel of the head, a short K
+    check(mx.random.normal((11, 256)), layer, 64, np.arange(0, HEAD_ROWS, 89))
+
+
+@NATIVE_SKIP
 def test_threads_give_the_same_result():
     layer = random_layer(1000, 1024)
-    x = mx.random.normal((2, 1024))
-    one = quantized_matvec(x, *layer, 64, 1)
-    for threads in (2, 3, 8):
-        assert mx.array_equal(quantized_matvec(x, *layer, 64, threads), one).item()
+    for x in (mx.random.normal((2, 1024)), mx.random.normal((20, 1024))):  # mat-vec, matmul
+        one = quantized_matmul(x, *layer, 64, 1)
+        for threads in (2, 3, 8):
+            assert mx.array_equal(quantized_matmul(x, *layer, 64, threads), one).item()
 
 
 @NATIVE_SKIP
 def test_bad_shapes_raise():
     words, scales, biases = random_layer(8, 256)
     with pytest.raises(ValueError):
-        quantized_matvec(mx.zeros((1, 128)), words, scales, biases, 64, 1)
+        quantized_matmul(mx.zeros((1, 128)), words, scales, biases, 64, 1)
     with pytest.raises(ValueError):
-        quantized_matvec(mx.zeros((1, 256)), words, scales, biases.astype(mx.float16), 64, 1)
+        quantized_matmul(mx.zeros((1, 256)), words, scales, biases.astype(mx.float16), 64, 1)
 
 
 @NATIVE_SKIP
 @pytest.mark.parametrize("M", [1, 3])
 def test_several_matrices_in_one_call_equal_separate_calls(M):
-    """quantized_matvecs (a layer's q/k/v or gate/up at once) is bit for bit quantized_matvec per
+    """quantized_matmuls (a layer's q/k/v or gate/up at once) is bit for bit quantized_matmul per
     matrix, whatever each matrix's scale dtype and row count."""
     layers = [
         random_layer(2048, 1024, mx.bfloat16, seed=1),
@@ -154,22 +185,22 @@ def test_several_matrices_in_one_call_equal_separate_calls(M):
         random_layer(24, 1024, mx.float16, seed=3),
     ]
     x = mx.random.normal((M, 1, 1024), key=mx.random.key(4))
-    together = native_kernel.quantized_matvecs(x, layers, 64, 2)
+    together = native_kernel.quantized_matmuls(x, layers, 64, 2)
     for out, layer in zip(together, layers, strict=True):
-        expected = quantized_matvec(x, *layer, 64, 2)
+        expected = quantized_matmul(x, *layer, 64, 2)
         assert out.shape == expected.shape and out.dtype == expected.dtype
         assert mx.array_equal(out, expected).item()
     module = native_kernel.native()
     with pytest.raises(ValueError, match="one or more matrices"):
-        module.quantized_matvecs(x, [layers[0][0]], [], [], 64, 1)
+        module.quantized_matmuls(x, [layers[0][0]], [], [], 64, 1)
     with pytest.raises(ValueError, match="scales and biases"):
-        module.quantized_matvecs(x, [layers[0][0]], [layers[0][1]], [layers[1][2]], 64, 1)
+        module.quantized_matmuls(x, [layers[0][0]], [layers[0][1]], [layers[1][2]], 64, 1)
 
 
 @NATIVE_SKIP
 def test_project_joins_native_layers_and_keeps_every_other(monkeypatch):
     """cpu_quantized.project gives each layer's own output: one native call for CPU 4-bit layers
-    (a decode step), the layers one by one for more rows or a layer of another kind."""
+    (a decode step or a prefill), the layers one by one where one is of another kind."""
     import mlx.nn as nn
 
     from qwen3_mlx.cpu import quantized as cpu_quantized
@@ -183,9 +214,9 @@ def test_project_joins_native_layers_and_keeps_every_other(monkeypatch):
 
     layers = [layer(256, 1), layer(128, 2), layer(128, 3)]
     calls = []
-    joined = native_kernel.quantized_matvecs
+    joined = native_kernel.quantized_matmuls
     monkeypatch.setattr(
-        native_kernel, "quantized_matvecs", lambda *a: calls.append(1) or joined(*a)
+        native_kernel, "quantized_matmuls", lambda *a: calls.append(1) or joined(*a)
     )
     x = mx.random.normal((1, 1, 512), key=mx.random.key(5))
     for out, one in zip(cpu_quantized.project(x, *layers), layers, strict=True):
@@ -196,7 +227,7 @@ def test_project_joins_native_layers_and_keeps_every_other(monkeypatch):
     for inputs, group in ((prefill, layers), (x, [layers[0], dense])):
         for out, one in zip(cpu_quantized.project(inputs, *group), group, strict=True):
             assert mx.array_equal(out, one(inputs)).item()
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 # The 4-bit logit tolerance bfloat16 compute is held to (BF16_QUANTIZED_RELATIVE_TOLERANCE in
@@ -218,21 +249,21 @@ def test_int8_variant_is_off_by_default_and_in_the_self_test(monkeypatch):
     int8_or_skip(monkeypatch)
     assert native_kernel._self_test(native_kernel.native()) is None  # it runs the float kernel
     layer, x = random_layer(64, 512), mx.random.normal((1, 512))
-    float_kernel = native_kernel.native().quantized_matvec(x, *layer, 64, 1)
-    assert not mx.array_equal(quantized_matvec(x, *layer, 64, 1), float_kernel).item()
+    float_kernel = native_kernel.native().quantized_matmul(x, *layer, 64, 1)
+    assert not mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
 
 
 @NATIVE_SKIP
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int8_variant_within_the_rounding_of_x(monkeypatch, dtype, group_size):
-    """QWEN3_MLX_QMV_INT8=1: x rounded to int8 per block of 32 (step max|x|/127) is its only
+    """QWEN3_MLX_NATIVE_INT8=1: x rounded to int8 per block of 32 (step max|x|/127) is its only
     error: within half a step per element of the float64 result, plus float32 rounding."""
     int8_or_skip(monkeypatch)
     layer = random_layer(150, 1536, dtype, group_size, seed=group_size)
     for rows in (1, 3, 5):
         x = mx.random.normal((rows, 1536), key=mx.random.key(rows))
-        actual = np.array(quantized_matvec(x, *layer, group_size, 2)).astype(np.float64)
+        actual = np.array(quantized_matmul(x, *layer, group_size, 2)).astype(np.float64)
         x64 = np.array(x).astype(np.float64)
         weight = dequantized64(layer, group_size)
         biases = np.repeat(np.array(layer[2].astype(mx.float32)), group_size, axis=1)
@@ -271,7 +302,7 @@ def test_int8_variant_logits_within_the_4bit_tolerance(make_checkpoint, monkeypa
 
 def test_fallback_reasons(monkeypatch):
     monkeypatch.delenv(native_kernel.ENV, raising=False)
-    monkeypatch.setattr(native_kernel, "module_name", lambda: "_qmv_mlx_0_0_1")
+    monkeypatch.setattr(native_kernel, "module_name", lambda: "_native_mlx_0_0_1")
     module, reason = native_kernel._load()
     # another mlx's module is never imported (or, where none was built, that is the reason)
     assert module is None and ("built for another mlx" in reason or "not built" in reason)

@@ -29,7 +29,7 @@ def test_sdist_carries_the_native_sources(tmp_path):
         for pattern in ("*.cpp", "*.h", "CMakeLists.txt")
         for path in (ROOT / "qwen3_mlx" / "native").glob(pattern)
     }
-    assert "qwen3_mlx/native/qmv.cpp" in sources
+    assert "qwen3_mlx/native/quantized_matmul.cpp" in sources
     assert sources <= names, sources - names
     assert {"setup.py", "pyproject.toml", "qwen3_mlx/cpu/native.py"} <= names
     assert not [name for name in names if name.endswith(".so")]

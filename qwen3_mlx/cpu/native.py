@@ -1,13 +1,15 @@
-"""The native 4-bit mat-vec (qwen3_mlx/native/qmv.cpp), when it was built for the running mlx.
+"""The native CPU ops (qwen3_mlx/native: ops.h, bindings.cpp), when built for the running mlx.
 
-`pip install` builds it on Linux x86-64 (setup.py) into `qwen3_mlx/_qmv_mlx_<mlx version>`. It is
-used only if that module exists for exactly this mlx version (it uses MLX's C++ ABI), imports,
-and passes a small self-test against mx.quantized_matmul; otherwise `fallback_reason()` says
-why and callers keep mx.quantized_matmul. QWEN3_MLX_NATIVE=0 turns it off;
-QWEN3_MLX_QMV_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
-QWEN3_MLX_QMV_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for VNNI dot products,
-as llama.cpp does: at most ~1.1-1.2x faster decode here, and logits drift as far as bf16 compute
-does (docs/benchmarks.md, "CPU 4-bit kernel").
+`pip install` builds them on Linux x86-64 (setup.py) into `qwen3_mlx/_native_mlx_<mlx version>`.
+The module is used only if it exists for exactly this mlx version (it uses MLX's C++ ABI),
+imports, and passes a small self-test of its 4-bit matmul against mx.quantized_matmul (one row
+and a prefill's many); each other op has its own self-test (`checked`). Otherwise
+`fallback_reason()` says why and callers keep MLX's ops. QWEN3_MLX_NATIVE=0 turns it off;
+QWEN3_MLX_NATIVE_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
+QWEN3_MLX_NATIVE_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for the mat-vec's
+VNNI dot products, as llama.cpp does: at most ~1.1-1.2x faster decode here, and logits drift as
+far as bf16 compute does (docs/benchmarks.md, "CPU 4-bit kernel"). The extension was called
+qmv: QWEN3_MLX_QMV_ISA and QWEN3_MLX_QMV_INT8 still work.
 
 Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
 float32, bfloat16 or float16: half-precision x keeps MLX's kernel, so "checkpoint" compute stays
@@ -28,7 +30,8 @@ from types import ModuleType
 import mlx.core as mx
 
 ENV = "QWEN3_MLX_NATIVE"
-INT8_ENV = "QWEN3_MLX_QMV_INT8"
+INT8_ENV = "QWEN3_MLX_NATIVE_INT8"
+INT8_ENV_ALIAS = "QWEN3_MLX_QMV_INT8"  # its name before the extension was renamed
 BITS = 4
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -39,18 +42,22 @@ _checked: dict[str, tuple[ModuleType | None, str | None]] = {}
 
 
 def module_name() -> str:
-    """The extension's module name for the running mlx: `_qmv_mlx_0_32_4`."""
-    return "_qmv_mlx_" + re.sub(r"\W", "_", mx.__version__)
+    """The extension's module name for the running mlx: `_native_mlx_0_32_4`."""
+    return "_native_mlx_" + re.sub(r"\W", "_", mx.__version__)
 
 
 def _self_test(module: ModuleType) -> str | None:
-    """None if a small product matches mx.quantized_matmul to float32 rounding, else what failed."""
-    w, scales, biases = mx.quantize(mx.arange(128 * 16, dtype=mx.float32).reshape(16, 128) % 7)
-    x = mx.linspace(-1, 1, 128)[None]
-    expected = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=BITS)
-    actual = module.quantized_matvec(x, w, scales, biases, 64, 1)
-    if not mx.allclose(actual, expected, rtol=1e-5, atol=1e-4).item():
-        return "its self-test gave results different from mx.quantized_matmul"
+    """None if a small product, by one row (mat-vec) and by 13 (the prefill matmul), matches
+    mx.quantized_matmul to float32 rounding, else what failed."""
+    w, scales, biases = mx.quantize(mx.arange(128 * 40, dtype=mx.float32).reshape(40, 128) % 7)
+    for rows in (1, 13):
+        x = mx.linspace(-1, 1, 128 * rows).reshape(rows, 128)
+        expected = mx.quantized_matmul(
+            x, w, scales, biases, transpose=True, group_size=64, bits=BITS
+        )
+        actual = module.quantized_matmul(x, w, scales, biases, 64, 1)
+        if not mx.allclose(actual, expected, rtol=1e-5, atol=1e-4).item():
+            return f"its self-test of {rows} row(s) gave results different from mx.quantized_matmul"
     return None
 
 
@@ -66,7 +73,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
         module = importlib.import_module(f"qwen3_mlx.{name}")
     except ImportError as error:
         built = sorted(
-            p.name.split(".")[0] for p in Path(__file__).parent.parent.glob("_qmv_mlx_*")
+            p.name.split(".")[0] for p in Path(__file__).parent.parent.glob("_native_mlx_*")
         )
         if built and name not in built:
             return (
@@ -138,7 +145,7 @@ def supports(x: mx.array, layer_bits: int, group_size: int, mode: str, scales: m
     return x.dtype == mx.float32 and supports_layer(layer_bits, group_size, mode, scales.dtype)
 
 
-def quantized_matvec(
+def quantized_matmul(
     x: mx.array,
     weight: mx.array,
     scales: mx.array,
@@ -146,28 +153,30 @@ def quantized_matvec(
     group_size: int,
     threads: int,
 ) -> mx.array:
-    """x @ dequantize(weight, scales, biases).T with the native kernel, float32 accumulation."""
+    """x @ dequantize(weight, scales, biases).T with the native kernels, float32 accumulation."""
     module = native()
     assert module is not None, "call supports() first"
-    return module.quantized_matvec(x, weight, scales, biases, group_size, threads, int8_requested())
+    return module.quantized_matmul(x, weight, scales, biases, group_size, threads, int8_requested())
 
 
-def quantized_matvecs(
+def quantized_matmuls(
     x: mx.array,
     layers: list[tuple[mx.array, mx.array, mx.array]],
     group_size: int,
     threads: int,
 ) -> list[mx.array]:
-    """quantized_matvec for several (weight, scales, biases) with one x, in one native call."""
+    """quantized_matmul for several (weight, scales, biases) with one x, in one native call."""
     module = native()
     assert module is not None, "call supports() first"
     ws, scales, biases = (list(part) for part in zip(*layers, strict=True))
-    return module.quantized_matvecs(x, ws, scales, biases, group_size, threads, int8_requested())
+    return module.quantized_matmuls(x, ws, scales, biases, group_size, threads, int8_requested())
 
 
 def int8_requested() -> bool:
-    """Whether QWEN3_MLX_QMV_INT8=1 asks for the int8 variant (read per call, for tests)."""
-    return os.environ.get(INT8_ENV) == "1"
+    """Whether QWEN3_MLX_NATIVE_INT8=1 (or its old name) asks for the int8 mat-vec (read per
+    call, for tests)."""
+    value = os.environ.get(INT8_ENV) or os.environ.get(INT8_ENV_ALIAS)
+    return value == "1"
 
 
 def isa() -> str | None:

@@ -1,25 +1,28 @@
-"""Quantized matmuls on the CPU backend: split across threads for decode, dequantize + GEMM for prefill.
+"""Quantized matmuls on the CPU backend: native kernels for 4-bit float32, else MLX's, split or GEMM.
 
 MLX's CPU `quantized_matmul` runs on one thread and treats every input row as its own
-matrix-vector product, unpacking the whole weight again per row. Two changes, both exact or
-within float32 rounding, and both only on the CPU backend (on a GPU these kernels are parallel
+matrix-vector product, unpacking the whole weight again per row. The changes, all exact or
+within float32 rounding, and all only on the CPU backend (on a GPU these kernels are parallel
 GEMMs already):
 
-* Decode (up to NATIVE_ROWS rows, 4-bit, float32 x): the native kernel (qwen3_mlx/cpu/native.py)
-  when it was built, ~10x MLX's kernel with float32 scales and ~70x with bf16 ones, which it reads
-  in place; results within float32 rounding of MLX's. Otherwise, and for other bit widths, the
-  output rows are split into blocks computed on separate CPU streams, which MLX runs on separate
-  threads. Output rows are independent, so that result is bit for bit the same.
-* Prefill (8+ rows, float32, OpenBLAS): dequantize the weight once per call and run one GEMM,
-  ~35x faster for a 512-token chunk than row after row. Without OpenBLAS the bundled reference
-  GEMM is no faster than the kernel; half precision keeps the kernel so "checkpoint" compute
-  stays bit-identical to mlx-lm (tests rely on it).
+* 4-bit layers with float32 x, any number of rows: the native kernels (qwen3_mlx/cpu/native.py)
+  when they were built. Up to 8 rows (decode) a mat-vec, ~10x MLX's kernel with float32 scales
+  and ~70x with bf16 ones, which it reads in place; more rows (prefill) a tiled matmul that
+  dequantizes the weights one small tile at a time, right before use, never the whole matrix
+  (about 50x MLX's reference-BLAS route and 2-3x the OpenBLAS one on 2 cores). Results within
+  float32 rounding of MLX's.
+* Otherwise, and for other bit widths, decode splits the output rows into blocks computed on
+  separate CPU streams, which MLX runs on separate threads (output rows are independent, so that
+  result is bit for bit the same); prefill (8+ rows, float32, OpenBLAS loaded) dequantizes the
+  weight once per call and runs one GEMM. Without OpenBLAS the bundled reference GEMM is no
+  faster than the kernel; half precision keeps the kernel so "checkpoint" compute stays
+  bit-identical to mlx-lm (tests rely on it).
 
 The parameters (weight, scales, biases) are unchanged, so the module tree keeps the checkpoint keys.
 Under float32 compute the layers the native kernel serves keep the checkpoint's bf16/f16 scales
 and biases (`scales_read_in_place`; 0.25 GB less for a 4-bit 4B): the kernel reads them in place,
-and every other path (prefill, more rows, the embedding lookup) casts them to float32 per call,
-which is exact, so results are bit for bit those of scales cast at load.
+and every other path (the embedding lookup, no extension) casts them to float32 per call, which
+is exact, so results are bit for bit those of scales cast at load.
 """
 
 from __future__ import annotations
@@ -39,9 +42,6 @@ MIN_ROWS = 8
 # Decode threads: one per core, capped; the kernel is compute-bound (~0.5 G weights/s per core),
 # far below memory bandwidth, so it scales with cores.
 THREADS = min(os.cpu_count() or 1, 8)
-# Rows of x up to which the native kernel runs (decode, small batches, speculative checks); more
-# rows re-read the weights per block of 4 and the dequantize + GEMM path wins.
-NATIVE_ROWS = 8
 MIN_BLOCK = 64  # output rows per thread below which splitting is not worth a synchronisation
 
 _streams: list[mx.Stream] = []
@@ -104,12 +104,10 @@ def quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     settings = {"group_size": layer.group_size, "bits": layer.bits, "mode": layer.mode}
     rows = x.size // x.shape[-1]
-    if (
-        rows <= NATIVE_ROWS
-        and biases is not None
-        and native_kernel.supports(x, layer.bits, layer.group_size, layer.mode, scales)
+    if biases is not None and native_kernel.supports(
+        x, layer.bits, layer.group_size, layer.mode, scales
     ):
-        return native_kernel.quantized_matvec(x, weight, scales, biases, layer.group_size, THREADS)
+        return native_kernel.quantized_matmul(x, weight, scales, biases, layer.group_size, THREADS)
     scales, biases = _compute_scales(layer, scales, biases)
     gemm = rows >= MIN_ROWS and prefill_gemm_helps(x.dtype)
     blocks = _blocks(weight.shape[0])
@@ -136,9 +134,7 @@ def quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
 
 def _native_together(x: mx.array, layers: tuple[nn.Module, ...]) -> bool:
     """Whether one native call can compute every layer for x: all CPU 4-bit layers without a
-    bias, with one group size, that the native kernel takes for this many rows."""
-    if x.size // x.shape[-1] > NATIVE_ROWS:
-        return False
+    bias, with one group size, that the native kernel takes."""
     return all(
         type(layer) is CpuQuantizedLinear
         and "bias" not in layer
@@ -150,13 +146,13 @@ def _native_together(x: mx.array, layers: tuple[nn.Module, ...]) -> bool:
 
 
 def project(x: mx.array, *layers: nn.Module) -> list[mx.array]:
-    """layer(x) for each layer; a decode step's q/k/v (or gate/up) in one native call where every
-    layer takes the native kernel: x is laid out once and the pool wakes once (bit for bit the
-    results of separate calls)."""
+    """layer(x) for each layer; a layer's q/k/v (or gate/up) in one native call where every layer
+    takes the native kernel: x is laid out once and the pool wakes once (bit for bit the results
+    of separate calls)."""
     if len(layers) < 2 or not _native_together(x, layers):
         return [layer(x) for layer in layers]
     parts = [(layer["weight"], layer["scales"], layer["biases"]) for layer in layers]
-    return native_kernel.quantized_matvecs(x, parts, layers[0].group_size, THREADS)
+    return native_kernel.quantized_matmuls(x, parts, layers[0].group_size, THREADS)
 
 
 class CpuQuantizedLinear(nn.QuantizedLinear):
