@@ -246,8 +246,13 @@ def test_float_attention_takes_mx_fast_for_what_the_kernel_does_not(monkeypatch)
             taken.append(("native", q.shape[2], q.dtype))
             return mx.zeros(q.shape)
 
+        def prefill_attention(self, q, *args):
+            taken.append(("native prefill", q.shape[2], q.dtype))
+            return mx.zeros(q.shape)
+
     fast = mx.fast.scaled_dot_product_attention
     monkeypatch.setattr(kv_attention, "native_float_attention", Recorder)
+    monkeypatch.setattr(kv_attention, "native_prefill_attention", Recorder)
     monkeypatch.setattr(
         mx.fast,
         "scaled_dot_product_attention",
@@ -260,14 +265,16 @@ def test_float_attention_takes_mx_fast_for_what_the_kernel_does_not(monkeypatch)
         (mx.ones((1, 4, 3, 64)), mx.ones((1, 2, 18, 64)), "causal"),  # a prefill chunk
         (decode, cache, mx.ones((1, 16), dtype=mx.bool_)),  # a masked (padded) batch row
         (decode.astype(mx.bfloat16), cache.astype(mx.bfloat16), None),
+        (mx.ones((1, 4, 3, 48)), mx.ones((1, 2, 18, 48)), "causal"),  # D no multiple of 32
     ):
         out = kv_attention.float_attention(q, keys, keys, 0.125, mask)
         assert out.shape == q.shape
     assert taken == [
         ("native", 1, mx.float32),
-        ("fast", 3, mx.float32),
+        ("native prefill", 3, mx.float32),
         ("fast", 1, mx.float32),
         ("fast", 1, mx.bfloat16),
+        ("fast", 3, mx.float32),
     ]
 
 

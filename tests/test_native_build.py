@@ -24,6 +24,7 @@ def test_the_extension_is_built_and_every_op_passed_its_self_test():
         "swiglu": ops.native_ops,
         "quantized_decode_attention": kv_attention.native_attention,
         "decode_attention": kv_attention.native_float_attention,
+        "prefill_attention": kv_attention.native_prefill_attention,
     }
     for function, check in checks.items():
         assert check() is not None, native_kernel.checked_reason(function)

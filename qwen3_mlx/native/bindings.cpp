@@ -44,6 +44,11 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
         "softmax(scale q K^T) V for one query position over a float32 KV cache (any strides).");
 
+  m.def("prefill_attention", &prefill_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "softmax(scale q K^T + causal mask) V for the last L of T positions, float32 (the mask "
+        "aligned to the lower right, as MLX's \"causal\").");
+
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"), nb::kw_only(),
         nb::arg("stream") = nb::none(),
         "weight * x / sqrt(mean(x^2) + eps) over the last axis, float32.");

@@ -6,6 +6,7 @@
 // unnamed namespace.
 
 #include "gemm.h"
+#include "prefill_attention.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -27,6 +28,14 @@ struct Avx2 {
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V pow2(V k) {  // 2^k for whole k in [-126, 127]: k + 127 as the exponent bits
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+  }
   static IV gather(const uint32_t* p, int64_t stride, int valid) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i row = _mm256_min_epi32(lane, _mm256_set1_epi32(valid - 1));
@@ -41,6 +50,8 @@ struct Avx2 {
 };
 
 #include "gemm_simd.h"
+#include "simd_math.h"
+#include "prefill_attention_simd.h"
 
 }  // namespace
 #endif
@@ -51,6 +62,14 @@ GemmKernels gemm_avx2_kernels() {
   return gemm_kernels_for<Avx2>();
 #else
   return gemm_scalar_kernels();
+#endif
+}
+
+AttentionKernels attention_avx2_kernels() {
+#ifdef GEMM_SIMD
+  return attention_kernels_for<Avx2>();
+#else
+  return attention_scalar_kernels();
 #endif
 }
 

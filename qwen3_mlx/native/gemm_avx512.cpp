@@ -6,6 +6,7 @@
 // in an unnamed namespace.
 
 #include "gemm.h"
+#include "prefill_attention.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -27,6 +28,16 @@ struct Avx512 {
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V round(V x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static V pow2(V k) {  // 2^k for whole k in [-126, 127]: k + 127 as the exponent bits
+    const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
+  }
   static IV gather(const uint32_t* p, int64_t stride, int valid) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i row = _mm512_min_epi32(lane, _mm512_set1_epi32(valid - 1));
@@ -40,6 +51,8 @@ struct Avx512 {
 };
 
 #include "gemm_simd.h"
+#include "simd_math.h"
+#include "prefill_attention_simd.h"
 
 }  // namespace
 #endif
@@ -50,6 +63,14 @@ GemmKernels gemm_avx512_kernels() {
   return gemm_kernels_for<Avx512>();
 #else
   return gemm_scalar_kernels();
+#endif
+}
+
+AttentionKernels attention_avx512_kernels() {
+#ifdef GEMM_SIMD
+  return attention_kernels_for<Avx512>();
+#else
+  return attention_scalar_kernels();
 #endif
 }
 

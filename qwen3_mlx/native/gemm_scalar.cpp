@@ -2,8 +2,10 @@
 // for the baseline ISA) and the packing of x that every ISA's kernel shares.
 
 #include <algorithm>
+#include <cmath>
 
 #include "gemm.h"
+#include "prefill_attention.h"
 #include "matvec_kernels.h"
 
 namespace native {
@@ -41,6 +43,19 @@ struct Portable {
     for (int i = 0; i < L; ++i) out.v[i] = a.v[i] + b.v[i];
     return out;
   }
+  template <class F>
+  static V each(const V& a, const V& b, F f) {
+    V out;
+    for (int i = 0; i < L; ++i) out.v[i] = f(a.v[i], b.v[i]);
+    return out;
+  }
+  static V sub(const V& a, const V& b) { return each(a, b, [](float x, float y) { return x - y; }); }
+  static V mul(const V& a, const V& b) { return each(a, b, [](float x, float y) { return x * y; }); }
+  static V max(const V& a, const V& b) {
+    return each(a, b, [](float x, float y) { return x > y ? x : y; });
+  }
+  static V round(const V& x) { return each(x, x, [](float y, float) { return std::nearbyint(y); }); }
+  static V pow2(const V& k) { return each(k, k, [](float y, float) { return std::ldexp(1.0f, int(y)); }); }
   static IV gather(const uint32_t* p, int64_t stride, int valid) {
     IV out;
     for (int j = 0; j < L; ++j) out.v[j] = p[(j < valid ? j : valid - 1) * stride];
@@ -55,10 +70,14 @@ struct Portable {
 };
 
 #include "gemm_simd.h"
+#include "simd_math.h"
+#include "prefill_attention_simd.h"
 
 }  // namespace
 
 GemmKernels gemm_scalar_kernels() { return gemm_kernels_for<Portable>(); }
+
+AttentionKernels attention_scalar_kernels() { return attention_kernels_for<Portable>(); }
 
 int64_t packed_rows_size(int M, int64_t K, int MR) {
   return int64_t((M + MR - 1) / MR) * MR * K;

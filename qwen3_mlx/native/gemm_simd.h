@@ -29,20 +29,21 @@ float scale_value(const void* p, int type, int64_t i) {
   return out;
 }
 
-// c[r, j] (+)= sum_k a[k, r] b[k, j] for one tile: `rows` of MR and `cols` of NR valid.
+// c[r, j] (+)= sum_k a[k * lda + r] b[k * ldb + j] for one tile (r < MR, j < NR): `rows` and
+// `cols` of them valid (all MR rows of a and NR columns of b are read).
 template <class S, int MR>
-void multiply_tile(const float* a, const float* b, int kc, float* c, int64_t ldc, int rows,
-                   int cols, bool accumulate) {
+void multiply_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int kc, float* c,
+                   int64_t ldc, int rows, int cols, bool accumulate) {
   using V = typename S::V;
   constexpr int L = S::L, NR = 2 * L;
   V acc[MR][2];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = S::zero();
-  for (int k = 0; k < kc; ++k) {
-    const V b0 = S::load(b + k * NR), b1 = S::load(b + k * NR + L);
+  for (int k = 0; k < kc; ++k, a += lda, b += ldb) {
+    const V b0 = S::load(b), b1 = S::load(b + L);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const V ar = S::set1(a[k * MR + r]);
+      const V ar = S::set1(a[r]);
       acc[r][0] = S::fma(ar, b0, acc[r][0]);
       acc[r][1] = S::fma(ar, b1, acc[r][1]);
     }
@@ -120,8 +121,8 @@ void gemm_panels(const GemmRows& x, const GemmMatrix& m, int64_t p0, int64_t p1)
         dequantize_panel<S>(m, x.K, x.group_size, n0, cols, k0, kc, b);
         for (int t = t0; t < t1; ++t) {
           const int rows = x.M - t * MR < MR ? x.M - t * MR : MR;
-          multiply_tile<S, MR>(block + int64_t(t) * MR * kc, b, kc, m.out + t * MR * m.N + n0,
-                               m.N, rows, cols, k0 > 0);
+          multiply_tile<S, MR>(block + int64_t(t) * MR * kc, MR, b, NR, kc,
+                               m.out + t * MR * m.N + n0, m.N, rows, cols, k0 > 0);
         }
       }
     }

@@ -32,6 +32,11 @@ mx::array quantized_decode_attention(const mx::array& q, const mx::array& k,
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                            float scale, int threads, mx::StreamOrDevice s);
 
+// prefill_attention.cpp: the causal attention of L query positions (the last L of T) over a
+// float32 KV cache (strided along its first three axes).
+mx::array prefill_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                            float scale, int threads, mx::StreamOrDevice s);
+
 // decode_ops.cpp: float32 RMSNorm, non-interleaved RoPE and SwiGLU, one pass each.
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s);
 mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, float factor,

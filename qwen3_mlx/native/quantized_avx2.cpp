@@ -69,6 +69,7 @@ struct Avx2 {
   }
 };
 
+#include "simd_math.h"
 #include "quantized_simd.h"
 
 }  // namespace

@@ -62,6 +62,7 @@ struct Avx512 {
   }
 };
 
+#include "simd_math.h"
 #include "quantized_simd.h"
 
 }  // namespace

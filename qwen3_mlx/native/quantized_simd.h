@@ -5,7 +5,8 @@
 //   max), first (lane 0)
 //   widen<BITS>(row, i, lo, hi)           elements [i, i + 2L) of a packed row as two vectors
 //   key_rows(RB), column_steps(RB)        the register tiles below
-// Included only by those files, inside an unnamed namespace, so each ISA's copy stays its own.
+// Included only by those files, inside an unnamed namespace (after simd_math.h), so each ISA's
+// copy stays its own.
 //
 // Why this shape: once the cache is packed the attention is bound by arithmetic, not bytes, so
 // each packed element is widened to float32 and dequantized (scale * q + bias, one FMA) once per
@@ -17,27 +18,7 @@
 // |q| to leave a small score, and its rounding error was twice the reference's.
 
 // ---------------------------------------------------------------------------------------------
-// Softmax
-
-// e^x for x <= 0 (a score minus its row's max): Cephes' expf (a Cody-Waite split of x ln 2 and a
-// degree-6 polynomial), within 2 ulp of e^x. Below -87.3 (e^x < 1.2e-38) it is clamped there, so
-// 2^k stays a normal float.
-template <class S>
-typename S::V exponential(typename S::V x) {
-  using V = typename S::V;
-  x = S::max(x, S::set1(-87.3f));
-  const V k = S::round(S::mul(x, S::set1(1.44269504088896341f)));
-  V r = S::fma(k, S::set1(-0.693359375f), x);
-  r = S::fma(k, S::set1(2.12194440e-4f), r);
-  V y = S::set1(1.9875691500e-4f);
-  y = S::fma(y, r, S::set1(1.3981999507e-3f));
-  y = S::fma(y, r, S::set1(8.3334519073e-3f));
-  y = S::fma(y, r, S::set1(4.1665795894e-2f));
-  y = S::fma(y, r, S::set1(1.6666665459e-1f));
-  y = S::fma(y, r, S::set1(5.0000001201e-1f));
-  y = S::fma(y, S::mul(r, r), S::add(r, S::set1(1.0f)));
-  return S::mul(y, S::pow2(k));
-}
+// Softmax (exponential: simd_math.h)
 
 // One row of n scores to e^(s - max) in place; its max and sum.
 template <class S>
