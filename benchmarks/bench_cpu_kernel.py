@@ -45,7 +45,7 @@ MATRICES = {
 }
 COLD_BYTES = 1.2e9  # more than the L3 (480 MiB on the study's machine), so reads come from DRAM
 THREADS = min(os.cpu_count() or 1, 8)
-INT8_ENV = "QWEN3_MLX_QMV_INT8"  # the native kernel's opt-in int8 variant
+INT8_ENV = "QWEN3_MLX_NATIVE_INT8"  # the native kernel's opt-in int8 variant
 
 
 def bandwidth() -> dict[str, float]:
@@ -111,7 +111,7 @@ def matrices() -> list[dict[str, Any]]:
             if module is not None:
 
                 def ours(layer: tuple, x: Any = x, int8: bool = False) -> Any:
-                    return module.quantized_matvec(x, *layer, 64, THREADS, int8)
+                    return module.quantized_matmul(x, *layer, 64, THREADS, int8)
 
                 def int8(layer: tuple, x: Any = x) -> Any:
                     return ours(layer, x, True)

@@ -28,7 +28,7 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
         nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
         "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32 (with x "
-        "rounded to int8 per block of 32 when int8, at most 8 rows and int8_supported()).");
+        "rounded to int8 per block of 32 when int8, at most 4 rows and int8_supported()).");
   m.def("quantized_matmuls", &quantized_matmuls, nb::arg("x"), nb::arg("ws"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
         nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
@@ -72,4 +72,11 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
       },
       nb::arg("bytes") = int64_t(1) << 30, nb::arg("repeats") = 3, nb::arg("threads") = 1,
       "Best read bandwidth in GB/s over `bytes` on `threads` threads (AVX2 loads where present).");
+  m.def(
+      "fma_peak",
+      [](int threads) {
+        nb::gil_scoped_release release;
+        return fma_peak(threads);
+      },
+      nb::arg("threads") = 1, "Best float32 GFLOP/s of independent FMAs on `threads` threads.");
 }

@@ -71,6 +71,31 @@ NATIVE_AVX2 uint64_t read_avx2(const uint64_t* p, size_t count) {
   a = _mm256_add_epi64(_mm256_add_epi64(a, b), _mm256_add_epi64(c, d));
   return uint64_t(_mm256_extract_epi64(a, 0) + _mm256_extract_epi64(a, 3));
 }
+
+// `rounds` x 24 independent float32 FMA vectors (enough to cover FMA latency x throughput).
+NATIVE_AVX512 float fma_avx512(int64_t rounds) {
+  __m512 acc[24];
+  for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(float(i));
+  const __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(0.001f);
+  for (int64_t r = 0; r < rounds; ++r)
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  for (int i = 1; i < 24; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  return _mm512_reduce_add_ps(acc[0]);
+}
+
+NATIVE_AVX2 float fma_avx2(int64_t rounds) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i));
+  const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(0.001f);
+  for (int64_t r = 0; r < rounds; ++r)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  for (int i = 1; i < 12; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc[0]);
+  return lanes[0];
+}
 #endif
 
 uint64_t read_plain(const uint64_t* p, size_t count) {
@@ -106,6 +131,33 @@ double read_bandwidth(int64_t bytes, int repeats, int threads) {
     for (auto& t : others) t.join();
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     best = std::max(best, double(per * threads * 8) / seconds / 1e9);
+  }
+  return best;
+}
+
+double fma_peak(int threads) {
+  threads = std::max(threads, 1);
+  const Isa isa = detected_isa();
+  const int64_t rounds = 20'000'000;
+  const double flops_per_round = isa == AVX512 ? 24 * 32 : isa == AVX2 ? 12 * 16 : 2;
+  std::atomic<float> sink{0.0f};
+  auto part = [&] {
+    float value = 0.0f;
+#ifdef NATIVE_X86
+    if (isa == AVX512) value = fma_avx512(rounds);
+    else if (isa == AVX2) value = fma_avx2(rounds);
+#endif
+    sink.store(value);
+  };
+  double best = 0.0;
+  for (int repeat = 0; repeat < 3; ++repeat) {
+    auto start = std::chrono::steady_clock::now();
+    std::vector<std::thread> others;
+    for (int t = 1; t < threads; ++t) others.emplace_back(part);
+    part();
+    for (auto& t : others) t.join();
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, flops_per_round * rounds * threads / seconds / 1e9);
   }
   return best;
 }

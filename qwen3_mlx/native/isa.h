@@ -37,5 +37,8 @@ bool int8_supported();
 const char* setting(const char* name, const char* alias);
 // Best read bandwidth in GB/s over `bytes` on `threads` threads: the bound for a mat-vec.
 double read_bandwidth(int64_t bytes, int repeats, int threads);
+// Best float32 GFLOP/s of independent FMAs on `threads` threads (the widest vectors the CPU has):
+// the bound for a prefill.
+double fma_peak(int threads);
 
 }  // namespace native

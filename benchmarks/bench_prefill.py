@@ -1,0 +1,194 @@
+"""CPU prefill and decode, ours against llama.cpp in one run at the same thread count.
+
+    python -m benchmarks.bench_prefill --llama-bench PATH/llama-bench
+    python -m benchmarks.bench_prefill --llama-bench PATH --long --agent --repeats 2
+
+Both engines run the same random weights: our MLX 4-bit checkpoint (benchmarks/checkpoints.py)
+and the GGUF Q4_0 that benchmarks/gguf_q4.py makes of it. Ours runs as a fresh install does:
+QWEN3_MLX_OPENBLAS=0 (MLX's reference BLAS), the native extension on. llama.cpp is measured with
+its own `llama-bench` (built from source: only a benchmark tool, never a dependency), `-p` for
+prefill and `-n` for decode, with the same thread count.
+
+Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long), decode
+tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
+for prefill the FLOP/s of the matmuls and attention against the measured FMA peak, for decode
+the GB/s of weights read against the measured read bandwidth. --agent adds the time to first
+token of one agent step at 4B: a 1,500-token prompt (random ids: speed does not depend on them).
+Each engine runs in a fresh process, once per pass; --repeats N makes N passes and reports the
+best of each. The load average is recorded at the start and the end. Timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_cpu_kernel import scale_memory
+from benchmarks.checkpoints import checkpoint
+from benchmarks.run import ROOT, machine, run_worker
+
+THREADS = min(os.cpu_count() or 1, 8)
+AGENT_PROMPT = 1500
+
+
+def limits(threads: int) -> dict[str, float]:
+    """The machine's bounds on `threads` threads: FMA GFLOP/s and read GB/s (native probes)."""
+    from qwen3_mlx.cpu.native import native
+
+    module = native()
+    if module is None:
+        return {}
+    return {
+        "fma_gflops": module.fma_peak(threads),
+        "read_gbps": module.read_bandwidth(1 << 30, 3, threads),
+    }
+
+
+def flops_per_token(config: dict[str, Any], prompt: int) -> float:
+    """FLOPs of one prompt token: every projection (2 per weight) and the causal attention at the
+    prompt's mean context (the head is not computed for prompt tokens)."""
+    D, inter, layers = (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+    )
+    heads, kv_heads, head = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+    )
+    weights = D * head * (heads + 2 * kv_heads) + heads * head * D + 3 * D * inter
+    attention = 2 * 2 * heads * head * (prompt / 2)  # scores and values, mean context P/2
+    return layers * (2 * weights + attention)
+
+
+def ours(path: Path, task: str, **spec: Any) -> dict[str, Any]:
+    """One measurement of ours in a fresh process, as a fresh install runs (no system OpenBLAS)."""
+    full = {"engine": "ours", "path": str(path), "dtype": "auto", "task": task, "openblas": False}
+    return run_worker({**full, **spec}, timeout=1800)
+
+
+def llama(binary: Path, gguf: Path, prompt: int, tokens: int, threads: int) -> dict[str, Any]:
+    """llama-bench's tok/s for a prompt of `prompt` tokens or `tokens` decoded (one of them 0)."""
+    command = [str(binary), "-m", str(gguf), "-p", str(prompt), "-n", str(tokens)]
+    command += ["-t", str(threads), "-r", "1", "-o", "json"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout after 1800 s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    (row,) = json.loads(done.stdout)
+    return {"tok_s": row["avg_ts"], "build": row.get("build_commit"), "cpu": row.get("cpu_info")}
+
+
+def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
+    """(measure, ours, llama.cpp) callables for one shape."""
+    from benchmarks.gguf_q4 import export
+
+    path = checkpoint(shape, 4)
+    gguf = export(path, path.with_name(path.name + "-q4_0.gguf"))
+    binary, threads = args.llama_bench, THREADS
+    prompts = [512, 4096] if args.long else [512]
+    if args.agent and shape == "4b":
+        prompts.append(AGENT_PROMPT)
+    rows = [
+        (
+            f"prefill {prompt}",
+            lambda prompt=prompt: ours(path, "prefill", prompt=prompt),
+            lambda prompt=prompt: llama(binary, gguf, prompt, 0, threads),
+        )
+        for prompt in prompts
+    ]
+    rows.append(
+        (
+            "decode",
+            lambda: ours(path, "decode", tokens=24),
+            lambda: llama(binary, gguf, 0, 32, threads),
+        )
+    )
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, `repeats` passes, best of each."""
+    results: dict[str, Any] = {"machine": machine(), "threads": THREADS}
+    results["load_start"] = os.getloadavg()
+    results["limits"] = limits(THREADS)
+    print(f"limits on {THREADS} threads: {results['limits']}", flush=True)
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    plans = {shape: measurements(shape, args) for shape in args.shapes}
+    for _ in range(args.repeats):
+        for shape, plan in plans.items():
+            for measure, mine, theirs in plan:
+                for engine, call in (("ours", mine), ("llama.cpp", theirs)):
+                    result = call()
+                    print(
+                        f"  {shape} {measure} {engine}: {result.get('tok_s', result)}", flush=True
+                    )
+                    row = rows.setdefault((shape, measure), {"shape": shape, "measure": measure})
+                    runs = row.setdefault(f"{engine} runs", [])
+                    if "tok_s" in result:
+                        runs.append(result["tok_s"])
+                        row[engine] = max(runs)
+                    else:
+                        row.setdefault(f"{engine} error", result.get("error"))
+    results["rows"] = list(rows.values())
+    results["load_end"] = os.getloadavg()
+    results["memory"] = {shape: scale_memory(shape) for shape in args.shapes}
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    """Print the table: tok/s, ratio, fraction of the limit."""
+    limit = results["limits"]
+    print(
+        f"\n{results['threads']} threads; load average {results['load_start'][0]:.1f} at the "
+        f"start, {results['load_end'][0]:.1f} at the end; FMA peak "
+        f"{limit.get('fma_gflops', float('nan')):.0f} GFLOP/s, read {limit.get('read_gbps', float('nan')):.1f} GB/s"
+    )
+    print(
+        f"  {'shape':5} {'measure':14} {'ours':>9} {'llama.cpp':>9} {'ratio':>6} {'ours of limit':>13} {'llama of limit':>14}"
+    )
+    for row in results["rows"]:
+        shape, measure = row["shape"], row["measure"]
+        mine, theirs = row.get("ours", float("nan")), row.get("llama.cpp", float("nan"))
+        config = json.loads((checkpoint(shape, 4) / "config.json").read_text())
+        if measure.startswith("prefill"):
+            prompt = int(measure.split()[1])
+            per = flops_per_token(config, prompt) / 1e9 / limit.get("fma_gflops", float("nan"))
+        else:
+            per = results["memory"][shape]["step_bf16_gb"] / limit.get("read_gbps", float("nan"))
+        print(
+            f"  {shape:5} {measure:14} {mine:9.2f} {theirs:9.2f} {mine / theirs:5.2f}x "
+            f"{mine * per:13.0%} {theirs * per:14.0%}"
+        )
+        if measure == f"prefill {AGENT_PROMPT}":
+            print(
+                f"  {'':5} {'agent TTFT':14} {AGENT_PROMPT / mine:8.1f}s {AGENT_PROMPT / theirs:8.1f}s"
+            )
+
+
+def main() -> None:
+    """Measure, print, and write results.json to --out."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-bench", type=Path, required=True, help="llama.cpp's llama-bench")
+    parser.add_argument("--shapes", default="0.6b,4b", type=lambda s: s.split(","))
+    parser.add_argument("--long", action="store_true", help="also a 4,096-token prefill")
+    parser.add_argument("--agent", action="store_true", help="also the 1,500-token agent step (4B)")
+    parser.add_argument("--repeats", type=int, default=1, help="passes (the best is shown)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prefill")
+    args = parser.parse_args()
+    os.environ["QWEN3_MLX_OPENBLAS"] = "0"
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
