@@ -101,14 +101,19 @@ class Chat:
         *,
         rope_scaling: dict[str, Any] | None = None,
         compute_dtype: str = "auto",
-        group: Any = None,
+        load: Callable[..., tuple[Any, Any, Any]] | None = None,
         **chat_kwargs: Any,
     ) -> Chat:
-        """Load a model folder or repo id and open a chat with it (group: see loading.load)."""
-        from qwen3_mlx.loading import load
+        """Load a model folder or repo id and open a chat with it.
+
+        load: the loader (loading.load by default; a front end under mlx.launch passes
+        parallel.distributed's rank-0 loader bound to its group).
+        """
+        if load is None:
+            from qwen3_mlx.loading import load
 
         model, tokenizer, generation_config = load(
-            path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype, group=group
+            path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype
         )
         chat_kwargs.setdefault("model_id", str(path_or_repo))
         return cls(model, tokenizer, generation_config, **chat_kwargs)

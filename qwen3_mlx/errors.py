@@ -68,3 +68,7 @@ class HistoryError(Qwen3Error):
 
 class ToolError(Qwen3Error):
     """A tool definition, tool_choice or tool result that cannot be used."""
+
+
+class DistributedError(Qwen3Error):
+    """The group of ranks is misconfigured or broke apart."""

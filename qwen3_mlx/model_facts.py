@@ -138,10 +138,10 @@ def scales_read_in_place(
     config: dict[str, Any], entries: TensorEntries, compute_dtype: str | None, source: str
 ) -> set[str]:
     """The scale and bias tensors a float32 load keeps in the checkpoint's dtype: those of the
-    4-bit layers the native kernel computes (see qwen3_mlx.cpu_quantized.scales_read_in_place)."""
+    4-bit layers the native kernel computes (see qwen3_mlx.cpu.quantized.scales_read_in_place)."""
     import mlx.core as mx
 
-    from qwen3_mlx import native_kernel
+    from qwen3_mlx.cpu import native as native_kernel
     from qwen3_mlx.quant import read_quantization
 
     block = read_quantization(config, source)
