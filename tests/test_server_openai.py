@@ -306,6 +306,18 @@ def test_a_bad_setting_gets_the_same_words_from_the_server_and_the_cli(client, n
     assert usage.exit_code == 2 and usage.stderr.splitlines()[-1].endswith(": " + words)
 
 
+def test_the_request_schema_shows_each_setting_as_settings_describes_it(server):
+    schema = httpx.get(server[0] + "/openapi.json").json()["components"]["schemas"]
+    fields = schema["ChatCompletionRequest"]["properties"]
+    assert fields["top_p"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    assert fields["frequency_penalty"]["anyOf"][0] == {
+        "type": "number",
+        "minimum": -2,
+        "maximum": 2,
+    }
+    assert fields["max_completion_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1}
+
+
 def test_a_full_queue_answers_503(client, server):
     worker = server[1].worker
     bounds = worker.max_batch, worker.max_queue
