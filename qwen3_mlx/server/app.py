@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.server import protocol as p
+from qwen3_mlx.server.anthropic import PREFIX as ANTHROPIC_PREFIX
+from qwen3_mlx.server.anthropic import add_anthropic_routes, anthropic_error
 from qwen3_mlx.server.generation import ChatRun, CompletionRun, error_body
 from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.processors import ResponseFormatError
@@ -26,6 +28,7 @@ from qwen3_mlx.server.requests import (
     sampling_settings,
     stop_strings,
 )
+from qwen3_mlx.server.responses import add_responses_routes
 from qwen3_mlx.server.worker import GenerationWorker, ServerBusy
 
 ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422, 500, 503)}
@@ -117,15 +120,28 @@ def create_app(state: ServerState) -> FastAPI:
         return response
 
     _add_routes(app, state)
+    add_responses_routes(app, state, STREAMED)
+    add_anthropic_routes(app, state)
     return app
 
 
 def _refusal(state: ServerState, request: Request) -> JSONResponse | None:
-    """401 without the API key; 413 for a body over the bound."""
+    """401 without the API key; 413 for a body over the bound (in Anthropic's shape on its routes)."""
+    response = _refused(state, request)
+    if response is not None and request.url.path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error(response)
+    return response
+
+
+def _refused(state: ServerState, request: Request) -> JSONResponse | None:
     if state.api_key and request.url.path not in OPEN_PATHS:
-        if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+        headers = request.headers
+        if (
+            headers.get("authorization", "") != f"Bearer {state.api_key}"
+            and headers.get("x-api-key") != state.api_key  # Anthropic's clients send this one
+        ):
             error = ApiError(
-                "missing or wrong API key (Authorization: Bearer ...)",
+                "missing or wrong API key (Authorization: Bearer ... or x-api-key: ...)",
                 status=401,
                 kind="authentication_error",
                 code="invalid_api_key",
