@@ -110,13 +110,14 @@ def test_tool_loop_streamed_then_by_previous_response_id(client):
             model="m",
             input=SECRET,
             tools=[LOOKUP],
+            include=["reasoning.encrypted_content"],
             temperature=0,
             max_output_tokens=80,
             stream=True,
         )
     )
     first = events[-1].response
-    call = first.output[-1]
+    reasoning, call = first.output
     assert call.type == "function_call" and call.name == "lookup" and call.status == "completed"
     assert json.loads(call.arguments) == {"key": "apple"}
     pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
@@ -135,10 +136,21 @@ def test_tool_loop_streamed_then_by_previous_response_id(client):
     assert answer.output_text == "The secret word for apple is castle."
     # The stored turn re-renders exactly as the model wrote it, reasoning included.
     assert answer.usage.input_tokens_details.cached_tokens == first.usage.total_tokens
+    # A client that keeps no state sends the reasoning back sealed, without its content, as
+    # Codex does: the same prompt again, the same answer.
+    sealed = reasoning.model_dump(include={"type", "id", "summary", "encrypted_content"})
+    history = [{"role": "user", "content": SECRET}, sealed, call.model_dump(), result]
+    stateless = client.responses.create(
+        model="m", input=history, tools=[LOOKUP], store=False, temperature=0, max_output_tokens=60
+    )
+    assert stateless.output_text == answer.output_text
+    assert stateless.usage.input_tokens == answer.usage.input_tokens
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError) as gone:
         client.responses.create(model="m", previous_response_id=first.id, input=[result])
     assert gone.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):  # store: false kept nothing
+        client.responses.retrieve(stateless.id)
 
 
 def test_refusals_name_the_field(client):

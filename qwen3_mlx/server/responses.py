@@ -16,14 +16,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
 from sse_starlette.sse import EventSourceResponse
 
 from qwen3_mlx.server import responses_protocol as rp
 from qwen3_mlx.server.requests import ApiError
-from qwen3_mlx.server.responses_events import ResponseBuilder, item_id
+from qwen3_mlx.server.responses_events import SEALED, ResponseBuilder, item_id
 from qwen3_mlx.server.turns import TurnEnd, chat_request, start_turn, turn_deltas
 
 STORED_RESPONSES = 256  # the newest responses kept for previous_response_id (and GET)
+INPUT_ITEM: TypeAdapter[Any] = TypeAdapter(rp.InputItem)
 PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
 
 
@@ -76,7 +78,7 @@ def conversation_messages(items: list[Any], instructions: str | None) -> list[di
     reasoning: str | None = None
     for index, item in enumerate(items):
         if item.type == "reasoning":
-            reasoning = "".join(part.text for part in item.content or [])
+            reasoning = _reasoning_text(item)
             continue
         if item.type == "function_call_output":
             text = _text(item.output, f"input.{index}.output")
@@ -99,6 +101,15 @@ def conversation_messages(items: list[Any], instructions: str | None) -> list[di
                 {"id": item.call_id, "type": "function", "function": call}
             )
     return messages
+
+
+def _reasoning_text(item: rp.ReasoningItem) -> str | None:
+    """The think block's text: the item's content, else the text this server put in
+    encrypted_content (another server's encrypted reasoning cannot be read, and is left out)."""
+    if item.content:
+        return "".join(part.text for part in item.content)
+    sealed = item.encrypted_content or ""
+    return sealed.removeprefix(SEALED) if sealed.startswith(SEALED) else None
 
 
 def _text(content: str | list[rp.ContentPart], param: str) -> str:
@@ -157,6 +168,8 @@ def response_fields(state: Any, body: rp.ResponseRequest) -> dict[str, Any]:
     """The fields a response echoes from its request."""
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     choice = body.tool_choice
+    if isinstance(choice, rp.FunctionChoice):
+        choice = choice.model_dump()
     return {
         "id": item_id("resp"),
         "object": "response",
@@ -165,9 +178,7 @@ def response_fields(state: Any, body: rp.ResponseRequest) -> dict[str, Any]:
         "instructions": body.instructions,
         "previous_response_id": body.previous_response_id,
         "tools": tools,
-        "tool_choice": choice.model_dump()
-        if isinstance(choice, rp.FunctionChoice)
-        else choice or "auto",
+        "tool_choice": choice or "auto",
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -191,10 +202,11 @@ def add_responses_routes(app: FastAPI, state: Any, responses: dict[int, Any]) ->
             items = [rp.MessageItem(role="user", content=items)]
         history = store.conversation(body.previous_response_id) if body.previous_response_id else []
         conversation = history + [item.model_dump(exclude_none=True) for item in items]
-        parsed = [_input_item(item) for item in conversation]
+        parsed = [INPUT_ITEM.validate_python(item) for item in conversation]
         messages = conversation_messages(parsed, body.instructions)
         run = start_turn(state, chat_request(chat_fields(body, messages), PARAMS))
-        builder = ResponseBuilder(response_fields(state, body))
+        sealed = "reasoning.encrypted_content" in (body.include or [])
+        builder = ResponseBuilder(response_fields(state, body), sealed)
         keep = conversation if body.store is not False else None
 
         async def events() -> AsyncIterator[dict[str, Any]]:
@@ -203,12 +215,12 @@ def add_responses_routes(app: FastAPI, state: Any, responses: dict[int, Any]) ->
             try:
                 async for delta in turn_deltas(run, request):
                     if isinstance(delta, TurnEnd):
-                        events = builder.finish(delta)
+                        out = builder.finish(delta)
                         if keep is not None and builder.final is not None:
-                            store.put(builder.final, keep)
+                            store.put(builder.final, keep)  # before the client can refer to it
                     else:
-                        events = builder.feed(delta)
-                    for event in events:
+                        out = builder.feed(delta)
+                    for event in out:
                         yield event
             except ApiError as error:
                 for event in builder.fail(error.code or "server_error", str(error)):
@@ -244,14 +256,3 @@ def add_responses_routes(app: FastAPI, state: Any, responses: dict[int, Any]) ->
         """Forget a stored response."""
         store.delete(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
-
-
-def _input_item(item: dict[str, Any]) -> Any:
-    kind = item.get("type") or "message"
-    model = {
-        "message": rp.MessageItem,
-        "function_call": rp.FunctionCallItem,
-        "function_call_output": rp.FunctionCallOutputItem,
-        "reasoning": rp.ReasoningItem,
-    }[kind]
-    return model.model_validate(item)

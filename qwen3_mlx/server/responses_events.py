@@ -11,6 +11,11 @@ from typing import Any
 
 from qwen3_mlx.server.turns import Delta, TurnEnd
 
+# Clients that keep no state (store: false, include ["reasoning.encrypted_content"]; Codex does
+# this) send reasoning back as encrypted_content. This server's "encryption" is its plain text
+# behind this mark, so the next prompt renders the think block as the model wrote it.
+SEALED = "qwen3-mlx-reasoning:"
+
 
 def item_id(prefix: str) -> str:
     """A fresh output-item id (msg_, rs_, fc_, resp_)."""
@@ -36,8 +41,9 @@ def responses_usage(usage: dict[str, Any]) -> dict[str, Any]:
 class ResponseBuilder:
     """Output items and events of one response, item by item as the deltas arrive."""
 
-    def __init__(self, response: dict[str, Any]):
+    def __init__(self, response: dict[str, Any], sealed: bool = False):
         self.response = response  # every field but output, status and usage
+        self.sealed = sealed  # reasoning items carry their text in encrypted_content too
         self.output: list[dict[str, Any]] = []
         self.sequence = 0
         self.open: dict[str, Any] | None = None  # the item being written
@@ -143,6 +149,8 @@ class ResponseBuilder:
         if item is None:
             return []
         item["status"] = status
+        if item["type"] == "reasoning" and self.sealed:
+            item["encrypted_content"] = SEALED + item["content"][0]["text"]
         events = []
         if item["type"] == "function_call":
             done = {"arguments": item["arguments"], "name": item["name"], **self._where(item)}

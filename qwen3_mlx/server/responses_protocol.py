@@ -151,6 +151,7 @@ class ResponseRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     metadata: dict[str, str] | None = None
     user: str | None = None
+    include: list[str] | None = None
     # Beyond OpenAI's fields, as chat completions takes them.
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
@@ -198,6 +199,7 @@ class OutputReasoning(BaseModel):
     id: str
     summary: list[ReasoningText] = []
     content: list[ReasoningText]
+    encrypted_content: str | None = None
     status: Literal["in_progress", "completed", "incomplete"]
 
 
