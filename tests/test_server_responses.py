@@ -164,6 +164,10 @@ def test_refusals_name_the_field(client):
     with pytest.raises(openai.BadRequestError) as bad:
         client.responses.create(model="m", input=REVERSE, temperature=5)
     assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as overflow:
+        client.responses.create(model="m", input="moon " * 50_000)
+    assert overflow.value.code == "context_length_exceeded"
+    assert overflow.value.body["param"] == "input"
 
 
 def test_openai_agents_default_model_tool_loop(server):

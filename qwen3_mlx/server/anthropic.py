@@ -22,11 +22,15 @@ from starlette.concurrency import run_in_threadpool
 
 from qwen3_mlx.server import anthropic_protocol as ap
 from qwen3_mlx.server.anthropic_events import MessageBuilder, error_body
-from qwen3_mlx.server.requests import ApiError, prepare_chat
-from qwen3_mlx.server.turns import TurnEnd, chat_request, start_turn, turn_deltas
+from qwen3_mlx.server.requests import ApiError
+from qwen3_mlx.server.turns import TurnEnd, chat_request, prepare_turn, start_turn, turn_deltas
 
 PREFIX = "/v1/messages"
-PARAMS = {"stop": "stop_sequences", "response_format": "output_config"}
+PARAMS = {  # chat request fields by the Anthropic names a client knows them by
+    "stop": "stop_sequences",
+    "response_format": "output_config",
+    "enable_thinking": "thinking",
+}
 ERRORS = {code: {"model": ap.ErrorResponse} for code in (400, 401, 404, 413, 422, 500, 503)}
 STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "object"}}}}, **ERRORS}
 
@@ -179,7 +183,7 @@ def add_anthropic_routes(app: FastAPI, state: Any) -> None:
     @router.post(PREFIX, response_model=ap.MessageResponse, responses=STREAMED)
     async def messages(body: ap.MessagesRequest, request: Request) -> Any:
         """A message, streamed (SSE events) or not; calls come back as tool_use blocks."""
-        run = start_turn(state, chat_request(chat_fields(body), PARAMS))
+        run = start_turn(state, chat_request(chat_fields(body), PARAMS), PARAMS)
         message_id = "msg_" + secrets.token_hex(12)
         builder = MessageBuilder(message_id, state.model_id, len(run.job.prompt))
 
@@ -203,7 +207,7 @@ def add_anthropic_routes(app: FastAPI, state: Any) -> None:
     @router.post(f"{PREFIX}/count_tokens", response_model=ap.TokenCount, responses=ERRORS)
     async def count_tokens(body: ap.CountTokensRequest) -> Any:
         """How many tokens the prompt for these messages, system and tools has."""
-        prepared = prepare_chat(state, chat_request(chat_fields(body), PARAMS))
+        prepared = prepare_turn(state, chat_request(chat_fields(body), PARAMS), PARAMS)
         return {"input_tokens": len(prepared.prompt)}
 
     app.include_router(router)

@@ -26,7 +26,12 @@ from qwen3_mlx.server.turns import TurnEnd, chat_request, start_turn, turn_delta
 
 STORED_RESPONSES = 256  # the newest responses kept for previous_response_id (and GET)
 INPUT_ITEM: TypeAdapter[Any] = TypeAdapter(rp.InputItem)
-PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
+PARAMS = {  # chat request fields by the Responses names a client knows them by
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "response_format": "text",
+    "reasoning_effort": "reasoning",
+}
 
 
 class ResponseStore:
@@ -204,7 +209,7 @@ def add_responses_routes(app: FastAPI, state: Any, responses: dict[int, Any]) ->
         conversation = history + [item.model_dump(exclude_none=True) for item in items]
         parsed = [INPUT_ITEM.validate_python(item) for item in conversation]
         messages = conversation_messages(parsed, body.instructions)
-        run = start_turn(state, chat_request(chat_fields(body, messages), PARAMS))
+        run = start_turn(state, chat_request(chat_fields(body, messages), PARAMS), PARAMS)
         sealed = "reasoning.encrypted_content" in (body.include or [])
         builder = ResponseBuilder(response_fields(state, body), sealed)
         keep = conversation if body.store is not False else None

@@ -14,9 +14,10 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import ValidationError
 
+from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.server.generation import ChatRun
 from qwen3_mlx.server.protocol import ChatCompletionRequest
-from qwen3_mlx.server.requests import ApiError, prepare_chat
+from qwen3_mlx.server.requests import ApiError, Prepared, api_error, prepare_chat
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,31 @@ class TurnEnd:
     stop_sequence: str | None
 
 
-def chat_request(fields: dict[str, Any], param_of: dict[str, str] | None = None) -> Any:
-    """A ChatCompletionRequest from translated fields; a field it refuses is a 400 naming it."""
+def chat_request(fields: dict[str, Any], param_of: dict[str, str]) -> Any:
+    """A ChatCompletionRequest from translated fields; a field it refuses is a 400 that names the
+    client's field (`param_of` maps chat names to the API's own)."""
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as error:
         first = error.errors()[0]
         where = [str(part) for part in first["loc"]]
-        param = (param_of or {}).get(where[0], ".".join(where)) if where else None
+        param = param_of.get(where[0], ".".join(where)) if where else None
         raise ApiError(f"{param or 'body'}: {first['msg']}", param=param) from None
 
 
-def start_turn(state: Any, request: ChatCompletionRequest) -> ChatRun:
+def prepare_turn(state: Any, request: ChatCompletionRequest, param_of: dict[str, str]) -> Prepared:
+    """prepare_chat, its refusals naming the client's fields."""
+    try:
+        return prepare_chat(state, request)
+    except Qwen3Error as error:
+        refusal = api_error(error)
+        refusal.param = param_of.get(refusal.param or "", refusal.param)
+        raise refusal from None
+
+
+def start_turn(state: Any, request: ChatCompletionRequest, param_of: dict[str, str]) -> ChatRun:
     """Prepare and queue a chat request (its errors are raised here, before any answer)."""
-    prepared = prepare_chat(state, request)
+    prepared = prepare_turn(state, request, param_of)
     return ChatRun(state, prepared, include_usage=True, reasoning_field="reasoning_content")
 
 
