@@ -11,6 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qwen3_mlx.server.protocol import setting_field
+from qwen3_mlx.settings import SETTINGS
+
 
 class TextBlock(BaseModel):
     """A text block."""
@@ -135,12 +138,12 @@ class CountTokensRequest(BaseModel):
 class MessagesRequest(CountTokensRequest):
     """POST /v1/messages."""
 
-    max_tokens: int = Field(ge=1)
+    max_tokens: Any = setting_field(SETTINGS["max_tokens"])  # required by Anthropic, not here
     stream: bool | None = False
     stop_sequences: list[str] | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    temperature: Any = setting_field(SETTINGS["temperature"])
+    top_p: Any = setting_field(SETTINGS["top_p"])
+    top_k: Any = setting_field(SETTINGS["top_k"])
     output_config: OutputConfig | None = None
 
 

@@ -23,6 +23,7 @@ from qwen3_mlx.server import responses_protocol as rp
 from qwen3_mlx.server.requests import ApiError
 from qwen3_mlx.server.responses_events import SEALED, ResponseBuilder, item_id
 from qwen3_mlx.server.turns import TurnEnd, chat_request, start_turn, turn_deltas
+from qwen3_mlx.settings import SETTINGS
 
 STORED_RESPONSES = 256  # the newest responses kept for previous_response_id (and GET)
 INPUT_ITEM: TypeAdapter[Any] = TypeAdapter(rp.InputItem)
@@ -147,11 +148,8 @@ def chat_fields(body: rp.ResponseRequest, messages: list[dict[str, Any]]) -> dic
             "tool_choice must be none, auto, required or {type: function, name}",
             param="tool_choice",
         )
-    fields = body.model_dump(
-        include={"temperature", "top_p", "top_k", "min_p", "presence_penalty", "seed"},
-        exclude_none=True,
-    )
-    fields.update(body.model_dump(include={"frequency_penalty", "chat_template_kwargs"}))
+    fields = {name: getattr(body, name) for name in SETTINGS if name != "max_tokens"}
+    fields["chat_template_kwargs"] = body.chat_template_kwargs
     fields |= {"messages": messages, "tools": tools or None, "tool_choice": choice}
     fields |= {
         "parallel_tool_calls": body.parallel_tool_calls,

@@ -10,6 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from qwen3_mlx.server.protocol import setting_field
+from qwen3_mlx.settings import SETTINGS
+
 
 class ContentPart(BaseModel):
     """A part of a message or of a call's output; only text parts can be rendered."""
@@ -146,18 +149,18 @@ class ResponseRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_output_tokens: Any = setting_field(SETTINGS["max_tokens"])
+    temperature: Any = setting_field(SETTINGS["temperature"])
+    top_p: Any = setting_field(SETTINGS["top_p"])
     metadata: dict[str, str] | None = None
     user: str | None = None
     include: list[str] | None = None
     # Beyond OpenAI's fields, as chat completions takes them.
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    top_k: Any = setting_field(SETTINGS["top_k"])
+    min_p: Any = setting_field(SETTINGS["min_p"])
+    presence_penalty: Any = setting_field(SETTINGS["presence_penalty"])
+    frequency_penalty: Any = setting_field(SETTINGS["frequency_penalty"])
+    seed: Any = setting_field(SETTINGS["seed"])
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
 
