@@ -12,6 +12,9 @@ import pytest
 from test_server_openai import LOOKUP as CHAT_LOOKUP
 from test_server_support import API_KEY, running_server
 
+from qwen3_mlx.server.requests import ApiError
+from qwen3_mlx.server.responses import ResponseStore
+
 LOOKUP = {"type": "function", **CHAT_LOOKUP["function"]}  # the Responses API's flat shape
 REVERSE = "Reverse these words: moon river"
 SECRET = "What is the secret word for apple?"
@@ -190,3 +193,18 @@ def test_openai_agents_default_model_tool_loop(server):
     first, second = result.raw_responses
     # Thinking on: the agent sends the reasoning items back, so the loop hits the prefix cache.
     assert second.usage.input_tokens_details.cached_tokens == first.usage.total_tokens
+
+
+def test_the_store_keeps_the_newest_responses():
+    store = ResponseStore(limit=2)
+    for name in ("a", "b", "c"):
+        output = [{"type": "message", "role": "assistant", "content": name}]
+        store.put({"id": name, "output": output}, [{"role": "user", "content": "?"}])
+    store.conversation("b")  # used: now the newest
+    store.put({"id": "d", "output": []}, [])
+    with pytest.raises(ApiError) as evicted:
+        store.conversation("a")
+    assert evicted.value.status == 404 and "newest 2 responses" in str(evicted.value)
+    with pytest.raises(ApiError):
+        store.response("c")
+    assert [item["content"] for item in store.conversation("b")] == ["?", "b"]
