@@ -107,7 +107,7 @@ def test_thinking_off_instructions_and_json_schema(client):
     assert cut.usage.output_tokens == 3
 
 
-def test_tool_loop_streamed_then_by_previous_response_id(client):
+def test_tool_loop_streamed_then_by_previous_response_id(client, server):
     events = list(
         client.responses.create(
             model="m",
@@ -127,6 +127,9 @@ def test_tool_loop_streamed_then_by_previous_response_id(client):
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert "".join(pieces) == done[0].arguments == call.arguments
     assert client.responses.retrieve(first.id).output[-1].call_id == call.call_id
+    metrics = httpx.get(server[0] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    assert 'endpoint="/v1/responses/{response_id}",status="200"' in metrics
+    assert first.id not in metrics  # one label for every id
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "castle"}
     answer = client.responses.create(
         model="m",

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from qwen3_mlx.engine import check_context
 from qwen3_mlx.errors import Qwen3Error
@@ -116,13 +117,23 @@ def create_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         response = _refusal(state, request) or await call_next(request)
-        state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        endpoint = _endpoint(app, request)
+        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
     _add_routes(app, state)
     add_responses_routes(app, state, STREAMED)
     add_anthropic_routes(app, state)
     return app
+
+
+def _endpoint(app: FastAPI, request: Request) -> str:
+    """The route a request matches, as its template (/v1/responses/{response_id}, not each id),
+    so the metric's labels stay bounded; "other" for no route."""
+    for route in app.router.routes:
+        if route.matches(request.scope)[0] is Match.FULL:
+            return getattr(route, "path", "other")
+    return "other"
 
 
 def _refusal(state: ServerState, request: Request) -> JSONResponse | None:
