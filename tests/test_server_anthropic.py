@@ -120,3 +120,19 @@ def test_errors_in_anthropic_shape(client):
     with pytest.raises(anthropic.AuthenticationError) as denied:
         wrong.messages.create(model="m", max_tokens=8, messages=REVERSE)
     assert denied.value.body["error"]["type"] == "authentication_error"
+
+
+def test_a_reply_that_fails_ends_the_stream_with_an_error_event(client, monkeypatch):
+    import qwen3_mlx.server.worker as worker
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the decoder broke")
+
+    monkeypatch.setattr(worker, "start_reply", broken)
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        with client.messages.stream(model="m", max_tokens=8, messages=REVERSE) as stream:
+            list(stream)
+    assert failed.value.body["error"]["type"] == "api_error"
+    assert "the decoder broke" in failed.value.body["error"]["message"]
+    with pytest.raises(anthropic.InternalServerError, match="the decoder broke"):
+        client.messages.create(model="m", max_tokens=8, messages=REVERSE)

@@ -211,3 +211,22 @@ def test_the_store_keeps_the_newest_responses():
     with pytest.raises(ApiError):
         store.response("c")
     assert [item["content"] for item in store.conversation("b")] == ["?", "b"]
+
+
+def test_a_reply_that_fails_ends_the_stream_with_response_failed(client, monkeypatch):
+    import qwen3_mlx.server.worker as worker
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the decoder broke")
+
+    monkeypatch.setattr(worker, "start_reply", broken)
+    events = list(client.responses.create(model="m", input=REVERSE, stream=True))
+    assert [event.type for event in events] == [
+        "response.created",
+        "response.in_progress",
+        "error",
+        "response.failed",
+    ]
+    assert "the decoder broke" in events[-1].response.error.message
+    with pytest.raises(openai.InternalServerError, match="the decoder broke"):
+        client.responses.create(model="m", input=REVERSE)

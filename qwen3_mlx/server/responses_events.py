@@ -55,9 +55,10 @@ class ResponseBuilder:
         return {**self.response, "status": status, "output": list(self.output), **fields}
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """One numbered event."""
+        """One numbered event (response.KIND; the error event is plain `error`)."""
         self.sequence += 1
-        return {"type": f"response.{kind}", "sequence_number": self.sequence - 1, **fields}
+        name = kind if kind == "error" else f"response.{kind}"
+        return {"type": name, "sequence_number": self.sequence - 1, **fields}
 
     def start(self) -> list[dict[str, Any]]:
         """response.created and response.in_progress."""
