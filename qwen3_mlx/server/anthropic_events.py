@@ -6,6 +6,7 @@ events add up to, so the two cannot disagree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -117,10 +118,21 @@ class MessageBuilder:
         return [{"type": "content_block_start", "index": index, "content_block": dict(block)}]
 
     def _stop(self) -> list[dict[str, Any]]:
-        if self.open is None:
+        block, self.open = self.open, None
+        if block is None:
             return []
-        self.open = None
-        return [{"type": "content_block_stop", "index": len(self.message["content"]) - 1}]
+        index = len(self.message["content"]) - 1
+        events = []
+        if block["type"] == "thinking":
+            block["signature"] = signature(block["thinking"])
+            events.append(_delta(index, type="signature_delta", signature=block["signature"]))
+        return [*events, {"type": "content_block_stop", "index": index}]
+
+
+def signature(thinking: str) -> str:
+    """A thinking block's signature: clients send back only signed thinking (an empty signature
+    reads as an interrupted stream), so one is given. Nothing checks it on the way back."""
+    return "qwen3-mlx-" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
 
 
 def _delta(index: int, **delta: Any) -> dict[str, Any]:

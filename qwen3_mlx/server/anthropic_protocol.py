@@ -161,11 +161,11 @@ class OutputText(BaseModel):
 
 
 class OutputThinking(BaseModel):
-    """The think block (its signature is empty: nothing here checks it)."""
+    """The think block, with a signature clients can send back (nothing here checks it)."""
 
     type: Literal["thinking"] = "thinking"
     thinking: str
-    signature: str = ""
+    signature: str
 
 
 class OutputToolUse(BaseModel):
