@@ -5,15 +5,18 @@ Every refusal is an ApiError carrying its HTTP status, OpenAI error type and the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3_mlx.chat import render_prompt
 from qwen3_mlx.engine import ToolSetup
 from qwen3_mlx.errors import Qwen3Error, SettingsError, TemplateError, ToolError
+from qwen3_mlx.server.processors import ResponseFormatError, answer_template
 from qwen3_mlx.server.protocol import ChatCompletionRequest, ChatMessage, SamplingFields
 from qwen3_mlx.settings import effective_settings, validate_setting
 from qwen3_mlx.thinking import thinking_active
+from qwen3_mlx.tool_choice import SchemaError, argument_grammar
 from qwen3_mlx.tools import (
     ToolCall,
     ToolResult,
@@ -122,11 +125,28 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             item["tool_call_id"] = item["id"]  # Qwen-Agent's raw mode names it `id`
         if item["role"] == "developer":
             item["role"] = "system"
+        for call in item.get("tool_calls") or []:
+            call["function"]["arguments"] = template_arguments(call["function"]["arguments"])
         raw.append(item)
     try:
         return normalize_messages(_ordered_results(raw))
     except ToolError as error:
         raise ApiError(str(error), param="messages") from None
+
+
+def template_arguments(arguments: str | dict[str, Any]) -> str:
+    """A call's arguments as the template writes them (`tojson`: ", " and ": ", no escaping),
+    so a client that re-spaced the model's call sends back the text the model wrote and the
+    prefix cache holds; text that is not a JSON object stays as it was sent."""
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return arguments
+        if not isinstance(parsed, dict):
+            return arguments
+        arguments = parsed
+    return json.dumps(arguments, ensure_ascii=False)
 
 
 def _ordered_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,6 +216,7 @@ def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
     thinking = requested_thinking(request, tokenizer.has_thinking_switch)
     messages = chat_messages(request.messages)
     tools = tool_setup(request, state.grammars)
+    check_schemas(state, tools)
     prompt = render(tokenizer, messages, thinking, tools.tools)
     check_context(prompt, state.context_limit)
     thinks = thinking_active(messages, thinking, tokenizer.has_thinking_switch)
@@ -213,15 +234,46 @@ def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
                     "json_schema response_format needs a json_schema", param="response_format"
                 )
             prepared.schema = response_format.json_schema.json_schema or {"type": "object"}
+        try:
+            answer_template(tokenizer, prepared.schema, state.model.args.vocab_size)
+        except ResponseFormatError as error:
+            raise ApiError(str(error), param="response_format") from None
     return prepared
 
 
-def check_context(prompt: list[int], context_limit: int) -> None:
-    """400 context_length_exceeded when the prompt leaves no room for a reply."""
+def check_schemas(state: Any, tools: ToolSetup) -> None:
+    """Compile the tools' argument grammar now (kept for the reply), so a schema llguidance
+    cannot read is a 400 naming the tool, never a failure once the reply has started."""
+    if not tools.tools or tools.choice == "none" or not tools.constrain:
+        return
+    vocab = state.model.args.vocab_size
+    try:
+        argument_grammar(state.tokenizer, tools.tools, tools.choice, vocab, tools.grammars)
+    except SchemaError as error:
+        for index, tool in enumerate(tools.tools):
+            try:
+                argument_grammar(state.tokenizer, [tool], "auto", vocab, tools.grammars)
+            except SchemaError as its_error:
+                param = f"tools[{index}].function.parameters"
+                raise ApiError(str(its_error), param=param) from None
+        raise ApiError(str(error), param="tools") from None
+
+
+def check_context(prompt: list[int], context_limit: int, what: str = "messages") -> None:
+    """400 context_length_exceeded when the prompt leaves no room for a reply, in OpenAI's words
+    (litellm and other clients recognise the overflow by this sentence)."""
     if len(prompt) >= context_limit:
         raise ApiError(
-            f"the prompt has {len(prompt):,} tokens but the context holds {context_limit:,} "
-            "(a reply needs room too)",
-            param="messages",
+            overflow_message(context_limit, str(len(prompt)), what),
+            param=what,
             code="context_length_exceeded",
         )
+
+
+def overflow_message(context_limit: int, tokens: str, what: str = "messages") -> str:
+    """OpenAI's context-overflow sentence (`tokens`: a count, or "more than N")."""
+    return (
+        f"This model's maximum context length is {context_limit} tokens. However, your {what} "
+        f"resulted in {tokens} tokens. Please reduce the length of the {what} "
+        "(a reply needs at least one token of room)."
+    )
