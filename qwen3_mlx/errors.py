@@ -43,6 +43,7 @@ class ContextOverflowError(Qwen3Error):
         self.prompt_tokens = prompt_tokens  # a lower bound when at_least (counted by size alone)
         self.context_limit = context_limit
         self.yarn_enabled = yarn_enabled
+        self.at_least = at_least
         needs = f"at least {prompt_tokens:,}" if at_least else f"{prompt_tokens:,}"
         super().__init__(
             f"the prompt needs {needs} tokens but the context holds {context_limit:,} "
@@ -57,6 +58,10 @@ class TranscriptError(Qwen3Error):
 class SettingsError(Qwen3Error):
     """A sampling setting has an unknown name or a value out of range."""
 
+    def __init__(self, message: str, *, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting  # the setting at fault (a server names it as the error's param)
+
 
 class HistoryError(Qwen3Error):
     """The conversation has no exchange to undo or retry."""
@@ -64,3 +69,7 @@ class HistoryError(Qwen3Error):
 
 class ToolError(Qwen3Error):
     """A tool definition, tool_choice or tool result that cannot be used."""
+
+
+class DistributedError(Qwen3Error):
+    """The group of ranks is misconfigured or broke apart."""

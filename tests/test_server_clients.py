@@ -67,7 +67,7 @@ def test_an_invalid_tool_schema_is_a_400_naming_the_tool(client, requests_sent):
 
 def test_tool_choice_none_never_closes_a_call(client):
     """Bug 2: with these seeds the tiny model wrote a call's body and `</tool_call>` as content."""
-    for seed in (17, 53, 58):
+    for seed in (5, 12, 31):
         reply = client.chat.completions.create(
             model="m",
             messages=SECRET_MOON,
