@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from test_server_openai import LOOKUP, NO_THINK, REVERSE
-from test_server_support import API_KEY, running_server, tiny_model
+from test_server_support import API_KEY, TINY_MODEL, running_server, tiny_model
 
 from qwen3_mlx.server.runner import served_model_id
 
@@ -294,3 +294,32 @@ def test_cors_is_off_by_default():
         )
     assert "access-control-allow-origin" not in answer.headers
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_serve_flags_reach_the_server(monkeypatch):
+    """`serve` hands --served-model-name, --cors-origin and --reasoning-field content to the
+    server; without an alias a local folder is served under its name."""
+    from test_cli import invoke
+
+    import qwen3_mlx.server.runner as runner
+
+    started = []
+    monkeypatch.setattr(runner, "serve", lambda state, host, port: started.append(state))
+    flags = [
+        "--served-model-name",
+        "qwen3",
+        "--cors-origin",
+        ORIGIN,
+        "--reasoning-field",
+        "content",
+    ]
+    result = invoke("serve", "-m", str(TINY_MODEL), *flags)
+    assert result.exit_code == 0, result.stderr
+    assert invoke("serve", "-m", str(TINY_MODEL)).exit_code == 0
+    aliased, plain = started
+    assert (aliased.model_id, aliased.cors_origins, aliased.reasoning_field) == (
+        "qwen3",
+        (ORIGIN,),
+        "content",
+    )
+    assert (plain.model_id, plain.cors_origins) == ("qwen3-tiny-chat", ())
