@@ -297,22 +297,16 @@ def test_cors_is_off_by_default():
 
 
 def test_serve_flags_reach_the_server(monkeypatch):
-    """`serve` hands --served-model-name, --cors-origin and --reasoning-field content to the
-    server; without an alias a local folder is served under its name."""
+    """`serve` hands --served-model-name, --cors-origin, --kv-bits and --reasoning-field content
+    to the server; without an alias a local folder is served under its name."""
     from test_cli import invoke
 
     import qwen3_mlx.server.runner as runner
 
     started = []
     monkeypatch.setattr(runner, "serve", lambda state, host, port: started.append(state))
-    flags = [
-        "--served-model-name",
-        "qwen3",
-        "--cors-origin",
-        ORIGIN,
-        "--reasoning-field",
-        "content",
-    ]
+    flags = ["--served-model-name", "qwen3", "--cors-origin", ORIGIN, "--kv-bits", "8"]
+    flags += ["--reasoning-field", "content"]
     result = invoke("serve", "-m", str(TINY_MODEL), *flags)
     assert result.exit_code == 0, result.stderr
     assert invoke("serve", "-m", str(TINY_MODEL)).exit_code == 0
@@ -323,3 +317,4 @@ def test_serve_flags_reach_the_server(monkeypatch):
         "content",
     )
     assert (plain.model_id, plain.cors_origins) == ("qwen3-tiny-chat", ())
+    assert (aliased.worker.cache.kv_bits, plain.worker.cache.kv_bits) == (8, None)

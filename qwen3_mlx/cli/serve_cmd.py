@@ -14,8 +14,9 @@ from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
 SERVER = "Server"
-# The shared options that make sense for a server: the model, sampling defaults and context.
-SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype")
+# The shared options that make sense for a server: the model, sampling defaults, context and
+# --kv-bits (the prefix cache keeps idle entries quantized).
+SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype", "kv_bits")
 
 
 class ReasoningField(str, Enum):
@@ -162,6 +163,7 @@ def serve_command(
             context_length=context_length,
             sampling=spec.sampling,
             cors_origins=tuple(cors_origin or ()),
+            kv_bits=spec.kv_bits,
         )
         model_id = served_model_id(spec.model, served_model_name)
         state = build_state(model, tokenizer, generation_config, model_id, options)

@@ -36,6 +36,7 @@ class ServeOptions:
     sampling: dict[str, Any] = field(default_factory=dict)
     ping_seconds: float = 10.0
     cors_origins: tuple[str, ...] = ()
+    kv_bits: int | None = None  # idle prefix-cache entries kept quantized
 
 
 def served_model_id(model: str, served_name: str | None = None) -> str:
@@ -56,7 +57,7 @@ def build_state(
     worker = GenerationWorker(
         model,
         tokenizer,
-        PrefixCache(model, options.prompt_cache_bytes),
+        PrefixCache(model, options.prompt_cache_bytes, kv_bits=options.kv_bits),
         stop_ids=frozenset(generation_config.eos_token_ids) | {IM_END_ID},
         context_limit=context_limit,
         max_batch=options.max_concurrency,
