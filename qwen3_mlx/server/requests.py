@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from qwen3_mlx.engine import ToolSetup, prepare_prompt
 from qwen3_mlx.errors import (
@@ -22,7 +22,8 @@ from qwen3_mlx.errors import (
 )
 from qwen3_mlx.server.processors import ResponseFormatError, answer_template
 from qwen3_mlx.server.protocol import ChatCompletionRequest, ChatMessage, SamplingFields
-from qwen3_mlx.settings import SETTINGS, Sampling
+from qwen3_mlx.settings import SETTINGS, Sampling, SamplingDefaults
+from qwen3_mlx.tokenizer import Tokenizer
 from qwen3_mlx.tool_choice import SchemaError, argument_grammar
 from qwen3_mlx.tools import (
     ToolCall,
@@ -67,6 +68,17 @@ def api_error(error: Qwen3Error) -> ApiError:
     if isinstance(error, TemplateError):  # the template cannot render these messages
         return ApiError(str(error), status=422, param="messages")
     return ApiError(str(error))
+
+
+class ModelContext(Protocol):
+    """What preparing a request reads of the server (its ServerState)."""
+
+    model: Any  # its vocabulary size bounds the grammars' masks
+    tokenizer: Tokenizer
+    generation_config: SamplingDefaults
+    context_limit: int
+    defaults: dict[str, Any]  # the sampling flags of `serve`
+    grammars: dict[str, Any]
 
 
 @dataclass
@@ -216,7 +228,7 @@ def tool_setup(request: ChatCompletionRequest, grammars: dict[str, Any]) -> Tool
     return ToolSetup(checked, name, constrain=True, parallel=parallel, grammars=grammars)
 
 
-def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
+def prepare_chat(state: ModelContext, request: ChatCompletionRequest) -> Prepared:
     """Everything a chat request needs before it is queued."""
     tokenizer = state.tokenizer
     thinking = requested_thinking(request, tokenizer.has_thinking_switch)
@@ -250,7 +262,7 @@ def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
     return prepared
 
 
-def check_schemas(state: Any, tools: ToolSetup) -> None:
+def check_schemas(state: ModelContext, tools: ToolSetup) -> None:
     """Compile the tools' argument grammar now (kept for the reply), so a schema llguidance
     cannot read is a 400 naming the tool, never a failure once the reply has started."""
     if not tools.tools or tools.choice == "none" or not tools.constrain:
