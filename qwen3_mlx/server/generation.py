@@ -85,7 +85,7 @@ class ChatRun:
         state: Any,
         prepared: Prepared,
         include_usage: bool,
-        reasoning_field: str | None = None,  # the server's --reasoning-field when None
+        reasoning_field: str | None = None,  # None: the server's --reasoning-field
     ):
         self.state = state
         self.id = "chatcmpl-" + secrets.token_hex(12)
