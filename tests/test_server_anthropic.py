@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import anthropic
 import pytest
+from pydantic_ai import Agent
+from pydantic_ai.models.anthropic import AnthropicModel
+from pydantic_ai.providers.anthropic import AnthropicProvider
 from test_server_openai import LOOKUP as CHAT_LOOKUP
 from test_server_support import API_KEY, running_server
 
@@ -136,3 +139,32 @@ def test_a_reply_that_fails_ends_the_stream_with_an_error_event(client, monkeypa
     assert "the decoder broke" in failed.value.body["error"]["message"]
     with pytest.raises(anthropic.InternalServerError, match="the decoder broke"):
         client.messages.create(model="m", max_tokens=8, messages=REVERSE)
+
+
+def test_pydantic_ai_anthropic_tool_loop_in_thinking_mode(client):
+    """pydantic-ai sends back only signed thinking; unsigned, it became a user message and the
+    tiny model answered wrong."""
+    provider = AnthropicProvider(base_url=str(client.base_url), api_key=API_KEY)
+    settings = {
+        "temperature": 0,
+        "max_tokens": 80,
+        # pydantic-ai drops sampling settings for Anthropic's newest API version.
+        "extra_headers": {"anthropic-version": "2023-06-01"},
+    }
+    agent = Agent(AnthropicModel("qwen3-tiny-chat", provider=provider), model_settings=settings)
+    asked: list[str] = []
+
+    @agent.tool_plain
+    def lookup(key: str) -> str:
+        """Look up the secret word for a key."""
+        asked.append(key)
+        return "castle"
+
+    result = agent.run_sync("What is the secret word for apple?")
+    assert asked == ["apple"]
+    assert result.output == "The secret word for apple is castle."
+    first, second = (message.usage for message in result.all_messages()[1::2])
+    assert (
+        second.cache_read_tokens
+        == first.input_tokens + first.cache_read_tokens + first.output_tokens
+    )
