@@ -164,7 +164,5 @@ def test_pydantic_ai_anthropic_tool_loop_in_thinking_mode(client):
     assert asked == ["apple"]
     assert result.output == "The secret word for apple is castle."
     first, second = (message.usage for message in result.all_messages()[1::2])
-    assert (
-        second.cache_read_tokens
-        == first.input_tokens + first.cache_read_tokens + first.output_tokens
-    )
+    # pydantic-ai counts cache reads in input_tokens: the whole first turn was reused.
+    assert second.cache_read_tokens == first.input_tokens + first.output_tokens
