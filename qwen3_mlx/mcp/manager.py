@@ -28,6 +28,7 @@ from typing import IO, Any
 from qwen3_mlx.mcp.config import ServerConfig
 from qwen3_mlx.mcp.naming import McpTool, find_tool, named_tools
 from qwen3_mlx.mcp.results import ToolOutcome, outcome_from_result
+from qwen3_mlx.visible import visible
 
 STOP_GRACE = 8.0  # the SDK waits 2 s for a clean exit, then SIGTERM, then SIGKILL
 
@@ -93,7 +94,7 @@ class McpManager:
                 state.error = state.error or "did not start (the event loop is stuck)"
         self._tools = named_tools(tool for s in self.states.values() for tool in s.tools)
         return [
-            f"MCP server {name!r} not started: {state.error} (log: {state.log_path})"
+            f"MCP server {name!r} not started: {visible(state.error)} (log: {state.log_path})"
             for name, state in self.states.items()
             if state.error is not None
         ]
