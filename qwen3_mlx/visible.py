@@ -15,7 +15,12 @@ import unicodedata
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 
 
+_SHORT = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
 def _escape(character: str) -> str:
+    if character in _SHORT:
+        return _SHORT[character]
     code = ord(character)
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 

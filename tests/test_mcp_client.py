@@ -34,7 +34,10 @@ CONFIG = {
             "startup_timeout": 3,
         },
         "missing": {"command": "no-such-mcp-server-command"},
-        "dies": {"command": sys.executable, "args": ["-c", "import sys; sys.exit('bad flag --x')"]},
+        "dies": {
+            "command": sys.executable,
+            "args": ["-c", r"import sys; sys.exit('bad flag --x\x1b]0;PWNED\x07')"],
+        },
     }
 }
 
@@ -98,7 +101,8 @@ def test_servers_that_fail_to_start_are_named_in_one_line_each(manager: McpManag
     assert len(manager.problems) == 3
     assert "'silent' not started: no answer to initialize within 3 s" in problems
     assert "'missing' not started: command 'no-such-mcp-server-command' not found" in problems
-    assert "'dies' not started: it exited at start: bad flag --x" in problems
+    # Its stderr line is quoted with the escapes it holds made visible, never sent to the terminal.
+    assert r"'dies' not started: it exited at start: bad flag --x\x1b]0;PWNED\x07" in problems
     assert {t.server for t in manager.tools} == {"time", "tiny"}
 
 
