@@ -135,13 +135,12 @@ def ask_consent(
     return "no"
 
 
-def cut_result(text: str, budget: int) -> tuple[str, bool]:
-    """The text cut to `budget` characters with a marker saying how much was left out."""
+def cut_text(text: str, budget: int) -> tuple[str, bool]:
+    """The text cut to `budget` characters, with a marker saying how much was left out."""
     if len(text) <= budget:
         return text, False
-    kept = text[:budget]
     return (
-        f"{kept}\n[… cut: the tool returned {len(text):,} characters, {budget:,} are shown]",
+        f"{text[:budget]}\n[… cut: {len(text):,} characters in all, the first {budget:,} shown]",
         True,
     )
 
@@ -225,7 +224,7 @@ class ToolLoop:
                 outcome = self.toolbox.call(tool, call.arguments or {})
         except KeyboardInterrupt:
             return ToolStep(call, tool.label, ToolOutcome(CANCELLED), "cancelled")
-        text, was_cut = cut_result(outcome.text, self.result_budget)
+        text, was_cut = cut_text(outcome.text, self.result_budget)
         if not was_cut:
             return ToolStep(call, tool.label, outcome, "ran")
         cut = ToolOutcome(text, outcome.is_error)

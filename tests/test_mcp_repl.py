@@ -151,12 +151,20 @@ def test_tools_command_lists_and_switches(manager: McpManager) -> None:
     assert tool_messages(chat) == []
 
 
-def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str, stdin: str = ""):
+def run_cli(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *args: str,
+    stdin: str = "",
+    servers: dict | None = None,
+    script=agent,
+):
     config = tmp_path / "mcp.json"
-    config.write_text(json.dumps({"mcpServers": {"time": TIME}}))
+    config.write_text(json.dumps({"mcpServers": servers or {"time": TIME}}))
     for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
-    monkeypatch.setattr("qwen3_mlx.cli.options.SessionSpec.open_chat", lambda spec: make_chat())
+    chat = lambda spec: make_chat(script)  # noqa: E731
+    monkeypatch.setattr("qwen3_mlx.cli.options.SessionSpec.open_chat", chat)
     command = [*args[:1], "--model", "scripted", "--mcp-config", str(config), *args[1:]]
     return CliRunner().invoke(app, command, input=stdin)
 
@@ -220,3 +228,35 @@ def test_save_and_load_keep_the_tool_loop_and_render_the_same_prompt(
 
     assert prompt(again) == prompt(chat)
     assert "<tool_response>" in chat.tokenizer.decode(prompt(again))
+
+
+def test_a_huge_description_and_a_huge_result_are_cut_and_the_tool_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 27, Medium 11: a 1 MB description no longer fails every prompt, and a 3 MB result
+    is cut to the budget with a warning that names the tool."""
+    from scripted_cli import script
+
+    hostile = {
+        "command": sys.executable,
+        "args": [str(Path(__file__).parent / "fixtures" / "mcp" / "hostile_server.py")],
+        "env": {"HOSTILE_BIG": "1"},
+    }
+    result = run_cli(
+        tmp_path,
+        monkeypatch,
+        "prompt",
+        "--yes",
+        "--json",
+        'call hostile-flood {"path": "/big"}',
+        servers={"hostile": hostile},
+        script=script,
+    )
+    assert result.exit_code == 0, result.output
+    warnings = " ".join(result.stderr.split())
+    assert "MCP tool hostile.oracle: its description is 1,080,000 characters" in warnings
+    assert "the result of hostile.flood was 3,000,000 characters" in warnings
+    body = json.loads(result.stdout)
+    assert body["answer"] == "done."
+    ((step,),) = body["tool_steps"]
+    assert step["result"].endswith("[… cut: 3,000,000 characters in all, the first 4,096 shown]")

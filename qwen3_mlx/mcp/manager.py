@@ -21,16 +21,18 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from qwen3_mlx.mcp.config import ServerConfig
 from qwen3_mlx.mcp.naming import McpTool, find_tool, named_tools
 from qwen3_mlx.mcp.results import ToolOutcome, outcome_from_result
-from qwen3_mlx.visible import visible
+from qwen3_mlx.tool_loop import cut_text
+from qwen3_mlx.visible import visible, visible_name
 
-STOP_GRACE = 8.0  # the SDK waits 2 s for a clean exit, then SIGTERM, then SIGKILL
+STOP_GRACE = 8.0
+DESCRIPTION_BUDGET = 8_000  # characters of one tool's description (about 2,000 tokens)  # the SDK waits 2 s for a clean exit, then SIGTERM, then SIGKILL
 
 
 @dataclass
@@ -93,11 +95,26 @@ class McpManager:
             if not state.ready.wait(state.config.startup_timeout + STOP_GRACE):
                 state.error = state.error or "did not start (the event loop is stuck)"
         self._tools = named_tools(tool for s in self.states.values() for tool in s.tools)
-        return [
+        problems = [
             f"MCP server {name!r} not started: {visible(state.error)} (log: {state.log_path})"
             for name, state in self.states.items()
             if state.error is not None
         ]
+        return problems + self._cut_descriptions()
+
+    def _cut_descriptions(self) -> list[str]:
+        # Every prompt carries every description: one that fills the context would fail them all.
+        lines = []
+        for index, tool in enumerate(self._tools):
+            description, cut = cut_text(tool.description, DESCRIPTION_BUDGET)
+            if cut:
+                self._tools[index] = replace(tool, description=description)
+                lines.append(
+                    f"MCP tool {visible_name(tool.label)}: its description is "
+                    f"{len(tool.description):,} characters; the model gets the first "
+                    f"{DESCRIPTION_BUDGET:,}"
+                )
+        return lines
 
     def close(self) -> None:
         """Stop every server (their whole process trees) and the loop; safe to call twice."""
