@@ -11,7 +11,7 @@ import typer
 from qwen3_mlx import __version__
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.distributed_run import distributed_command
-from qwen3_mlx.cli.guard import reported_errors
+from qwen3_mlx.cli.guard import reported_errors, stop_on_signals
 from qwen3_mlx.cli.transcript_files import load_path
 from qwen3_mlx.cli.user_config import history_path
 from qwen3_mlx.transcript import read_transcript, user_path
@@ -34,7 +34,7 @@ def chat_command(
     ] = None,
 ) -> None:
     """Chat with a model in the terminal (type /help inside for the commands)."""
-    with reported_errors(ctx):
+    with reported_errors(ctx), stop_on_signals():
         spec = session.spec()
         if load is not None:
             load = load_path(user_path(load))

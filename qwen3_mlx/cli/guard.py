@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -57,6 +59,32 @@ def _show_warning(
 ) -> None:
     # One quiet line instead of Python's two-line "file:line: Category: message".
     print(f"Warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the command as leaving it does: the `finally` blocks run (MCP
+    servers and their process trees are stopped), then the exit status is 128 + the signal.
+
+    A signal that was ignored when we started (nohup) stays ignored. Only the main thread can
+    set handlers; elsewhere (a test runner's thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(number: int, frame: Any) -> None:
+        raise SystemExit(128 + number)
+
+    previous = {}
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, leave)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextmanager

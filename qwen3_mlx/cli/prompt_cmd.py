@@ -15,7 +15,7 @@ import typer
 
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.distributed_run import distributed_command
-from qwen3_mlx.cli.guard import EXIT_INTERRUPT, reported_errors
+from qwen3_mlx.cli.guard import EXIT_INTERRUPT, reported_errors, stop_on_signals
 from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
 from qwen3_mlx.limits import MAX_TOKEN_BYTES
 from qwen3_mlx.transcript import check_writable, user_path
@@ -145,7 +145,7 @@ def prompt_command(
     transcript: TranscriptOption = None,
 ) -> None:
     """Send one message and print the answer (thinking hidden, or on stderr with --show-thinking)."""
-    with reported_errors(ctx):
+    with reported_errors(ctx), stop_on_signals():
         spec = session.spec()
         message = read_message(text)
         if transcript is not None:
