@@ -30,7 +30,7 @@ class ToolSession:
 
     def wait_started(self, chat: Any) -> list[str]:
         """Wait for the servers, give their tools to the chat; one line per server that failed."""
-        self.problems = self.manager.wait_started()
+        self.problems = self.consent.problems + self.manager.wait_started()
         chat.tools = self.manager.functions() if self.enabled else []
         return self.problems
 
@@ -70,7 +70,8 @@ def open_tool_session(spec: Any) -> ToolSession | None:
     servers = read_mcp_config(spec.mcp_config)
     manager = McpManager(servers, log_dir=mcp_log_dir())
     manager.start()
-    return ToolSession(manager, Consent(spec.mcp_allow, yes=spec.yes), spec.max_tool_steps)
+    consent = Consent(spec.mcp_allow, yes=spec.yes, servers=[server.name for server in servers])
+    return ToolSession(manager, consent, spec.max_tool_steps)
 
 
 def terminal_asker() -> Callable[[str], str]:
