@@ -137,7 +137,7 @@ def test_a_noisy_server_log_stays_bounded(tmp_path: Path, monkeypatch: pytest.Mo
         "import sys, time\n"
         "for _ in range(20):\n"
         "    sys.stderr.write('noise ' * 20_000 + '\\n'); sys.stderr.flush(); time.sleep(0.05)\n"
-        "time.sleep(60)\n"
+        "sys.stdin.read()\n"
     )  # 2.4 MB of stderr, and never an answer to initialize
     config = {"mcpServers": {"noisy": {"command": sys.executable, "args": ["-c", noisy]}}}
     config["mcpServers"]["noisy"]["startup_timeout"] = 1.5
