@@ -400,6 +400,10 @@ def test_download_errors(tmp_path: Path, model_dir: Path) -> None:
     )
     local = invoke("download", str(model_dir))
     assert local.exit_code == 2 and "local folder" in local.stderr
+    for bad in ("x/y z", "x/-y", "x/y..z", "x/" + "y" * 97):  # the Hub refuses these names
+        spaced = invoke("download", bad)
+        assert spaced.exit_code == 2 and "is not a Hugging Face repo id" in spaced.stderr
+        assert "HFValidationError" not in spaced.stderr
 
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"
