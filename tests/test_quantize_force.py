@@ -149,7 +149,7 @@ def test_ctrl_c_while_the_old_folder_is_deleted_keeps_the_new_one_and_says_writt
     """Issue 27 (CLI audit): an interrupt after the new folder is in place is not "not written"."""
     import shutil
 
-    import quantize.staging as staging_module
+    import qwen3_mlx.quantize.staging as staging_module
 
     source = make_checkpoint("src")
     output = fake_model_folder(tmp_path / "out")
