@@ -62,6 +62,34 @@ def _show_warning(
 
 
 @contextmanager
+def kept_interrupt() -> Iterator[None]:
+    """Ctrl-C in this block always ends it, even one Python reports as ignored.
+
+    A Ctrl-C that lands while a finalizer runs (start-up collects many objects) is printed as a
+    bare `KeyboardInterrupt:` and swallowed, and the command would go on to exit 0; here it is
+    raised again when the block ends. Only where Ctrl-C has Python's own handler, in the main
+    thread.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    seen = []
+
+    def interrupt(number: int, frame: Any) -> None:
+        seen.append(number)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if seen:
+        raise KeyboardInterrupt
+
+
+@contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP end the command as leaving it does: the `finally` blocks run (MCP
     servers and their process trees are stopped), then the exit status is 128 + the signal.
