@@ -154,11 +154,14 @@ def test_broken_model_folder_is_one_error_line(tmp_path: Path) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = invoke("--debug", "prompt", "hi", "-m", str(tmp_path / "missing"))
-    assert result.exit_code == 1
-    assert "Traceback (most recent call last)" in result.stderr
-    assert "ModelNotFoundError" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
+    # Every command reads --debug from its own context (quantize included).
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "out")
+    for command in (["prompt", "hi", "-m", missing], ["quantize", missing, out]):
+        result = invoke("--debug", *command)
+        assert result.exit_code == 1
+        assert "Traceback (most recent call last)" in result.stderr
+        assert "ModelNotFoundError" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
 
 
 # --- prompt -------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import signal
 import sys
 import threading
@@ -27,22 +26,8 @@ _USAGE_BASE = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Click
 _PASS_THROUGH = (typer.Exit, typer.Abort, _USAGE_BASE, BrokenPipeError)
 
 
-def _current_context() -> Any:
-    # Typer >= 0.20 keeps its (vendored) Click context stack in typer._click; older ones use click's.
-    for name in ("typer._click.globals", "click.globals"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        ctx = module.get_current_context(silent=True)
-        if ctx is not None:
-            return ctx
-    return None
-
-
 def is_debug(ctx: typer.Context | None = None) -> bool:
-    """Whether --debug was given to the app (ctx: the command's context, else the current one)."""
-    ctx = ctx or _current_context()
+    """Whether --debug was given to the app (ctx: the command's context; None: not known)."""
     if ctx is None:
         return False
     obj = ctx.find_root().obj

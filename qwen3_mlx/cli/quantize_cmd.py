@@ -71,6 +71,7 @@ VerifyOption = Annotated[
 
 
 def quantize_command(
+    ctx: typer.Context,
     source: SourceArgument,
     output: OutputArgument,
     bits: BitsOption = None,
@@ -83,7 +84,7 @@ def quantize_command(
 ) -> None:
     """Convert a Qwen3 checkpoint into an MLX quantized model folder (mlx-lm and LM Studio load it too)."""
     spec, shard_bytes = _parse_options(bits, group_size, recipe, dtype, max_shard_size)
-    with reported_errors(), _interrupt_line(output):
+    with reported_errors(ctx), _interrupt_line(output):
         from qwen3_mlx.quantize import quantize_checkpoint, verify_quantized
 
         with _progress_bar() as on_progress:
