@@ -152,13 +152,17 @@ def test_a_tool_server_cannot_drive_the_terminal(tmp_path: Path) -> None:
     server = {"command": sys.executable, "args": [str(HOSTILE_SERVER)]}
     config.write_text(json.dumps({"mcpServers": {"hostile": server}}))
     flags = ("-m", "scripted", "--mcp-config", str(config))
+    # prompt starts beside chat (start-up is most of the time); it asks on stderr, and shows the
+    # step there, with the same escapes.
+    call = f'call {function_name("hostile", EVIL)} {{"key": "moon"}}'
+    prompt = spawn_cli(tmp_path, "prompt", call, *flags, log_name="pty.log", launcher=SCRIPTED_CLI)
     child = spawn_cli(
         tmp_path, "chat", *flags, log_name="pty.log", timeout=START_TIMEOUT, launcher=SCRIPTED_CLI
     )
     wait_for_prompt(child, timeout=START_TIMEOUT)
     out = command(child, "/tools")
     assert EVIL_SHOWN in out and r"Fetch a page\x1b]0;PWNED\x07" in out
-    child.sendline(f'call {function_name("hostile", EVIL)} {{"key": "moon"}}')
+    child.sendline(call)
     child.expect_exact(EVIL_SHOWN + '({"key": "moon"}) [y]es / [n]o / [a]lways for this tool?')
     child.sendline("n")
     assert f"← {EVIL_SHOWN}: declined" in wait_for_prompt(child)
@@ -167,14 +171,11 @@ def test_a_tool_server_cannot_drive_the_terminal(tmp_path: Path) -> None:
     child.sendline("y")
     assert r"← hostile.fetch: page \x1b[6n text \x9b6n end" in wait_for_prompt(child)
     assert quit_with_ctrl_d(child) == 0
-    # prompt asks on stderr, and shows the step there: the same escapes.
-    call = f'call {function_name("hostile", EVIL)} {{"key": "moon"}}'
-    child = spawn_cli(tmp_path, "prompt", call, *flags, log_name="pty.log", launcher=SCRIPTED_CLI)
-    child.expect_exact(EVIL_SHOWN + '({"key": "moon"}) [y]es', timeout=START_TIMEOUT)
-    child.sendline("y")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0 and f"← {EVIL_SHOWN}: river" in child.before
+    prompt.expect_exact(EVIL_SHOWN + '({"key": "moon"}) [y]es', timeout=START_TIMEOUT)
+    prompt.sendline("y")
+    prompt.expect(pexpect.EOF)
+    prompt.close()
+    assert prompt.exitstatus == 0 and f"← {EVIL_SHOWN}: river" in prompt.before
     raw = (tmp_path / "pty.log").read_text(encoding="utf-8")
     assert "PWNED" in raw  # shown ...
     for sequence in ("\x1b]0;PWNED", "\x07", "\x1b[6n", "\x9b", "\x1b[8m"):

@@ -56,11 +56,12 @@ def stop(process: subprocess.Popen, number: int) -> int:
 
 
 def test_sigterm_to_chat_and_sighup_to_prompt_in_a_call_stop_the_servers(tmp_path: Path) -> None:
-    chat, log = start(tmp_path / "chat", "chat", slow=False)
-    wait_for(log, "secret server starting", chat)
-    assert stop(chat, signal.SIGTERM) == 128 + signal.SIGTERM
-    # prompt in the middle of a call whose tool has started a process of its own.
+    # Both start at once (start-up is most of the time): chat waiting for input, and prompt in
+    # the middle of a call whose tool has started a process of its own.
+    chat, chat_log = start(tmp_path / "chat", "chat", slow=False)
     call = 'call secret-lookup {"key": "moon"}'
-    prompt, log = start(tmp_path / "prompt", "prompt", "--yes", call, slow=True)
-    wait_for(log, "slow call started", prompt)
+    prompt, prompt_log = start(tmp_path / "prompt", "prompt", "--yes", call, slow=True)
+    wait_for(chat_log, "secret server starting", chat)
+    assert stop(chat, signal.SIGTERM) == 128 + signal.SIGTERM
+    wait_for(prompt_log, "slow call started", prompt)
     assert stop(prompt, signal.SIGHUP) == 128 + signal.SIGHUP
