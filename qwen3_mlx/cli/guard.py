@@ -7,7 +7,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -74,10 +74,20 @@ def kept_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+# Closing the terminal sends SIGHUP; kill, systemd and container stops send SIGTERM.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _leave(number: int) -> BaseException:
+    return SystemExit(128 + number)
+
+
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the command as leaving it does: the `finally` blocks run (MCP
-    servers and their process trees are stopped), then the exit status is 128 + the signal.
+def stop_on_signals(stopped: Callable[[int], BaseException] = _leave) -> Iterator[None]:
+    """SIGTERM and SIGHUP end the block as leaving it does: `stopped(signal)` is raised where
+    Python was (by default exit 128 + the signal), so every `finally` on the way runs (MCP servers
+    and their process trees are stopped, a partial folder removed); a second signal is ignored,
+    so it cannot cut that cleanup short.
 
     A signal that was ignored when we started (nohup) stays ignored. Only the main thread can
     set handlers; elsewhere (a test runner's thread) this does nothing.
@@ -86,13 +96,15 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
 
-    def leave(number: int, frame: Any) -> None:
-        raise SystemExit(128 + number)
+    def stop(number: int, frame: Any) -> None:
+        for each in STOP_SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        raise stopped(number)
 
     previous = {}
-    for number in (signal.SIGTERM, signal.SIGHUP):
+    for number in STOP_SIGNALS:
         if signal.getsignal(number) is not signal.SIG_IGN:
-            previous[number] = signal.signal(number, leave)
+            previous[number] = signal.signal(number, stop)
     try:
         yield
     finally:
