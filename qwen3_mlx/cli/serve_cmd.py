@@ -14,8 +14,9 @@ from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
 SERVER = "Server"
-# The shared options that make sense for a server: the model, sampling defaults and context.
-SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype")
+# The shared options that make sense for a server: the model, sampling defaults, context and
+# --kv-bits (the prefix cache keeps idle entries quantized).
+SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype", "kv_bits")
 
 
 class ReasoningField(str, Enum):
@@ -24,6 +25,7 @@ class ReasoningField(str, Enum):
     reasoning_content = "reasoning_content"
     reasoning = "reasoning"
     both = "both"
+    content = "content"
 
 
 def parse_size(text: str) -> int:
@@ -91,9 +93,29 @@ def serve_command(
     reasoning_field: Annotated[
         ReasoningField,
         typer.Option(
-            "--reasoning-field", help="Field for the reasoning in replies.", rich_help_panel=SERVER
+            "--reasoning-field",
+            help="Field for the reasoning in replies; content: leave <think>…</think> in the "
+            "content (llama.cpp's --reasoning-format none).",
+            rich_help_panel=SERVER,
         ),
     ] = ReasoningField.reasoning_content,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-model-name",
+            help="The model id clients see [default: a local folder's name, a hub id as typed].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="A browser origin allowed to call the server (CORS, preflight answered); "
+            "repeat for more, * for any [default: none, CORS off].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
     context_length: Annotated[
         int | None,
         typer.Option(
@@ -121,7 +143,7 @@ def serve_command(
             )
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.parallel.distributed import current_group, load_for_group
-        from qwen3_mlx.server.runner import ServeOptions, build_state, serve
+        from qwen3_mlx.server.runner import ServeOptions, build_state, serve, served_model_id
 
         with loading(spec.model):
             model, tokenizer, generation_config = load_for_group(
@@ -140,6 +162,9 @@ def serve_command(
             reasoning_field=reasoning_field.value,
             context_length=context_length,
             sampling=spec.sampling,
+            cors_origins=tuple(cors_origin or ()),
+            kv_bits=spec.kv_bits,
         )
-        state = build_state(model, tokenizer, generation_config, spec.model, options)
+        model_id = served_model_id(spec.model, served_model_name)
+        state = build_state(model, tokenizer, generation_config, model_id, options)
         serve(state, host, port)
