@@ -118,7 +118,9 @@ def spawn_prompt(tmp_path: Path, *args: str) -> pexpect.spawn:
 def test_prompt_asks_on_the_terminal_and_ctrl_c_leaves_no_server(tmp_path: Path) -> None:
     config = secret_config(tmp_path)
     flags = ("-m", str(TRAINED), "--mcp-config", str(config), "--temp", "0", "--seed", "0")
+    # Two runs side by side (start-up is most of their time): one answers y, one gets Ctrl-C.
     child = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
+    second = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
     child.expect_exact(LOOKUP_QUESTION)
     child.sendline("y")
     child.expect(pexpect.EOF)
@@ -127,7 +129,7 @@ def test_prompt_asks_on_the_terminal_and_ctrl_c_leaves_no_server(tmp_path: Path)
     assert "← secret.lookup: river" in child.before
     assert "The secret word for moon is river." in child.before
     # Ctrl-C at the question ends prompt (130) and stops the server.
-    child = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
+    child = second
     child.expect_exact(LOOKUP_QUESTION)
     servers = psutil.Process(child.pid).children(recursive=True)
     assert servers
