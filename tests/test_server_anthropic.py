@@ -70,6 +70,21 @@ def test_stop_sequences_and_max_tokens(client):
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
+def test_tool_choice_any_and_none(client):
+    off = {"type": "disabled"}
+    forced = client.messages.create(
+        model="m", max_tokens=40, messages=REVERSE, tools=[LOOKUP], tool_choice={"type": "any"},
+        thinking=off,
+    )  # fmt: skip
+    assert forced.stop_reason == "tool_use" and forced.content[-1].name == "lookup"
+    barred = client.messages.create(
+        model="m", max_tokens=40, messages=SECRET, tools=[LOOKUP], tool_choice={"type": "none"},
+        thinking=off,
+    )  # fmt: skip
+    assert barred.stop_reason in ("end_turn", "max_tokens")
+    assert {block.type for block in barred.content} == {"text"}
+
+
 def test_tool_use_round_trip_streamed(client):
     with client.messages.stream(
         model="m", max_tokens=80, messages=SECRET, tools=[LOOKUP], extra_body=GREEDY

@@ -102,6 +102,16 @@ def test_thinking_off_instructions_and_json_schema(client):
     assert [item.type for item in reply.output] == ["message"]
     assert json.loads(reply.output_text)["word"] in ("moon", "river")
     assert reply.usage.output_tokens_details.reasoning_tokens == 0
+    named = client.responses.create(
+        model="m",
+        input=REVERSE,
+        tools=[LOOKUP],
+        tool_choice={"type": "function", "name": "lookup"},
+        reasoning={"effort": "none"},
+        max_output_tokens=40,
+    )
+    assert [item.type for item in named.output] == ["function_call"]
+    assert named.output[0].name == "lookup" and named.tool_choice.name == "lookup"
     cut = client.responses.create(model="m", input=REVERSE, max_output_tokens=3)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.usage.output_tokens == 3
