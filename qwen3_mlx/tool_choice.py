@@ -203,9 +203,9 @@ def tool_processors(
     grammar = None
     if constrain:
         key = json.dumps([named or tools], sort_keys=True)
-        if key not in grammar_cache:
-            grammar_cache[key] = ArgumentGrammar(tokenizer, named or tools, vocab)
-        grammar = grammar_cache[key]
+        grammar = grammar_cache.get(key)
+        if grammar is None:  # (get, then set: a bounded cache may drop it in between)
+            grammar = grammar_cache[key] = ArgumentGrammar(tokenizer, named or tools, vocab)
     if choice == "auto" and grammar is None and parallel:
         return []
     force = None if choice == "auto" else choice

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any
@@ -55,6 +56,15 @@ def _check_size(value: str) -> str:
     return value
 
 
+def _check_key(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter(
+            "an empty key would turn authentication off; leave --api-key out (and unset "
+            "QWEN3_MLX_API_KEY) for a server without one"
+        )
+    return value
+
+
 def with_serve_options(command: Callable[..., None]) -> Callable[..., None]:
     """Give serve the shared model, sampling and context options (as `session`)."""
     signature = inspect.signature(command, eval_str=True)
@@ -89,6 +99,7 @@ def serve_command(
         typer.Option(
             "--api-key",
             envvar="QWEN3_MLX_API_KEY",
+            callback=_check_key,
             help="Require `Authorization: Bearer KEY`.",
             rich_help_panel=SERVER,
         ),
@@ -136,6 +147,46 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="A Host name to answer besides loopback's (repeatable; '*' for any). Bound to "
+            "loopback, the server answers only loopback names, against DNS rebinding.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    shared_prompt_cache: Annotated[
+        bool,
+        typer.Option(
+            "--shared-prompt-cache/--no-shared-prompt-cache",
+            help="Let a request reuse the cached prefix of any earlier one (its cached_tokens "
+            "then tell how much of its prompt another client sent); off: nothing is reused.",
+            rich_help_panel=SERVER,
+        ),
+    ] = True,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            min=0.1,
+            metavar="SECONDS",
+            help="A request's head and body must arrive within this; slower ones are closed.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 60.0,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            metavar="SECONDS",
+            help="After Ctrl-C or SIGTERM, replies in flight may run this long; then they end "
+            "with an error event.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 30.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (Qwen-Agent and the openai SDK work unchanged).
 
@@ -155,8 +206,17 @@ def serve_command(
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.distributed import current_group
         from qwen3_mlx.loading import load
-        from qwen3_mlx.server.runner import ServeOptions, build_state, serve
+        from qwen3_mlx.server.guard import is_loopback
+        from qwen3_mlx.server.runner import ServeOptions, build_state, listening_socket, serve
 
+        sock = listening_socket(host, port)  # a taken port is one line now, not after loading
+        if not is_loopback(host) and not api_key:
+            print(
+                f"Warning: serving on {host} without --api-key: anyone who can reach this "
+                "address can use the model",
+                file=sys.stderr,
+                flush=True,
+            )
         with loading(spec.model):
             model, tokenizer, generation_config = load(
                 spec.model,
@@ -174,6 +234,10 @@ def serve_command(
             reasoning_field=reasoning_field.value,
             context_length=context_length,
             sampling=spec.sampling,
+            allow_hosts=tuple(allow_host or ()),
+            shared_prompt_cache=shared_prompt_cache,
+            request_seconds=request_timeout,
+            drain_seconds=shutdown_timeout,
         )
         state = build_state(model, tokenizer, generation_config, spec.model, options)
-        serve(state, host, port)
+        serve(state, sock, request_seconds=request_timeout)

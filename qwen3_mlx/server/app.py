@@ -9,11 +9,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.limits import min_tokens
 from qwen3_mlx.server import protocol as p
 from qwen3_mlx.server.generation import ChatRun, CompletionRun, error_body
+from qwen3_mlx.server.grammars import GrammarCache
+from qwen3_mlx.server.guard import Guard, check_size
 from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.processors import ResponseFormatError
 from qwen3_mlx.server.requests import (
@@ -26,6 +30,7 @@ from qwen3_mlx.server.requests import (
     sampling_settings,
     stop_strings,
 )
+from qwen3_mlx.server.shutdown import Drain
 from qwen3_mlx.server.worker import GenerationWorker, ServerBusy
 
 ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422, 500, 503)}
@@ -45,7 +50,6 @@ STREAMED = {
     200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
     **ERRORS,
 }
-OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
 
 
 @dataclass
@@ -65,7 +69,9 @@ class ServerState:
     ping_seconds: float = 10.0
     max_body_bytes: int = 64 << 20
     facts: dict[str, Any] = field(default_factory=dict)
-    grammars: dict[str, Any] = field(default_factory=dict)
+    grammars: GrammarCache = field(default_factory=GrammarCache)
+    allowed_hosts: frozenset[str] | None = None  # Host names answered (None: any)
+    drain: Drain = field(default_factory=lambda: Drain(30.0))
     started: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -76,6 +82,9 @@ def api_error_response(error: ApiError) -> JSONResponse:
 
 def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        reason = (first.get("ctx") or {}).get("error", "")
+        return api_error_response(ApiError(f"the body is not valid JSON: {reason}".rstrip(": ")))
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     message = first.get("msg", "invalid request")
     param = ".".join(location) or None
@@ -110,42 +119,18 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(Qwen3Error, _qwen3_error)
     app.add_exception_handler(Exception, _unexpected)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        response = _refusal(state, request) or await call_next(request)
-        state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
-
     _add_routes(app, state)
+    app.add_middleware(Guard, state=state, routes=app.routes)
     return app
-
-
-def _refusal(state: ServerState, request: Request) -> JSONResponse | None:
-    """401 without the API key; 413 for a body over the bound."""
-    if state.api_key and request.url.path not in OPEN_PATHS:
-        if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-            error = ApiError(
-                "missing or wrong API key (Authorization: Bearer ...)",
-                status=401,
-                kind="authentication_error",
-                code="invalid_api_key",
-            )
-            return api_error_response(error)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > state.max_body_bytes:
-        error = ApiError(
-            f"the request body is {int(length):,} bytes, over the {state.max_body_bytes:,} limit",
-            status=413,
-        )
-        return api_error_response(error)
-    return None
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=p.ChatCompletion, responses=STREAMED)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
         """Chat, streamed (SSE) or not."""
-        prepared = prepare_chat(state, body)
+        # Off the event loop: rendering and tokenizing a long request takes seconds, and /health
+        # and every other stream must go on meanwhile.
+        prepared = await run_in_threadpool(_prepare_chat, state, body)
         include_usage = bool(
             body.stream and body.stream_options and body.stream_options.include_usage
         )
@@ -157,7 +142,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", response_model=p.Completion, responses=STREAMED)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         """A raw completion of the prompt (no chat template)."""
-        prompt = _completion_prompt(state, body.prompt)
+        _refuse_unsupported(body)
+        prompt = await run_in_threadpool(_completion_prompt, state, body.prompt)
         check_context(prompt, state.context_limit)
         settings = sampling_settings(body, state.generation_config, True, state.defaults)
         run = CompletionRun(state, Prepared(prompt, settings, stops=stop_strings(body.stop)))
@@ -187,7 +173,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
     async def tokenize(body: p.TokenizeRequest) -> Any:
         """Token ids of `prompt`, or of the rendered `messages`."""
-        tokens = _template_ids(state, body) if body.messages else _text_ids(state, body.prompt)
+        count = _template_ids if body.messages else _prompt_ids
+        tokens = await run_in_threadpool(count, state, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.context_limit}
 
     @app.post("/apply-template", response_model=p.ApplyTemplateResponse, responses=ERRORS)
@@ -195,8 +182,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         """The exact prompt text the chat template makes for `messages` (and `tools`)."""
         if not body.messages:
             raise ApiError("messages is required", param="messages")
-        text = _template_text(state, body)
-        return {"prompt": text, "tokens": len(state.tokenizer.encode(text))}
+        text, tokens = await run_in_threadpool(_template_text_and_ids, state, body)
+        return {"prompt": text, "tokens": len(tokens)}
 
 
 def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
@@ -212,17 +199,42 @@ def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]
     return ids
 
 
+def _prepare_chat(state: ServerState, body: p.ChatCompletionRequest) -> Prepared:
+    check_size(body.messages, body.tools, state.context_limit)
+    return prepare_chat(state, body)
+
+
+def _refuse_unsupported(body: p.CompletionRequest) -> None:
+    """400 for the legacy completion fields this server does not implement (never ignored)."""
+    if body.logprobs is not None:
+        raise ApiError(
+            "logprobs is not supported on /v1/completions (use /v1/chat/completions with "
+            "logprobs and top_logprobs)",
+            param="logprobs",
+        )
+    if body.echo:
+        raise ApiError("echo is not supported on /v1/completions", param="echo")
+
+
+def _prompt_ids(state: ServerState, body: p.TokenizeRequest) -> list[int]:
+    return _text_ids(state, body.prompt)
+
+
 def _text_ids(state: ServerState, text: str | None) -> list[int]:
     if text is None:
         raise ApiError("give prompt or messages", param="prompt")
-    if len(text) > state.context_limit * 128:
+    if min_tokens(text) >= state.context_limit:  # refused by size: megabytes never tokenized
         raise ApiError(
-            "the prompt is longer than the context", param="prompt", code="context_length_exceeded"
+            f"the prompt is {len(text):,} characters, at least {min_tokens(text):,} tokens, but "
+            f"the context holds {state.context_limit:,}",
+            param="prompt",
+            code="context_length_exceeded",
         )
     return state.tokenizer.encode(text)
 
 
 def _template_text(state: ServerState, body: p.TokenizeRequest) -> str:
+    check_size(body.messages, body.tools, state.context_limit)
     tokenizer = state.tokenizer
     request = p.ChatCompletionRequest(
         messages=body.messages or [],
@@ -245,3 +257,8 @@ def _template_text(state: ServerState, body: p.TokenizeRequest) -> str:
 
 def _template_ids(state: ServerState, body: p.TokenizeRequest) -> list[int]:
     return state.tokenizer.encode(_template_text(state, body))
+
+
+def _template_text_and_ids(state: ServerState, body: p.TokenizeRequest) -> tuple[str, list[int]]:
+    text = _template_text(state, body)
+    return text, state.tokenizer.encode(text)

@@ -52,9 +52,12 @@ class PrefixCache:
     choose() from the thread that runs the model; release() from any.
     """
 
-    def __init__(self, model: Any, max_bytes: int, max_entries: int = 64):
+    def __init__(self, model: Any, max_bytes: int, max_entries: int = 64, shared: bool = True):
         self.model = model
         self.max_bytes = max_bytes
+        # shared=False: every reply starts from an empty cache and nothing is kept, so no client
+        # learns from cached_tokens how much of its prompt another conversation holds.
+        self.shared = shared
         self.max_entries = max_entries
         self.entries: list[PromptCache] = []  # least recently used first
         self.busy: set[int] = set()  # id() of the entries in use
@@ -65,7 +68,7 @@ class PrefixCache:
         extends."""
         with self.lock:
             best, shared, idle = None, 0, False
-            for entry in self.entries:
+            for entry in self.entries if self.shared else ():
                 length = common_prefix_length(entry.tokens, prompt)
                 free = id(entry) not in self.busy
                 if length > shared or (length == shared > 0 and free and not idle):
@@ -87,6 +90,8 @@ class PrefixCache:
         """The reply using `entry` ended: it may be chosen, forked or dropped again."""
         with self.lock:
             self.busy.discard(id(entry))
+            if not self.shared and entry in self.entries:
+                self.entries.remove(entry)
             self._evict()
 
     def _evict(self) -> None:

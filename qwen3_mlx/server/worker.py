@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
@@ -175,6 +177,10 @@ class GenerationWorker:
         self.decoder.fail_all(ServerStopped("the server is shutting down"))
         while not self.new_rows.empty():
             self.new_rows.get().end(ServerStopped("the server is shutting down"))
+        # This thread's MLX streams and compile cache go now, while Python runs: left to the
+        # thread's end they are freed after the interpreter may have begun to finalize, which
+        # can abort the process ("terminate called without an active exception", exit 134).
+        mx.clear_streams()
 
     def _start_jobs(self) -> None:
         while True:
