@@ -209,7 +209,6 @@ def serve_command(
         from qwen3_mlx.server.guard import is_loopback
         from qwen3_mlx.server.runner import ServeOptions, build_state, listening_socket, serve
 
-        sock = listening_socket(host, port)  # a taken port is one line now, not after loading
         if not is_loopback(host) and not api_key:
             print(
                 f"Warning: serving on {host} without --api-key: anyone who can reach this "
@@ -217,6 +216,7 @@ def serve_command(
                 file=sys.stderr,
                 flush=True,
             )
+        sock = listening_socket(host, port)  # a taken port is one line now, not after loading
         with loading(spec.model):
             model, tokenizer, generation_config = load(
                 spec.model,
