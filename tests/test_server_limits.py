@@ -255,8 +255,10 @@ def test_sigterm_lets_replies_end_then_bounds_the_rest(server):
     assert "terminate called" not in output and "Traceback" not in output
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_after_requests_exits_0(signum):
+def test_sigint_after_requests_exits_0():
+    # (With the module server's SIGTERM above: a stop of each kind after MLX work, as the decoding
+    # thread's compile cache once made exit 134 at interpreter finalization.)
+    signum = signal.SIGINT
     port = free_port()
     process = start_server(port)
     url = f"http://127.0.0.1:{port}"
