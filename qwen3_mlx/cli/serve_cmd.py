@@ -10,7 +10,7 @@ import typer
 
 from qwen3_mlx import sizes
 from qwen3_mlx.cli import options as o
-from qwen3_mlx.cli.distributed_run import distributed_command
+from qwen3_mlx.cli.distributed_run import distributed_command, end_for_lost_rank
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
@@ -204,6 +204,7 @@ def serve_command(
             shared_prompt_cache=shared_prompt_cache,
             request_seconds=request_timeout,
             drain_seconds=shutdown_timeout,
+            on_lost_rank=end_for_lost_rank,
         )
         state = build_state(model, tokenizer, generation_config, spec.model, options)
         serve(state, sock, request_seconds=request_timeout)

@@ -7,12 +7,14 @@ import math
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.parallel.lockstep import LeaderModel
+from qwen3_mlx.parallel.watchdog import StallWatchdog, rank_timeout
 from qwen3_mlx.server.app import ServerState, create_app
 from qwen3_mlx.server.guard import allowed_hosts
 from qwen3_mlx.server.metrics import Metrics
@@ -48,6 +50,9 @@ class ServeOptions:
     shared_prompt_cache: bool = True  # False: no reply reuses another's cached prefix
     request_seconds: float = 60.0  # a request's head and body must arrive within this
     drain_seconds: float = 30.0  # replies in flight at a stop signal may run this long
+    # Under a group: called (from a watchdog thread) once the replies in flight have failed
+    # because a rank stopped answering; it must end the process (the decoding thread is stuck).
+    on_lost_rank: Callable[[Qwen3Error], None] | None = None
 
 
 class ServeError(Qwen3Error):
@@ -70,6 +75,8 @@ def build_state(
         max_queue=options.max_queue,
         metrics=metrics,
     )
+    if isinstance(model, LeaderModel) and options.on_lost_rank is not None:
+        worker.watchdog = _lost_rank_watchdog(worker, options.on_lost_rank)
     return ServerState(
         model=model,
         tokenizer=tokenizer,
@@ -86,6 +93,16 @@ def build_state(
         allowed_hosts=allowed_hosts(options.host, options.allow_hosts),
         drain=Drain(options.drain_seconds),
     )
+
+
+def _lost_rank_watchdog(
+    worker: GenerationWorker, on_lost_rank: Callable[[Qwen3Error], None]
+) -> StallWatchdog:
+    def on_stall(error: Qwen3Error) -> None:
+        worker.abandon(error)  # each request in flight gets its error (event) first
+        on_lost_rank(error)
+
+    return StallWatchdog(rank_timeout(), on_stall)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
