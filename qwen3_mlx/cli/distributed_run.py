@@ -68,9 +68,14 @@ def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str
         code = done.code if isinstance(done.code, int) else EXIT_RUNTIME
         raise
     finally:
-        from qwen3_mlx.parallel.watchdog import StallWatchdog, rank_timeout
+        from qwen3_mlx.errors import DistributedError
+        from qwen3_mlx.parallel.watchdog import DEFAULT_RANK_TIMEOUT, StallWatchdog, rank_timeout
 
-        watchdog = StallWatchdog(rank_timeout(), end_for_lost_rank)
+        try:
+            seconds = rank_timeout()
+        except DistributedError:  # (said already where it mattered; never hides the real error)
+            seconds = DEFAULT_RANK_TIMEOUT
+        watchdog = StallWatchdog(seconds, end_for_lost_rank)
         try:
             with watchdog.watching("stopping them"):
                 stop_followers(code)
