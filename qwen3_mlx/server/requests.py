@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from qwen3_mlx.engine import ToolSetup, prepare_prompt
 from qwen3_mlx.errors import (
@@ -20,7 +20,8 @@ from qwen3_mlx.errors import (
     ToolError,
 )
 from qwen3_mlx.server.protocol import ChatCompletionRequest, ChatMessage, SamplingFields
-from qwen3_mlx.settings import SETTINGS, Sampling
+from qwen3_mlx.settings import SETTINGS, Sampling, SamplingDefaults
+from qwen3_mlx.tokenizer import Tokenizer
 from qwen3_mlx.tools import (
     ToolCall,
     ToolResult,
@@ -61,6 +62,16 @@ def api_error(error: Qwen3Error) -> ApiError:
     if isinstance(error, TemplateError):  # the template cannot render these messages
         return ApiError(str(error), status=422, param="messages")
     return ApiError(str(error))
+
+
+class ModelContext(Protocol):
+    """What preparing a request reads of the server (its ServerState)."""
+
+    tokenizer: Tokenizer
+    generation_config: SamplingDefaults
+    context_limit: int
+    defaults: dict[str, Any]  # the sampling flags of `serve`
+    grammars: dict[str, Any]
 
 
 @dataclass
@@ -198,7 +209,7 @@ def tool_setup(request: ChatCompletionRequest, grammars: dict[str, Any]) -> Tool
     return ToolSetup(checked, name, constrain=True, parallel=parallel, grammars=grammars)
 
 
-def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
+def prepare_chat(state: ModelContext, request: ChatCompletionRequest) -> Prepared:
     """Everything a chat request needs before it is queued."""
     tokenizer = state.tokenizer
     thinking = requested_thinking(request, tokenizer.has_thinking_switch)

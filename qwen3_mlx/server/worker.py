@@ -15,7 +15,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,14 +25,17 @@ from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import ReplyEvent, TurnResult
-from qwen3_mlx.generate import GeneratedToken
+from qwen3_mlx.generate import GeneratedToken, LogitsProcessor, Sampler
 from qwen3_mlx.parallel.lockstep import lost_connection
 from qwen3_mlx.parallel.watchdog import is_lost_connection
+from qwen3_mlx.reply import Reply
+from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
 from qwen3_mlx.server.processors import AnswerConstraint, AnswerGrammar, LogprobRecorder
 from qwen3_mlx.settings import Sampling
 from qwen3_mlx.stream import RepetitionGuard
 from qwen3_mlx.thinking import Part, prompt_phase
+from qwen3_mlx.tokenizer import Tokenizer
 
 IDLE_WAIT_SECONDS = 0.1
 
@@ -99,14 +102,14 @@ class GenerationWorker:
     def __init__(
         self,
         model: Any,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         cache: PrefixCache,
         *,
         stop_ids: frozenset[int],
         context_limit: int,
         max_batch: int,
         max_queue: int,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         repetition_guard: RepetitionGuard | None = RepetitionGuard(),  # noqa: B008 (frozen)
     ):
         self.model = model
@@ -285,10 +288,10 @@ class GenerationWorker:
         prompt: list[int],
         cache: list[Any],
         *,
-        sampler: Any,
-        logits_processors: Any = (),
+        sampler: Sampler,
+        logits_processors: Sequence[LogitsProcessor] = (),
         max_tokens: int,
-        on_prefill: Any = None,
+        on_prefill: Callable[[int, int], None] | None = None,
         seed: int | None = None,
     ) -> Iterator[GeneratedToken]:
         """start_reply's token generator for the worker's jobs: the reply becomes a row of the
@@ -313,7 +316,7 @@ class GenerationWorker:
 class LogprobLabels:
     """The logprobs of the answer tokens of a reply, handed out as they are generated."""
 
-    def __init__(self, reply: Any, recorder: LogprobRecorder | None, stop_ids: frozenset):
+    def __init__(self, reply: Reply, recorder: LogprobRecorder | None, stop_ids: frozenset[int]):
         self.tokens = reply.tokens  # live views of the ids generated so far ...
         self.parts = reply.parts  # ... and of the part of the reply each fell in
         self.recorder = recorder
