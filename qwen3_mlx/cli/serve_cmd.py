@@ -15,8 +15,9 @@ from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
 SERVER = "Server"
-# The shared options that make sense for a server: the model, sampling defaults and context.
-SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype")
+# The shared options that make sense for a server: the model, sampling defaults, context and
+# --kv-bits (the prefix cache keeps idle entries quantized).
+SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype", "kv_bits")
 
 
 class ReasoningField(str, Enum):
@@ -25,6 +26,7 @@ class ReasoningField(str, Enum):
     reasoning_content = "reasoning_content"
     reasoning = "reasoning"
     both = "both"
+    content = "content"
 
 
 def parse_size(text: str) -> int:
@@ -102,9 +104,29 @@ def serve_command(
     reasoning_field: Annotated[
         ReasoningField,
         typer.Option(
-            "--reasoning-field", help="Field for the reasoning in replies.", rich_help_panel=SERVER
+            "--reasoning-field",
+            help="Field for the reasoning in replies; content: leave <think>…</think> in the "
+            "content (llama.cpp's --reasoning-format none).",
+            rich_help_panel=SERVER,
         ),
     ] = ReasoningField.reasoning_content,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-model-name",
+            help="The model id clients see [default: a local folder's name, a hub id as typed].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="A browser origin allowed to call the server (CORS, preflight answered); "
+            "repeat for more, * for any [default: none, CORS off].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
     context_length: Annotated[
         int | None,
         typer.Option(
@@ -173,7 +195,13 @@ def serve_command(
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.parallel.distributed import current_group, load_for_group
         from qwen3_mlx.server.guard import is_loopback
-        from qwen3_mlx.server.runner import ServeOptions, build_state, listening_socket, serve
+        from qwen3_mlx.server.runner import (
+            ServeOptions,
+            build_state,
+            listening_socket,
+            serve,
+            served_model_id,
+        )
 
         if not is_loopback(host) and not api_key:
             print(
@@ -205,6 +233,9 @@ def serve_command(
             request_seconds=request_timeout,
             drain_seconds=shutdown_timeout,
             on_lost_rank=end_for_lost_rank,
+            cors_origins=tuple(cors_origin or ()),
+            kv_bits=spec.kv_bits,
         )
-        state = build_state(model, tokenizer, generation_config, spec.model, options)
+        model_id = served_model_id(spec.model, served_model_name)
+        state = build_state(model, tokenizer, generation_config, model_id, options)
         serve(state, sock, request_seconds=request_timeout)

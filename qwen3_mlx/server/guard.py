@@ -22,7 +22,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen3_mlx.limits import MAX_TOKEN_BYTES
-from qwen3_mlx.server.requests import ApiError
+from qwen3_mlx.server.requests import ApiError, overflow_message
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -205,9 +205,9 @@ def check_size(messages: Any, tools: Any, context_limit: int) -> None:
             if size >= bound:
                 break
     if size >= bound:
+        tokens = f"at least {size // MAX_TOKEN_BYTES:,}"  # (its bytes / the longest token's)
         raise ApiError(
-            f"the request's text is {size:,} bytes, at least {size // MAX_TOKEN_BYTES:,} tokens, "
-            f"but the context holds {context_limit:,}",
+            overflow_message(context_limit, tokens, param),
             param=param,
             code="context_length_exceeded",
         )

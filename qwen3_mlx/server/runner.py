@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qwen3_mlx.errors import Qwen3Error
@@ -29,7 +30,9 @@ from qwen3_mlx.server.shutdown import (
 from qwen3_mlx.server.worker import GenerationWorker
 from qwen3_mlx.tokenizer import IM_END_ID
 
-REASONING_FIELDS = ("reasoning_content", "reasoning", "both")
+# "content": the think block stays in the content, `<think>` and `</think>` included (llama.cpp's
+# --reasoning-format none, Qwen-Agent's thought_in_content).
+REASONING_FIELDS = ("reasoning_content", "reasoning", "both", "content")
 
 
 @dataclass
@@ -53,10 +56,21 @@ class ServeOptions:
     # Under a group: called (from a watchdog thread) once the replies in flight have failed
     # because a rank stopped answering; it must end the process (the decoding thread is stuck).
     on_lost_rank: Callable[[Qwen3Error], None] | None = None
+    cors_origins: tuple[str, ...] = ()
+    kv_bits: int | None = None  # idle prefix-cache entries kept quantized
 
 
 class ServeError(Qwen3Error):
     """The server cannot start (its address is taken or not this machine's)."""
+
+
+def served_model_id(model: str, served_name: str | None = None) -> str:
+    """The id clients see: the alias when given, a local folder's name (never its path), a hub
+    id as typed."""
+    if served_name:
+        return served_name
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
 
 
 def build_state(
@@ -68,7 +82,12 @@ def build_state(
     worker = GenerationWorker(
         model,
         tokenizer,
-        PrefixCache(model, options.prompt_cache_bytes, shared=options.shared_prompt_cache),
+        PrefixCache(
+            model,
+            options.prompt_cache_bytes,
+            kv_bits=options.kv_bits,
+            shared=options.shared_prompt_cache,
+        ),
         stop_ids=frozenset(generation_config.eos_token_ids) | {IM_END_ID},
         context_limit=context_limit,
         max_batch=options.max_concurrency,
@@ -89,6 +108,7 @@ def build_state(
         api_key=options.api_key,
         defaults=dict(options.sampling),
         ping_seconds=options.ping_seconds,
+        cors_origins=tuple(options.cors_origins),
         facts={"thinking_switch": tokenizer.has_thinking_switch},
         allowed_hosts=allowed_hosts(options.host, options.allow_hosts),
         drain=Drain(options.drain_seconds),
