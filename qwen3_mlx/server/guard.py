@@ -177,8 +177,14 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _utf8_size(text: str | None) -> int:
-    return len(text.encode("utf-8", "surrogatepass")) if text else 0
+def _utf8_size(value: Any) -> int:
+    """UTF-8 bytes of a text, or of a value's compact JSON (the template renders it at least
+    this long)."""
+    if not value:
+        return 0
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return len(value.encode("utf-8", "surrogatepass"))
 
 
 def check_size(messages: Any, tools: Any, context_limit: int) -> None:
@@ -196,11 +202,7 @@ def check_size(messages: Any, tools: Any, context_limit: int) -> None:
     bound, param = MAX_TOKEN_BYTES * context_limit, "messages"
     if size < bound:
         for tool in tools or []:
-            # Compact JSON: the template renders each tool at least this long.
-            text = json.dumps(
-                tool.model_dump(exclude_none=True), ensure_ascii=False, separators=(",", ":")
-            )
-            size += _utf8_size(text)
+            size += _utf8_size(tool.model_dump(exclude_none=True))
             param = "tools"
             if size >= bound:
                 break
