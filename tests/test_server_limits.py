@@ -151,7 +151,13 @@ def test_metrics_label_by_route_template(server):
     for number in range(5):
         httpx.get(f"{url}/probe-{number}/x", headers=HEADERS)
         httpx.get(f"{url}/v1/probe-{number}")  # unauthenticated too
+    # A route of an included router (the Anthropic API's), answered and refused.
+    count = {"model": "qwen3", "messages": [{"role": "user", "content": "moon"}]}
+    assert httpx.post(f"{url}/v1/messages/count_tokens", json=count, headers=HEADERS).is_success
+    assert httpx.post(f"{url}/v1/messages/count_tokens", json=count).status_code == 401
     metrics = httpx.get(url + "/metrics", headers=HEADERS).text
+    assert 'endpoint="/v1/messages/count_tokens",status="200"' in metrics
+    assert 'endpoint="/v1/messages/count_tokens",status="401"' in metrics
     assert "probe" not in metrics
     assert 'endpoint="unmatched",status="404"' in metrics
     assert 'endpoint="unmatched",status="401"' in metrics

@@ -148,11 +148,23 @@ class Guard:
 
     def route_label(self, scope: Scope) -> str:
         """The template of the route the path matches, or one label for every other path."""
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:
-                return route.path
-        return UNMATCHED
+        return _template(self.routes, scope) or UNMATCHED
+
+
+def _template(routes: Iterable[Any], scope: Scope) -> str | None:
+    """The path template of the first route matching scope, looking inside included routers."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        # FastAPI keeps an included router (the Anthropic routes) as one route whose own
+        # candidates carry the templates.
+        candidates = getattr(route, "effective_candidates", None)
+        found = _template(candidates(), scope) if callable(candidates) else None
+        found = found or getattr(route, "path", None)
+        if found:
+            return found
+    return None
 
 
 def replay(messages: list[Message], receive: Receive) -> Receive:
