@@ -28,6 +28,11 @@ class GeneratedToken:
 
     token: int
     seconds: float
+    # Speculative decoding (speculative.py) sets these on the first token of each target pass:
+    # how many drafted tokens the pass checked, and how many of them it accepted.
+    target_step: bool = True
+    drafted: int = 0
+    accepted: int = 0
 
 
 def greedy(logprobs: mx.array, key: mx.array | None = None) -> mx.array:

@@ -129,6 +129,9 @@ def result_json(result: Any, model_id: str, tool_steps: list | None = None) -> s
         "tool_calls": stats.pop("tool_calls"),
         "stats": stats,
     }
+    if result.drafted_tokens:
+        stats["draft_acceptance"] = round(result.draft_acceptance, 4)
+        stats["tokens_per_target_step"] = round(result.tokens_per_target_step, 4)
     if tool_steps is not None:
         body["tool_steps"] = tool_steps
     return json.dumps(body, ensure_ascii=False, indent=2)

@@ -1,0 +1,204 @@
+"""Speculative decoding: a drafter proposes tokens, the target checks them all in one pass.
+
+The acceptance rule is mlx-lm's: position i of the verify pass is sampled from the target's own
+distribution exactly as plain decoding would sample it (same logits processors, same sampler,
+same random draws in the same order), and the draft token is kept only when that sample equals
+it. The first mismatch ends the round with the target's sample in its place. Every token emitted
+is therefore the target's own sample: greedy output is token for token plain decoding's, and
+seeded sampled output draws the same numbers in the same order. The standard rejection rule
+(Leviathan et al.) accepts more often when sampling, but it needs the draft's and the target's
+full distributions after top-k/top-p/min_p and every processor, and a residual distribution to
+resample from; this rule needs neither, so any sampler and processor stays exact as it is.
+
+Processors see each verified position in order with the token before it, and never a position
+past the first mismatch, so their state (penalty tallies, tool_choice and grammar guides) is
+exactly what plain decoding leaves. Rejected positions are trimmed from the target's cache
+before the next round; the draft's cache trims itself to the context it is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import mlx.core as mx
+
+from qwen3_mlx.cache import cache_length, trim_cache
+from qwen3_mlx.generate import (
+    PREFILL_CHUNK,
+    GeneratedToken,
+    LogitsProcessor,
+    Sampler,
+    greedy,
+    prefill,
+)
+
+# The native mat-vec takes up to 8 rows: k drafted tokens + the last one verify in one weight read.
+MAX_DRAFT_TOKENS = 7
+# Tokens drafted per round unless told (benchmarks/bench_speculative.py: where the projected
+# 4B + 0.6B speed-up peaks at acceptance 0.7; prompt lookup drafts for free, so it tries more).
+DEFAULT_DRAFT_TOKENS = {"model": 4, "ngram": 5}
+
+
+class Drafter(Protocol):
+    """Proposes the tokens that probably follow a context (the whole prompt and reply so far)."""
+
+    def begin(self, context: Sequence[int]) -> None:
+        """A reply starts after `context`."""
+
+    def propose(self, context: Sequence[int], count: int) -> list[int]:
+        """Up to `count` tokens to follow `context` (fewer, or none, when it has no guess)."""
+        ...
+
+
+def sample_position(
+    logits: mx.array,
+    previous: mx.array | None,
+    processors: Sequence[LogitsProcessor],
+    sampler: Sampler,
+) -> mx.array:
+    """One position's token as plain decoding samples it: processors in order, then the sampler."""
+    for processor in processors:
+        logits = processor(previous, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs).reshape(1)
+
+
+def verify(
+    logits: mx.array,
+    draft: Sequence[int],
+    previous: mx.array | None,
+    processors: Sequence[LogitsProcessor],
+    sampler: Sampler,
+) -> tuple[list[int], mx.array]:
+    """The tokens a verify pass emits (the accepted drafts, then the target's own next sample)
+    and the last one as an array; logits: [len(draft) + 1, vocab]."""
+    if sampler is greedy and not processors:  # no state, no randomness: all rows at once
+        samples = mx.argmax(logits, axis=-1).tolist()
+        emitted = []
+        for index, token in enumerate(samples):
+            emitted.append(int(token))
+            if index == len(draft) or token != draft[index]:
+                break
+        return emitted, mx.array([emitted[-1]], dtype=mx.uint32)
+    emitted = []
+    for index in range(len(draft) + 1):
+        previous = sample_position(logits[index : index + 1], previous, processors, sampler)
+        emitted.append(int(previous.item()))
+        if index == len(draft) or emitted[-1] != draft[index]:
+            break
+    return emitted, previous
+
+
+def speculative_tokens(
+    model: Any,
+    prompt: Sequence[int],
+    cache: list[Any],
+    *,
+    drafter: Drafter,
+    draft_tokens: int,
+    context: Sequence[int] = (),
+    sampler: Sampler = greedy,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_tokens: int = 256,
+    prefill_chunk: int = PREFILL_CHUNK,
+    on_prefill: Callable[[int, int], None] | None = None,
+    previous_token: int | None = None,
+) -> Iterator[GeneratedToken]:
+    """generate_tokens with speculation: yield up to max_tokens tokens after `prompt`.
+
+    context: the tokens already in the cache before `prompt` (the drafter sees them all). Each
+    token carries the round's counts on the first token of its target pass (GeneratedToken).
+    """
+    if not prompt:
+        raise ValueError("speculative_tokens needs at least one new prompt token")
+    start = time.perf_counter()
+    prefill(model, prompt, cache, prefill_chunk, on_prefill)
+    tokens = [*context, *prompt]  # everything so far; the cache holds all but the last
+    drafter.begin(tokens)
+    previous = None if previous_token is None else mx.array([previous_token], dtype=mx.uint32)
+    produced = 0
+    while produced < max_tokens:
+        room = min(draft_tokens, max_tokens - produced - 1)
+        draft = drafter.propose(tokens, room)[:room] if room > 0 else []
+        inputs = mx.array([tokens[-1], *draft], dtype=mx.uint32)
+        logits = model(inputs[None], cache=cache)[0]  # [1 + len(draft), vocab]
+        emitted, previous = verify(logits, draft, previous, logits_processors, sampler)
+        # The cache now holds every input; keep the last token and the accepted drafts.
+        trim_cache(cache, cache_length(cache) - (len(draft) - (len(emitted) - 1)))
+        seconds = time.perf_counter() - start
+        for index, token in enumerate(emitted):
+            tokens.append(token)
+            produced += 1
+            first = index == 0
+            yield GeneratedToken(
+                token,
+                seconds,
+                target_step=first,
+                drafted=len(draft) if first else 0,
+                accepted=len(emitted) - 1 if first else 0,
+            )
+
+
+class Speculation:
+    """A drafter and how many tokens it drafts per round: the token source for chat and server."""
+
+    def __init__(self, drafter: Drafter, draft_tokens: int, name: str = ""):
+        if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft_tokens must be 1 to {MAX_DRAFT_TOKENS}, not {draft_tokens}")
+        self.drafter = drafter
+        self.draft_tokens = draft_tokens
+        self.name = name  # what drafts, for a view ("ngram", a draft model's folder)
+
+    def source(self, held: Callable[[], Sequence[int]]) -> Callable[..., Iterator[GeneratedToken]]:
+        """A `generate=` source for start_reply; held() gives the tokens the cache keeps before
+        the prompt part it is handed (a PromptCache's `tokens` once it was reused)."""
+
+        def generate(model: Any, prompt: Sequence[int], cache: list[Any], **options: Any) -> Any:
+            return speculative_tokens(
+                model,
+                prompt,
+                cache,
+                drafter=self.drafter,
+                draft_tokens=self.draft_tokens,
+                context=list(held()),
+                **options,
+            )
+
+        return generate
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """What drafts (a draft model's folder or repo id, or n-gram lookup) and how many tokens."""
+
+    model: str | None = None
+    ngram: bool = False
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (not self.ngram):
+            raise ValueError("DraftSpec needs a draft model or ngram, not both")
+
+    @property
+    def kind(self) -> str:
+        """'ngram' or 'model'."""
+        return "ngram" if self.ngram else "model"
+
+    @property
+    def draft_tokens(self) -> int:
+        """Tokens drafted per round."""
+        return self.tokens if self.tokens is not None else DEFAULT_DRAFT_TOKENS[self.kind]
+
+    def build(self, target: Any, tokenizer: Any, **policy: Any) -> Speculation:
+        """The Speculation for a loaded target; policy: load_draft's keywords (compute dtype,
+        RoPE, KV bits), so the draft model loads as the target did."""
+        from qwen3_mlx.drafting import NgramLookup, load_draft
+
+        if self.ngram:
+            return Speculation(NgramLookup(), self.draft_tokens, "ngram")
+        assert self.model is not None
+        drafter = load_draft(self.model, target, tokenizer, **policy)
+        return Speculation(drafter, self.draft_tokens, self.model)
