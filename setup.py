@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCE = Path(__file__).resolve().parent / "qwen3_mlx" / "native"
@@ -71,8 +71,17 @@ class CMakeBuild(build_ext):
         )
 
 
+# The converter lives at the repository's top level (quantize/) and installs as qwen3_mlx.quantize.
+PACKAGE_DIR = {"qwen3_mlx.quantize": "quantize"}
+PACKAGES = find_packages(include=["qwen3_mlx", "qwen3_mlx.*"]) + [
+    "qwen3_mlx.quantize" + name.removeprefix("quantize")
+    for name in find_packages(include=["quantize", "quantize.*"])
+]
+
 name = module_name()
 setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     ext_modules=[Extension(f"qwen3_mlx.{name}", sources=[])] if name else [],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -7,7 +7,7 @@ One layer's attention for one query position (head_dim 128, float32) over a cach
 held as mlx-lm's KVCache holds it: a view of a larger allocation, sliced along T. Each round
 times `--calls` calls of each path, one `mx.eval` per call, the two paths alternating so
 background load hits both alike; the table shows microseconds per call, best round. The native
-path is `qwen3_mlx.kv_attention.float_attention` (what the model calls, with its thread count);
+path is `qwen3_mlx.cpu.kv_attention.float_attention` (what the model calls, with its thread count);
 the peer is `mx.fast.scaled_dot_product_attention`. Nothing is asserted.
 """
 
@@ -28,7 +28,7 @@ def paths(query_heads: int, kv_heads: int, context: int) -> dict[str, Callable[[
     """The two attention calls over one random cache of `context` tokens."""
     import mlx.core as mx
 
-    from qwen3_mlx.kv_attention import float_attention
+    from qwen3_mlx.cpu.kv_attention import float_attention
 
     capacity = (context // GROWTH + 1) * GROWTH
     keys = mx.random.normal((1, kv_heads, capacity, HEAD_DIM))
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=20)
     options = parser.parse_args(argv)
 
-    from qwen3_mlx.kv_attention import THREADS, native_float_attention
+    from qwen3_mlx.cpu.kv_attention import THREADS, native_float_attention
 
     module = native_float_attention()
     where = f"ISA {module.isa()}, {THREADS} thread(s)" if module else "native kernel unavailable"

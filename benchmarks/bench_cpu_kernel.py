@@ -52,7 +52,7 @@ def bandwidth() -> dict[str, float]:
     """Read bandwidth in GB/s: the native AVX2 loop on 1 and 2 threads, and numpy's sum."""
     import numpy as np
 
-    from qwen3_mlx.native_kernel import native
+    from qwen3_mlx.cpu.native import native
 
     result: dict[str, float] = {}
     module = native()
@@ -97,7 +97,7 @@ def matrices() -> list[dict[str, Any]]:
     """GB/s per 4B matrix: native (cold) and mx.quantized_matmul, float32 and bfloat16 scales."""
     import mlx.core as mx
 
-    from qwen3_mlx.native_kernel import native
+    from qwen3_mlx.cpu.native import native
 
     module = native()
     rows = []
@@ -325,7 +325,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_kernel")
     args = parser.parse_args()
-    from qwen3_mlx.native_kernel import fallback_reason, isa
+    from qwen3_mlx.cpu.native import fallback_reason, isa
 
     results: dict[str, Any] = {"machine": machine(), "threads": THREADS}
     results["native"] = {"isa": isa(), "fallback_reason": fallback_reason()}

@@ -1,6 +1,6 @@
 """Tensor parallelism on one machine: decode speed and per-rank memory at 1 and 2 ranks.
 
-    nice -n 10 python benchmarks/bench_distributed.py [--shape 0.6b] [--bits 4] [--tokens 64]
+    nice -n 10 python -m benchmarks.bench_distributed [--shape 0.6b] [--bits 4] [--tokens 64]
 
 Builds (once, cached) a random checkpoint with the real Qwen3 shapes (benchmarks/checkpoints.py),
 then runs the same worker as one process and as 2 ranks under `mlx.launch --backend ring` over
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 PROMPT = list(range(1000, 1064))
 
@@ -52,10 +51,10 @@ def worker(out: Path, model_dir: Path, tokens: int, split_vocabulary: bool = Tru
     import mlx.core as mx
 
     from qwen3_mlx.cache import make_cache
-    from qwen3_mlx.distributed import join_group, launched, load_group_model
     from qwen3_mlx.generate import generate_tokens
     from qwen3_mlx.loading import load_model
-    from qwen3_mlx.lockstep import LeaderModel, follow
+    from qwen3_mlx.parallel.distributed import join_group, launched, load_group_model
+    from qwen3_mlx.parallel.lockstep import LeaderModel, follow
 
     group = join_group() if launched() else None
     start = time.perf_counter()

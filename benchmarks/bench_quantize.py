@@ -1,6 +1,6 @@
 """Benchmark `qwen3-mlx quantize` against mlx_lm.convert on a Qwen3-4B-shaped bf16 checkpoint.
 
-    nice -n 10 python benchmarks/bench_quantize.py [--workdir /tmp/qwen3-bench]
+    nice -n 10 python -m benchmarks.bench_quantize [--workdir /tmp/qwen3-bench]
 
 Builds (once, cached in WORKDIR/source) a random bf16 checkpoint with the real Qwen3-4B shapes,
 sharded in three files like the original, writing it tensor by tensor in bounded memory. Then it
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.model import Model
+from qwen3_mlx.quantize.tensor_io import OutputTensor, ShardWriter
 
-from quantize.tensor_io import OutputTensor, ShardWriter  # noqa: E402
-from qwen3_mlx.config import ModelArgs  # noqa: E402
-from qwen3_mlx.model import Model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CONFIG = FIXTURES / "qwen3-4b" / "config.json"

@@ -10,7 +10,7 @@ against each, with the official `openai` SDK, one server at a time (each through
 then the same on the other, so a shared machine's changing load falls on both alike):
 
 1. An agent loop of `--steps` streamed requests with a system prompt and the two tools of
-   tools/tiny_data.py. Each step appends the previous assistant message (content, the reasoning
+   tiny_model/tiny_data.py. Each step appends the previous assistant message (content, the reasoning
    field the server returned, tool_calls exactly as streamed) and a tool result; when the model
    calls no tool, a fixed call of ours is appended instead, so the history grows the same way on
    both servers. Time to first token is the time to the first content or reasoning delta;
@@ -40,7 +40,7 @@ from typing import Any
 import psutil
 from openai import OpenAI
 
-from tools.tiny_data import TOOLS
+from tiny_model.tiny_data import TOOLS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "qwen3-tiny-chat"

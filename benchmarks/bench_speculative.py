@@ -82,18 +82,24 @@ def print_shapes(repeats: int) -> None:
     """Parts 1, 2 and 4: verify and draft costs, and the projection."""
     target = verify_costs("4b", repeats)
     step = target[1]
-    print("4B shape, 4-bit, random weights: one target pass over N positions")
+    print("4B shape, 4-bit, random weights: one target pass over N positions", flush=True)
     for rows, seconds in target.items():
-        print(f"  N={rows}: {1000 * seconds:7.1f} ms   {seconds / step:4.2f}x one decode step")
+        print(
+            f"  N={rows}: {1000 * seconds:7.1f} ms   {seconds / step:4.2f}x one decode step",
+            flush=True,
+        )
     draft = verify_costs("0.6b", repeats, max_rows=1)[1]
-    print(f"0.6B shape, 4-bit: one decode step {1000 * draft:.1f} ms ({draft / step:.2f}x 4B)")
-    print("Projected 4B drafted by 0.6B (measured costs above, assumed acceptance):")
+    print(
+        f"0.6B shape, 4-bit: one decode step {1000 * draft:.1f} ms ({draft / step:.2f}x 4B)",
+        flush=True,
+    )
+    print("Projected 4B drafted by 0.6B (measured costs above, assumed acceptance):", flush=True)
     for acceptance in (0.5, 0.7, 0.9):
         best = max(range(1, 8), key=lambda k: projected_speedup(acceptance, k, target, draft))
         row = ", ".join(
             f"k={k} {projected_speedup(acceptance, k, target, draft):.2f}x" for k in (2, 3, 4, 5)
         )
-        print(f"  acceptance {acceptance}: {row}; best k={best}")
+        print(f"  acceptance {acceptance}: {row}; best k={best}", flush=True)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Random-weight Qwen3 checkpoints at the real shapes, built once into a cache folder.
 
 Speed does not depend on the weight values, so random weights at the published shapes (configs in
-../shared/qwen3) measure what a real checkpoint would, without the weights themselves. The files
+the repository's tests/fixtures) measure what a real checkpoint would, without the weights themselves. The files
 are written exactly as the published formats are (bf16 safetensors; MLX affine 4-bit with a
 `quantization` block), so mlx-lm and qwen3-mlx load the same bytes.
 """
@@ -20,11 +20,11 @@ from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.model import Model
 from qwen3_mlx.quant import QuantSpec, cast_floating, quantize_model, write_quantization
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "qwen3"
+# The published configs, tokenizer and template, as the tests use them: a fresh clone needs nothing else.
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 SHAPES = {"0.6b": "qwen3-0.6b", "4b": "qwen3-4b"}
 TOKENIZER_FILES = [
     ("tokenizer", "tokenizer.json"),
-    ("tokenizer", "vocab.json"),
     ("tokenizer", "merges.txt"),
     ("qwen3-4b", "tokenizer_config.json"),
     ("qwen3-4b", "generation_config.json"),
@@ -46,7 +46,7 @@ def checkpoint(shape: str, bits: int | None, root: Path | None = None) -> Path:
     folder = (root or cache_dir()) / name
     if (folder / "model.safetensors").is_file():
         return folder
-    build(SHARED / SHAPES[shape], folder, bits)
+    build(FIXTURES / SHAPES[shape], folder, bits)
     return folder
 
 
@@ -70,6 +70,6 @@ def build(config_dir: Path, folder: Path, bits: int | None, seed: int = 0) -> No
     mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
     (partial / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True))
     for source, name in TOKENIZER_FILES:
-        shutil.copyfile(SHARED / source / name, partial / name)
+        shutil.copyfile(FIXTURES / source / name, partial / name)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)

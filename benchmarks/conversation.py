@@ -73,7 +73,7 @@ def reply_ids(tokenizer: Any, thinking: str, answer: str) -> list[int]:
 def run_ours(engine: Ours, turns: int) -> list[dict[str, Any]]:
     """Per turn: TTFT, tokens computed and context length, with the Chat cache-reuse mechanism."""
     from qwen3_mlx.cache import PromptCache
-    from qwen3_mlx.chat import render_prompt
+    from qwen3_mlx.engine import render_prompt
     from qwen3_mlx.history import Turn, history_messages
 
     cache = PromptCache(engine.model)
@@ -103,7 +103,7 @@ def run_stripped(
     engine: MlxLm, tokenizer: Any, turns: int, measured: list[int]
 ) -> list[dict[str, Any]]:
     """mlx-lm, full prefill of the think-stripped history on the turns listed in `measured` (1-based)."""
-    from qwen3_mlx.chat import render_prompt
+    from qwen3_mlx.engine import render_prompt
     from qwen3_mlx.history import Turn, history_messages
 
     history: list[Turn] = []

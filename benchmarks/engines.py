@@ -29,11 +29,11 @@ class Ours:
 
     def __init__(self, path: Path, dtype: str = "auto", threads: int | None = None):
         start = time.perf_counter()  # imports included: each engine pays for what it imports
-        import qwen3_mlx.cpu_quantized
+        import qwen3_mlx.cpu.quantized
         from qwen3_mlx.loading import load
 
         if threads is not None:
-            qwen3_mlx.cpu_quantized.THREADS = threads
+            qwen3_mlx.cpu.quantized.THREADS = threads
 
         self.model, self.tokenizer, _ = load(path, compute_dtype=dtype)
         self.load_seconds = time.perf_counter() - start

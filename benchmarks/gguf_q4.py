@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from benchmarks.checkpoints import SHARED
+from benchmarks.checkpoints import FIXTURES
 
 # MLX checkpoint key (after model.layers.{i}.) -> GGUF tensor name (after blk.{i}.)
 LAYER_NAMES = {
@@ -48,7 +48,7 @@ def add_tokenizer(writer, vocab_size: int) -> None:
     """Qwen's BPE vocabulary, merges and special ids, as llama.cpp's converter writes them."""
     import gguf
 
-    data = json.loads((SHARED / "tokenizer" / "tokenizer.json").read_text())
+    data = json.loads((FIXTURES / "tokenizer" / "tokenizer.json").read_text())
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for text, index in data["model"]["vocab"].items():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import qwen3_mlx  # noqa: F401 (before mlx: OpenBLAS on Linux)
-from benchmarks.checkpoints import SHAPES, SHARED
+from benchmarks.checkpoints import FIXTURES, SHAPES
 from qwen3_mlx.cache import KV_GROUP_SIZE, kv_bytes_per_token, make_cache
 from qwen3_mlx.config import ModelArgs
 
@@ -32,7 +32,7 @@ KV_LABELS = {None: "none", 8: "8-bit", 4: "4-bit"}
 
 def shape_args(shape: str) -> ModelArgs:
     """The model arguments of a published Qwen3 config ('0.6b' or '4b')."""
-    config = json.loads((SHARED / SHAPES[shape] / "config.json").read_text())
+    config = json.loads((FIXTURES / SHAPES[shape] / "config.json").read_text())
     return ModelArgs.from_dict(config)
 
 
@@ -123,7 +123,7 @@ ATTENTION_SETTINGS = ("none", "8-bit", "4-bit", "none mx.fast", "8-bit mlx-lm", 
 def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[str, list[float]]:
     """Seconds of one decode step's attention over every layer at `context` tokens, per KV setting.
 
-    The calls the model makes: qwen3_mlx.kv_attention on float32 keys and values and on our 8- and
+    The calls the model makes: qwen3_mlx.cpu.kv_attention on float32 keys and values and on our 8- and
     4-bit caches (bf16 scales; the native kernels when they were built); and, as the peers,
     mx.fast.scaled_dot_product_attention on the float32 cache and mlx-lm's
     quantized_scaled_dot_product_attention on packs with float32 scales (what mlx-lm runs with
@@ -136,7 +136,7 @@ def attention_seconds(args: ModelArgs, context: int, rounds: int) -> dict[str, l
     import mlx.core as mx
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-    from qwen3_mlx.kv_attention import float_attention, quantized_attention
+    from qwen3_mlx.cpu.kv_attention import float_attention, quantized_attention
 
     scale = args.head_dim**-0.5
     queries = mx.random.normal((1, args.num_attention_heads, 1, args.head_dim))

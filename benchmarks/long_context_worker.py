@@ -67,11 +67,11 @@ def generate_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from qwen3_mlx.cache import PromptCache
     from qwen3_mlx.engine import start_reply
     from qwen3_mlx.loading import load
-    from qwen3_mlx.settings import effective_settings
+    from qwen3_mlx.settings import Sampling
 
     model, tokenizer, generation_config = load(spec["path"])
     prompt = prompt_ids(spec["prompt"])
-    settings = effective_settings(
+    settings = Sampling.for_mode(
         generation_config, False, {"temperature": 0.0, "max_tokens": spec["tokens"]}
     )
     watch = PeakWatch()

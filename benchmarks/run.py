@@ -89,7 +89,7 @@ def machine() -> dict[str, Any]:
     import mlx.core as mx
 
     from qwen3_mlx import __version__
-    from qwen3_mlx.blas import find_openblas
+    from qwen3_mlx.cpu.blas import find_openblas
 
     model_name = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")

@@ -69,7 +69,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Load the engine the spec names, run its task, add load time and peak memory."""
     import mlx.core as mx
 
-    from qwen3_mlx.blas import openblas_active
+    from qwen3_mlx.cpu.blas import openblas_active
 
     path = Path(spec["path"])
     mx.reset_peak_memory()

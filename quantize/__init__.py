@@ -3,11 +3,11 @@
 Imports qwen3_mlx; qwen3_mlx never imports this package at module level.
 """
 
-from quantize.convert import ConversionProgress, ConversionResult, quantize_checkpoint
-from quantize.errors import ConversionError
-from quantize.plan import parse_size
-from quantize.side_files import SkippedSideFileWarning
-from quantize.verify import VerifyReport, verify_quantized
+from qwen3_mlx.quantize.convert import ConversionProgress, ConversionResult, quantize_checkpoint
+from qwen3_mlx.quantize.errors import ConversionError
+from qwen3_mlx.quantize.plan import parse_size
+from qwen3_mlx.quantize.side_files import SkippedSideFileWarning
+from qwen3_mlx.quantize.verify import VerifyReport, verify_quantized
 
 __all__ = [
     "ConversionError",

@@ -20,23 +20,23 @@ from typing import Any
 
 import mlx.core as mx
 
-from quantize.folder import (
-    check_free_space,
-    check_output,
-    write_config,
-    write_index,
-    write_model_card,
-)
-from quantize.plan import Job, Plan, make_plan, parse_size
-from quantize.side_files import copy_side_files, select_side_files
-from quantize.staging import check_destination, staging_folder
-from quantize.tensor_io import ShardWriter, SourceReader
 from qwen3_mlx import __version__
 from qwen3_mlx.config import read_config
 from qwen3_mlx.errors import CheckpointError
 from qwen3_mlx.fp8 import dequantize_fp8
 from qwen3_mlx.loading import resolve_model_path
 from qwen3_mlx.quant import QuantSpec
+from qwen3_mlx.quantize.folder import (
+    check_free_space,
+    check_output,
+    write_config,
+    write_index,
+    write_model_card,
+)
+from qwen3_mlx.quantize.plan import Job, Plan, make_plan, parse_size
+from qwen3_mlx.quantize.side_files import copy_side_files, select_side_files
+from qwen3_mlx.quantize.staging import check_destination, staging_folder
+from qwen3_mlx.quantize.tensor_io import ShardWriter, SourceReader
 
 CHUNK_BYTES = 32 * 2**20  # source bytes per step: bounds memory whatever the tensor size
 

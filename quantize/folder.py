@@ -14,12 +14,12 @@ from typing import Any
 
 import mlx.core as mx
 
-from quantize.errors import ConversionError
-from quantize.plan import Plan
 from qwen3_mlx.config import read_config
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.hub import is_repo_id
 from qwen3_mlx.quant import read_quantization
+from qwen3_mlx.quantize.errors import ConversionError
+from qwen3_mlx.quantize.plan import Plan
 from qwen3_mlx.safetensors_check import read_header
 from qwen3_mlx.sizes import format_size
 

@@ -9,7 +9,6 @@ loader makes, so a converted folder always loads.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from quantize.errors import ConversionError
-from quantize.tensor_io import FP8_DTYPES, WRITE_DTYPES, OutputTensor, SourceTensor, source_tensors
+from qwen3_mlx import sizes
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.dtypes import COMPUTE_DTYPES
 from qwen3_mlx.errors import CheckpointError, QuantizationError
@@ -26,10 +24,16 @@ from qwen3_mlx.fp8 import fp8_block_size
 from qwen3_mlx.loading import weight_files
 from qwen3_mlx.model import Model
 from qwen3_mlx.quant import QuantSpec, quantize_model, write_quantization
+from qwen3_mlx.quantize.errors import ConversionError
+from qwen3_mlx.quantize.tensor_io import (
+    FP8_DTYPES,
+    WRITE_DTYPES,
+    OutputTensor,
+    SourceTensor,
+    source_tensors,
+)
 
 DTYPES = COMPUTE_DTYPES  # the one table of dtypes a model may be written in
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
 @dataclass(frozen=True)
@@ -80,14 +84,13 @@ class Plan:
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes of a size like '5GB', '500MB' (decimal, as transformers) or '2GiB' (binary)."""
-    if isinstance(text, int):
-        size = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text.lower())
-        if match is None:
-            raise ConversionError(f"bad shard size {text!r}: use a size like 5GB, 500MB or 2GiB")
-        size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    """Bytes of a shard size like '5GB', '500MB' (decimal, as transformers) or '2GiB' (binary)."""
+    try:
+        size = sizes.parse_size(text)
+    except ValueError:
+        raise ConversionError(
+            f"bad shard size {text!r}: use a size like 5GB, 500MB or 2GiB"
+        ) from None
     if size <= 0:
         raise ConversionError(f"bad shard size {text!r}: it must be more than 0 bytes")
     return size

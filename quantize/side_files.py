@@ -18,7 +18,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from quantize.errors import ConversionError
+from qwen3_mlx.quantize.errors import ConversionError
 
 # Tokenizer, chat template, generation config and license travel with the weights; code never does.
 SIDE_FILE_PATTERNS = ("*.json", "*.jinja", "merges.txt", "vocab.txt", "LICENSE*", "NOTICE*")

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from quantize.errors import ConversionError
-from quantize.folder import readable
+from qwen3_mlx.quantize.errors import ConversionError
+from qwen3_mlx.quantize.folder import readable
 
 _FORCE_RULE = (
     "--force replaces only a model folder (config.json and *.safetensors) or an empty folder, "

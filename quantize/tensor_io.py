@@ -20,8 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from quantize.errors import ConversionError
 from qwen3_mlx.errors import CheckpointError
+from qwen3_mlx.quantize.errors import ConversionError
 from qwen3_mlx.safetensors_check import read_header
 
 # Safetensors dtype names -> how we read them. FP8 is read as raw bytes for qwen3_mlx.fp8; like

@@ -5,7 +5,7 @@ Kept import-light on purpose: `qwen3-mlx --help` must not import mlx or transfor
 
 __version__ = "0.1.0"
 
-from qwen3_mlx.blas import preload_openblas
+from qwen3_mlx.cpu.blas import preload_openblas
 from qwen3_mlx.errors import Qwen3Error
 
 # Before any module imports mlx: on Linux, MLX's CPU GEMMs then bind to the system OpenBLAS

@@ -15,6 +15,7 @@ row's consumer (any thread) reads GeneratedTokens from the row as from generate_
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +25,14 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.cache_ops import cache_ops
-from qwen3_mlx.generate import PREFILL_CHUNK, GeneratedToken, LogitsProcessor, Sampler, greedy
+from qwen3_mlx.generate import (
+    PREFILL_CHUNK,
+    GeneratedToken,
+    LogitsProcessor,
+    Sampler,
+    SamplingStep,
+    greedy,
+)
 
 _END = object()
 
@@ -37,10 +45,10 @@ class BatchRow:
         prompt: Sequence[int],
         cache: list[Any],
         *,
-        sampler: Sampler,
+        sampler: Sampler = greedy,
         processors: Sequence[LogitsProcessor] = (),
         max_tokens: int,
-        seed: int,
+        seed: int | None = None,
         on_prefill: Callable[[int, int], None] | None = None,
     ):
         if not prompt:
@@ -48,13 +56,13 @@ class BatchRow:
         self.pending = list(prompt)  # prompt tokens not in the cache yet
         self.total = len(prompt) - 1
         self.cache = cache
-        self.sampler = sampler
-        self.processors = list(processors)
+        # A row always has its own key (random when no seed is given): its draws never depend on
+        # its company in the batch.
+        self.sample = SamplingStep(
+            sampler, processors, secrets.randbits(63) if seed is None else seed
+        )
         self.max_tokens = max_tokens
-        self.seed = seed  # of the row's own random key, made on the decoding thread
-        self.key: mx.array | None = None
         self.on_prefill = on_prefill
-        self.previous: mx.array | None = None
         self.produced = 0
         self.start = time.perf_counter()
         self.items: queue.SimpleQueue = queue.SimpleQueue()
@@ -78,24 +86,6 @@ class BatchRow:
         """Leave the batch; returns once the row's cache holds everything it was fed."""
         self.closed.set()
         self.released.wait()
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Arg-max sampling and no logits processors."""
-        return self.sampler is greedy and not self.processors
-
-    def sample(self, logits: mx.array) -> mx.array:
-        """The next token [1] from this row's logits [1, V]."""
-        for processor in self.processors:
-            logits = processor(self.previous, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if self.key is None:
-            self.key = mx.random.key(self.seed)
-        keys = mx.random.split(self.key)
-        self.key = keys[0]
-        token = self.sampler(logprobs, key=keys[1]).reshape(1)
-        self.previous = token
-        return token
 
     def emit(self, token: int) -> None:
         """Hand a token to the consumer."""
@@ -203,7 +193,7 @@ class BatchDecoder:
     def _sample_next(self, fed: mx.array) -> mx.array:
         """The next token of every row [B], from one forward pass over `fed` [B]."""
         logits = self.model(fed[:, None], cache=self.cache)[:, -1, :]  # [B, V]
-        plain = [i for i, row in enumerate(self.rows) if row.plain_greedy]
+        plain = [i for i, row in enumerate(self.rows) if row.sample.plain_greedy]
         by_row: dict[int, mx.array] = {}
         if plain:
             # Greedy rows without processors take one arg-max over their logits together: a
@@ -211,7 +201,7 @@ class BatchDecoder:
             # alone or in a batch, so a row's tokens never depend on its company).
             picked = mx.argmax(logits[mx.array(plain)], axis=-1)
             for n, i in enumerate(plain):
-                by_row[i] = self.rows[i].previous = picked[n : n + 1]
+                by_row[i] = self.rows[i].sample.previous = picked[n : n + 1]
         tokens = [
             by_row[i] if i in by_row else row.sample(logits[i : i + 1])
             for i, row in enumerate(self.rows)

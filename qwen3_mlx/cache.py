@@ -6,7 +6,7 @@ reuse and retries stay exact against a fresh quantized prefill.
 
 The quantized cache keeps its scales and biases in bf16 whatever the compute dtype. Under the
 float32 CPU policy that makes 8-bit KV 53 % of a bf16 cache instead of 56 % (float32 scales), and
-the attention reads them in place (qwen3_mlx/kv_attention.py). Keys and values are rounded to
+the attention reads them in place (qwen3_mlx/cpu/kv_attention.py). Keys and values are rounded to
 bf16 before they are quantized, as mlx-lm does on a bf16 model: that rounding (2^-9 relative) is
 well under the 8-bit step (1/255 of a group's range).
 """

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_mlx.cache import PromptCache, kv_bytes_per_token
-from qwen3_mlx.engine import ToolSetup, start_reply
-from qwen3_mlx.errors import ContextOverflowError, HistoryError, TemplateError
+from qwen3_mlx.engine import ToolSetup, prepare_prompt, start_reply
+from qwen3_mlx.errors import HistoryError, TemplateError
 from qwen3_mlx.events import TurnResult
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.history import Turn, history_messages
-from qwen3_mlx.limits import available_memory, min_tokens
+from qwen3_mlx.limits import available_memory
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.rope_auto import RopeAuto, switch
 from qwen3_mlx.settings import (
     GreedyThinkingWarning,
-    effective_settings,
+    Sampling,
     setting_name,
     validate_overrides,
     validate_setting,
@@ -42,18 +42,6 @@ from qwen3_mlx.tools import (
     tool_choice_name,
 )
 from qwen3_mlx.transcript import TranscriptData, read_transcript, write_transcript
-
-
-def render_prompt(
-    tokenizer: Tokenizer,
-    messages: list[dict[str, Any]],
-    *,
-    thinking: bool = True,
-    tools: list[dict[str, Any]] | None = None,
-) -> list[int]:
-    """Prompt ids from the model's own template; the hard switch goes only to templates that have it."""
-    enable_thinking = thinking if tokenizer.has_thinking_switch else None
-    return tokenizer.render(messages, tools=tools, enable_thinking=enable_thinking)
 
 
 class Chat:
@@ -116,16 +104,21 @@ class Chat:
         *,
         rope_scaling: dict[str, Any] | None = None,
         compute_dtype: str = "auto",
-        group: Any = None,
+        load: Callable[..., tuple[Any, Any, Any]] | None = None,
         draft: DraftSpec | None = None,
         **chat_kwargs: Any,
     ) -> Chat:
-        """Load a model folder or repo id and open a chat with it (group: see loading.load;
-        draft: speculative decoding, its draft model loaded with the same policy)."""
-        from qwen3_mlx.loading import load
+        """Load a model folder or repo id and open a chat with it (draft: speculative decoding,
+        its draft model loaded with the same policy).
+
+        load: the loader (loading.load by default; a front end under mlx.launch passes
+        parallel.distributed's rank-0 loader bound to its group).
+        """
+        if load is None:
+            from qwen3_mlx.loading import load
 
         model, tokenizer, generation_config = load(
-            path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype, group=group
+            path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype
         )
         if draft is not None:
             chat_kwargs["speculation"] = draft.build(
@@ -212,10 +205,10 @@ class Chat:
         return list(self._turns)
 
     @property
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> Sampling:
         """The sampling settings the next reply would use (mode preset + explicit values)."""
         thinks = thinking_active(self.messages, self._thinking, self.tokenizer.has_thinking_switch)
-        return effective_settings(self.generation_config, thinks, self._explicit)
+        return Sampling.for_mode(self.generation_config, thinks, self._explicit)
 
     @property
     def explicit_settings(self) -> dict[str, Any]:
@@ -312,7 +305,7 @@ class Chat:
         data = TranscriptData(
             self.model_id, self._system, self._thinking, dict(self._explicit), list(self._turns)
         )
-        write_transcript(path, data, self.settings)
+        write_transcript(path, data, self.settings.as_dict())
         if not with_cache:
             return None
         from qwen3_mlx.cache_file import save_beside
@@ -352,38 +345,34 @@ class Chat:
             active.close()  # records an interrupted reply
 
     def _begin(self, start: Turn, kept: list[Turn]) -> Reply:
-        text = start.user or "".join(result.content for result in start.tool_results)
-        if min_tokens(text) >= self.context_limit:  # refused by size: megabytes never tokenized
-            raise ContextOverflowError(min_tokens(text), self.context_limit, at_least=True)
         messages = history_messages(self._system, kept)
         if start.user is not None:
             messages.append({"role": "user", "content": start.user})
         messages += [result.message() for result in start.tool_results]
-        prompt = render_prompt(
-            self.tokenizer, messages, thinking=self._thinking, tools=self.tools or None
+        scaling = getattr(self.model.args, "rope_scaling", None) or {}
+        prepared = prepare_prompt(
+            self.tokenizer,
+            messages,
+            defaults=self.generation_config,
+            context_limit=self.context_limit,
+            thinking=self._thinking,
+            tools=self.tools,
+            explicit=self._explicit,
+            yarn_enabled=self.rope_plan is not None
+            or scaling.get("rope_type", scaling.get("type")) == "yarn",
         )
-        if len(prompt) >= self.context_limit:
-            scaling = getattr(self.model.args, "rope_scaling", None) or {}
-            raise ContextOverflowError(
-                len(prompt),
-                self.context_limit,
-                yarn_enabled=self.rope_plan is not None
-                or scaling.get("rope_type", scaling.get("type")) == "yarn",
-            )
-        thinks = thinking_active(messages, self._thinking, self.tokenizer.has_thinking_switch)
-        settings = effective_settings(self.generation_config, thinks, self._explicit)
-        if thinks and settings["temperature"] == 0:
+        if prepared.thinks and prepared.sampling.temperature == 0:
             warnings.warn(
                 "temperature 0 (greedy decoding) in thinking mode can loop endlessly; "
                 "Qwen3 recommends temperature 0.6",
                 GreedyThinkingWarning,
                 stacklevel=3,
             )
-        self._active = self._reply(start, kept, prompt, settings)
+        self._active = self._reply(start, kept, prepared.prompt, prepared.sampling)
         return self._active
 
     def _reply(
-        self, start_turn: Turn, kept: list[Turn], prompt: list[int], settings: dict[str, Any]
+        self, start_turn: Turn, kept: list[Turn], prompt: list[int], sampling: Sampling
     ) -> Reply:
         def on_start() -> None:
             self._turns = kept  # a retry drops the old reply only now that the new one starts
@@ -409,7 +398,7 @@ class Chat:
             self.tokenizer,
             self.cache,
             prompt,
-            settings,
+            sampling,
             stop_ids=self._stop_ids,
             context_limit=self.context_limit,
             tools=self._tool_setup,

@@ -1,27 +1,32 @@
-"""One reply from a prompt and a KV cache: the generation pipeline every front end shares.
+"""One reply from a conversation: the prompt step and the generation pipeline every front end shares.
 
-Chat (the REPL and `prompt`) and the server both come here with a rendered prompt, a PromptCache
-and the settings of the reply; this module wires the stream (think and tool-call split), the
-sampler, the logits processors (penalties, tool_choice, schema constraints) and the token
+Chat (the REPL and `prompt`) and the server both prepare their messages here (`prepare_prompt`:
+size pre-check, render, context check, thinking mode, settings), then start the reply with the
+prompt, a PromptCache and its Sampling; `start_reply` wires the stream (think and tool-call split),
+the sampler, the logits processors (penalties, tool_choice, schema constraints) and the token
 generator into a Reply. Keeping history, or choosing which cache serves a prompt, is the caller's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
 
 from qwen3_mlx.cache import PromptCache
+from qwen3_mlx.errors import ContextOverflowError
 from qwen3_mlx.events import TurnResult
 from qwen3_mlx.generate import GeneratedToken, generate_tokens
+from qwen3_mlx.limits import min_tokens
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.rope_auto import RopeAuto, switch
-from qwen3_mlx.sampling import build_logits_processors, build_sampler, seed_reply
+from qwen3_mlx.sampling import build_logits_processors, build_sampler, reply_seed
+from qwen3_mlx.settings import Sampling, SamplingDefaults
 from qwen3_mlx.stream import RepetitionGuard, ReplyStream
-from qwen3_mlx.thinking import prompt_phase
+from qwen3_mlx.thinking import prompt_phase, thinking_active
+from qwen3_mlx.tokenizer import Tokenizer
 from qwen3_mlx.tool_choice import tool_processors
 
 
@@ -41,12 +46,66 @@ class ToolSetup:
         return bool(self.tools) and self.choice != "none"
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A conversation made ready for start_reply: its prompt ids and the reply's settings."""
+
+    prompt: list[int]
+    thinks: bool  # whether the reply is in thinking mode (its preset is the thinking one)
+    sampling: Sampling
+
+
+def render_prompt(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    thinking: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Prompt ids from the model's own template; the hard switch goes only to templates that have it."""
+    enable_thinking = thinking if tokenizer.has_thinking_switch else None
+    return tokenizer.render(messages, tools=tools, enable_thinking=enable_thinking)
+
+
+def check_context(prompt_tokens: int, context_limit: int, *, yarn_enabled: bool = False) -> None:
+    """ContextOverflowError when a prompt leaves no room for a reply."""
+    if prompt_tokens >= context_limit:
+        raise ContextOverflowError(prompt_tokens, context_limit, yarn_enabled=yarn_enabled)
+
+
+def prepare_prompt(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    defaults: SamplingDefaults,
+    context_limit: int,
+    thinking: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+    explicit: Mapping[str, Any] | None = None,
+    yarn_enabled: bool = False,
+) -> PreparedPrompt:
+    """The prompt and settings of the next reply to `messages`, every front end's one prompt step.
+
+    A conversation too big by its size alone is refused before any tokenizing; then the template
+    renders it, the context is checked, and the mode's preset (defaults: the model's
+    generation_config) takes the explicit values on top. Raises ContextOverflowError,
+    TemplateError or SettingsError before anything runs.
+    """
+    text = "".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+    if min_tokens(text) >= context_limit:  # refused by size: megabytes never tokenized
+        raise ContextOverflowError(min_tokens(text), context_limit, at_least=True)
+    prompt = render_prompt(tokenizer, messages, thinking=thinking, tools=tools or None)
+    check_context(len(prompt), context_limit, yarn_enabled=yarn_enabled)
+    thinks = thinking_active(messages, thinking, tokenizer.has_thinking_switch)
+    return PreparedPrompt(prompt, thinks, Sampling.for_mode(defaults, thinks, explicit))
+
+
 def start_reply(
     model: Any,
     tokenizer: Any,
     cache: PromptCache,
     prompt: list[int],
-    settings: dict[str, Any],
+    sampling: Sampling,
     *,
     stop_ids: Iterable[int],
     context_limit: int,
@@ -77,7 +136,7 @@ def start_reply(
     phase = prompt_phase(prompt)
     stream = ReplyStream(tokenizer, phase, stop_ids, repetition_guard, tools=tools.parses_calls)
     processors = (
-        build_logits_processors(settings)
+        build_logits_processors(sampling)
         + tool_processors(
             tokenizer,
             tools.tools,
@@ -98,11 +157,13 @@ def start_reply(
         if rope is not None:
             widen(len(prompt) + 1)
         reused = cache.reuse(prompt)
-        seed_reply(settings["seed"], seed_index)
         mx.reset_peak_memory()
-        budget = min(int(settings["max_tokens"]), context_limit - len(prompt))
+        budget = min(sampling.max_tokens, context_limit - len(prompt))
         options = dict(
-            sampler=build_sampler(settings), logits_processors=processors, on_prefill=on_prefill
+            sampler=build_sampler(sampling),
+            logits_processors=processors,
+            on_prefill=on_prefill,
+            seed=reply_seed(sampling.seed, seed_index),
         )
         if rope is None:
             return generate(model, prompt[reused:], cache.cache, max_tokens=budget, **options)
@@ -126,7 +187,11 @@ def start_reply(
         # RoPE and prefill prompt + reply so far again, then go on from the last token.
         produced: list[int] = []
         pending, previous, elapsed = prompt[reused:], None, 0.0
+        seed, segments = options.pop("seed"), 0
         while True:
+            # Each segment has its own random stream, derived from the reply's.
+            options["seed"] = seed if segments == 0 else reply_seed(seed, segments)
+            segments += 1
             # Tokens this RoPE can still produce: the last one fed sits at window - 1.
             room = rope.current_window - len(prompt) - len(produced) + 1
             take = min(budget - len(produced), room)

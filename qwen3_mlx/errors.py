@@ -57,6 +57,10 @@ class TranscriptError(Qwen3Error):
 class SettingsError(Qwen3Error):
     """A sampling setting has an unknown name or a value out of range."""
 
+    def __init__(self, message: str, *, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting  # the setting at fault (a server names it as the error's param)
+
 
 class HistoryError(Qwen3Error):
     """The conversation has no exchange to undo or retry."""
@@ -64,3 +68,7 @@ class HistoryError(Qwen3Error):
 
 class ToolError(Qwen3Error):
     """A tool definition, tool_choice or tool result that cannot be used."""
+
+
+class DistributedError(Qwen3Error):
+    """The group of ranks is misconfigured or broke apart."""

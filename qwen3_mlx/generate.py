@@ -40,6 +40,51 @@ def greedy(logprobs: mx.array, key: mx.array | None = None) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+class SamplingStep:
+    """One reply's sampling step: its logits processors, then its sampler with its own random key.
+
+    seed: the reply's random stream, a key split once per token, so a seeded reply draws the same
+    tokens whatever else runs (None: MLX's global generator). Generation and batching both sample
+    through this, so a token is chosen by the same rule alone or in a batch.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler = greedy,
+        processors: Sequence[LogitsProcessor] = (),
+        seed: int | None = None,
+        previous: mx.array | None = None,
+    ):
+        self.sampler = sampler
+        self.processors = list(processors)
+        self.seed = seed
+        self.key: mx.array | None = None  # made at the first token, on the thread that samples
+        self.previous = previous  # the token sampled last [1], as the processors see it
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Arg-max sampling and no logits processors."""
+        return self.sampler is greedy and not self.processors
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """The next token [1] from one row's logits [1, V]."""
+        for processor in self.processors:
+            logits = processor(self.previous, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = self.sampler(logprobs, key=self._next_key()).reshape(1)
+        self.previous = token
+        return token
+
+    def _next_key(self) -> mx.array | None:
+        if self.seed is None or self.sampler is greedy:
+            return None
+        if self.key is None:
+            self.key = mx.random.key(self.seed)
+        keys = mx.random.split(self.key)
+        self.key = keys[0]
+        return keys[1]
+
+
 def prefill(
     model: Any,
     tokens: Sequence[int],
@@ -78,28 +123,23 @@ def generate_tokens(
     prefill_chunk: int = PREFILL_CHUNK,
     on_prefill: Callable[[int, int], None] | None = None,
     previous_token: int | None = None,
+    seed: int | None = None,
 ) -> Iterator[GeneratedToken]:
     """Yield up to max_tokens sampled tokens after `prompt` (the part not yet in the cache).
 
     previous_token: when this continues a reply (its sampled tokens end `prompt`), the last of
     them, so stateful logits processors see it as they would have in one run.
+    seed: the reply's own random key (see SamplingStep); None samples from MLX's global one.
     """
     if not prompt:
         raise ValueError("generate_tokens needs at least one new prompt token")
     start = time.perf_counter()
     last = prefill(model, prompt, cache, prefill_chunk, on_prefill)
-    previous: list[mx.array | None] = [
-        None if previous_token is None else mx.array([previous_token], dtype=mx.uint32)
-    ]
+    previous = None if previous_token is None else mx.array([previous_token], dtype=mx.uint32)
+    sample = SamplingStep(sampler, logits_processors, seed, previous)
 
     def step(inputs: mx.array) -> mx.array:
-        logits = model(inputs[None], cache=cache)[:, -1, :]
-        for processor in logits_processors:
-            logits = processor(previous[0], logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs).reshape(1)
-        previous[0] = token
-        return token
+        return sample(model(inputs[None], cache=cache)[:, -1, :])
 
     token = step(last)
     mx.async_eval(token)

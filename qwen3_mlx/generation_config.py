@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_mlx.errors import ConfigError, Qwen3Error
-from qwen3_mlx.settings import validate_setting
+from qwen3_mlx.settings import PRESET_NAMES, THINKING_DEFAULTS, validate_setting
 
-# The Qwen3 model card's recommendations.
-THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
-NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
 QWEN3_EOS_IDS = (151645, 151643)
 
 
@@ -37,7 +34,7 @@ class GenerationConfig:
             eos_ids = eos_token_ids((config or {}).get("eos_token_id"), "config.json")
         values = {
             name: _sampling_value(path, name, data[name])
-            for name in THINKING_DEFAULTS
+            for name in PRESET_NAMES
             if data.get(name) is not None
         }
         return cls(**values, eos_token_ids=eos_ids)

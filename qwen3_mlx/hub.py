@@ -128,9 +128,22 @@ def hub_errors(repo_id: str, failed: str) -> Iterator[None]:
             ) from None
         raise ModelNotFoundError(
             f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline?)"
+            + _shipped_model_hint()
         ) from None
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as error:
         raise ModelNotFoundError(f"{repo_id}: {failed} ({type(error).__name__}: {error})") from None
+
+
+def _shipped_model_hint() -> str:
+    """From a checkout, how to try the tiny model it ships (models/qwen3-tiny-chat); else ''."""
+    folder = Path(__file__).resolve().parents[1] / "models" / "qwen3-tiny-chat"
+    if not (folder / "config.json").is_file():
+        return ""  # an installed wheel ships no models
+    try:
+        shown = folder.relative_to(Path.cwd())
+    except ValueError:
+        shown = folder
+    return f"; to try the tiny model this checkout ships, use --model {shown}"
 
 
 def _silent_progress_class() -> type:

@@ -17,7 +17,7 @@ from qwen3_mlx.checkpoint_check import (
     model_tensors,
 )
 from qwen3_mlx.config import ModelArgs, read_config
-from qwen3_mlx.cpu_quantized import scales_read_in_place, use_cpu_kernels
+from qwen3_mlx.cpu.quantized import scales_read_in_place, use_cpu_kernels
 from qwen3_mlx.dtypes import COMPUTE_DTYPES
 from qwen3_mlx.errors import CheckpointError, QuantizationError
 from qwen3_mlx.fp8 import dequantize_fp8_weights, fp8_block_size
@@ -182,15 +182,11 @@ def load(
     quantize_on_load: int | QuantSpec | None = None,
     compute_dtype: str | mx.Dtype | None = "auto",
     lazy: bool = False,
-    group: Any = None,
 ) -> tuple[Model, Tokenizer, GenerationConfig]:
     """Load a Qwen3 model, its tokenizer and its generation config from a folder or repo id.
 
-    group: an mx.distributed group of 2+ ranks: this rank reads only its shard, and the model
-    returned is rank 0's LeaderModel (the other ranks call distributed.follow instead).
+    Under mlx.launch, rank 0 loads through parallel.distributed.load_for_group instead.
     """
-    if group is not None and group.size() > 1:
-        return _load_leader(path_or_repo, group, rope_scaling, compute_dtype)
     model_dir = resolve_model_path(path_or_repo)
     # transformers reads config.json too, on the tokenizer's thread, and grinds for minutes over
     # a 10,000,000-layer one: the config is checked before that thread starts.
@@ -205,27 +201,3 @@ def load(
     )
     generation_config = GenerationConfig.from_model_dir(model_dir, config)
     return model, Tokenizer(hf_tokenizer.result()), generation_config
-
-
-def _load_leader(
-    path_or_repo: str | Path,
-    group: Any,
-    rope_scaling: dict[str, Any] | None,
-    compute_dtype: str | mx.Dtype | None,
-) -> tuple[Any, Tokenizer, GenerationConfig]:
-    """Rank 0's shard wrapped as the LeaderModel, with the tokenizer and generation config."""
-    from qwen3_mlx import shard_loading  # noqa: F401 (imported before the tokenizer's thread starts)
-    from qwen3_mlx.distributed import load_group_model
-    from qwen3_mlx.lockstep import LeaderModel
-
-    try:  # the tokenizer loads while the shard is read, as in load(); a failure shows below
-        hf_tokenizer = read_hf_tokenizer_in_background(resolve_model_path(path_or_repo))
-    except Exception:
-        hf_tokenizer = None
-    model, model_dir, config = load_group_model(
-        path_or_repo, group, rope_scaling=rope_scaling, compute_dtype=compute_dtype
-    )
-    hf_tokenizer = hf_tokenizer or read_hf_tokenizer_in_background(model_dir)
-    tokenizer = Tokenizer(hf_tokenizer.result())
-    generation_config = GenerationConfig.from_model_dir(model_dir, config)
-    return LeaderModel(model, group), tokenizer, generation_config

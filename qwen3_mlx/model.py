@@ -9,16 +9,18 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
-from qwen3_mlx.cpu_ops import RMSNorm, swiglu
-from qwen3_mlx.cpu_quantized import project
-from qwen3_mlx.kv_attention import float_attention, quantized_attention
+from qwen3_mlx.cpu.kv_attention import float_attention, quantized_attention
+from qwen3_mlx.cpu.ops import RMSNorm, swiglu
+from qwen3_mlx.cpu.quantized import project
 from qwen3_mlx.rope import RoPE
 
 
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
-    group: Any = None  # set by Model.shard: o_proj then holds this rank's input columns
+    group: Any = (
+        None  # set by parallel.sharding.shard_model: o_proj then holds this rank's input columns
+    )
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -61,7 +63,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    group: Any = None  # set by Model.shard: down_proj then holds this rank's input columns
+    group: Any = (
+        None  # set by parallel.sharding.shard_model: down_proj then holds this rank's input columns
+    )
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -129,12 +133,6 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         """The decoder blocks (mlx-lm's cache helpers look for this)."""
         return self.model.layers
-
-    def shard(self, group: Any) -> dict[str, Any]:
-        """Split every layer over an mx.distributed group in place (sharding.py); return the plan."""
-        from qwen3_mlx.sharding import shard_model
-
-        return shard_model(self, group)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop tensors the module tree has no place for (a tied lm_head)."""

@@ -138,10 +138,10 @@ def scales_read_in_place(
     config: dict[str, Any], entries: TensorEntries, compute_dtype: str | None, source: str
 ) -> set[str]:
     """The scale and bias tensors a float32 load keeps in the checkpoint's dtype: those of the
-    4-bit layers the native kernel computes (see qwen3_mlx.cpu_quantized.scales_read_in_place)."""
+    4-bit layers the native kernel computes (see qwen3_mlx.cpu.quantized.scales_read_in_place)."""
     import mlx.core as mx
 
-    from qwen3_mlx import native_kernel
+    from qwen3_mlx.cpu import native as native_kernel
     from qwen3_mlx.quant import read_quantization
 
     block = read_quantization(config, source)
@@ -300,7 +300,8 @@ def _yarn_context(args: Any, rope_factor: float) -> int | None:
 
 def _template_facts(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The thinking switches and generation defaults, from the tokenizer and generation config."""
-    from qwen3_mlx.generation_config import NON_THINKING_DEFAULTS, GenerationConfig
+    from qwen3_mlx.generation_config import GenerationConfig
+    from qwen3_mlx.settings import NON_THINKING_DEFAULTS, PRESET_NAMES
     from qwen3_mlx.tokenizer import load_tokenizer
 
     generation = GenerationConfig.from_model_dir(model_dir, config)
@@ -313,12 +314,7 @@ def _template_facts(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
             prompt_opens_think=tokenizer.opens_think_in_prompt,
         ),
         "generation_defaults": GenerationDefaults(
-            thinking={
-                "temperature": generation.temperature,
-                "top_p": generation.top_p,
-                "top_k": generation.top_k,
-                "min_p": generation.min_p,
-            },
+            thinking={name: getattr(generation, name) for name in PRESET_NAMES},
             non_thinking=dict(NON_THINKING_DEFAULTS) if hybrid else None,
             eos_token_ids=list(generation.eos_token_ids),
         ),

@@ -11,6 +11,7 @@ from typing import Any
 
 from qwen3_mlx.events import ReplyEvent, TurnResult
 from qwen3_mlx.stream import ReplyStream
+from qwen3_mlx.thinking import Part
 
 
 class Reply:
@@ -67,6 +68,12 @@ class Reply:
         A live view that grows as the reply runs (no copy per step); never change it.
         """
         return self._stream.tokens
+
+    @property
+    def parts(self) -> Sequence[Part]:
+        """The part of the reply (thinking, answer, tool call, ...) each token fell in, as the
+        stream's one think parser labelled it; a live view, one shorter after a stop token."""
+        return self._stream.parts
 
     @property
     def done(self) -> bool:

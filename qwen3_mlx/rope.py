@@ -1,5 +1,5 @@
 """Rotary position embeddings: plain RoPE and YaRN, on mx.fast.rope (the native op for float32 on
-the CPU: qwen3_mlx/cpu_ops.py)."""
+the CPU: qwen3_mlx/cpu/ops.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen3_mlx import cpu_ops
+from qwen3_mlx.cpu import ops as cpu_ops
 
 
 def _yarn_correction_dim(rotations: float, dims: int, base: float, original: int) -> float:

@@ -1,13 +1,12 @@
-"""Turn settings into a sampler and logits processors (presence and frequency penalties)."""
+"""Turn a Sampling record into a sampler, logits processors (presence and frequency penalties)
+and the reply's random seed."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 import mlx.core as mx
 
 from qwen3_mlx.generate import LogitsProcessor, Sampler, greedy
+from qwen3_mlx.settings import Sampling
 
 
 class ReplyPenalty:
@@ -51,7 +50,7 @@ class FrequencyPenalty(ReplyPenalty):
         return tally.at[tokens].add(1.0)
 
 
-def build_sampler(settings: Mapping[str, Any]) -> Sampler:
+def build_sampler(settings: Sampling) -> Sampler:
     """A sampler for temperature, top_k, top_p and min_p (temperature 0 = arg-max).
 
     Hand-written rather than mlx-lm's make_sampler for two reasons. Speed: make_sampler's top_p
@@ -64,10 +63,10 @@ def build_sampler(settings: Mapping[str, Any]) -> Sampler:
     The sampler takes an optional random key: a batched server gives each reply its own, so a
     seeded reply does not depend on what else is in the batch.
     """
-    temperature = float(settings["temperature"])
+    temperature = settings.temperature
     if temperature <= 0:
         return greedy
-    top_k, top_p, min_p = int(settings["top_k"]), float(settings["top_p"]), float(settings["min_p"])
+    top_k, top_p, min_p = settings.top_k, settings.top_p, settings.min_p
 
     def sample(logprobs: mx.array, key: mx.array | None = None) -> mx.array:
         vocab = logprobs.shape[-1]
@@ -93,17 +92,22 @@ def build_sampler(settings: Mapping[str, Any]) -> Sampler:
     return sample
 
 
-def build_logits_processors(settings: Mapping[str, Any]) -> list[LogitsProcessor]:
-    """Fresh stateful processors for one reply."""
-    penalty = float(settings.get("presence_penalty") or 0.0)
-    return [PresencePenalty(penalty)] if penalty else []
+def build_logits_processors(settings: Sampling) -> list[LogitsProcessor]:
+    """Fresh stateful processors for one reply (a zero penalty adds none)."""
+    processors: list[LogitsProcessor] = []
+    if settings.presence_penalty:
+        processors.append(PresencePenalty(settings.presence_penalty))
+    if settings.frequency_penalty:
+        processors.append(FrequencyPenalty(settings.frequency_penalty))
+    return processors
 
 
-def seed_reply(seed: int | None, reply_number: int) -> None:
-    """Seed MLX's generator for one reply, so a seeded session replays exactly.
+def reply_seed(seed: int | None, reply_number: int) -> int | None:
+    """The random seed of one reply of a seeded session (None: unseeded).
 
     Each reply (retries included) gets its own derived seed, so a retry gives a new answer while
-    the whole session stays reproducible.
+    the whole session stays reproducible. The token source makes its key from it.
     """
-    if seed is not None:
-        mx.random.seed((int(seed) * 1_000_003 + reply_number) % 2**63)
+    if seed is None:
+        return None
+    return (int(seed) * 1_000_003 + reply_number) % 2**63

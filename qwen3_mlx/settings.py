@@ -1,24 +1,28 @@
-"""Sampling settings: one record of every setting, and the mode's preset under the values set explicitly.
+"""Sampling settings: one description of every setting, and the typed record a reply samples with.
 
 `SETTINGS` is the single description of each setting (name, type, range, CLI flags, /set aliases,
-label, help). The CLI options, `/set`, transcripts, generation_config.json checks and (later) the
-server's request fields all validate through `validate_setting`, so they cannot disagree.
+label, help). `Sampling` is the frozen record of one reply's values, each validated through it (as
+mlx-lm's SamplingArguments). The CLI options, `/set`, transcripts, generation_config.json checks
+and the server's request fields all validate here, so they cannot disagree and speak the same words.
+The mode presets (Qwen3's card values) live here too. Adding a setting touches this file and the
+sampler (sampling.py) only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol
 
 from qwen3_mlx.errors import SettingsError
 
-if TYPE_CHECKING:  # generation_config validates its values here: no import cycle at run time
-    from qwen3_mlx.generation_config import GenerationConfig
-
 DEFAULT_MAX_TOKENS = 32_768
 SEED_RANDOM_WORDS = ("none", "off", "random")  # each means "no fixed seed"
+# What a thinking mode's preset chooses; the Qwen3 model card's values for each mode.
+PRESET_NAMES = ("temperature", "top_p", "top_k", "min_p")
+THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
+NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
 
 
 class GreedyThinkingWarning(UserWarning):
@@ -39,6 +43,7 @@ class Setting:
     help: str
     low_open: bool = False  # True: the low bound itself is not allowed
     nullable: bool = False  # True: None (and SEED_RANDOM_WORDS) mean "unset"
+    neutral: Any = None  # the value that changes nothing (a summary leaves it out)
 
     @property
     def aliases(self) -> tuple[str, ...]:
@@ -65,7 +70,9 @@ class Setting:
         number = _number(self, value)
         too_low = number <= self.low if self.low_open else number < self.low
         if too_low or (self.high is not None and number > self.high):
-            raise SettingsError(f"{self.name} must be in {self.range_text}, got {_shown(value)}")
+            raise SettingsError(
+                f"{self.name} must be in {self.range_text}, got {_shown(value)}", setting=self.name
+            )
         return number
 
 
@@ -79,17 +86,23 @@ def _shown(value: Any) -> str:
 
 def _number(setting: Setting, value: Any) -> Any:
     expected = "an integer" if setting.kind is int else "a number"
+
+    def refused(what: str) -> SettingsError:
+        return SettingsError(
+            f"{setting.name} must be {what}, got {_shown(value)}", setting=setting.name
+        )
+
     if isinstance(value, bool) or value is None:
-        raise SettingsError(f"{setting.name} must be {expected}, got {_shown(value)}")
+        raise refused(expected)
     try:
         number = value if isinstance(value, int) else _parse_number(value, setting.kind)
     except (TypeError, ValueError):
-        raise SettingsError(f"{setting.name} must be {expected}, got {_shown(value)}") from None
+        raise refused(expected) from None
     if not math.isfinite(number):
-        raise SettingsError(f"{setting.name} must be a finite number, got {_shown(value)}")
+        raise refused("a finite number")
     if setting.kind is int:
         if not float(number).is_integer():
-            raise SettingsError(f"{setting.name} must be an integer, got {_shown(value)}")
+            raise refused("an integer")
         return int(number)
     return float(number)
 
@@ -125,6 +138,11 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "presence_penalty", float, -2.0, 2.0, ("--presence-penalty",), "presence_penalty",
             "X", "Penalise tokens already generated (Qwen3: 0 to 2 against repetition).",
+            neutral=0.0,
+        ),
+        Setting(
+            "frequency_penalty", float, -2.0, 2.0, ("--frequency-penalty",), "frequency_penalty",
+            "X", "Penalise each token by how often it was already generated.", neutral=0.0,
         ),
         Setting(
             "max_tokens", int, 1, None, ("--max-tokens",), "max_tokens", "N",
@@ -160,24 +178,53 @@ def validate_overrides(values: Mapping[str, Any] | None) -> dict[str, Any]:
     return {name: validate_setting(name, value) for name, value in (values or {}).items()}
 
 
-def mode_preset(generation_config: GenerationConfig, thinking: bool) -> dict[str, Any]:
-    """The preset for a mode: generation_config.json when thinking, Qwen3's card values when not."""
-    from qwen3_mlx.generation_config import NON_THINKING_DEFAULTS
+class SamplingDefaults(Protocol):
+    """A model's own thinking-mode preset (a GenerationConfig)."""
 
-    if thinking:
-        sampling = {
-            "temperature": generation_config.temperature,
-            "top_p": generation_config.top_p,
-            "top_k": generation_config.top_k,
-            "min_p": generation_config.min_p,
-        }
-    else:
-        sampling = dict(NON_THINKING_DEFAULTS)
-    return {**sampling, "presence_penalty": 0.0, "max_tokens": DEFAULT_MAX_TOKENS, "seed": None}
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
 
 
-def effective_settings(
-    generation_config: GenerationConfig, thinking: bool, explicit: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The mode's preset with every explicitly set value on top."""
-    return {**mode_preset(generation_config, thinking), **explicit}
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings of one reply, each validated through SETTINGS when it is made.
+
+    The fields are SETTINGS' names in SETTINGS' order; the defaults are Qwen3's thinking preset.
+    """
+
+    temperature: float = THINKING_DEFAULTS["temperature"]
+    top_p: float = THINKING_DEFAULTS["top_p"]
+    top_k: int = THINKING_DEFAULTS["top_k"]
+    min_p: float = THINKING_DEFAULTS["min_p"]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            object.__setattr__(
+                self, item.name, validate_setting(item.name, getattr(self, item.name))
+            )
+
+    @classmethod
+    def for_mode(
+        cls, defaults: SamplingDefaults, thinking: bool, explicit: Mapping[str, Any] | None = None
+    ) -> Sampling:
+        """The mode's preset (the model's generation_config when thinking, Qwen3's card values when
+        not) with every explicitly set value on top."""
+        if thinking:
+            preset = {name: getattr(defaults, name) for name in PRESET_NAMES}
+        else:
+            preset = dict(NON_THINKING_DEFAULTS)
+        return cls(**{**preset, **validate_overrides(explicit)})
+
+    def with_values(self, values: Mapping[str, Any]) -> Sampling:
+        """A copy with these values (any SETTINGS names) changed, validated."""
+        return replace(self, **validate_overrides(values))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting by name (for a transcript or a summary)."""
+        return {item.name: getattr(self, item.name) for item in fields(self)}

@@ -31,6 +31,7 @@ from qwen3_mlx.generate import (
     GeneratedToken,
     LogitsProcessor,
     Sampler,
+    SamplingStep,
     greedy,
     prefill,
 )
@@ -53,43 +54,47 @@ class Drafter(Protocol):
         ...
 
 
-def sample_position(
-    logits: mx.array,
-    previous: mx.array | None,
-    processors: Sequence[LogitsProcessor],
-    sampler: Sampler,
-) -> mx.array:
-    """One position's token as plain decoding samples it: processors in order, then the sampler."""
-    for processor in processors:
-        logits = processor(previous, logits)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return sampler(logprobs).reshape(1)
-
-
 def verify(
-    logits: mx.array,
-    draft: Sequence[int],
-    previous: mx.array | None,
-    processors: Sequence[LogitsProcessor],
-    sampler: Sampler,
+    logits: mx.array, draft: Sequence[int], sample: SamplingStep
 ) -> tuple[list[int], mx.array]:
-    """The tokens a verify pass emits (the accepted drafts, then the target's own next sample)
-    and the last one as an array; logits: [len(draft) + 1, vocab]."""
-    if sampler is greedy and not processors:  # no state, no randomness: all rows at once
+    """The tokens a verify pass emits: the accepted drafts, then the target's own next sample.
+
+    logits: [len(draft) + 1, vocab]. Each position is sampled by `sample` (processors, then the
+    sampler with the reply's key) exactly as plain decoding would, and none past the first
+    position whose sample differs from the draft.
+    """
+    if sample.plain_greedy:  # no state, no randomness: every row's arg-max at once
         samples = mx.argmax(logits, axis=-1).tolist()
         emitted = []
         for index, token in enumerate(samples):
             emitted.append(int(token))
             if index == len(draft) or token != draft[index]:
                 break
-        return emitted, mx.array([emitted[-1]], dtype=mx.uint32)
+        sample.previous = mx.array([emitted[-1]], dtype=mx.uint32)
+        return emitted, sample.previous
     emitted = []
     for index in range(len(draft) + 1):
-        previous = sample_position(logits[index : index + 1], previous, processors, sampler)
-        emitted.append(int(previous.item()))
+        token = sample(logits[index : index + 1])
+        emitted.append(int(token.item()))
         if index == len(draft) or emitted[-1] != draft[index]:
             break
-    return emitted, previous
+    return emitted, token
+
+
+def verify_round(
+    model: Any,
+    cache: list[Any],
+    tokens: Sequence[int],
+    draft: Sequence[int],
+    sample: SamplingStep,
+) -> list[int]:
+    """One target pass over the last token of `tokens` and the draft; the tokens it emits. The
+    cache held all of `tokens` but the last, and afterwards holds them and the accepted drafts."""
+    inputs = mx.array([tokens[-1], *draft], dtype=mx.uint32)
+    logits = model(inputs[None], cache=cache)[0]  # [1 + len(draft), vocab]
+    emitted, _ = verify(logits, draft, sample)
+    trim_cache(cache, cache_length(cache) - (len(draft) - (len(emitted) - 1)))
+    return emitted
 
 
 def speculative_tokens(
@@ -106,11 +111,12 @@ def speculative_tokens(
     prefill_chunk: int = PREFILL_CHUNK,
     on_prefill: Callable[[int, int], None] | None = None,
     previous_token: int | None = None,
+    seed: int | None = None,
 ) -> Iterator[GeneratedToken]:
     """generate_tokens with speculation: yield up to max_tokens tokens after `prompt`.
 
-    context: the tokens already in the cache before `prompt` (the drafter sees them all). Each
-    token carries the round's counts on the first token of its target pass (GeneratedToken).
+    context: the tokens already in the cache before `prompt` (the drafter sees them all). The
+    first token of each target pass carries the pass's drafted and accepted counts.
     """
     if not prompt:
         raise ValueError("speculative_tokens needs at least one new prompt token")
@@ -119,27 +125,29 @@ def speculative_tokens(
     tokens = [*context, *prompt]  # everything so far; the cache holds all but the last
     drafter.begin(tokens)
     previous = None if previous_token is None else mx.array([previous_token], dtype=mx.uint32)
+    sample = SamplingStep(sampler, logits_processors, seed, previous)
     produced = 0
     while produced < max_tokens:
         room = min(draft_tokens, max_tokens - produced - 1)
         draft = drafter.propose(tokens, room)[:room] if room > 0 else []
-        inputs = mx.array([tokens[-1], *draft], dtype=mx.uint32)
-        logits = model(inputs[None], cache=cache)[0]  # [1 + len(draft), vocab]
-        emitted, previous = verify(logits, draft, previous, logits_processors, sampler)
-        # The cache now holds every input; keep the last token and the accepted drafts.
-        trim_cache(cache, cache_length(cache) - (len(draft) - (len(emitted) - 1)))
+        emitted = verify_round(model, cache, tokens, draft, sample)
         seconds = time.perf_counter() - start
         for index, token in enumerate(emitted):
             tokens.append(token)
             produced += 1
-            first = index == 0
-            yield GeneratedToken(
-                token,
-                seconds,
-                target_step=first,
-                drafted=len(draft) if first else 0,
-                accepted=len(emitted) - 1 if first else 0,
-            )
+            yield round_token(token, seconds, index, len(draft), len(emitted) - 1)
+
+
+def round_token(token: int, seconds: float, index: int, drafted: int, accepted: int) -> Any:
+    """The GeneratedToken for emitted token `index` of a round (the first carries its counts)."""
+    first = index == 0
+    return GeneratedToken(
+        token,
+        seconds,
+        target_step=first,
+        drafted=drafted if first else 0,
+        accepted=accepted if first else 0,
+    )
 
 
 class Speculation:

@@ -142,6 +142,7 @@ class ReplyStream:
         self.thinking = SectionText(tokenizer)
         self.answer = SectionText(tokenizer)
         self.tokens: list[int] = []
+        self.parts: list[Part] = []  # the part each token fell in (a stop token has none)
         self.finish_reason = "interrupted"  # until run() says otherwise
         self.first_seconds: float | None = None
         self.last_seconds = 0.0
@@ -181,6 +182,7 @@ class ReplyStream:
 
     def _label(self, token: int, seconds: float) -> ReplyEvent | None:
         part = self.parser.feed(token)
+        self.parts.append(part)
         if part in (Part.CALL_OPEN, Part.CALL, Part.CALL_CLOSE):
             return self._call_part(part, token)
         if part is Part.THINKING:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,3 +34,19 @@ def tiny_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
 def fixtures_dir() -> Path:
     """tests/fixtures (real Qwen3 tokenizer, templates, configs; see SOURCES.md)."""
     return FIXTURES
+
+
+_SPAWNS = re.compile(r"\b(subprocess|pexpect|Popen)\b")
+
+
+@functools.cache
+def _starts_processes(path: Path) -> bool:
+    """Whether a test module starts processes (a CLI, a pty, a server, mlx.launch, a build)."""
+    return bool(_SPAWNS.search(path.read_text()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests of modules that start processes `slow`: `pytest -m "not slow"` skips them."""
+    for item in items:
+        if _starts_processes(Path(item.path)):
+            item.add_marker(pytest.mark.slow)

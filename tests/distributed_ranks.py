@@ -23,11 +23,11 @@ import mlx.core as mx
 from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.cache import make_cache
 from qwen3_mlx.cache_ops import cache_ops
-from qwen3_mlx.distributed import join_group, load_group_model
 from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.generate import greedy as argmax
 from qwen3_mlx.loading import load_model
-from qwen3_mlx.lockstep import LeaderModel, follow
+from qwen3_mlx.parallel.distributed import join_group, load_group_model
+from qwen3_mlx.parallel.lockstep import LeaderModel, follow
 
 PROMPT = [3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 46, 26]
 TINY_CHAT = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"

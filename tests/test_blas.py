@@ -1,4 +1,4 @@
-"""OpenBLAS preloading (qwen3_mlx.blas): `import qwen3_mlx` before mlx binds MLX's GEMMs to the system
+"""OpenBLAS preloading (qwen3_mlx.cpu.blas): `import qwen3_mlx` before mlx binds MLX's GEMMs to the system
 OpenBLAS on Linux; QWEN3_MLX_OPENBLAS=0 opts out; importing mlx first makes it a no-op; and the
 results stay those of the reference BLAS to float32 rounding (dense GEMMs and the 4-bit prefill
 path), so the parity tests' guarantees carry over. Each case runs in a fresh interpreter."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen3_mlx.blas import find_openblas
+from qwen3_mlx.cpu.blas import find_openblas
 
 SHAPES = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
 
@@ -23,8 +23,8 @@ import json, os, sys
 {first}
 import mlx.core as mx
 import numpy as np
-from qwen3_mlx.blas import find_openblas, openblas_active
-from qwen3_mlx.cpu_quantized import prefill_gemm_helps
+from qwen3_mlx.cpu.blas import find_openblas, openblas_active
+from qwen3_mlx.cpu.quantized import prefill_gemm_helps
 from qwen3_mlx.loading import load_model
 
 model_dir, out = sys.argv[1], sys.argv[2]

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 from chat_fakes import ScriptedModel, load_fixture_tokenizer
 
-from qwen3_mlx.chat import Chat, render_prompt
+from qwen3_mlx.chat import Chat
+from qwen3_mlx.engine import render_prompt
 from qwen3_mlx.errors import ContextOverflowError, HistoryError, SettingsError, TemplateError
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
 from qwen3_mlx.generation_config import GenerationConfig
@@ -139,9 +140,9 @@ def test_soft_switch_no_think_gives_an_empty_block_and_the_plain_preset() -> Non
     events, result = run(chat, "kiwi /no_think")
     assert result.thinking == "" and result.answer == "Short: kiwi"
     assert not any(isinstance(e, ThinkingText) for e in events)
-    assert chat.settings["temperature"] == 0.7  # the latest switch is /no_think
+    assert chat.settings.temperature == 0.7  # the latest switch is /no_think
     run(chat, "plum /think")
-    assert chat.settings["temperature"] == 0.6
+    assert chat.settings.temperature == 0.6
     assert chat.messages[0]["content"] == "kiwi /no_think"  # passed through unchanged
 
 
@@ -153,18 +154,18 @@ def test_hard_switch_off_renders_the_empty_block_in_the_prompt() -> None:
     assert result.answer == "Plain fig." and result.thinking == ""
     prompt_text = chat.tokenizer.decode(chat.cache.tokens[: result.prompt_tokens])
     assert prompt_text.endswith("<|im_start|>assistant\n" + EMPTY_BLOCK)
-    assert chat.settings["top_p"] == 0.8
+    assert chat.settings.top_p == 0.8
     chat.thinking = True  # switching back changes only the next generation prompt
-    assert chat.settings["top_p"] == 0.95
+    assert chat.settings.top_p == 0.95
 
 
 def test_explicit_setting_survives_a_mode_switch() -> None:
     chat, _ = make_chat(sampling={})
     chat.set("temperature", 0.4)
     chat.thinking = False
-    assert chat.settings["temperature"] == 0.4 and chat.settings["top_p"] == 0.8
+    assert chat.settings.temperature == 0.4 and chat.settings.top_p == 0.8
     chat.unset("temperature")
-    assert chat.settings["temperature"] == 0.7
+    assert chat.settings.temperature == 0.7
     with pytest.raises(SettingsError, match="top_k"):
         chat.set("top_k", -3)
     with pytest.raises(SettingsError):

@@ -12,7 +12,8 @@ import pytest
 from chat_fakes import load_fixture_tokenizer
 
 from qwen3_mlx.cache import PromptCache, common_prefix_length, make_cache
-from qwen3_mlx.chat import Chat, render_prompt
+from qwen3_mlx.chat import Chat
+from qwen3_mlx.engine import render_prompt
 from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.loading import load_model
@@ -135,7 +136,7 @@ def test_from_pretrained_and_yarn_as_a_runtime_option(tmp_path: Path) -> None:
     config_before = (folder / "config.json").read_bytes()
     plain = Chat.from_pretrained(str(folder), sampling={"max_tokens": 3})
     assert plain.model_id == str(folder) and plain.context_limit == 4096
-    assert plain.settings["max_tokens"] == 3 and plain.thinking
+    assert plain.settings.max_tokens == 3 and plain.thinking
     stretched = Chat.from_pretrained(
         str(folder), rope_scaling=yarn_scaling(4.0), system="S", sampling={"max_tokens": 3}
     )

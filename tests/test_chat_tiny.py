@@ -2,7 +2,7 @@
 and hard switches, history free of thinking, the repetition guard, context overflow, interrupt then
 retry, and save then load then continue.
 
-The model answers the word tasks of tools/tiny_data.py (repeat, reverse, sort, count) with a
+The model answers the word tasks of tiny_model/tiny_data.py (repeat, reverse, sort, count) with a
 one-line reasoning (it never learned the sums); the questions here come from its training slice, so greedy replies are exact.
 """
 
@@ -21,7 +21,7 @@ from qwen3_mlx.stream import RepetitionGuard
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "qwen3-tiny-chat"
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tiny_model"))
 import tiny_data  # noqa: E402
 
 pytestmark = [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import qwen3_mlx.native_kernel as native_kernel
+import qwen3_mlx.cpu.native as native_kernel
 from qwen3_mlx.cache import make_cache
 from qwen3_mlx.loading import load_model, resolve_compute_dtype
 
@@ -68,7 +68,7 @@ def test_weights_activations_and_cache_follow_the_compute_dtype(
         make_checkpoint(dtype="bfloat16", **SHAPES), quantize_on_load=bits, compute_dtype=compute
     )
     # Float32 compute keeps the checkpoint's 4-bit scales where the native kernel reads them in
-    # place (qwen3_mlx.cpu_quantized.scales_read_in_place); every other path casts them per call.
+    # place (qwen3_mlx.cpu.quantized.scales_read_in_place); every other path casts them per call.
     in_place = (
         bits is not None
         and expected == mx.float32

@@ -1,4 +1,4 @@
-"""Quantized matmuls on the CPU backend (qwen3_mlx.cpu_quantized): decode split over threads gives
+"""Quantized matmuls on the CPU backend (qwen3_mlx.cpu.quantized): decode split over threads gives
 the kernel's results bit for bit, the native 4-bit kernel and the dequantize + GEMM prefill path
 give them to float32 rounding, and the loader installs the layers on the CPU backend only, keeping
 the checkpoint keys. Model-level parity holds with the native kernel on and off."""
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import qwen3_mlx.cpu_quantized as cpu_quantized
-import qwen3_mlx.native_kernel as native_kernel
+import qwen3_mlx.cpu.native as native_kernel
+import qwen3_mlx.cpu.quantized as cpu_quantized
 from qwen3_mlx.cache import make_cache
-from qwen3_mlx.cpu_quantized import (
+from qwen3_mlx.cpu.quantized import (
     MIN_ROWS,
     CpuQuantizedEmbedding,
     CpuQuantizedLinear,

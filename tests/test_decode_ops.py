@@ -1,4 +1,4 @@
-"""The native float32 decode ops (qwen3_mlx/cpu_ops.py, native/decode_ops.cpp): RMSNorm, RoPE
+"""The native float32 decode ops (qwen3_mlx/cpu/ops.py, native/decode_ops.cpp): RMSNorm, RoPE
 (plain and YaRN) and SwiGLU match a float64 reference and MLX's own ops on decode and prefill
 shapes, strided inputs and far positions, on every instruction set; bad inputs get a message;
 what they do not take (half precision, per-row offsets) keeps MLX's ops; and the tiny model
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from greedy import greedy_decode
 
-from qwen3_mlx import cpu_ops
-from qwen3_mlx.native_kernel import checked_reason
+from qwen3_mlx.cpu import ops as cpu_ops
+from qwen3_mlx.cpu.native import checked_reason
 from qwen3_mlx.rope import RoPE
 
 REPO = Path(__file__).resolve().parent.parent

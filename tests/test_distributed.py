@@ -28,8 +28,8 @@ from mlx.utils import tree_flatten
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.loading import load_model
+from qwen3_mlx.parallel.sharding import ShardingError, shard_plan
 from qwen3_mlx.quant import QuantSpec, quantize_model, write_quantization
-from qwen3_mlx.sharding import ShardingError, shard_plan
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -225,7 +225,7 @@ def test_prompt_under_two_ranks_prints_the_single_process_answer(parity: dict[st
 def test_rank_that_cannot_connect_fails_in_one_line() -> None:
     # Rank 1 never starts: rank 0 waits 2 s for it. (join_group is what every command runs first
     # under mlx.launch; this imports only it, to keep the test cheap.)
-    join = "from qwen3_mlx.distributed import join_group; join_group()"
+    join = "from qwen3_mlx.parallel.distributed import join_group; join_group()"
     (alone, _) = start_ranks(
         [[sys.executable, "-c", join], None], extra_env={"QWEN3_MLX_CONNECT_TIMEOUT": "2"}
     )
@@ -265,9 +265,9 @@ def test_a_group_refuses_kv_cache_files() -> None:
 
 
 def test_a_group_refuses_caches_it_cannot_mirror() -> None:
-    from qwen3_mlx import lockstep
-    from qwen3_mlx.distributed import DistributedError
-    from qwen3_mlx.lockstep import LeaderModel
+    from qwen3_mlx.errors import DistributedError
+    from qwen3_mlx.parallel import lockstep
+    from qwen3_mlx.parallel.lockstep import LeaderModel
 
     class RotatingKVCache:  # by name: the followers have no protocol for its window
         offset = 0

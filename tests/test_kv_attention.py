@@ -1,4 +1,4 @@
-"""Decode attention (qwen3_mlx/kv_attention.py). Over a quantized KV cache the native fused kernel
+"""Decode attention (qwen3_mlx/cpu/kv_attention.py). Over a quantized KV cache the native fused kernel
 matches a float64 reference and mlx-lm's quantized attention on the same packed cache, for 8 and
 4 bits, float32/bf16/f16 scales, GQA ratios, batches, contexts across its 256-token chunks and
 strided cache views, on every instruction set. Over a float32 cache the native kernel matches a
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from greedy import greedy_decode
 
-from qwen3_mlx import kv_attention
-from qwen3_mlx.native_kernel import checked_reason
+from qwen3_mlx.cpu import kv_attention
+from qwen3_mlx.cpu.native import checked_reason
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from qwen3_mlx.cache import kv_bytes_per_token, make_cache
 from qwen3_mlx.chat import Chat
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tiny_model"))
 import tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::qwen3_mlx.settings.GreedyThinkingWarning")
@@ -106,18 +106,20 @@ def test_a_head_size_the_group_does_not_divide_is_refused_in_one_line(tmp_path) 
         Chat(model, tokenizer, generation_config, kv_bits=8)
 
 
-def test_prefix_reuse_is_exact_against_a_fresh_quantized_prefill(tiny) -> None:
+def test_prefix_reuse_is_exact_against_a_fresh_quantized_prefill(tiny, tmp_path) -> None:
     model, tokenizer, generation_config = tiny
     rng = random.Random(3)
     questions = [tiny_data.sample_problem(rng, held_out=True).question for _ in range(4)]
     session = Chat(model, tokenizer, generation_config, kv_bits=8, sampling={"temperature": 0})
     for index, question in enumerate(questions):
+        history = tmp_path / f"before-{index}.json"
+        session.save(history)  # the history so far, without its cache
         reply = session.send(question)
         reply.text()
         if index:
             assert reply.result.prefilled_tokens < reply.result.prompt_tokens  # the cache served
         fresh = Chat(model, tokenizer, generation_config, kv_bits=8, sampling={"temperature": 0})
-        fresh._turns = list(session.turns[:-1])  # the same history, prefilled from nothing
+        assert fresh.load(history) is None  # the same history, prefilled from nothing
         again = fresh.send(question)
         again.text()
         assert again.result.prefilled_tokens == again.result.prompt_tokens

@@ -244,6 +244,20 @@ def test_hub_errors_become_one_line_model_not_found_errors():
         raise CheckpointError("passes through")
 
 
+def test_offline_from_a_checkout_names_the_shipped_tiny_model(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from qwen3_mlx.loading import hub_errors
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(ModelNotFoundError) as error, hub_errors("Qwen/Qwen3-4B", "fetch failed"):
+        raise LocalEntryNotFoundError("offline")
+    assert_one_line(error, "Qwen/Qwen3-4B: ", "cannot be reached (offline?)")
+    assert str(error.value).endswith(
+        "; to try the tiny model this checkout ships, use --model models/qwen3-tiny-chat"
+    )
+
+
 def edit_config(model_dir: Path, **changes) -> None:
     """Rewrite config.json with some keys changed (None removes a key)."""
     path = model_dir / "config.json"

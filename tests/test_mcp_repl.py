@@ -157,7 +157,7 @@ def test_prompt_without_consent_declines_and_says_so_on_stderr(
 def test_save_and_load_keep_the_tool_loop_and_render_the_same_prompt(
     manager: McpManager, tmp_path: Path
 ) -> None:
-    from qwen3_mlx.chat import render_prompt
+    from qwen3_mlx.engine import render_prompt
 
     saved = tmp_path / "loop.json"
     chat, out = run_repl(manager, f"what time is it?\ny\n/save {saved}\n")

@@ -1,4 +1,4 @@
-"""The native 4-bit mat-vec (qwen3_mlx.native_kernel): within float32 rounding of a float64
+"""The native 4-bit mat-vec (qwen3_mlx.cpu.native): within float32 rounding of a float64
 reference and of mx.quantized_matmul, for 1-8 rows of x, the Qwen3-4B projections and the
 151,936-row head, scales in float32, bfloat16 and float16, group sizes 32/64/128, strided and 3-D
 x, and each instruction set forced once; the opt-in int8 variant within the rounding of x and the
@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import qwen3_mlx.native_kernel as native_kernel
-from qwen3_mlx.native_kernel import quantized_matvec
+import qwen3_mlx.cpu.native as native_kernel
+from qwen3_mlx.cpu.native import quantized_matvec
 
 NATIVE_SKIP = pytest.mark.skipif(
     native_kernel.native() is None,
@@ -172,7 +172,7 @@ def test_project_joins_native_layers_and_keeps_every_other(monkeypatch):
     (a decode step), the layers one by one for more rows or a layer of another kind."""
     import mlx.nn as nn
 
-    from qwen3_mlx import cpu_quantized
+    from qwen3_mlx.cpu import quantized as cpu_quantized
 
     def layer(rows: int, seed: int) -> nn.Module:
         linear = nn.Linear(512, rows, bias=False)

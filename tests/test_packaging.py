@@ -31,5 +31,5 @@ def test_sdist_carries_the_native_sources(tmp_path):
     }
     assert "qwen3_mlx/native/qmv.cpp" in sources
     assert sources <= names, sources - names
-    assert {"setup.py", "pyproject.toml", "qwen3_mlx/native_kernel.py"} <= names
+    assert {"setup.py", "pyproject.toml", "qwen3_mlx/cpu/native.py"} <= names
     assert not [name for name in names if name.endswith(".so")]

@@ -16,14 +16,14 @@ import pytest
 from checkpoints import FIXTURES, read_safetensors, save_weights, write_config
 from typer.testing import CliRunner
 
-import quantize.convert as convert_module
-import quantize.tensor_io as tensor_io
-from quantize import ConversionError, quantize_checkpoint, verify_quantized
-from quantize.plan import target_tensors
+import qwen3_mlx.quantize.convert as convert_module
+import qwen3_mlx.quantize.tensor_io as tensor_io
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError, QuantizationError
 from qwen3_mlx.loading import load_model
 from qwen3_mlx.quant import QuantSpec
+from qwen3_mlx.quantize import ConversionError, quantize_checkpoint, verify_quantized
+from qwen3_mlx.quantize.plan import target_tensors
 
 REAL_4B = FIXTURES / "mlx-community-Qwen3-4B-4bit"
 IDS = mx.array([[1, 5, 9, 42, 7, 300, 11, 2]])
@@ -531,7 +531,7 @@ def test_too_little_disk_space_is_refused_up_front(
 ) -> None:
     from shutil import _ntuple_diskusage as shutil_usage
 
-    import quantize.folder as folder_module
+    import qwen3_mlx.quantize.folder as folder_module
 
     source = make_checkpoint("src")
     monkeypatch.setattr(

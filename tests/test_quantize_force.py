@@ -10,7 +10,7 @@ import pytest
 from test_quantize import cli_app, leftovers
 from typer.testing import CliRunner
 
-from quantize import ConversionError, quantize_checkpoint
+from qwen3_mlx.quantize import ConversionError, quantize_checkpoint
 
 MakeCheckpoint = Callable[..., Path]
 runner = CliRunner()
@@ -112,7 +112,7 @@ def test_force_checks_again_before_replacing(
     make_checkpoint: MakeCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model folder that became something else while converting is still not deleted."""
-    import quantize.convert as convert_module
+    import qwen3_mlx.quantize.convert as convert_module
 
     source = make_checkpoint("src")
     output = fake_model_folder(tmp_path / "out")

@@ -11,8 +11,8 @@ import pytest
 from test_quantize import cli_app
 from typer.testing import CliRunner
 
-import quantize.convert as convert_module
-from quantize import quantize_checkpoint
+import qwen3_mlx.quantize.convert as convert_module
+from qwen3_mlx.quantize import quantize_checkpoint
 
 MakeCheckpoint = Callable[..., Path]
 runner = CliRunner()

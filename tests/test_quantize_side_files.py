@@ -11,8 +11,8 @@ import pytest
 from test_quantize import cli_app, leftovers
 from typer.testing import CliRunner
 
-from quantize import quantize_checkpoint
-from quantize.side_files import SkippedSideFileWarning
+from qwen3_mlx.quantize import quantize_checkpoint
+from qwen3_mlx.quantize.side_files import SkippedSideFileWarning
 
 MakeCheckpoint = Callable[..., Path]
 runner = CliRunner()
@@ -61,7 +61,7 @@ def test_a_broken_tokenizer_file_is_refused_before_any_work(
     monkeypatch: pytest.MonkeyPatch,
     broken: str,
 ) -> None:
-    import quantize.convert as convert_module
+    import qwen3_mlx.quantize.convert as convert_module
 
     source = make_checkpoint("src", tokenizer="qwen3-4b")
     tokenizer = source / "tokenizer.json"

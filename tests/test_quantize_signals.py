@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from test_quantize import leftovers
 
-from quantize import quantize_checkpoint
-from quantize.staging import remove_stale_partials
+from qwen3_mlx.quantize import quantize_checkpoint
+from qwen3_mlx.quantize.staging import remove_stale_partials
 
 MakeCheckpoint = Callable[..., Path]
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Runs in the child only. The pause is bounded so a lost signal ends the child instead of the suite.
 PAUSE_HOOK = """
 import os, time
-import quantize.convert as convert
+import qwen3_mlx.quantize.convert as convert
 
 _real_convert_rows = convert.convert_rows
 

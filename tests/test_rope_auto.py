@@ -20,7 +20,7 @@ from qwen3_mlx.engine import start_reply
 from qwen3_mlx.loading import load
 from qwen3_mlx.model import Model
 from qwen3_mlx.rope_auto import RopeAuto, switch
-from qwen3_mlx.settings import effective_settings
+from qwen3_mlx.settings import Sampling
 from tests.checkpoints import make_checkpoint, tiny_config
 
 WINDOW = 256
@@ -46,7 +46,7 @@ def run_reply(model, tokenizer, generation, plan, prompt, notices):
         rows.append(np.array(logits[0].astype(mx.float32)))
         return logits
 
-    settings = effective_settings(generation, False, {"temperature": 0.0, "max_tokens": GENERATED})
+    settings = Sampling.for_mode(generation, False, {"temperature": 0.0, "max_tokens": GENERATED})
     reply = start_reply(
         model,
         tokenizer,

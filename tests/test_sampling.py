@@ -10,47 +10,46 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen3_mlx.errors import Qwen3Error, SettingsError
+from qwen3_mlx.generate import SamplingStep
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.sampling import (
     FrequencyPenalty,
     PresencePenalty,
     build_logits_processors,
     build_sampler,
-    seed_reply,
+    reply_seed,
 )
-from qwen3_mlx.settings import DEFAULT_MAX_TOKENS, effective_settings, mode_preset, validate_setting
+from qwen3_mlx.settings import DEFAULT_MAX_TOKENS, Sampling, validate_setting
 from qwen3_mlx.stream import RepetitionGuard
 
 
 def test_presets_follow_the_mode() -> None:
     config = GenerationConfig(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
-    thinking = mode_preset(config, thinking=True)
-    plain = mode_preset(config, thinking=False)
-    assert (thinking["temperature"], thinking["top_p"], thinking["top_k"], thinking["min_p"]) == (
+    thinking = Sampling.for_mode(config, True)
+    plain = Sampling.for_mode(config, False)
+    assert (thinking.temperature, thinking.top_p, thinking.top_k, thinking.min_p) == (
         0.6,
         0.95,
         20,
         0.0,
     )
-    assert (plain["temperature"], plain["top_p"], plain["top_k"], plain["min_p"]) == (
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p) == (
         0.7,
         0.8,
         20,
         0.0,
     )
-    assert thinking["max_tokens"] == plain["max_tokens"] == DEFAULT_MAX_TOKENS == 32_768
+    assert thinking.max_tokens == plain.max_tokens == DEFAULT_MAX_TOKENS == 32_768
     # The thinking preset is the model's own generation_config, whatever it says.
-    assert (
-        mode_preset(GenerationConfig(temperature=0.9, top_k=5), thinking=True)["temperature"] == 0.9
-    )
+    assert Sampling.for_mode(GenerationConfig(temperature=0.9, top_k=5), True).temperature == 0.9
 
 
 def test_explicit_values_hold_in_both_modes() -> None:
     config = GenerationConfig()
     explicit = {"top_p": 0.5}
-    assert effective_settings(config, True, explicit)["top_p"] == 0.5
-    assert effective_settings(config, False, explicit)["top_p"] == 0.5
-    assert effective_settings(config, False, explicit)["temperature"] == 0.7
+    assert Sampling.for_mode(config, True, explicit).top_p == 0.5
+    assert Sampling.for_mode(config, False, explicit).top_p == 0.5
+    assert Sampling.for_mode(config, False, explicit).temperature == 0.7
 
 
 @pytest.mark.parametrize(
@@ -130,13 +129,13 @@ def test_frequency_penalty_counts_every_occurrence() -> None:
 
 
 def test_presence_penalty_is_off_by_default() -> None:
-    assert build_logits_processors({"presence_penalty": 0.0}) == []
-    assert len(build_logits_processors({"presence_penalty": 0.5})) == 1
+    assert build_logits_processors(Sampling(presence_penalty=0.0)) == []
+    assert len(build_logits_processors(Sampling(presence_penalty=0.5))) == 1
 
 
-def sample(settings_: dict, logprobs: mx.array, count: int) -> list[int]:
-    sampler = build_sampler(settings_)
-    return [int(sampler(logprobs).item()) for _ in range(count)]
+def sample(settings_: dict, logprobs: mx.array, count: int, seed: int | None = None) -> list[int]:
+    step = SamplingStep(build_sampler(Sampling(**settings_)), seed=seed)
+    return [int(step(logprobs).item()) for _ in range(count)]
 
 
 BASE = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
@@ -152,12 +151,9 @@ def test_sampler_uses_the_settings() -> None:
 
 
 def test_a_seed_replays_and_each_reply_gets_its_own_stream() -> None:
-    seed_reply(1234, 0)
-    first = sample(BASE, LOGPROBS, 30)
-    seed_reply(1234, 0)
-    assert sample(BASE, LOGPROBS, 30) == first
-    seed_reply(1234, 1)
-    assert sample(BASE, LOGPROBS, 30) != first
+    first = sample(BASE, LOGPROBS, 30, reply_seed(1234, 0))
+    assert sample(BASE, LOGPROBS, 30, reply_seed(1234, 0)) == first
+    assert sample(BASE, LOGPROBS, 30, reply_seed(1234, 1)) != first
 
 
 def detects(guard: RepetitionGuard, tokens: list[int]) -> int | None:
@@ -230,7 +226,8 @@ def test_sampler_follows_transformers_order_of_top_k_then_top_p() -> None:
     expected = _hf_order_probs(logits, 0.7, 4, 0.9)
     batch = mx.broadcast_to(mx.array(logits)[None], (40_000, logits.size))
     mx.random.seed(7)
-    counts = np.bincount(np.array(build_sampler(settings_)(batch)), minlength=logits.size)
+    sampler = build_sampler(Sampling(**settings_))
+    counts = np.bincount(np.array(sampler(batch)), minlength=logits.size)
     observed = counts / counts.sum()
     assert set(np.nonzero(observed)[0]) == set(np.nonzero(expected)[0])
     assert np.abs(observed - expected).max() < 0.015

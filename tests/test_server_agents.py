@@ -14,7 +14,7 @@ import pytest
 from test_server_support import API_KEY, running_server
 
 from qwen3_mlx.cache import common_prefix_length
-from qwen3_mlx.chat import render_prompt
+from qwen3_mlx.engine import render_prompt
 
 WORDS = ["moon", "river", "apple", "lake", "star", "tree", "fish", "snow"]
 

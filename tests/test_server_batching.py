@@ -12,10 +12,11 @@ from qwen3_mlx.generate import greedy
 from qwen3_mlx.sampling import PresencePenalty, build_sampler
 from qwen3_mlx.server.prefix_cache import PrefixCache
 from qwen3_mlx.server.worker import GenerationWorker, Job, ServerBusy
+from qwen3_mlx.settings import Sampling
 from qwen3_mlx.tokenizer import IM_END_ID
 
 TASKS = ("moon river", "apple lake star", "tree", "snow fish moon apple")
-SAMPLED = {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0}
+SAMPLED = Sampling(temperature=0.6, top_k=20, top_p=0.95, min_p=0.0)
 
 
 def _prompt(tokenizer, words: str) -> list[int]:
@@ -100,9 +101,9 @@ def test_the_queue_bound_refuses_with_server_busy():
         max_queue=1,
     )  # not started: nothing leaves the queue
     worker.running = 1  # the batch is full
-    worker.submit(Job([1, 2], {}, lambda item: None))
+    worker.submit(Job([1, 2], Sampling(), lambda item: None))
     with pytest.raises(ServerBusy, match="max-queue 1"):
-        worker.submit(Job([1, 2], {}, lambda item: None))
+        worker.submit(Job([1, 2], Sampling(), lambda item: None))
     assert worker.queued == 1
 
 

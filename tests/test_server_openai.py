@@ -58,7 +58,13 @@ def test_chat_answers_and_splits_reasoning(client):
     assert "<think>" not in message.content
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens > 0
-    assert reply.usage.prompt_tokens_details.cached_tokens >= 0
+    # The same request again: the prefix cache serves all of its prompt but what must be recomputed.
+    again = client.chat.completions.create(
+        model="qwen3-tiny-chat", messages=REVERSE, temperature=0, max_tokens=64
+    )
+    assert again.choices[0].message.content == "river moon"
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached <= again.usage.prompt_tokens == reply.usage.prompt_tokens
 
 
 def test_stream_has_role_first_and_usage_last(client):

@@ -22,13 +22,14 @@ from qwen3_mlx.drafting import DraftError, DraftModel, NgramLookup, load_draft
 from qwen3_mlx.events import ToolCallEvent
 from qwen3_mlx.generate import generate_tokens, prefill
 from qwen3_mlx.sampling import build_logits_processors, build_sampler
+from qwen3_mlx.settings import Sampling
 from qwen3_mlx.speculative import Speculation, speculative_tokens
 from qwen3_mlx.tools import ToolResult
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "qwen3-tiny-chat"
 TINY_4BIT = REPO / "models" / "qwen3-tiny-chat-4bit"
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tiny_model"))
 import tiny_data  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::qwen3_mlx.settings.GreedyThinkingWarning")]
@@ -112,7 +113,8 @@ def plain_replies(loaded: tuple) -> list[list[int]]:
 
 @pytest.mark.parametrize("kind", ["4bit", "random", "ngram"])
 def test_greedy_replies_equal_plain_decoding(loaded, drafters, plain_replies, kind) -> None:
-    chat = new_chat(loaded, Speculation(drafters[kind](), 4, kind))
+    # A random draft is always wrong: two tokens a round are enough to show it changes nothing.
+    chat = new_chat(loaded, Speculation(drafters[kind](), 2 if kind == "random" else 4, kind))
     assert conversation(chat) == plain_replies
     result = chat.turns[-1]
     assert result.finish_reason == "stop"
@@ -159,18 +161,18 @@ class ArgmaxDrafter:
 
 def test_sampled_first_tokens_keep_their_distribution(loaded) -> None:
     model, tokenizer, _ = loaded
-    settings = {"temperature": 3.0, "top_k": 4, "top_p": 1.0, "min_p": 0.0}
+    settings = Sampling(temperature=2.0, top_k=4, top_p=1.0, min_p=0.0)
     prompt = tokenizer.encode("Sort these words alphabetically: moon apple")
     cache = make_cache(model)
     last = prefill(model, prompt, cache)
     logits = model(last[None], cache=cache)[0, -1]
     trim_cache(cache, len(prompt) - 1)
     top = mx.argsort(-logits)[:4]
-    probs = mx.softmax(logits[top] / settings["temperature"]).tolist()
+    probs = mx.softmax(logits[top] / settings.temperature).tolist()
     expected = dict(zip(top.tolist(), probs, strict=True))
     drafter = ArgmaxDrafter(top[0].item())
     sampler = build_sampler(settings)
-    draws = 300
+    draws = 200
     mx.random.seed(0)
     counts: Counter[int] = Counter()
     for _ in range(draws):
@@ -214,20 +216,20 @@ def test_rejected_positions_are_trimmed_and_logits_match(loaded, kv_bits) -> Non
 
 
 def test_long_run_with_a_draft_model_keeps_the_logits(loaded) -> None:
-    """After 120 tokens drafted by the 4-bit copy (accepted and rejected runs mixed), the next
+    """After 80 tokens drafted by the 4-bit copy (accepted and rejected runs mixed), the next
     logits equal those after plain decoding of the same tokens."""
     model, tokenizer, _ = loaded
     prompt = tokenizer.encode("Copy: moon river star lake apple banana")
     draft = load_draft(TINY_4BIT, model, tokenizer)
     cache = make_cache(model)
     tokens = list(
-        speculative_tokens(model, prompt, cache, drafter=draft, draft_tokens=5, max_tokens=120)
+        speculative_tokens(model, prompt, cache, drafter=draft, draft_tokens=5, max_tokens=80)
     )
     generated = [t.token for t in tokens]
     assert sum(t.accepted for t in tokens) > 0
     assert sum(t.accepted for t in tokens) < sum(t.drafted for t in tokens)
     plain_cache = make_cache(model)
-    plain = [t.token for t in generate_tokens(model, prompt, plain_cache, max_tokens=120)]
+    plain = [t.token for t in generate_tokens(model, prompt, plain_cache, max_tokens=80)]
     assert generated == plain
     trim_cache(plain_cache, cache_length(cache))
     following = mx.array([[plain[-1]]])
@@ -313,7 +315,7 @@ def test_penalties_see_each_verified_position(loaded) -> None:
     accepted tokens, never a rejected draft."""
     model, tokenizer, _ = loaded
     prompt = tokenizer.encode("Repeat these words: moon river star lake. " * 2)
-    settings = {"presence_penalty": 1.0}
+    settings = Sampling(presence_penalty=1.0)
     plain_processors = build_logits_processors(settings)
     list(
         generate_tokens(

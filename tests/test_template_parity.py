@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from chat_fakes import ScriptedModel, load_fixture_tokenizer
 
-from qwen3_mlx.chat import Chat, render_prompt
+from qwen3_mlx.chat import Chat
+from qwen3_mlx.engine import render_prompt
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.history import Turn, history_messages
 

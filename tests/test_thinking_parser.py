@@ -10,7 +10,7 @@ from chat_fakes import load_fixture_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen3_mlx.chat import render_prompt
+from qwen3_mlx.engine import render_prompt
 from qwen3_mlx.events import AnswerText, ThinkingText
 from qwen3_mlx.generate import GeneratedToken
 from qwen3_mlx.stream import ReplyStream

@@ -1,6 +1,6 @@
 """The committed tiny Qwen3 chat model behaves like a Qwen3 hybrid-thinking model on its tasks.
 
-Fast subset of tools/eval_tiny.py: greedy replies to held-out prompts (word sequences and lookup
+Fast subset of tiny_model/eval_tiny.py: greedy replies to held-out prompts (word sequences and lookup
 keys never used in training), checked by token id for the think block, tool calls and the stop.
 """
 
@@ -18,7 +18,7 @@ from mlx_lm.generate import generate_step
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tiny_model"))
 import tiny_data  # noqa: E402
 import tiny_tokens  # noqa: E402
 from tiny_data import END_THINK_ID, IM_END_ID, THINK_ID, TOOL_CALL_ID  # noqa: E402

@@ -1,7 +1,7 @@
 """The tiny trained model uses tools through the engine, end to end: it calls lookup or
 word_count with the exact arguments when they fit, answers from the <tool_response>, answers
 directly without tools, and tool_choice none / required / named hold on it. Greedy, held-out
-prompts (tools/tiny_data.py); the full evaluation is tools/eval_tiny.py."""
+prompts (tiny_model/tiny_data.py); the full evaluation is tiny_model/eval_tiny.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from qwen3_mlx.chat import Chat
 from qwen3_mlx.tools import ToolResult
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tiny_model"))
 import tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::qwen3_mlx.settings.GreedyThinkingWarning")

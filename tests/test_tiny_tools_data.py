@@ -1,4 +1,4 @@
-"""tools/tiny_data.py tool conversations: they render through the real Qwen3 template, every
+"""tiny_model/tiny_data.py tool conversations: they render through the real Qwen3 template, every
 completion is what the template itself renders for that assistant turn, and the held-out slice
 never reaches training."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tiny_model"))
 import tiny_data  # noqa: E402
 import tiny_tokens  # noqa: E402
 from tiny_data import END_TOOL_CALL_ID, IM_END_ID, TOOL_CALL_ID  # noqa: E402

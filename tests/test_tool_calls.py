@@ -10,7 +10,8 @@ from chat_fakes import ScriptedModel, load_fixture_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen3_mlx.chat import Chat, render_prompt
+from qwen3_mlx.chat import Chat
+from qwen3_mlx.engine import render_prompt
 from qwen3_mlx.errors import HistoryError, ToolError
 from qwen3_mlx.events import AnswerText, ThinkingText, ToolCallEvent, ToolCallText
 from qwen3_mlx.generation_config import GenerationConfig

@@ -1,4 +1,4 @@
-"""tools/train_tiny.py: a fixed seed gives the same checkpoint, and the export is a plain Qwen3
+"""tiny_model/train_tiny.py: a fixed seed gives the same checkpoint, and the export is a plain Qwen3
 folder our loader reads. A few steps only; the full recipe is documented in models/README.md."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN = REPO / "tools" / "train_tiny.py"
+TRAIN = REPO / "tiny_model" / "train_tiny.py"
 
 
 def train(out: Path, seed: int) -> str:

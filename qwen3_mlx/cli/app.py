@@ -61,7 +61,7 @@ def _note_native_kernel() -> None:
     is not in use (mx.quantized_matmul serves instead)."""
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return
-    from qwen3_mlx.native_kernel import fallback_reason
+    from qwen3_mlx.cpu.native import fallback_reason
 
     reason = fallback_reason()
     if reason:

@@ -21,12 +21,13 @@ def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def run(ctx: typer.Context, session: Any, **values: Any) -> None:
-        from qwen3_mlx.distributed import launched
+        from qwen3_mlx.parallel.distributed import launched
 
         if not launched():
             command(ctx=ctx, session=session, **values)
             return
-        from qwen3_mlx.distributed import DistributedError, join_group
+        from qwen3_mlx.errors import DistributedError
+        from qwen3_mlx.parallel.distributed import join_group
 
         with reported_errors(ctx):
             if session.spec().auto_rope:  # checked on every rank, before any of them connects
@@ -50,7 +51,7 @@ def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
 
 def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str, Any]) -> None:
     """Run the command on rank 0; on the way out, stop the followers with its exit code."""
-    from qwen3_mlx.lockstep import stop_followers
+    from qwen3_mlx.parallel.lockstep import stop_followers
 
     code = EXIT_RUNTIME
     try:
@@ -71,8 +72,8 @@ def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str
 
 def _follow(spec: Any, group: Any) -> int:
     """Load this rank's shard and run rank 0's forward passes until it stops; its exit code."""
-    from qwen3_mlx.distributed import load_group_model
-    from qwen3_mlx.lockstep import follow, ignore_interrupts, lost_connection
+    from qwen3_mlx.parallel.distributed import load_group_model
+    from qwen3_mlx.parallel.lockstep import follow, ignore_interrupts, lost_connection
 
     ignore_interrupts()
     try:

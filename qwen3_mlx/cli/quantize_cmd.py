@@ -15,7 +15,7 @@ from qwen3_mlx.cli.guard import EXIT_INTERRUPT, EXIT_USAGE, error_line, reported
 from qwen3_mlx.sizes import format_size
 
 if TYPE_CHECKING:
-    from quantize import ConversionProgress, ConversionResult, VerifyReport
+    from qwen3_mlx.quantize import ConversionProgress, ConversionResult, VerifyReport
 
 SourceArgument = Annotated[
     str,
@@ -84,7 +84,7 @@ def quantize_command(
     """Convert a Qwen3 checkpoint into an MLX quantized model folder (mlx-lm and LM Studio load it too)."""
     spec, shard_bytes = _parse_options(bits, group_size, recipe, dtype, max_shard_size)
     with reported_errors(), _interrupt_line(output):
-        from quantize import quantize_checkpoint, verify_quantized
+        from qwen3_mlx.quantize import quantize_checkpoint, verify_quantized
 
         with _progress_bar() as on_progress:
             result = quantize_checkpoint(
@@ -118,7 +118,7 @@ def _parse_options(
         if dtype not in COMPUTE_DTYPES:
             names = ", ".join(COMPUTE_DTYPES)
             raise ValueError(f"unknown dtype {dtype!r}: choose one of {names}")
-        from quantize.plan import parse_size
+        from qwen3_mlx.quantize.plan import parse_size
 
         return QuantSpec(
             bits=4 if bits is None else bits, group_size=group_size, recipe=recipe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
@@ -12,7 +13,7 @@ from rich.segment import Segment
 from rich.text import Text
 
 from qwen3_mlx.events import AnswerText, ThinkingText, ToolCallEvent, TurnResult
-from qwen3_mlx.settings import SETTINGS
+from qwen3_mlx.settings import PRESET_NAMES, SETTINGS, Sampling
 
 PROGRESS_FROM_TOKENS = 2048  # shorter prompts read in a moment; a progress line would only flicker
 
@@ -93,11 +94,11 @@ def markdown_tail(text: str, max_chars: int) -> str:
     return "```\n" + tail if fences % 2 else tail
 
 
-def format_settings(settings: dict[str, Any]) -> str:
-    """`temp 0.6 · top_p 0.95 · …`; an unset seed and a zero presence penalty are left out."""
+def format_settings(settings: Sampling | Mapping[str, Any]) -> str:
+    """`temp 0.6 · top_p 0.95 · …`; an unset seed and a zero penalty are left out."""
     parts = []
-    for name, value in settings.items():
-        if value is None or (name == "presence_penalty" and value == 0):
+    for name, value in _by_name(settings).items():
+        if value is None or (name in SETTINGS and value == SETTINGS[name].neutral):
             continue
         shown = f"{value:g}" if isinstance(value, float) else str(value)
         label = SETTINGS[name].label if name in SETTINGS else name
@@ -105,13 +106,15 @@ def format_settings(settings: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-PRESET_NAMES = ("temperature", "top_p", "top_k", "min_p")
+def _by_name(settings: Sampling | Mapping[str, Any]) -> Mapping[str, Any]:
+    return settings.as_dict() if isinstance(settings, Sampling) else settings
 
 
 def preset_summary(chat: Any) -> str:
     """The sampling preset plus whatever was set explicitly (not every default)."""
     explicit = getattr(chat, "explicit_settings", {})
-    shown = {k: v for k, v in chat.settings.items() if k in PRESET_NAMES or k in explicit}
+    values = _by_name(chat.settings)
+    shown = {k: v for k, v in values.items() if k in PRESET_NAMES or k in explicit}
     return format_settings(shown)
 
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
-from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from qwen3_mlx import sizes
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.distributed_run import distributed_command
 from qwen3_mlx.cli.guard import reported_errors
@@ -19,18 +16,6 @@ from qwen3_mlx.settings import SETTINGS
 SERVER = "Server"
 # The shared options that make sense for a server: the model, sampling defaults and context.
 SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype")
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-UNITS = {
-    "": 1,
-    "k": 1e3,
-    "m": 1e6,
-    "g": 1e9,
-    "t": 1e12,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-}
 
 
 class ReasoningField(str, Enum):
@@ -42,12 +27,11 @@ class ReasoningField(str, Enum):
 
 
 def parse_size(text: str) -> int:
-    """Bytes from '4GiB', '512MB', '1e9'-free plain numbers; BadParameter otherwise."""
-    match = SIZE.match(text)
-    if match is None:
-        raise typer.BadParameter(f"{text!r} is not a size like 4GiB or 512MB")
-    unit = (match.group(2) or "").lower().rstrip("b")
-    return int(float(match.group(1)) * UNITS[unit])
+    """Bytes from a size option ('4GiB', '512MB', '4g'); BadParameter otherwise."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def _check_size(value: str) -> str:
@@ -55,24 +39,7 @@ def _check_size(value: str) -> str:
     return value
 
 
-def with_serve_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give serve the shared model, sampling and context options (as `session`)."""
-    signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "session"]
-    shared = [p for p in o.SESSION_PARAMETERS if p.name in SERVE_SHARED]
-
-    @functools.wraps(command)
-    def run(**values: Any) -> None:
-        picked = {p.name: values.pop(p.name) for p in shared}
-        # The chat-only options (system prompt, thinking display...) keep their defaults.
-        defaults = {p.name: p.default for p in o.SESSION_PARAMETERS}
-        command(session=o.SessionOptions({**defaults, **picked}), **values)
-
-    run.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
-    return run
-
-
-@with_serve_options
+@o.with_session_options(only=SERVE_SHARED)
 @distributed_command
 def serve_command(
     ctx: typer.Context,
@@ -153,16 +120,15 @@ def serve_command(
                 param_hint="--rope-scaling",
             )
         from qwen3_mlx.cli.loading_status import loading
-        from qwen3_mlx.distributed import current_group
-        from qwen3_mlx.loading import load
+        from qwen3_mlx.parallel.distributed import current_group, load_for_group
         from qwen3_mlx.server.runner import ServeOptions, build_state, serve
 
         with loading(spec.model):
-            model, tokenizer, generation_config = load(
+            model, tokenizer, generation_config = load_for_group(
                 spec.model,
+                current_group(),
                 rope_scaling=spec.rope_scaling,
                 compute_dtype=spec.compute_dtype,
-                group=current_group(),
             )
         options = ServeOptions(
             host=host,

@@ -6,7 +6,7 @@
 // SwiGLU: 30 ms of a 180 ms step, for a few hundred kilobytes of arithmetic. Each op here is one
 // pass. Arithmetic is float32, as MLX's; results are within a few float32 roundings of MLX's ops
 // (tests/test_decode_ops.py), and callers use them only for float32 on the CPU
-// (qwen3_mlx/cpu_ops.py).
+// (qwen3_mlx/cpu/ops.py).
 
 #include <cmath>
 #include <cstdint>

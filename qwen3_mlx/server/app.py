@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen3_mlx.engine import check_context
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.server import protocol as p
 from qwen3_mlx.server.generation import ChatRun, CompletionRun, error_body
@@ -19,14 +20,15 @@ from qwen3_mlx.server.processors import ResponseFormatError
 from qwen3_mlx.server.requests import (
     ApiError,
     Prepared,
+    api_error,
     chat_messages,
-    check_context,
     prepare_chat,
+    request_settings,
     requested_thinking,
-    sampling_settings,
     stop_strings,
 )
 from qwen3_mlx.server.worker import GenerationWorker, ServerBusy
+from qwen3_mlx.settings import Sampling
 
 ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422, 500, 503)}
 # One server-sent event, as OpenAPI 3.2 describes a stream's items: `data` holds a JSON chunk (or
@@ -88,13 +90,11 @@ def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse
 
 
 def _qwen3_error(request: Request, error: Qwen3Error) -> JSONResponse:
-    if isinstance(error, ApiError):
-        return api_error_response(error)
     if isinstance(error, ServerBusy):
         return api_error_response(ApiError(str(error), status=503, kind="server_busy"))
     if isinstance(error, ResponseFormatError):
         return api_error_response(ApiError(str(error), param="response_format"))
-    return api_error_response(ApiError(str(error)))
+    return api_error_response(api_error(error))
 
 
 def _unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -158,9 +158,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         """A raw completion of the prompt (no chat template)."""
         prompt = _completion_prompt(state, body.prompt)
-        check_context(prompt, state.context_limit)
-        settings = sampling_settings(body, state.generation_config, True, state.defaults)
-        run = CompletionRun(state, Prepared(prompt, settings, stops=stop_strings(body.stop)))
+        check_context(len(prompt), state.context_limit)
+        explicit = request_settings(body, state.defaults)
+        sampling = Sampling.for_mode(state.generation_config, True, explicit)
+        run = CompletionRun(state, Prepared(prompt, sampling, stops=stop_strings(body.stop)))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return run.stream(request, include_usage)

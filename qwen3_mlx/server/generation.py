@@ -36,13 +36,12 @@ def queue_job(state: Any, prepared: Prepared) -> tuple[Job, asyncio.Queue]:
 
     job = Job(
         prepared.prompt,
-        prepared.settings,
+        prepared.sampling,
         deliver,
         tools=prepared.tools,
         top_logprobs=prepared.top_logprobs,
         schema=prepared.schema,
         json_answer=prepared.json_answer,
-        frequency_penalty=prepared.frequency_penalty,
     )
     state.worker.submit(job)
     return job, items

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from qwen3_mlx.settings import SETTINGS, Setting
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -102,31 +104,45 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(BaseModel):
-    """The request fields chat and completions share."""
+class RequestFields(BaseModel):
+    """The request fields chat and completions share, beside the sampling settings."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int | None = Field(default=1, ge=1, le=128)
     user: str | None = None
+
+
+def setting_field(setting: Setting) -> Any:
+    """A sampling setting as an optional request field.
+
+    The schema shows its type and range from SETTINGS, but pydantic leaves the value alone: the
+    request is checked by SETTINGS' own validator, so a 400 says what the CLI says.
+    """
+    number: dict[str, Any] = {"type": "integer" if setting.kind is int else "number"}
+    number["exclusiveMinimum" if setting.low_open else "minimum"] = setting.low
+    if setting.high is not None:
+        number["maximum"] = setting.high
+    schema = {"anyOf": [number, {"type": "null"}], "description": setting.help}
+    return Field(default=None, json_schema_extra=schema)
+
+
+SamplingFields = create_model(
+    "SamplingFields",
+    __base__=RequestFields,
+    __doc__="The request fields chat and completions share: every sampling setting, and the rest.",
+    **{name: (Any, setting_field(setting)) for name, setting in SETTINGS.items()},
+)
 
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Any = setting_field(SETTINGS["max_tokens"])  # max_tokens' new name
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -1,19 +1,26 @@
-"""From an OpenAI request to what the engine needs: messages, prompt ids, settings, tool setup.
+"""From an OpenAI request to what the engine needs: messages, explicit settings, tool setup.
 
-Every refusal is an ApiError carrying its HTTP status, OpenAI error type and the field at fault.
+The prompt itself is the engine's (`prepare_prompt`), as for the REPL. Every refusal is an ApiError
+carrying its HTTP status, OpenAI error type and the field at fault; `api_error` gives the engine's
+own errors (context, settings, template) theirs, in the engine's words.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen3_mlx.chat import render_prompt
-from qwen3_mlx.engine import ToolSetup
-from qwen3_mlx.errors import Qwen3Error, SettingsError, TemplateError, ToolError
+from qwen3_mlx.engine import ToolSetup, prepare_prompt
+from qwen3_mlx.errors import (
+    ContextOverflowError,
+    Qwen3Error,
+    SettingsError,
+    TemplateError,
+    ToolError,
+)
 from qwen3_mlx.server.protocol import ChatCompletionRequest, ChatMessage, SamplingFields
-from qwen3_mlx.settings import effective_settings, validate_setting
-from qwen3_mlx.thinking import thinking_active
+from qwen3_mlx.settings import SETTINGS, Sampling
 from qwen3_mlx.tools import (
     ToolCall,
     ToolResult,
@@ -43,44 +50,48 @@ class ApiError(Qwen3Error):
         self.code = code
 
 
+def api_error(error: Qwen3Error) -> ApiError:
+    """The HTTP answer for an error of the engine: its own message, with status and field."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, ContextOverflowError):
+        return ApiError(str(error), param="messages", code="context_length_exceeded")
+    if isinstance(error, SettingsError):
+        return ApiError(str(error), param=error.setting)
+    if isinstance(error, TemplateError):  # the template cannot render these messages
+        return ApiError(str(error), status=422, param="messages")
+    return ApiError(str(error))
+
+
 @dataclass
 class Prepared:
     """A request turned into engine inputs."""
 
     prompt: list[int]
-    settings: dict[str, Any]
+    sampling: Sampling
     tools: ToolSetup = field(default_factory=ToolSetup)
     stops: list[str] = field(default_factory=list)
-    frequency_penalty: float = 0.0
     top_logprobs: int | None = None
     json_answer: bool = False
     schema: dict[str, Any] | None = None
 
 
-def sampling_settings(
-    request: SamplingFields, generation_config: Any, thinking: bool, defaults: dict[str, Any]
-) -> dict[str, Any]:
-    """The mode's preset, then the server's flags, then the request's own values, all validated."""
-    explicit = dict(defaults)
-    values = {
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "top_k": 0 if request.top_k == -1 else request.top_k,
-        "min_p": request.min_p,
-        "presence_penalty": request.presence_penalty,
-        "max_tokens": getattr(request, "max_completion_tokens", None) or request.max_tokens,
-        "seed": None if request.seed is None else request.seed % 2**63,
-    }
-    for name, value in values.items():
-        if value is None:
-            continue
-        try:
-            explicit[name] = validate_setting(name, value)
-        except SettingsError as error:
-            raise ApiError(str(error), param=name) from None
+def request_settings(request: SamplingFields, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The server's flags, then the settings the request sets (validated later, by Sampling).
+
+    Only OpenAI's spellings are translated here: max_completion_tokens, top_k -1 (vLLM's "all")
+    and a seed of any 64-bit integer.
+    """
+    values = {name: getattr(request, name, None) for name in SETTINGS}
+    if getattr(request, "max_completion_tokens", None) is not None:
+        values["max_tokens"] = request.max_completion_tokens
+    if values["top_k"] == -1:
+        values["top_k"] = 0
+    if isinstance(values["seed"], int) and not isinstance(values["seed"], bool):
+        values["seed"] %= 2**63
     if request.n not in (None, 1):
         raise ApiError("only n=1 is supported: send the request again for more", param="n")
-    return effective_settings(generation_config, thinking, explicit)
+    return {**defaults, **{name: value for name, value in values.items() if value is not None}}
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -182,26 +193,21 @@ def tool_setup(request: ChatCompletionRequest, grammars: dict[str, Any]) -> Tool
     return ToolSetup(checked, name, constrain=True, parallel=parallel, grammars=grammars)
 
 
-def render(tokenizer: Any, messages: list[dict[str, Any]], thinking: bool, tools: Any) -> list[int]:
-    """The prompt ids; a template that cannot render the messages is a 422."""
-    try:
-        return render_prompt(tokenizer, messages, thinking=thinking, tools=tools or None)
-    except TemplateError as error:
-        raise ApiError(str(error), status=422, param="messages") from None
-
-
 def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
     """Everything a chat request needs before it is queued."""
     tokenizer = state.tokenizer
     thinking = requested_thinking(request, tokenizer.has_thinking_switch)
-    messages = chat_messages(request.messages)
     tools = tool_setup(request, state.grammars)
-    prompt = render(tokenizer, messages, thinking, tools.tools)
-    check_context(prompt, state.context_limit)
-    thinks = thinking_active(messages, thinking, tokenizer.has_thinking_switch)
-    settings = sampling_settings(request, state.generation_config, thinks, state.defaults)
-    prepared = Prepared(prompt, settings, tools, stop_strings(request.stop))
-    prepared.frequency_penalty = request.frequency_penalty or 0.0
+    ready = prepare_prompt(
+        tokenizer,
+        chat_messages(request.messages),
+        defaults=state.generation_config,
+        context_limit=state.context_limit,
+        thinking=thinking,
+        tools=tools.tools,
+        explicit=request_settings(request, state.defaults),
+    )
+    prepared = Prepared(ready.prompt, ready.sampling, tools, stop_strings(request.stop))
     if request.logprobs:
         prepared.top_logprobs = request.top_logprobs or 0
     response_format = request.response_format
@@ -214,14 +220,3 @@ def prepare_chat(state: Any, request: ChatCompletionRequest) -> Prepared:
                 )
             prepared.schema = response_format.json_schema.json_schema or {"type": "object"}
     return prepared
-
-
-def check_context(prompt: list[int], context_limit: int) -> None:
-    """400 context_length_exceeded when the prompt leaves no room for a reply."""
-    if len(prompt) >= context_limit:
-        raise ApiError(
-            f"the prompt has {len(prompt):,} tokens but the context holds {context_limit:,} "
-            "(a reply needs room too)",
-            param="messages",
-            code="context_length_exceeded",
-        )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +23,11 @@ from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import ReplyEvent, TurnResult
 from qwen3_mlx.generate import GeneratedToken
-from qwen3_mlx.sampling import FrequencyPenalty
 from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
 from qwen3_mlx.server.processors import AnswerConstraint, AnswerGrammar, LogprobRecorder
+from qwen3_mlx.settings import Sampling
 from qwen3_mlx.stream import RepetitionGuard
-from qwen3_mlx.thinking import Part, ThinkParser, prompt_phase
+from qwen3_mlx.thinking import Part, prompt_phase
 
 IDLE_WAIT_SECONDS = 0.1
 
@@ -79,13 +78,12 @@ class Job:
     """One request's reply, as the worker needs it."""
 
     prompt: list[int]
-    settings: dict[str, Any]
+    sampling: Sampling
     deliver: Callable[[Piece | Finished | Failed], None]
     tools: ToolSetup = field(default_factory=ToolSetup)
     top_logprobs: int | None = None  # None: no logprobs
     schema: dict[str, Any] | None = None
     json_answer: bool = False  # response_format json_object or json_schema
-    frequency_penalty: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -212,8 +210,6 @@ class GenerationWorker:
     def _run(self, job: Job, choice: CacheChoice) -> None:
         phase = prompt_phase(job.prompt)
         extra: list[Any] = []
-        if job.frequency_penalty:
-            extra.append(FrequencyPenalty(job.frequency_penalty))
         if job.json_answer:
             grammar = AnswerGrammar(self.tokenizer, job.schema, self.model.args.vocab_size)
             extra.append(AnswerConstraint(grammar, phase))
@@ -225,15 +221,15 @@ class GenerationWorker:
             self.tokenizer,
             choice.cache,
             job.prompt,
-            job.settings,
+            job.sampling,
             stop_ids=self.stop_ids,
             context_limit=self.context_limit,
             tools=job.tools,
             repetition_guard=self.guard,
             extra_processors=extra,
-            generate=self._row_source(job.settings.get("seed")),
+            generate=self._row_source,
         )
-        labels = LogprobLabels(reply.tokens, recorder, phase, job, self.stop_ids)
+        labels = LogprobLabels(reply, recorder, self.stop_ids)
         first = True
         try:
             for event in reply:
@@ -252,53 +248,44 @@ class GenerationWorker:
             self.metrics.record_reply(reply.result, choice.cached_tokens)
         job.deliver(Finished(reply.result, choice.cached_tokens, labels.new()))
 
-    def _row_source(self, seed: int | None) -> Callable[..., Iterator[GeneratedToken]]:
-        """start_reply's token generator for one job: a row of the batch."""
-        row_seed = secrets.randbits(63) if seed is None else int(seed) % 2**63
-
-        def generate(
-            model: Any,
-            prompt: list[int],
-            cache: list[Any],
-            *,
-            sampler: Any,
-            logits_processors: Any = (),
-            max_tokens: int,
-            on_prefill: Any = None,
-        ) -> Iterator[GeneratedToken]:
-            row = BatchRow(
-                prompt,
-                cache,
-                sampler=sampler,
-                processors=logits_processors,
-                max_tokens=max_tokens,
-                seed=row_seed,
-                on_prefill=on_prefill,
-            )
-            if self.stopping:
-                row.end(ServerStopped("the server is shutting down"))
-                return row
-            self.new_rows.put(row)
-            self.wake.set()
+    def _row_source(
+        self,
+        model: Any,
+        prompt: list[int],
+        cache: list[Any],
+        *,
+        sampler: Any,
+        logits_processors: Any = (),
+        max_tokens: int,
+        on_prefill: Any = None,
+        seed: int | None = None,
+    ) -> Iterator[GeneratedToken]:
+        """start_reply's token generator for the worker's jobs: the reply becomes a row of the
+        batch, with its own random key (from the reply's seed, or a random one)."""
+        row = BatchRow(
+            prompt,
+            cache,
+            sampler=sampler,
+            processors=logits_processors,
+            max_tokens=max_tokens,
+            seed=seed,
+            on_prefill=on_prefill,
+        )
+        if self.stopping:
+            row.end(ServerStopped("the server is shutting down"))
             return row
-
-        return generate
+        self.new_rows.put(row)
+        self.wake.set()
+        return row
 
 
 class LogprobLabels:
     """The logprobs of the answer tokens of a reply, handed out as they are generated."""
 
-    def __init__(
-        self,
-        tokens: Any,
-        recorder: LogprobRecorder | None,
-        phase: Any,
-        job: Job,
-        stop_ids: frozenset,
-    ):
-        self.tokens = tokens  # a live view of the ids generated so far
+    def __init__(self, reply: Any, recorder: LogprobRecorder | None, stop_ids: frozenset):
+        self.tokens = reply.tokens  # live views of the ids generated so far ...
+        self.parts = reply.parts  # ... and of the part of the reply each fell in
         self.recorder = recorder
-        self.parser = ThinkParser(phase, tools=job.tools.parses_calls)
         self.stop_ids = stop_ids
         self.done = 0
 
@@ -309,7 +296,7 @@ class LogprobLabels:
         entries = []
         while self.done < len(self.tokens) and self.done < len(self.recorder.steps):
             token = self.tokens[self.done]
-            part = self.parser.feed(token)
+            part = self.parts[self.done] if self.done < len(self.parts) else None
             logprob, top = self.recorder.take(self.done, token)
             if part is Part.ANSWER and token not in self.stop_ids:
                 entries.append(TokenLogprob(token, logprob, top))

@@ -17,13 +17,13 @@ import numpy as np
 
 from qwen3_mlx.checkpoint_check import array_tensors, check_sizes, check_tensors, model_tensors
 from qwen3_mlx.config import ModelArgs, read_config
-from qwen3_mlx.cpu_quantized import use_cpu_kernels
+from qwen3_mlx.cpu.quantized import use_cpu_kernels
 from qwen3_mlx.errors import CheckpointError, QuantizationError
 from qwen3_mlx.fp8 import fp8_block_size
 from qwen3_mlx.model import Model
+from qwen3_mlx.parallel.sharding import Slice, part_bounds, shard_model
 from qwen3_mlx.quant import apply_checkpoint_quantization, read_quantization
 from qwen3_mlx.safetensors_check import read_header, weight_files
-from qwen3_mlx.sharding import Slice, part_bounds, shard_model
 
 # safetensors dtype -> (numpy dtype of the raw bytes, the MLX dtype they hold)
 _DTYPES = {

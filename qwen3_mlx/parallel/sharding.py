@@ -123,7 +123,7 @@ def _matmul(layer: nn.Module, x: mx.array) -> mx.array:
     if "scales" not in layer:
         return x @ layer["weight"].T
     if mx.default_device() == mx.cpu:
-        from qwen3_mlx.cpu_quantized import quantized_matmul
+        from qwen3_mlx.cpu.quantized import quantized_matmul
 
         return quantized_matmul(layer, x)
     return mx.quantized_matmul(

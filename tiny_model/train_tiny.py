@@ -1,7 +1,7 @@
 """Train the tiny Qwen3 chat model used as the end-to-end fixture and offline demo.
 
-    python tools/train_tiny.py            # full run, writes models/qwen3-tiny-chat/
-    python tools/train_tiny.py --steps 20 --out /tmp/trial   # speed trial
+    python tiny_model/train_tiny.py            # full run, writes models/qwen3-tiny-chat/
+    python tiny_model/train_tiny.py --steps 20 --out /tmp/trial   # speed trial
 
 Same seed and step count give the same weights (torch on CPU with a fixed thread count). The
 model is a real Qwen3 (transformers Qwen3ForCausalLM) with tied embeddings over the full

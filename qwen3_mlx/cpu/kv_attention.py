@@ -26,8 +26,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-from qwen3_mlx import native_kernel
-from qwen3_mlx.cpu_quantized import THREADS
+from qwen3_mlx.cpu import native as native_kernel
+from qwen3_mlx.cpu.quantized import THREADS
 
 Packed = tuple[mx.array, mx.array, mx.array]
 

@@ -65,7 +65,9 @@ def _load() -> tuple[ModuleType | None, str | None]:
     try:
         module = importlib.import_module(f"qwen3_mlx.{name}")
     except ImportError as error:
-        built = sorted(p.name.split(".")[0] for p in Path(__file__).parent.glob("_qmv_mlx_*"))
+        built = sorted(
+            p.name.split(".")[0] for p in Path(__file__).parent.parent.glob("_qmv_mlx_*")
+        )
         if built and name not in built:
             return (
                 None,

@@ -16,7 +16,7 @@ from types import ModuleType
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen3_mlx import native_kernel
+from qwen3_mlx.cpu import native as native_kernel
 
 
 def _self_test(module: ModuleType) -> str | None:

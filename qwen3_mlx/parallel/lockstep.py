@@ -31,7 +31,7 @@ from typing import Any
 import mlx.core as mx
 
 from qwen3_mlx.cache_ops import CacheOps
-from qwen3_mlx.distributed import DistributedError
+from qwen3_mlx.errors import DistributedError
 
 # The header: op, cache key, number, other, length, kv bits, a cache to drop, exit code. By op:
 #   FORWARD  key: the cache (0: none), number: tokens it holds, other: batch size, length: tokens

@@ -5,7 +5,7 @@ matrix-vector product, unpacking the whole weight again per row. Two changes, bo
 within float32 rounding, and both only on the CPU backend (on a GPU these kernels are parallel
 GEMMs already):
 
-* Decode (up to NATIVE_ROWS rows, 4-bit, float32 x): the native kernel (qwen3_mlx/native_kernel.py)
+* Decode (up to NATIVE_ROWS rows, 4-bit, float32 x): the native kernel (qwen3_mlx/cpu/native.py)
   when it was built, ~10x MLX's kernel with float32 scales and ~70x with bf16 ones, which it reads
   in place; results within float32 rounding of MLX's. Otherwise, and for other bit widths, the
   output rows are split into blocks computed on separate CPU streams, which MLX runs on separate
@@ -30,8 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from qwen3_mlx import native_kernel
-from qwen3_mlx.blas import openblas_active
+from qwen3_mlx.cpu import native as native_kernel
+from qwen3_mlx.cpu.blas import openblas_active
 
 # Below this many rows the per-call dequantization costs more than the row-by-row kernel: on a
 # 2-core x86 CPU a 0.6B forward of 8 rows took the same time both ways, 16 rows 3x less with GEMM.

@@ -19,15 +19,11 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.errors import DistributedError
 
 CONNECT_TIMEOUT_ENV = "QWEN3_MLX_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 60.0
 SAMPLE_BYTES = 1 << 20  # the fingerprint reads this much of the start and end of each file
-
-
-class DistributedError(Qwen3Error):
-    """The group of ranks is misconfigured or broke apart."""
 
 
 def launched() -> bool:
@@ -160,7 +156,7 @@ def load_group_model(
     makes all of them fail with a one-line error instead of leaving them waiting.
     """
     from qwen3_mlx.loading import resolve_compute_dtype, resolve_model_path
-    from qwen3_mlx.shard_loading import load_rank_model
+    from qwen3_mlx.parallel.shard_loading import load_rank_model
 
     settings = {"rope_scaling": rope_scaling, "compute_dtype": str(compute_dtype)}
     model_dir, fingerprint, failure = None, None, None
@@ -187,3 +183,35 @@ def load_group_model(
         raise
     agree(group, fingerprint, "load the model")
     return model, model_dir, config
+
+
+def load_for_group(
+    path_or_repo: str | Path,
+    group: Any,
+    *,
+    rope_scaling: dict[str, Any] | None = None,
+    compute_dtype: str | mx.Dtype | None = "auto",
+) -> tuple[Any, Any, Any]:
+    """loading.load, or with a group of 2+ ranks rank 0's shard wrapped as the LeaderModel.
+
+    Returns (model, tokenizer, generation config); the other ranks call lockstep's follow instead.
+    """
+    from qwen3_mlx.generation_config import GenerationConfig
+    from qwen3_mlx.loading import load, resolve_model_path
+    from qwen3_mlx.parallel import shard_loading  # noqa: F401 (imported before the tokenizer's thread)
+    from qwen3_mlx.parallel.lockstep import LeaderModel
+    from qwen3_mlx.tokenizer import Tokenizer, read_hf_tokenizer_in_background
+
+    if group is None or group.size() < 2:
+        return load(path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype)
+    try:  # the tokenizer loads while the shard is read, as in load(); a failure shows below
+        hf_tokenizer = read_hf_tokenizer_in_background(resolve_model_path(path_or_repo))
+    except Exception:
+        hf_tokenizer = None
+    model, model_dir, config = load_group_model(
+        path_or_repo, group, rope_scaling=rope_scaling, compute_dtype=compute_dtype
+    )
+    hf_tokenizer = hf_tokenizer or read_hf_tokenizer_in_background(model_dir)
+    tokenizer = Tokenizer(hf_tokenizer.result())
+    generation_config = GenerationConfig.from_model_dir(model_dir, config)
+    return LeaderModel(model, group), tokenizer, generation_config

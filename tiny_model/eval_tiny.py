@@ -1,8 +1,8 @@
 """Evaluate the tiny Qwen3 chat model on held-out prompts and print a table.
 
-    python tools/eval_tiny.py                 # full evaluation, 100 prompts a set
-    python tools/eval_tiny.py --quick         # 20 prompts a set, no transformers
-    python tools/eval_tiny.py --model /tmp/run --n 50 --no-4bit
+    python tiny_model/eval_tiny.py                 # full evaluation, 100 prompts a set
+    python tiny_model/eval_tiny.py --quick         # 20 prompts a set, no transformers
+    python tiny_model/eval_tiny.py --model /tmp/run --n 50 --no-4bit
 
 Every prompt's final question comes from the held-out slice of tiny_data (word sequences never
 used in training). Generation runs through mlx-lm, transformers (torch) and the project's own
