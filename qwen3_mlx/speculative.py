@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 
+from qwen3_mlx.batching import BatchRow
 from qwen3_mlx.cache import cache_length, trim_cache
 from qwen3_mlx.generate import (
     PREFILL_CHUNK,
@@ -203,10 +204,60 @@ class DraftSpec:
     def build(self, target: Any, tokenizer: Any, **policy: Any) -> Speculation:
         """The Speculation for a loaded target; policy: load_draft's keywords (compute dtype,
         RoPE, KV bits), so the draft model loads as the target did."""
-        from qwen3_mlx.drafting import NgramLookup, load_draft
+        from qwen3_mlx.drafting import DraftError, NgramLookup, load_draft
+        from qwen3_mlx.model import Model
 
+        if not isinstance(target, Model):
+            # A group's rank-0 model hands back only the last position's logits.
+            raise DraftError(
+                "speculative decoding needs the whole model in one process, not a group under mlx.launch"
+            )
         if self.ngram:
             return Speculation(NgramLookup(), self.draft_tokens, "ngram")
         assert self.model is not None
         drafter = load_draft(self.model, target, tokenizer, **policy)
         return Speculation(drafter, self.draft_tokens, self.model)
+
+
+class SpeculativeRow(BatchRow):
+    """A server's batch row that decodes speculatively while it is the only reply running.
+
+    The BatchDecoder calls round_alone() instead of merging the row into the batch while no other
+    row runs or fills; once company arrives, the row joins the batch as a plain row from its next
+    token on (its cache holds every token but the last, as a prefilled newcomer's does, and its
+    sampling step has seen every emitted token).
+    """
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        cache: list[Any],
+        *,
+        speculation: Speculation,
+        context: Sequence[int] = (),
+        **row: Any,
+    ):
+        super().__init__(prompt, cache, **row)
+        self.speculation = speculation
+        self.tokens = [*context, *prompt]
+        self.begun = False
+
+    def round_alone(self, model: Any, stop_ids: frozenset[int]) -> bool:
+        """One speculative round after the prefill; True when it ended the row."""
+        drafter, limit = self.speculation.drafter, self.speculation.draft_tokens
+        if not self.begun:
+            drafter.begin(self.tokens)
+            self.begun = True
+        room = min(limit, self.max_tokens - self.produced - 1)
+        draft = drafter.propose(self.tokens, room)[:room] if room > 0 else []
+        emitted = verify_round(model, self.cache, self.tokens, draft, self.sample)
+        seconds = time.perf_counter() - self.start
+        for index, token in enumerate(emitted):
+            self.tokens.append(token)
+            self.produced += 1
+            self.items.put(round_token(token, seconds, index, len(draft), len(emitted) - 1))
+            if token in stop_ids or self.produced >= self.max_tokens:
+                self.end()
+                return True
+        self.pending = [emitted[-1]]
+        return False

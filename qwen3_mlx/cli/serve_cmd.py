@@ -15,7 +15,16 @@ from qwen3_mlx.settings import SETTINGS
 
 SERVER = "Server"
 # The shared options that make sense for a server: the model, sampling defaults and context.
-SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype")
+SERVE_SHARED = (
+    "model",
+    *SETTINGS,
+    "rope_scaling",
+    "rope_factor",
+    "compute_dtype",
+    "draft_model",
+    "draft",
+    "draft_tokens",
+)
 
 
 class ReasoningField(str, Enum):
@@ -130,6 +139,14 @@ def serve_command(
                 rope_scaling=spec.rope_scaling,
                 compute_dtype=spec.compute_dtype,
             )
+            speculation = None
+            if spec.draft is not None:  # loaded with the model's policy, under the same status
+                speculation = spec.draft.build(
+                    model,
+                    tokenizer,
+                    compute_dtype=spec.compute_dtype,
+                    rope_scaling=spec.rope_scaling,
+                )
         options = ServeOptions(
             host=host,
             port=port,
@@ -141,5 +158,7 @@ def serve_command(
             context_length=context_length,
             sampling=spec.sampling,
         )
-        state = build_state(model, tokenizer, generation_config, spec.model, options)
+        state = build_state(
+            model, tokenizer, generation_config, spec.model, options, speculation=speculation
+        )
         serve(state, host, port)

@@ -35,9 +35,15 @@ class ServeOptions:
 
 
 def build_state(
-    model: Any, tokenizer: Any, generation_config: Any, model_id: str, options: ServeOptions
+    model: Any,
+    tokenizer: Any,
+    generation_config: Any,
+    model_id: str,
+    options: ServeOptions,
+    speculation: Any = None,
 ) -> ServerState:
-    """The state of a server for this model (its worker not started yet)."""
+    """The state of a server for this model (its worker not started yet); speculation: a
+    speculative.Speculation for replies that run alone."""
     metrics = Metrics()
     context_limit = int(options.context_length or model.args.context_length)
     worker = GenerationWorker(
@@ -49,6 +55,7 @@ def build_state(
         max_batch=options.max_concurrency,
         max_queue=options.max_queue,
         metrics=metrics,
+        speculation=speculation,
     )
     return ServerState(
         model=model,
