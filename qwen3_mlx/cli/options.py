@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import Enum
@@ -344,7 +345,7 @@ class SessionSpec:
         from qwen3_mlx.chat import Chat
         from qwen3_mlx.parallel.distributed import current_group, load_for_group
 
-        return Chat.from_pretrained(
+        chat = Chat.from_pretrained(
             self.model,
             load=functools.partial(load_for_group, group=current_group()),
             rope_scaling=self.rope_scaling,
@@ -355,6 +356,21 @@ class SessionSpec:
             kv_bits=self.kv_bits,
             auto_rope=self.auto_rope,
             draft=self.draft,
+        )
+        debug_draft_note(chat.speculation)
+        return chat
+
+
+def debug_draft_note(speculation: Any) -> None:
+    """Under --debug, one stderr line saying what drafts and how many tokens a step."""
+    from qwen3_mlx.cli.guard import is_debug
+
+    if speculation is not None and is_debug():
+        print(
+            f"speculative decoding: {speculation.name} drafts {speculation.draft_tokens} tokens "
+            "a step; the model checks them in one pass (output unchanged)",
+            file=sys.stderr,
+            flush=True,
         )
 
 

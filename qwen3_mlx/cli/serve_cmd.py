@@ -147,6 +147,7 @@ def serve_command(
                     compute_dtype=spec.compute_dtype,
                     rope_scaling=spec.rope_scaling,
                 )
+                o.debug_draft_note(speculation)
         options = ServeOptions(
             host=host,
             port=port,
