@@ -19,7 +19,10 @@ Timings on shared machines are noisy: best of --repeats, interleaved. Never asse
 from __future__ import annotations
 
 import argparse
+import random
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -102,6 +105,111 @@ def print_shapes(repeats: int) -> None:
         print(f"  acceptance {acceptance}: {row}; best k={best}", flush=True)
 
 
+TINY = Path(__file__).resolve().parents[1] / "models"
+TOOL_QUESTIONS = ("What is the secret word for moon?", "Look up the secret word for river.")
+
+
+def tiny_tasks(count: int) -> list[str]:
+    """Repeat tasks of the tiny model's training slice (tiny_model/tiny_data.py)."""
+    sys.path.insert(0, str(TINY.parent / "tiny_model"))
+    import tiny_data
+
+    rng = random.Random(0)
+    return [tiny_data.sample_problem(rng, task="copy").question for _ in range(count)]
+
+
+def run_turns(chat: Any, turns: list[Any]) -> tuple[list[int], list[Any], float]:
+    """Every reply's tokens, their results, and the decode seconds (prefill excluded)."""
+    tokens, results, seconds = [], [], 0.0
+    for turn in turns:
+        reply = turn(chat)
+        reply.text()
+        tokens += list(reply.tokens)
+        results.append(reply.result)
+        seconds += reply.result.generated_tokens / max(reply.result.decode_tokens_per_second, 1e-9)
+    return tokens, results, seconds
+
+
+def tool_loop_turns() -> list[Any]:
+    """A secret-word question, its lookup call, the answer after the result; twice."""
+    from qwen3_mlx.tools import ToolResult
+
+    def ask(question: str) -> Any:
+        return lambda chat: chat.send(question)
+
+    def answer(word: str) -> Any:
+        def send(chat: Any) -> Any:
+            call = chat.turns[-1].tool_calls[0]
+            return chat.send_tool_results([ToolResult(content=word, tool_call_id=call.id)])
+
+        return send
+
+    return [ask(TOOL_QUESTIONS[0]), answer("lake"), ask(TOOL_QUESTIONS[1]), answer("apple")]
+
+
+def print_tiny(repeats: int) -> None:
+    """Part 3: the tiny pair and n-gram lookup, measured (greedy; outputs checked equal)."""
+    sys.path.insert(0, str(TINY.parent / "tiny_model"))
+    import tiny_data
+
+    from qwen3_mlx.chat import Chat
+    from qwen3_mlx.drafting import NgramLookup, load_draft
+    from qwen3_mlx.loading import load
+    from qwen3_mlx.speculative import Speculation
+
+    model, tokenizer, config = load(TINY / "qwen3-tiny-chat")
+    draft = load_draft(TINY / "qwen3-tiny-chat-4bit", model, tokenizer)
+    repeat = [lambda chat, q=q: chat.send(q) for q in tiny_tasks(4)]
+    # The same repeat task asked again: the reply repeats text already in the context.
+    again = [lambda chat, q=q: chat.send(q) for q in tiny_tasks(2) for _ in range(2)]
+    tasks = {
+        "repeat tasks": (repeat, []),
+        "asked twice": (again, []),
+        "tool loop": (tool_loop_turns(), [tiny_data.TOOLS["lookup"]]),
+    }
+    drafters = {
+        "4-bit copy k=4": lambda: Speculation(draft, 4),
+        "ngram k=5": lambda: Speculation(NgramLookup(), 5),
+    }
+    print(
+        "Tiny model (measured, greedy, float32 on the CPU; speed-up = plain decode s / speculative):",
+        flush=True,
+    )
+    for task, (turns, tools) in tasks.items():
+        best_plain = float("inf")
+        plain_tokens: list[int] = []
+        rows = {}
+        for _ in range(repeats):
+            chat = Chat(
+                model, tokenizer, config, sampling={"temperature": 0, "max_tokens": 96}, tools=tools
+            )
+            plain_tokens, _, seconds = run_turns(chat, turns)
+            best_plain = min(best_plain, seconds)
+            for name, make in drafters.items():
+                chat = Chat(
+                    model,
+                    tokenizer,
+                    config,
+                    sampling={"temperature": 0, "max_tokens": 96},
+                    tools=tools,
+                    speculation=make(),
+                )
+                tokens, results, seconds = run_turns(chat, turns)
+                assert tokens == plain_tokens, f"{name} changed the output of {task}"
+                drafted = sum(r.drafted_tokens for r in results)
+                accepted = sum(r.accepted_tokens for r in results)
+                steps = sum(r.target_steps for r in results)
+                best = min(rows.get(name, (0, 0, 0, float("inf")))[3], seconds)
+                rows[name] = (accepted, drafted, len(tokens) / steps, best)
+        for name, (accepted, drafted, per_step, seconds) in rows.items():
+            rate = accepted / drafted if drafted else 0.0
+            print(
+                f"  {task:<13} {name:<15} accepted {accepted:4d}/{drafted:<4d} ({100 * rate:3.0f} %)  "
+                f"{per_step:4.2f} tokens/step  {best_plain / seconds:4.2f}x plain speed  (exact)",
+                flush=True,
+            )
+
+
 def main() -> None:
     """Run the parts asked for and print them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,6 +217,8 @@ def main() -> None:
     parser.add_argument("--skip-shapes", action="store_true", help="only the tiny-model part")
     parser.add_argument("--skip-tiny", action="store_true", help="only the 4B/0.6B part")
     args = parser.parse_args()
+    if not args.skip_tiny:
+        print_tiny(min(args.repeats, 3))
     if not args.skip_shapes:
         print_shapes(args.repeats)
 

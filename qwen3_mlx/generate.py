@@ -28,8 +28,9 @@ class GeneratedToken:
 
     token: int
     seconds: float
-    # Speculative decoding (speculative.py) sets these on the first token of each target pass:
-    # how many drafted tokens the pass checked, and how many of them it accepted.
+    # Speculative decoding (speculative.py): whether this token opened a target pass, how many
+    # drafted tokens that pass checked (on its first token), and 1 when this token is an accepted
+    # draft.
     target_step: bool = True
     drafted: int = 0
     accepted: int = 0

@@ -55,6 +55,28 @@ class Drafter(Protocol):
         ...
 
 
+class DraftLength:
+    """How many tokens to draft next: up to `limit`, one more after a round accepted whole,
+    back to one more than were accepted after a miss (a drafter that keeps guessing wrong
+    drafts short, so its misses cost little; one on a run drafts long)."""
+
+    def __init__(self, limit: int):
+        self.limit = self.current = limit
+
+    def take(self, room: int) -> int:
+        """Tokens to draft when `room` more may be generated after the next one."""
+        return max(0, min(self.current, room))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Learn from one round."""
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.current = min(self.limit, self.current + 1)
+        else:
+            self.current = max(1, accepted + 1)
+
+
 def verify(
     logits: mx.array, draft: Sequence[int], sample: SamplingStep
 ) -> tuple[list[int], mx.array]:
@@ -127,11 +149,13 @@ def speculative_tokens(
     drafter.begin(tokens)
     previous = None if previous_token is None else mx.array([previous_token], dtype=mx.uint32)
     sample = SamplingStep(sampler, logits_processors, seed, previous)
+    length = DraftLength(draft_tokens)
     produced = 0
     while produced < max_tokens:
-        room = min(draft_tokens, max_tokens - produced - 1)
+        room = length.take(max_tokens - produced - 1)
         draft = drafter.propose(tokens, room)[:room] if room > 0 else []
         emitted = verify_round(model, cache, tokens, draft, sample)
+        length.update(len(draft), len(emitted) - 1)
         seconds = time.perf_counter() - start
         for index, token in enumerate(emitted):
             tokens.append(token)
@@ -140,14 +164,15 @@ def speculative_tokens(
 
 
 def round_token(token: int, seconds: float, index: int, drafted: int, accepted: int) -> Any:
-    """The GeneratedToken for emitted token `index` of a round (the first carries its counts)."""
-    first = index == 0
+    """The GeneratedToken for emitted token `index` of a round: the first carries how many
+    tokens the round checked, and each accepted draft counts itself (so a reply cut short by a
+    stop token counts only the drafts it kept)."""
     return GeneratedToken(
         token,
         seconds,
-        target_step=first,
-        drafted=drafted if first else 0,
-        accepted=accepted if first else 0,
+        target_step=index == 0,
+        drafted=drafted if index == 0 else 0,
+        accepted=1 if index < accepted else 0,
     )
 
 
@@ -240,17 +265,19 @@ class SpeculativeRow(BatchRow):
         super().__init__(prompt, cache, **row)
         self.speculation = speculation
         self.tokens = [*context, *prompt]
+        self.length = DraftLength(speculation.draft_tokens)
         self.begun = False
 
     def round_alone(self, model: Any, stop_ids: frozenset[int]) -> bool:
         """One speculative round after the prefill; True when it ended the row."""
-        drafter, limit = self.speculation.drafter, self.speculation.draft_tokens
+        drafter = self.speculation.drafter
         if not self.begun:
             drafter.begin(self.tokens)
             self.begun = True
-        room = min(limit, self.max_tokens - self.produced - 1)
+        room = self.length.take(self.max_tokens - self.produced - 1)
         draft = drafter.propose(self.tokens, room)[:room] if room > 0 else []
         emitted = verify_round(model, self.cache, self.tokens, draft, self.sample)
+        self.length.update(len(draft), len(emitted) - 1)
         seconds = time.perf_counter() - self.start
         for index, token in enumerate(emitted):
             self.tokens.append(token)

@@ -16,6 +16,7 @@ from qwen3_mlx.drafting import NgramLookup
 from qwen3_mlx.speculative import Speculation, SpeculativeRow
 from qwen3_mlx.tokenizer import IM_END_ID
 
+
 class WrongDrafter:
     """Drafts token 0 ('!'), which the tiny model never says: drafted, and always rejected."""
 

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import make_checkpoint
+from test_server_support import tiny_model
 
 from qwen3_mlx.cache import cache_length, make_cache, trim_cache
 from qwen3_mlx.chat import Chat
@@ -27,7 +28,6 @@ from qwen3_mlx.speculative import Speculation, speculative_tokens
 from qwen3_mlx.tools import ToolResult
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "models" / "qwen3-tiny-chat"
 TINY_4BIT = REPO / "models" / "qwen3-tiny-chat-4bit"
 sys.path.insert(0, str(REPO / "tiny_model"))
 import tiny_data  # noqa: E402
@@ -68,9 +68,7 @@ class InterruptingDrafter(NgramLookup):
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple:
-    from qwen3_mlx.loading import load
-
-    return load(TINY)
+    return tiny_model()  # loaded once per test session
 
 
 @pytest.fixture(scope="module")
@@ -92,43 +90,43 @@ def new_chat(loaded: tuple, speculation: Speculation | None = None, **kwargs) ->
     return Chat(model, tokenizer, generation_config, speculation=speculation, **kwargs)
 
 
-def conversation(chat: Chat) -> list[list[int]]:
-    """The tokens of a thinking reply that calls a tool, and of the answer after its result."""
+def conversation(chat: Chat) -> tuple[list[list[int]], list]:
+    """The tokens and results of a thinking reply that calls a tool, and of the answer after
+    its result."""
     chat.tools = [tiny_data.TOOLS["lookup"]]
     reply = chat.send("What is the secret word for moon?")
     calls = [event.call for event in reply if isinstance(event, ToolCallEvent)]
     assert calls and calls[0].name == "lookup", "the tiny model calls its lookup tool"
     assert reply.result.thinking, "and thinks first"
-    replies = [list(reply.tokens)]
+    replies, results = [list(reply.tokens)], [reply.result]
     reply = chat.send_tool_results([ToolResult(content="river", tool_call_id=calls[0].id)])
     assert "river" in reply.text()
     replies.append(list(reply.tokens))
-    return replies
+    results.append(reply.result)
+    return replies, results
 
 
 @pytest.fixture(scope="module")
 def plain_replies(loaded: tuple) -> list[list[int]]:
-    return conversation(new_chat(loaded))
+    return conversation(new_chat(loaded))[0]
 
 
 @pytest.mark.parametrize("kind", ["4bit", "random", "ngram"])
 def test_greedy_replies_equal_plain_decoding(loaded, drafters, plain_replies, kind) -> None:
     # A random draft is always wrong: two tokens a round are enough to show it changes nothing.
     chat = new_chat(loaded, Speculation(drafters[kind](), 2 if kind == "random" else 4, kind))
-    assert conversation(chat) == plain_replies
-    result = chat.turns[-1]
-    assert result.finish_reason == "stop"
-
-
-def test_drafts_are_counted_and_the_own_4bit_copy_is_mostly_accepted(loaded, drafters) -> None:
-    chat = new_chat(loaded, Speculation(drafters["4bit"](), 4, "4bit"))
-    reply = chat.send(tiny_data.sample_problem(random.Random(1), task="copy").question)
-    reply.text()
-    result = reply.result
-    assert result.drafted_tokens > 0
-    assert result.accepted_tokens / result.drafted_tokens >= 0.5
-    assert result.target_steps < result.generated_tokens
-    assert result.tokens_per_target_step == result.generated_tokens / result.target_steps
+    replies, results = conversation(chat)
+    assert replies == plain_replies
+    assert results[-1].finish_reason == "stop"
+    drafted = sum(result.drafted_tokens for result in results)
+    accepted = sum(result.accepted_tokens for result in results)
+    steps = sum(result.target_steps for result in results)
+    generated = sum(result.generated_tokens for result in results)
+    assert drafted > 0 and steps <= generated <= steps + accepted
+    if kind == "4bit":  # the model's own 4-bit copy agrees on most tokens
+        assert accepted / drafted >= 0.5 and steps < sum(len(tokens) for tokens in replies)
+    if kind == "random":
+        assert accepted < drafted
 
 
 def test_seeded_sampling_draws_the_same_tokens(loaded) -> None:
@@ -172,13 +170,13 @@ def test_sampled_first_tokens_keep_their_distribution(loaded) -> None:
     expected = dict(zip(top.tolist(), probs, strict=True))
     drafter = ArgmaxDrafter(top[0].item())
     sampler = build_sampler(settings)
-    draws = 200
+    draws = 150
     mx.random.seed(0)
     counts: Counter[int] = Counter()
     for _ in range(draws):
         first = next(
             speculative_tokens(
-                model, prompt[-1:], cache, drafter=drafter, draft_tokens=2, sampler=sampler
+                model, prompt[-1:], cache, drafter=drafter, draft_tokens=1, sampler=sampler
             )
         )
         counts[first.token] += 1
@@ -216,20 +214,20 @@ def test_rejected_positions_are_trimmed_and_logits_match(loaded, kv_bits) -> Non
 
 
 def test_long_run_with_a_draft_model_keeps_the_logits(loaded) -> None:
-    """After 80 tokens drafted by the 4-bit copy (accepted and rejected runs mixed), the next
+    """After 48 tokens drafted by the 4-bit copy (accepted and rejected runs mixed), the next
     logits equal those after plain decoding of the same tokens."""
     model, tokenizer, _ = loaded
     prompt = tokenizer.encode("Copy: moon river star lake apple banana")
     draft = load_draft(TINY_4BIT, model, tokenizer)
     cache = make_cache(model)
     tokens = list(
-        speculative_tokens(model, prompt, cache, drafter=draft, draft_tokens=5, max_tokens=80)
+        speculative_tokens(model, prompt, cache, drafter=draft, draft_tokens=5, max_tokens=48)
     )
     generated = [t.token for t in tokens]
     assert sum(t.accepted for t in tokens) > 0
     assert sum(t.accepted for t in tokens) < sum(t.drafted for t in tokens)
     plain_cache = make_cache(model)
-    plain = [t.token for t in generate_tokens(model, prompt, plain_cache, max_tokens=80)]
+    plain = [t.token for t in generate_tokens(model, prompt, plain_cache, max_tokens=48)]
     assert generated == plain
     trim_cache(plain_cache, cache_length(cache))
     following = mx.array([[plain[-1]]])
