@@ -102,7 +102,7 @@ def prepare_prompt(
 
 def start_reply(
     model: Any,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     cache: PromptCache,
     prompt: list[int],
     sampling: Sampling,

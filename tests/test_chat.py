@@ -14,7 +14,7 @@ import pytest
 from chat_fakes import ScriptedModel, load_fixture_tokenizer
 
 from qwen3_mlx.chat import Chat
-from qwen3_mlx.engine import render_prompt
+from qwen3_mlx.engine import prepare_prompt, render_prompt
 from qwen3_mlx.errors import ContextOverflowError, HistoryError, SettingsError, TemplateError
 from qwen3_mlx.events import AnswerText, ThinkingText, TurnResult
 from qwen3_mlx.generation_config import GenerationConfig
@@ -386,6 +386,32 @@ def test_a_message_far_too_long_is_refused_by_its_size_without_tokenizing() -> N
     with pytest.raises(ContextOverflowError, match="needs at least 91 tokens"):
         chat.send("x" * (60 * MAX_TOKEN_BYTES) + "y" * 4_000)
     assert chat.turns == []
+
+
+def test_prepare_prompt_gives_the_prompt_the_mode_and_its_settings() -> None:
+    tokenizer = load_fixture_tokenizer("qwen3-4b")
+    messages = [{"role": "user", "content": "apple /no_think"}]
+    ready = prepare_prompt(
+        tokenizer,
+        messages,
+        defaults=GenerationConfig(),
+        context_limit=4096,
+        explicit={"top_k": 5},
+    )
+    assert ready.prompt == render_prompt(tokenizer, messages, thinking=True)
+    # The soft switch turns the reply's mode off: the plain preset, the explicit value on top.
+    assert not ready.thinks
+    assert (ready.sampling.temperature, ready.sampling.top_k) == (0.7, 5)
+    with pytest.raises(ContextOverflowError, match="needs 1[0-9] tokens but the context holds 10"):
+        prepare_prompt(tokenizer, messages, defaults=GenerationConfig(), context_limit=10)
+    with pytest.raises(SettingsError, match="top_k must be in"):
+        prepare_prompt(
+            tokenizer,
+            messages,
+            defaults=GenerationConfig(),
+            context_limit=4096,
+            explicit={"top_k": -3},
+        )
 
 
 def test_no_token_of_the_real_vocabulary_is_longer_than_the_size_bound() -> None:

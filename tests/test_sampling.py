@@ -19,7 +19,12 @@ from qwen3_mlx.sampling import (
     build_sampler,
     reply_seed,
 )
-from qwen3_mlx.settings import DEFAULT_MAX_TOKENS, Sampling, validate_setting
+from qwen3_mlx.settings import (
+    DEFAULT_MAX_TOKENS,
+    SETTING_NAMES,
+    Sampling,
+    validate_setting,
+)
 from qwen3_mlx.stream import RepetitionGuard
 
 
@@ -97,6 +102,35 @@ def test_bad_settings_raise_one_line(name: str, value: object, fragment: str) ->
     assert isinstance(caught.value, Qwen3Error)
     assert fragment in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_sampling_record_holds_every_setting_validated() -> None:
+    # One field per SETTINGS entry, in its order: a new setting is described once and travels.
+    assert tuple(Sampling().as_dict()) == SETTING_NAMES
+    record = Sampling(temperature="0.3", top_k=7.0, seed="random")
+    assert (record.temperature, record.top_k, record.seed) == (0.3, 7, None)
+    with pytest.raises(SettingsError, match=r"frequency_penalty must be in \[-2, 2\]") as caught:
+        record.with_values({"frequency_penalty": 3})
+    assert caught.value.setting == "frequency_penalty"
+    with pytest.raises(SettingsError, match="unknown setting 'temprature'"):
+        record.with_values({"temprature": 1})
+    with pytest.raises(AttributeError):
+        record.temperature = 1.0  # frozen
+
+
+def test_both_penalties_come_from_the_record() -> None:
+    processors = build_logits_processors(Sampling(presence_penalty=0.5, frequency_penalty=0.25))
+    assert [type(p) for p in processors] == [PresencePenalty, FrequencyPenalty]
+    assert build_logits_processors(Sampling(frequency_penalty=0.0)) == []
+
+
+def test_a_seeded_reply_owns_its_key_and_leaves_the_global_generator_alone() -> None:
+    mx.random.seed(5)
+    expected = mx.random.uniform().item()
+    mx.random.seed(5)
+    sample(BASE, LOGPROBS, 10, seed=reply_seed(99, 0))
+    assert mx.random.uniform().item() == expected
+    assert reply_seed(None, 3) is None
 
 
 def test_presence_penalty_covers_the_whole_reply() -> None:

@@ -8,6 +8,11 @@ import httpx
 import openai
 import pytest
 from test_server_support import API_KEY, running_server
+from typer.testing import CliRunner
+
+from qwen3_mlx.cli.app import app
+from qwen3_mlx.errors import SettingsError
+from qwen3_mlx.settings import validate_setting
 
 LOOKUP = {
     "type": "function",
@@ -274,6 +279,43 @@ def test_errors_are_sdk_exceptions(client, server):
     with pytest.raises(openai.BadRequestError) as overflow:
         client.chat.completions.create(model="m", messages=too_long)
     assert overflow.value.code == "context_length_exceeded"
+    # The engine's ContextOverflowError, in its own words (the REPL says the same).
+    assert overflow.value.body["param"] == "messages"
+    # The engine's numbers in OpenAI's sentence, which clients match (test_server_clients.py).
+    assert overflow.value.body["message"].startswith("This model's maximum context length is ")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "flag"),
+    [
+        ("temperature", 5, "--temp"),
+        ("top_p", 0, "--top-p"),
+        ("top_k", 2.5, "--top-k"),
+        ("frequency_penalty", 3, "--frequency-penalty"),
+        ("seed", "soon", "--seed"),
+    ],
+)
+def test_a_bad_setting_gets_the_same_words_from_the_server_and_the_cli(client, name, value, flag):
+    with pytest.raises(SettingsError) as caught:
+        validate_setting(name, value)
+    words = str(caught.value)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="m", messages=REVERSE, extra_body={name: value})
+    assert refused.value.body["message"] == words and refused.value.body["param"] == name
+    usage = CliRunner().invoke(app, ["prompt", "hi", flag, str(value)])
+    assert usage.exit_code == 2 and usage.stderr.splitlines()[-1].endswith(": " + words)
+
+
+def test_the_request_schema_shows_each_setting_as_settings_describes_it(server):
+    schema = httpx.get(server[0] + "/openapi.json").json()["components"]["schemas"]
+    fields = schema["ChatCompletionRequest"]["properties"]
+    assert fields["top_p"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    assert fields["frequency_penalty"]["anyOf"][0] == {
+        "type": "number",
+        "minimum": -2,
+        "maximum": 2,
+    }
+    assert fields["max_completion_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1}
 
 
 def test_a_full_queue_answers_503(client, server):

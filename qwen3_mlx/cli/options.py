@@ -271,11 +271,11 @@ def _setting_checker(setting: Setting) -> Any:
 
 def _sampling_option(name: str) -> Any:
     """The Typer option for one setting of the record: its flags, help, and range checked at parse
-    time, so a bad value is a usage error (exit 2) before any model loads."""
+    time, so a bad value is a usage error (exit 2) before any model loads. The text goes to the
+    setting's own validator (not Click's number types), so the error reads as the server's 400."""
     setting = SETTINGS[name]
-    kind = str if setting.nullable else setting.kind
     return Annotated[
-        kind | None,
+        str | None,
         typer.Option(
             *setting.flags,
             metavar=setting.metavar,

@@ -14,13 +14,15 @@ from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
 SERVER = "Server"
-# The shared options that make sense for a server: the model, sampling defaults and context.
+# The shared options that make sense for a server: the model, sampling defaults, context,
+# --kv-bits (the prefix cache keeps idle entries quantized) and the drafter.
 SERVE_SHARED = (
     "model",
     *SETTINGS,
     "rope_scaling",
     "rope_factor",
     "compute_dtype",
+    "kv_bits",
     "draft_model",
     "draft",
     "draft_tokens",
@@ -33,6 +35,7 @@ class ReasoningField(str, Enum):
     reasoning_content = "reasoning_content"
     reasoning = "reasoning"
     both = "both"
+    content = "content"
 
 
 def parse_size(text: str) -> int:
@@ -100,9 +103,29 @@ def serve_command(
     reasoning_field: Annotated[
         ReasoningField,
         typer.Option(
-            "--reasoning-field", help="Field for the reasoning in replies.", rich_help_panel=SERVER
+            "--reasoning-field",
+            help="Field for the reasoning in replies; content: leave <think>…</think> in the "
+            "content (llama.cpp's --reasoning-format none).",
+            rich_help_panel=SERVER,
         ),
     ] = ReasoningField.reasoning_content,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-model-name",
+            help="The model id clients see [default: a local folder's name, a hub id as typed].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="A browser origin allowed to call the server (CORS, preflight answered); "
+            "repeat for more, * for any [default: none, CORS off].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
     context_length: Annotated[
         int | None,
         typer.Option(
@@ -130,7 +153,7 @@ def serve_command(
             )
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.parallel.distributed import current_group, load_for_group
-        from qwen3_mlx.server.runner import ServeOptions, build_state, serve
+        from qwen3_mlx.server.runner import ServeOptions, build_state, serve, served_model_id
 
         with loading(spec.model):
             model, tokenizer, generation_config = load_for_group(
@@ -146,6 +169,7 @@ def serve_command(
                     tokenizer,
                     compute_dtype=spec.compute_dtype,
                     rope_scaling=spec.rope_scaling,
+                    kv_bits=spec.kv_bits,
                 )
                 o.debug_draft_note(speculation)
         options = ServeOptions(
@@ -158,8 +182,11 @@ def serve_command(
             reasoning_field=reasoning_field.value,
             context_length=context_length,
             sampling=spec.sampling,
+            cors_origins=tuple(cors_origin or ()),
+            kv_bits=spec.kv_bits,
         )
+        model_id = served_model_id(spec.model, served_model_name)
         state = build_state(
-            model, tokenizer, generation_config, spec.model, options, speculation=speculation
+            model, tokenizer, generation_config, model_id, options, speculation=speculation
         )
         serve(state, host, port)

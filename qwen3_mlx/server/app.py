@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,6 +23,7 @@ from qwen3_mlx.server.requests import (
     Prepared,
     api_error,
     chat_messages,
+    overflow_message,
     prepare_chat,
     request_settings,
     requested_thinking,
@@ -47,6 +49,8 @@ STREAMED = {
     200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
     **ERRORS,
 }
+# A request's reasoning_format (llama.cpp's names) -> where the reasoning goes; None: the server's.
+REASONING_FORMATS = {"none": "content", "deepseek": "reasoning_content", "auto": None}
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
 
 
@@ -69,6 +73,7 @@ class ServerState:
     facts: dict[str, Any] = field(default_factory=dict)
     grammars: dict[str, Any] = field(default_factory=dict)
     started: int = field(default_factory=lambda: int(time.time()))
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: CORS is off
 
 
 def api_error_response(error: ApiError) -> JSONResponse:
@@ -78,6 +83,11 @@ def api_error_response(error: ApiError) -> JSONResponse:
 
 def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":  # its loc is ("body", character offset)
+        offset = first.get("loc", ("body", "?"))[-1]
+        reason = first.get("ctx", {}).get("error", "")
+        message = f"the body is not valid JSON: {reason} (at character {offset})"
+        return api_error_response(ApiError(message))
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     message = first.get("msg", "invalid request")
     param = ".".join(location) or None
@@ -85,8 +95,12 @@ def _validation_error(request: Request, error: RequestValidationError) -> JSONRe
 
 
 def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return api_error_response(ApiError(str(error.detail), status=error.status_code, kind=kind))
+    if error.status_code in (404, 405):
+        what = "no such endpoint" if error.status_code == 404 else "method not allowed"
+        message = f"{what}: {request.method} {request.url.path} (the endpoints: GET /docs)"
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return api_error_response(ApiError(message, status=error.status_code, kind=kind))
+    return api_error_response(ApiError(str(error.detail), status=error.status_code))
 
 
 def _qwen3_error(request: Request, error: Qwen3Error) -> JSONResponse:
@@ -116,8 +130,32 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
+    app.add_middleware(JsonBodies)
+    if state.cors_origins:  # outermost: a preflight is answered before the API key is asked for
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     _add_routes(app, state)
     return app
+
+
+class JsonBodies:
+    """Read every POST body as JSON, whatever its Content-Type says: `curl -d` sends form
+    encoding, and some clients send none. A body that is not JSON is still a 400."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = dict(scope["headers"])
+            if b"json" not in headers.get(b"content-type", b""):
+                headers[b"content-type"] = b"application/json"
+                scope = {**scope, "headers": list(headers.items())}
+        await self.app(scope, receive, send)
 
 
 def _refusal(state: ServerState, request: Request) -> JSONResponse | None:
@@ -149,7 +187,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         include_usage = bool(
             body.stream and body.stream_options and body.stream_options.include_usage
         )
-        run = ChatRun(state, prepared, include_usage or not body.stream)
+        field = REASONING_FORMATS.get(body.reasoning_format or "auto")
+        run = ChatRun(state, prepared, include_usage or not body.stream, field)
         if body.stream:
             return run.stream(request)
         return JSONResponse(await run.gather(request))
@@ -170,9 +209,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models", response_model=p.ModelList, responses=ERRORS)
     async def models() -> Any:
         """The one model this server runs, with its facts."""
-        card = {"id": state.model_id, "object": "model", "created": state.started}
-        card.update({"owned_by": "qwen3-mlx", "max_model_len": state.context_limit, **state.facts})
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=p.ModelCard, responses=ERRORS)
+    async def model(model_id: str) -> Any:
+        """The model's card, under the name it is served as."""
+        if model_id != state.model_id:
+            raise ApiError(
+                f"no model {model_id!r}: this server runs {state.model_id!r}",
+                status=404,
+                kind="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        return _model_card(state)
 
     @app.get("/health", response_model=p.Health)
     async def health() -> Any:
@@ -200,6 +250,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return {"prompt": text, "tokens": len(state.tokenizer.encode(text))}
 
 
+def _model_card(state: ServerState) -> dict[str, Any]:
+    card = {"id": state.model_id, "object": "model", "created": state.started}
+    card.update({"owned_by": "qwen3-mlx", "max_model_len": state.context_limit, **state.facts})
+    return card
+
+
 def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         ids = _text_ids(state, prompt)
@@ -216,10 +272,11 @@ def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]
 def _text_ids(state: ServerState, text: str | None) -> list[int]:
     if text is None:
         raise ApiError("give prompt or messages", param="prompt")
-    if len(text) > state.context_limit * 128:
-        raise ApiError(
-            "the prompt is longer than the context", param="prompt", code="context_length_exceeded"
+    if len(text) > state.context_limit * 128:  # more tokens than the context, at any rate
+        message = overflow_message(
+            state.context_limit, f"more than {state.context_limit}", "prompt"
         )
+        raise ApiError(message, param="prompt", code="context_length_exceeded")
     return state.tokenizer.encode(text)
 
 

@@ -80,11 +80,18 @@ async def next_item(items: asyncio.Queue, request: Request, job: Job) -> Any:
 class ChatRun:
     """One chat request: its id, its translator and its job."""
 
-    def __init__(self, state: Any, prepared: Prepared, include_usage: bool):
+    def __init__(
+        self,
+        state: Any,
+        prepared: Prepared,
+        include_usage: bool,
+        reasoning_field: str | None = None,  # None: the server's --reasoning-field
+    ):
         self.state = state
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
-        self.translator = ChatTranslator(state.tokenizer, state.reasoning_field, prepared.stops)
+        field = reasoning_field or state.reasoning_field
+        self.translator = ChatTranslator(state.tokenizer, field, prepared.stops)
         self.include_usage = include_usage
         self.job, self.items = queue_job(state, prepared)
 

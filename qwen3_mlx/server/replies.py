@@ -115,6 +115,7 @@ class ChatTranslator:
         self.fields = (
             ["reasoning_content", "reasoning"] if reasoning_field == "both" else [reasoning_field]
         )
+        self.inline = InlineThinking() if reasoning_field == "content" else None
         self.stop = StopScanner(stops)
         self.calls: dict[int, CallStreamer] = {}
         self.emitted_calls = 0
@@ -127,6 +128,16 @@ class ChatTranslator:
 
     def piece(self, piece: Piece) -> list[tuple[dict[str, Any], list[TokenLogprob]]]:
         """(delta, logprobs) pairs for one event."""
+        event = piece.event
+        if self.inline is not None:
+            text = self.inline.text(event)
+            if isinstance(event, ThinkingText):
+                return [({"content": text}, [])]
+            if text:
+                return [({"content": text}, []), *self._piece(piece)]
+        return self._piece(piece)
+
+    def _piece(self, piece: Piece) -> list[tuple[dict[str, Any], list[TokenLogprob]]]:
         event = piece.event
         if isinstance(event, ThinkingText):
             return [({name: event.text for name in self.fields}, [])]
@@ -152,10 +163,13 @@ class ChatTranslator:
     def finish(self, finished: Finished) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
         """The last deltas (held-back text), the finish_reason and the usage."""
         deltas = []
+        result = finished.result
+        if self.inline is not None and self.inline.opened and not self.inline.closed:
+            if result.thinking_finished:  # the reply ended right after its think block
+                deltas.append({"content": self.inline.close()})
         held = self.stop.flush()
         if held:
             deltas.append({"content": held})
-        result = finished.result
         if self.stop.hit:
             reason = "stop"
         else:
@@ -178,6 +192,28 @@ class ChatTranslator:
     def _token(self, token: int, logprob: float) -> dict[str, Any]:
         text = self.tokenizer.decode([token])
         return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+
+class InlineThinking:
+    """The think block left in the content (--reasoning-field content), its markers written back
+    the way the template renders a reasoning turn: `<think>\\n…\\n</think>\\n\\n` before the answer."""
+
+    def __init__(self) -> None:
+        self.opened = False
+        self.closed = False
+
+    def text(self, event: Any) -> str:
+        """The content text for a thinking event, or the markers due before any other event."""
+        if isinstance(event, ThinkingText):
+            opening = "" if self.opened else "<think>\n"
+            self.opened = True
+            return opening + event.text
+        return self.close() if self.opened and not self.closed else ""
+
+    def close(self) -> str:
+        """The end of the think block."""
+        self.closed = True
+        return "\n</think>\n\n"
 
 
 def usage_of(result: Any, cached_tokens: int) -> dict[str, Any]:

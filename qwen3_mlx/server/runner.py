@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qwen3_mlx.server.app import ServerState, create_app
@@ -15,7 +16,9 @@ from qwen3_mlx.server.prefix_cache import PrefixCache
 from qwen3_mlx.server.worker import GenerationWorker
 from qwen3_mlx.tokenizer import IM_END_ID
 
-REASONING_FIELDS = ("reasoning_content", "reasoning", "both")
+# "content": the think block stays in the content, `<think>` and `</think>` included (llama.cpp's
+# --reasoning-format none, Qwen-Agent's thought_in_content).
+REASONING_FIELDS = ("reasoning_content", "reasoning", "both", "content")
 
 
 @dataclass
@@ -32,6 +35,17 @@ class ServeOptions:
     context_length: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     ping_seconds: float = 10.0
+    cors_origins: tuple[str, ...] = ()
+    kv_bits: int | None = None  # idle prefix-cache entries kept quantized
+
+
+def served_model_id(model: str, served_name: str | None = None) -> str:
+    """The id clients see: the alias when given, a local folder's name (never its path), a hub
+    id as typed."""
+    if served_name:
+        return served_name
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
 
 
 def build_state(
@@ -49,7 +63,7 @@ def build_state(
     worker = GenerationWorker(
         model,
         tokenizer,
-        PrefixCache(model, options.prompt_cache_bytes),
+        PrefixCache(model, options.prompt_cache_bytes, kv_bits=options.kv_bits),
         stop_ids=frozenset(generation_config.eos_token_ids) | {IM_END_ID},
         context_limit=context_limit,
         max_batch=options.max_concurrency,
@@ -69,6 +83,7 @@ def build_state(
         api_key=options.api_key,
         defaults=dict(options.sampling),
         ping_seconds=options.ping_seconds,
+        cors_origins=tuple(options.cors_origins),
         facts={"thinking_switch": tokenizer.has_thinking_switch},
     )
 

@@ -15,7 +15,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,13 +23,16 @@ from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import ReplyEvent, TurnResult
-from qwen3_mlx.generate import GeneratedToken
+from qwen3_mlx.generate import GeneratedToken, LogitsProcessor, Sampler
+from qwen3_mlx.reply import Reply
+from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
 from qwen3_mlx.server.processors import AnswerConstraint, AnswerGrammar, LogprobRecorder
 from qwen3_mlx.settings import Sampling
 from qwen3_mlx.speculative import Speculation, SpeculativeRow
 from qwen3_mlx.stream import RepetitionGuard
 from qwen3_mlx.thinking import Part, prompt_phase
+from qwen3_mlx.tokenizer import Tokenizer
 
 IDLE_WAIT_SECONDS = 0.1
 
@@ -96,14 +99,14 @@ class GenerationWorker:
     def __init__(
         self,
         model: Any,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         cache: PrefixCache,
         *,
         stop_ids: frozenset[int],
         context_limit: int,
         max_batch: int,
         max_queue: int,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         repetition_guard: RepetitionGuard | None = RepetitionGuard(),  # noqa: B008 (frozen)
         speculation: Speculation | None = None,
     ):
@@ -259,10 +262,10 @@ class GenerationWorker:
         prompt: list[int],
         cache: list[Any],
         *,
-        sampler: Any,
-        logits_processors: Any = (),
+        sampler: Sampler,
+        logits_processors: Sequence[LogitsProcessor] = (),
         max_tokens: int,
-        on_prefill: Any = None,
+        on_prefill: Callable[[int, int], None] | None = None,
         seed: int | None = None,
         held: Callable[[], list[int]] = list,
     ) -> Iterator[GeneratedToken]:
@@ -293,7 +296,7 @@ class GenerationWorker:
 class LogprobLabels:
     """The logprobs of the answer tokens of a reply, handed out as they are generated."""
 
-    def __init__(self, reply: Any, recorder: LogprobRecorder | None, stop_ids: frozenset):
+    def __init__(self, reply: Reply, recorder: LogprobRecorder | None, stop_ids: frozenset[int]):
         self.tokens = reply.tokens  # live views of the ids generated so far ...
         self.parts = reply.parts  # ... and of the part of the reply each fell in
         self.recorder = recorder
