@@ -188,6 +188,18 @@ def test_sampled_first_tokens_keep_their_distribution(loaded) -> None:
         assert abs(counts[token] / draws - probability) <= 4.5 * error + 1e-9, (token, counts)
 
 
+def assert_same_next_logits(model, cache: list, plain_cache: list, last: int) -> None:
+    """Feeding `last` to both caches (plain_cache trimmed to cache's length) gives equal logits."""
+    trim_cache(plain_cache, cache_length(cache))
+    following = mx.array([[last]])
+    np.testing.assert_allclose(
+        np.array(model(following, cache=cache)),
+        np.array(model(following, cache=plain_cache)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
 @pytest.mark.parametrize("kv_bits", [None, 8])
 def test_rejected_positions_are_trimmed_and_logits_match(loaded, kv_bits) -> None:
     model, tokenizer, _ = loaded
@@ -203,14 +215,7 @@ def test_rejected_positions_are_trimmed_and_logits_match(loaded, kv_bits) -> Non
     # The cache holds the prompt and every generated token but the last: nothing rejected.
     assert cache_length(cache) == len(prompt) + len(plain) - 1
     assert all(layer.offset == cache_length(cache) for layer in cache)
-    trim_cache(plain_cache, cache_length(cache))
-    following = mx.array([[plain[-1]]])
-    np.testing.assert_allclose(
-        np.array(model(following, cache=cache)),
-        np.array(model(following, cache=plain_cache)),
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    assert_same_next_logits(model, cache, plain_cache, plain[-1])
 
 
 def test_long_run_with_a_draft_model_keeps_the_logits(loaded) -> None:
@@ -229,14 +234,7 @@ def test_long_run_with_a_draft_model_keeps_the_logits(loaded) -> None:
     plain_cache = make_cache(model)
     plain = [t.token for t in generate_tokens(model, prompt, plain_cache, max_tokens=48)]
     assert generated == plain
-    trim_cache(plain_cache, cache_length(cache))
-    following = mx.array([[plain[-1]]])
-    np.testing.assert_allclose(
-        np.array(model(following, cache=cache)),
-        np.array(model(following, cache=plain_cache)),
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    assert_same_next_logits(model, cache, plain_cache, plain[-1])
     # The draft's own cache holds exactly the tokens it says it holds.
     assert cache_length(draft.cache.cache) == len(draft.cache.tokens)
 
