@@ -19,6 +19,7 @@ Timings on shared machines are noisy: best of --repeats, interleaved. Never asse
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -218,7 +219,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-shapes", action="store_true", help="only the tiny-model part")
     parser.add_argument("--skip-tiny", action="store_true", help="only the 4B/0.6B part")
+    parser.add_argument(
+        "--int8", action="store_true", help="the native kernel's int8-x variant (AVX-512 VNNI)"
+    )
     args = parser.parse_args()
+    if args.int8:
+        os.environ["QWEN3_MLX_QMV_INT8"] = "1"  # read per call by qwen3_mlx.cpu.native
+        print("native kernel: int8 x (QWEN3_MLX_QMV_INT8=1)", flush=True)
     if not args.skip_tiny:
         print_tiny(min(args.repeats, 3))
     if not args.skip_shapes:

@@ -347,3 +347,21 @@ def test_prompt_cache_reuse_stays_exact(loaded) -> None:
     held = speculative.cache.tokens
     assert held == plain.cache.tokens[: len(held)] and len(held) >= len(plain.cache.tokens) - 1
     assert cache_length(speculative.cache.cache) == len(held)
+
+
+def test_native_kernel_rows_equal_single_rows_bit_for_bit() -> None:
+    """A verify pass over k+1 positions computes each row as a decode step would: the native
+    mat-vec's multi-row blocks give exactly the single-row results."""
+    from qwen3_mlx.cpu import native
+
+    if native.native() is None:
+        pytest.skip("the native kernel is not built on this platform")
+    weight = mx.random.normal((320, 512), key=mx.random.key(1)).astype(mx.bfloat16)
+    packed = mx.quantize(weight, group_size=64, bits=4)
+    x = mx.random.normal((1, 8, 512), key=mx.random.key(2))
+    together = np.array(native.quantized_matvec(x, *packed, 64, 2))
+    for rows in range(1, 9):
+        part = np.array(native.quantized_matvec(x[:, :rows], *packed, 64, 2))
+        assert np.array_equal(part, together[:, :rows])
+    alone = [np.array(native.quantized_matvec(x[:, i : i + 1], *packed, 64, 2)) for i in range(8)]
+    assert np.array_equal(np.concatenate(alone, axis=1), together)
