@@ -106,6 +106,12 @@ def print_shapes(repeats: int) -> None:
             f"k={k} {projected_speedup(acceptance, k, target, draft):.2f}x" for k in (2, 3, 4, 5)
         )
         print(f"  acceptance {acceptance}: {row}; best k={best}", flush=True)
+    print("Projected 4B with n-gram lookup (drafts cost nothing; assumed acceptance):", flush=True)
+    for acceptance in (0.5, 0.7, 0.9):
+        row = ", ".join(
+            f"k={k} {projected_speedup(acceptance, k, target, 0.0):.2f}x" for k in (1, 2, 3, 5)
+        )
+        print(f"  acceptance {acceptance}: {row}", flush=True)
 
 
 TINY = Path(__file__).resolve().parents[1] / "models"

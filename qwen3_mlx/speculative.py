@@ -39,9 +39,11 @@ from qwen3_mlx.generate import (
 
 # The native mat-vec takes up to 8 rows: k drafted tokens + the last one verify in one weight read.
 MAX_DRAFT_TOKENS = 7
-# Tokens drafted per round unless told (benchmarks/bench_speculative.py: where the projected
-# 4B + 0.6B speed-up peaks at acceptance 0.7; prompt lookup drafts for free, so it tries more).
-DEFAULT_DRAFT_TOKENS = {"model": 4, "ngram": 5}
+# The most tokens drafted per round unless told (DraftLength adapts below it). On the 2-core
+# CPU path a verify pass costs about 0.6-0.8 of a decode step per extra position
+# (benchmarks/bench_speculative.py), so long drafts pay only at high acceptance; on a GPU the
+# extra positions are nearly free and --draft-tokens 5-7 pays.
+DEFAULT_DRAFT_TOKENS = {"model": 3, "ngram": 3}
 
 
 class Drafter(Protocol):

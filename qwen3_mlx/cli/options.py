@@ -224,7 +224,7 @@ DraftTokensOption = Annotated[
         min=1,
         max=7,
         show_default=False,
-        help="Tokens drafted per step, 1 to 7 [default: 4 with a draft model, 5 with ngram].",
+        help="Most tokens drafted per step, 1 to 7 [default: 3].",
         rich_help_panel=SESSION,
     ),
 ]
