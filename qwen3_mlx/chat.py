@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -382,16 +381,7 @@ class Chat:
             if self._active is reply:
                 self._active = None
             if started:
-                self._turns.append(
-                    replace(
-                        start_turn,
-                        answer=result.answer,
-                        thinking=result.thinking,
-                        thinking_finished=result.thinking_finished,
-                        finish_reason=result.finish_reason,
-                        tool_calls=result.tool_calls,
-                    )
-                )
+                self._turns.append(start_turn.answered_by(result))
 
         reply = start_reply(
             self.model,

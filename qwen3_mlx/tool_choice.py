@@ -173,9 +173,10 @@ def argument_grammar(
     compiled once per tool set; SchemaError when a schema does not compile."""
     named = [t for t in tools if t["function"]["name"] == choice]
     key = json.dumps([named or tools], sort_keys=True)
-    if key not in grammar_cache:
-        grammar_cache[key] = ArgumentGrammar(tokenizer, named or tools, vocab)
-    return grammar_cache[key]
+    grammar = grammar_cache.get(key)
+    if grammar is None:  # (get, then set: a bounded cache may drop it in between)
+        grammar = grammar_cache[key] = ArgumentGrammar(tokenizer, named or tools, vocab)
+    return grammar
 
 
 class ToolCallGuide:

@@ -154,11 +154,14 @@ def test_broken_model_folder_is_one_error_line(tmp_path: Path) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = invoke("--debug", "prompt", "hi", "-m", str(tmp_path / "missing"))
-    assert result.exit_code == 1
-    assert "Traceback (most recent call last)" in result.stderr
-    assert "ModelNotFoundError" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
+    # Every command reads --debug from its own context (quantize included).
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "out")
+    for command in (["prompt", "hi", "-m", missing], ["quantize", missing, out]):
+        result = invoke("--debug", *command)
+        assert result.exit_code == 1
+        assert "Traceback (most recent call last)" in result.stderr
+        assert "ModelNotFoundError" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
 
 
 # --- prompt -------------------------------------------------------------------------------------
@@ -400,6 +403,10 @@ def test_download_errors(tmp_path: Path, model_dir: Path) -> None:
     )
     local = invoke("download", str(model_dir))
     assert local.exit_code == 2 and "local folder" in local.stderr
+    for bad in ("x/y z", "x/-y", "x/y..z", "x/" + "y" * 97):  # the Hub refuses these names
+        spaced = invoke("download", bad)
+        assert spaced.exit_code == 2 and "is not a Hugging Face repo id" in spaced.stderr
+        assert "HFValidationError" not in spaced.stderr
 
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"

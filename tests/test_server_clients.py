@@ -304,12 +304,12 @@ def test_serve_flags_reach_the_server(monkeypatch):
     import qwen3_mlx.server.runner as runner
 
     started = []
-    monkeypatch.setattr(runner, "serve", lambda state, host, port: started.append(state))
+    monkeypatch.setattr(runner, "serve", lambda state, *where, **options: started.append(state))
     flags = ["--served-model-name", "qwen3", "--cors-origin", ORIGIN, "--kv-bits", "8"]
     flags += ["--reasoning-field", "content"]
-    result = invoke("serve", "-m", str(TINY_MODEL), *flags)
+    result = invoke("serve", "-m", str(TINY_MODEL), "--port", "0", *flags)  # (a port of its own)
     assert result.exit_code == 0, result.stderr
-    assert invoke("serve", "-m", str(TINY_MODEL)).exit_code == 0
+    assert invoke("serve", "-m", str(TINY_MODEL), "--port", "0").exit_code == 0
     aliased, plain = started
     assert (aliased.model_id, aliased.cors_origins, aliased.reasoning_field) == (
         "qwen3",

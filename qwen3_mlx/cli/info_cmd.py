@@ -161,5 +161,8 @@ def download_command(ctx: typer.Context, model: o.ModelArgument = None) -> None:
                 f"{repo} is a local folder; download takes a Hugging Face repo id"
             )
         if not is_repo_id(repo):
-            raise typer.BadParameter(f"{repo!r} is not a Hugging Face repo id 'owner/name'")
+            raise typer.BadParameter(
+                f"{repo!r} is not a Hugging Face repo id 'owner/name' (letters, digits, '-', '_' "
+                "and '.' on each side)"
+            )
         print(download_model(repo, progress=True))

@@ -148,15 +148,16 @@ def print_header(console: Console, chat: Any, version: str, tools: str | None = 
 
 def step_line(step: Any, width: int = 100) -> str:
     """One tool step folded to a line: `← server.tool: first line… (N chars)`."""
-    if step.status == "declined":
-        return f"← {step.label}: declined"
-    if step.status == "cancelled":
-        return f"← {step.label}: cancelled"
+    from qwen3_mlx.visible import visible, visible_name
+
+    label = visible_name(step.label)  # a server's text: shown, never obeyed by the terminal
+    if step.status in ("declined", "cancelled"):
+        return f"← {label}: {step.status}"
     text = " ".join(step.outcome.text.split())
     folded = text if len(text) <= width else text[: width - 1] + "…"
     mark = "✗" if step.outcome.is_error else "←"
     size = f" ({len(step.outcome.text):,} chars)" if len(text) > width else ""
-    return f"{mark} {step.label}: {folded}{size}"
+    return f"{mark} {label}: {visible(folded)}{size}"
 
 
 def stats_line(result: TurnResult) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
 from typing import Annotated
 
@@ -9,7 +10,7 @@ import typer
 
 from qwen3_mlx import sizes
 from qwen3_mlx.cli import options as o
-from qwen3_mlx.cli.distributed_run import distributed_command
+from qwen3_mlx.cli.distributed_run import distributed_command, end_for_lost_rank
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
@@ -51,6 +52,15 @@ def _check_size(value: str) -> str:
     return value
 
 
+def _check_key(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter(
+            "an empty key would turn authentication off; leave --api-key out (and unset "
+            "QWEN3_MLX_API_KEY) for a server without one"
+        )
+    return value
+
+
 @o.with_session_options(only=SERVE_SHARED)
 @distributed_command
 def serve_command(
@@ -68,6 +78,7 @@ def serve_command(
         typer.Option(
             "--api-key",
             envvar="QWEN3_MLX_API_KEY",
+            callback=_check_key,
             help="Require `Authorization: Bearer KEY`.",
             rich_help_panel=SERVER,
         ),
@@ -135,6 +146,46 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="A Host name to answer besides loopback's (repeatable; '*' for any). Bound to "
+            "loopback, the server answers only loopback names, against DNS rebinding.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    shared_prompt_cache: Annotated[
+        bool,
+        typer.Option(
+            "--shared-prompt-cache/--no-shared-prompt-cache",
+            help="Let a request reuse the cached prefix of any earlier one (its cached_tokens "
+            "then tell how much of its prompt another client sent); off: nothing is reused.",
+            rich_help_panel=SERVER,
+        ),
+    ] = True,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            min=0.1,
+            metavar="SECONDS",
+            help="A request's head and body must arrive within this; slower ones are closed.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 60.0,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            metavar="SECONDS",
+            help="After Ctrl-C or SIGTERM, replies in flight may run this long; then they end "
+            "with an error event.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 30.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (Qwen-Agent and the openai SDK work unchanged).
 
@@ -153,8 +204,23 @@ def serve_command(
             )
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.parallel.distributed import current_group, load_for_group
-        from qwen3_mlx.server.runner import ServeOptions, build_state, serve, served_model_id
+        from qwen3_mlx.server.guard import is_loopback
+        from qwen3_mlx.server.runner import (
+            ServeOptions,
+            build_state,
+            listening_socket,
+            serve,
+            served_model_id,
+        )
 
+        if not is_loopback(host) and not api_key:
+            print(
+                f"Warning: serving on {host} without --api-key: anyone who can reach this "
+                "address can use the model",
+                file=sys.stderr,
+                flush=True,
+            )
+        sock = listening_socket(host, port)  # a taken port is one line now, not after loading
         with loading(spec.model):
             model, tokenizer, generation_config = load_for_group(
                 spec.model,
@@ -182,6 +248,11 @@ def serve_command(
             reasoning_field=reasoning_field.value,
             context_length=context_length,
             sampling=spec.sampling,
+            allow_hosts=tuple(allow_host or ()),
+            shared_prompt_cache=shared_prompt_cache,
+            request_seconds=request_timeout,
+            drain_seconds=shutdown_timeout,
+            on_lost_rank=end_for_lost_rank,
             cors_origins=tuple(cors_origin or ()),
             kv_bits=spec.kv_bits,
         )
@@ -189,4 +260,4 @@ def serve_command(
         state = build_state(
             model, tokenizer, generation_config, model_id, options, speculation=speculation
         )
-        serve(state, host, port)
+        serve(state, sock, request_seconds=request_timeout)

@@ -96,7 +96,12 @@ class PrefixCache:
     """
 
     def __init__(
-        self, model: Any, max_bytes: int, max_entries: int = 64, kv_bits: int | None = None
+        self,
+        model: Any,
+        max_bytes: int,
+        max_entries: int = 64,
+        kv_bits: int | None = None,
+        shared: bool = True,
     ):
         if kv_bits is not None:
             make_cache(model, kv_bits)  # a head size the quantization cannot group is refused here
@@ -105,6 +110,9 @@ class PrefixCache:
         self.model = model
         self.kv_bits = kv_bits
         self.max_bytes = max_bytes
+        # shared=False: every reply starts from an empty cache and nothing is kept, so no client
+        # learns from cached_tokens how much of its prompt another conversation holds.
+        self.shared = shared
         self.max_entries = max_entries
         self.entries: list[PromptCache] = []  # least recently used first
         self.busy: set[int] = set()  # id() of the entries in use
@@ -116,7 +124,7 @@ class PrefixCache:
         with self.lock:
             self._freeze_idle()
             best, shared, idle = None, 0, False
-            for entry in self.entries:
+            for entry in self.entries if self.shared else ():
                 length = common_prefix_length(entry.tokens, prompt)
                 free = id(entry) not in self.busy
                 if length > shared or (length == shared > 0 and free and not idle):
@@ -138,6 +146,8 @@ class PrefixCache:
         """The reply using `entry` ended: it may be chosen, forked or dropped again."""
         with self.lock:
             self.busy.discard(id(entry))
+            if not self.shared and entry in self.entries:
+                self.entries.remove(entry)
             if self.kv_bits is None:  # else at the next choose(), once it is quantized
                 self._evict()
 

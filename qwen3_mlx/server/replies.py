@@ -26,16 +26,17 @@ class StopScanner:
         self.stops = stops
         self.held = ""
         self.hit = False
+        self.matched: str | None = None  # the stop string that ended the answer
 
     def feed(self, text: str) -> str:
         """The text that can be sent now."""
         if self.hit:
             return ""
         text = self.held + text
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        cuts = sorted((text.find(stop), stop) for stop in self.stops if stop in text)
         if cuts:
-            self.hit, self.held = True, ""
-            return text[: min(cuts)]
+            (cut, self.matched), self.hit, self.held = cuts[0], True, ""
+            return text[:cut]
         keep = max((_partial(text, stop) for stop in self.stops), default=0)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]

@@ -191,7 +191,12 @@ def _ordered_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             end += 1
         run = messages[index:end]
         calls = _previous_calls(ordered)
-        if calls and all("tool_call_id" in item for item in run):
+        if not calls:  # as OpenAI: a result must answer a call
+            raise ToolError(
+                f"messages[{index}]: a message with role 'tool' must answer a preceding "
+                "assistant message's tool_calls"
+            )
+        if all("tool_call_id" in item for item in run):
             results = [ToolResult(item.get("content") or "", item["tool_call_id"]) for item in run]
             by_result = {id(result): item for result, item in zip(results, run, strict=True)}
             run = [by_result[id(result)] for result in order_results(results, calls)]

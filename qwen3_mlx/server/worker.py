@@ -11,6 +11,7 @@ events to the request's delivery callback. Jobs beyond the batch wait in a queue
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import queue
 import threading
@@ -19,11 +20,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import ReplyEvent, TurnResult
 from qwen3_mlx.generate import GeneratedToken, LogitsProcessor, Sampler
+from qwen3_mlx.parallel.lockstep import lost_connection
+from qwen3_mlx.parallel.watchdog import is_lost_connection
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
@@ -128,6 +133,7 @@ class GenerationWorker:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.watchdog: Any = None  # under a group: bounds each step's wait for the other ranks
         self.thread = threading.Thread(target=self._loop, name="qwen3-mlx-decoder", daemon=True)
 
     def start(self) -> None:
@@ -165,22 +171,47 @@ class GenerationWorker:
             self.metrics.queue_depth.set(self.queued)
             self.metrics.running.set(self.running)
 
+    def abandon(self, error: BaseException) -> None:
+        """Fail every reply at once, from any thread: the decoding thread is stuck for good (a
+        rank of the group has gone) and the process is about to end."""
+        self.stopping = True
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for job in waiting:
+            job.deliver(Failed(error))
+        while not self.new_rows.empty():
+            self.new_rows.get().end(error)
+        self.decoder.fail_all(error)
+
     def _loop(self) -> None:
         while not self.stopping:
-            self._start_jobs()
-            while not self.new_rows.empty():
-                self.decoder.add(self.new_rows.get())
-            if self.decoder.idle:
-                self.wake.wait(IDLE_WAIT_SECONDS)
-                self.wake.clear()
-                continue
-            try:
-                self.decoder.run_once()
-            except BaseException as error:  # every row's reply fails; the thread goes on
-                self.decoder.fail_all(error)
+            with self._watched():
+                self._start_jobs()
+                while not self.new_rows.empty():
+                    self.decoder.add(self.new_rows.get())
+                if not self.decoder.idle:
+                    try:
+                        self.decoder.run_once()
+                    except BaseException as error:  # every row's reply fails; the thread goes on
+                        self.decoder.fail_all(error)
+                        if self.watchdog is not None and is_lost_connection(error):
+                            self.watchdog.fire(lost_connection(error))
+                    continue
+            self.wake.wait(IDLE_WAIT_SECONDS)
+            self.wake.clear()
         self.decoder.fail_all(ServerStopped("the server is shutting down"))
         while not self.new_rows.empty():
             self.new_rows.get().end(ServerStopped("the server is shutting down"))
+        # This thread's MLX streams and compile cache go now, while Python runs: left to the
+        # thread's end they are freed after the interpreter may have begun to finalize, which
+        # can abort the process ("terminate called without an active exception", exit 134).
+        mx.clear_streams()
+
+    def _watched(self) -> Any:
+        """The watchdog's watch over one step (nothing without a group)."""
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        return self.watchdog.watching("a decoding step")
 
     def _start_jobs(self) -> None:
         while True:
