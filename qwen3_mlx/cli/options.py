@@ -339,6 +339,7 @@ class SessionSpec:
     yes: bool = False
     max_tool_steps: int = 8
     draft: Any = None  # a speculative.DraftSpec, or None for plain decoding
+    debug: bool = False  # --debug: one line names the drafter
 
     def open_chat(self) -> Any:
         """Load the model and start a Chat (imports MLX and the model code only now)."""
@@ -357,15 +358,13 @@ class SessionSpec:
             auto_rope=self.auto_rope,
             draft=self.draft,
         )
-        debug_draft_note(chat.speculation)
+        debug_draft_note(chat.speculation, self.debug)
         return chat
 
 
-def debug_draft_note(speculation: Any) -> None:
+def debug_draft_note(speculation: Any, debug: bool) -> None:
     """Under --debug, one stderr line saying what drafts and how many tokens a step."""
-    from qwen3_mlx.cli.guard import is_debug
-
-    if speculation is not None and is_debug():
+    if speculation is not None and debug:
         print(
             f"speculative decoding: {speculation.name} drafts {speculation.draft_tokens} tokens "
             "a step; the model checks them in one pass (output unchanged)",
@@ -406,8 +405,10 @@ class SessionOptions:
 
     values: dict[str, Any]
 
-    def spec(self) -> SessionSpec:
-        """The SessionSpec they describe (usage errors raise typer.BadParameter)."""
+    def spec(self, ctx: typer.Context | None = None) -> SessionSpec:
+        """The SessionSpec they describe (usage errors raise typer.BadParameter); ctx: the
+        command's, for --debug."""
+        from qwen3_mlx.cli.guard import is_debug
         from qwen3_mlx.cli.user_config import mcp_settings, resolve_model
 
         values = self.values
@@ -430,6 +431,7 @@ class SessionOptions:
             yes=values["yes"],
             max_tool_steps=values["max_tool_steps"],
             draft=draft_spec(values["draft_model"], values["draft"], values["draft_tokens"]),
+            debug=is_debug(ctx),
         )
 
 

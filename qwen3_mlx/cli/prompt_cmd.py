@@ -149,7 +149,7 @@ def prompt_command(
 ) -> None:
     """Send one message and print the answer (thinking hidden, or on stderr with --show-thinking)."""
     with reported_errors(ctx), stop_on_signals():
-        spec = session.spec()
+        spec = session.spec(ctx)
         message = read_message(text)
         if transcript is not None:
             transcript = user_path(transcript)

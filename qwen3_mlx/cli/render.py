@@ -184,7 +184,9 @@ def speculation_text(result: TurnResult) -> str:
 
 def stats_lines(result: TurnResult) -> list[str]:
     """The /stats details of one reply."""
-    speculation = [f"speculation        {speculation_text(result)}"] if result.drafted_tokens else []
+    speculation = (
+        [f"speculation        {speculation_text(result)}"] if result.drafted_tokens else []
+    )
     return [
         f"finish reason      {result.finish_reason}",
         f"prompt tokens      {result.prompt_tokens} ({result.prefilled_tokens} computed, "

@@ -193,7 +193,7 @@ def serve_command(
     Ctrl-C or SIGTERM stops the server (exit status 0).
     """
     with reported_errors(ctx):
-        spec = session.spec()
+        spec = session.spec(ctx)
         if spec.auto_rope:
             # One model serves every conversation in the prefix cache: moving its RoPE for one
             # would invalidate all the others' caches mid-flight.
@@ -237,7 +237,7 @@ def serve_command(
                     rope_scaling=spec.rope_scaling,
                     kv_bits=spec.kv_bits,
                 )
-                o.debug_draft_note(speculation)
+                o.debug_draft_note(speculation, spec.debug)
         options = ServeOptions(
             host=host,
             port=port,
