@@ -35,7 +35,7 @@ def chat_command(
 ) -> None:
     """Chat with a model in the terminal (type /help inside for the commands)."""
     with reported_errors(ctx), stop_on_signals():
-        spec = session.spec()
+        spec = session.spec(ctx)
         if load is not None:
             load = load_path(user_path(load))
             if not load.is_file():

@@ -130,6 +130,9 @@ def result_json(result: Any, model_id: str, tool_steps: list | None = None) -> s
         "tool_calls": stats.pop("tool_calls"),
         "stats": stats,
     }
+    if result.drafted_tokens:
+        stats["draft_acceptance"] = round(result.draft_acceptance, 4)
+        stats["tokens_per_target_step"] = round(result.tokens_per_target_step, 4)
     if tool_steps is not None:
         body["tool_steps"] = tool_steps
     return json.dumps(body, ensure_ascii=False, indent=2)
@@ -146,7 +149,7 @@ def prompt_command(
 ) -> None:
     """Send one message and print the answer (thinking hidden, or on stderr with --show-thinking)."""
     with reported_errors(ctx), stop_on_signals():
-        spec = session.spec()
+        spec = session.spec(ctx)
         message = read_message(text)
         if transcript is not None:
             transcript = user_path(transcript)

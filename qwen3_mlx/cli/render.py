@@ -173,8 +173,20 @@ def stats_line(result: TurnResult) -> str:
     return text
 
 
+def speculation_text(result: TurnResult) -> str:
+    """'12 of 20 drafted tokens accepted (60 %), 2.40 tokens per target step'."""
+    return (
+        f"{result.accepted_tokens} of {result.drafted_tokens} drafted tokens accepted "
+        f"({100 * result.draft_acceptance:.0f} %), "
+        f"{result.tokens_per_target_step:.2f} tokens per target step"
+    )
+
+
 def stats_lines(result: TurnResult) -> list[str]:
     """The /stats details of one reply."""
+    speculation = (
+        [f"speculation        {speculation_text(result)}"] if result.drafted_tokens else []
+    )
     return [
         f"finish reason      {result.finish_reason}",
         f"prompt tokens      {result.prompt_tokens} ({result.prefilled_tokens} computed, "
@@ -185,6 +197,7 @@ def stats_lines(result: TurnResult) -> list[str]:
         f"decode speed       {result.decode_tokens_per_second:.1f} tok/s",
         f"thinking time      {result.thinking_seconds:.1f} s",
         f"peak memory        {result.peak_memory_gb:.2f} GB",
+        *speculation,
     ]
 
 

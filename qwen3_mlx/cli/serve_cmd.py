@@ -15,9 +15,19 @@ from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
 SERVER = "Server"
-# The shared options that make sense for a server: the model, sampling defaults, context and
-# --kv-bits (the prefix cache keeps idle entries quantized).
-SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype", "kv_bits")
+# The shared options that make sense for a server: the model, sampling defaults, context,
+# --kv-bits (the prefix cache keeps idle entries quantized) and the drafter.
+SERVE_SHARED = (
+    "model",
+    *SETTINGS,
+    "rope_scaling",
+    "rope_factor",
+    "compute_dtype",
+    "kv_bits",
+    "draft_model",
+    "draft",
+    "draft_tokens",
+)
 
 
 class ReasoningField(str, Enum):
@@ -183,7 +193,7 @@ def serve_command(
     Ctrl-C or SIGTERM stops the server (exit status 0).
     """
     with reported_errors(ctx):
-        spec = session.spec()
+        spec = session.spec(ctx)
         if spec.auto_rope:
             # One model serves every conversation in the prefix cache: moving its RoPE for one
             # would invalidate all the others' caches mid-flight.
@@ -218,6 +228,16 @@ def serve_command(
                 rope_scaling=spec.rope_scaling,
                 compute_dtype=spec.compute_dtype,
             )
+            speculation = None
+            if spec.draft is not None:  # loaded with the model's policy, under the same status
+                speculation = spec.draft.build(
+                    model,
+                    tokenizer,
+                    compute_dtype=spec.compute_dtype,
+                    rope_scaling=spec.rope_scaling,
+                    kv_bits=spec.kv_bits,
+                )
+                o.debug_draft_note(speculation, spec.debug)
         options = ServeOptions(
             host=host,
             port=port,
@@ -237,5 +257,7 @@ def serve_command(
             kv_bits=spec.kv_bits,
         )
         model_id = served_model_id(spec.model, served_model_name)
-        state = build_state(model, tokenizer, generation_config, model_id, options)
+        state = build_state(
+            model, tokenizer, generation_config, model_id, options, speculation=speculation
+        )
         serve(state, sock, request_seconds=request_timeout)

@@ -228,9 +228,12 @@ class PromptTokensDetails(BaseModel):
 
 
 class CompletionTokensDetails(BaseModel):
-    """How many generated tokens were reasoning."""
+    """How many generated tokens were reasoning, and how many drafted ones were accepted or not
+    (speculative decoding; 0 without a drafter)."""
 
     reasoning_tokens: int
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class Usage(BaseModel):

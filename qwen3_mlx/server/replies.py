@@ -224,7 +224,13 @@ def usage_of(result: Any, cached_tokens: int) -> dict[str, Any]:
         "completion_tokens": result.generated_tokens,
         "total_tokens": result.prompt_tokens + result.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": result.thinking_tokens},
+        "completion_tokens_details": {
+            "reasoning_tokens": result.thinking_tokens,
+            # OpenAI's names for speculative decoding (predicted outputs): drafted tokens the
+            # model accepted, and those it rejected.
+            "accepted_prediction_tokens": result.accepted_tokens,
+            "rejected_prediction_tokens": result.drafted_tokens - result.accepted_tokens,
+        },
     }
 
 

@@ -74,9 +74,15 @@ def served_model_id(model: str, served_name: str | None = None) -> str:
 
 
 def build_state(
-    model: Any, tokenizer: Any, generation_config: Any, model_id: str, options: ServeOptions
+    model: Any,
+    tokenizer: Any,
+    generation_config: Any,
+    model_id: str,
+    options: ServeOptions,
+    speculation: Any = None,
 ) -> ServerState:
-    """The state of a server for this model (its worker not started yet)."""
+    """The state of a server for this model (its worker not started yet); speculation: a
+    speculative.Speculation for replies that run alone."""
     metrics = Metrics()
     context_limit = int(options.context_length or model.args.context_length)
     worker = GenerationWorker(
@@ -93,6 +99,7 @@ def build_state(
         max_batch=options.max_concurrency,
         max_queue=options.max_queue,
         metrics=metrics,
+        speculation=speculation,
     )
     if isinstance(model, LeaderModel) and options.on_lost_rank is not None:
         worker.watchdog = _lost_rank_watchdog(worker, options.on_lost_rank)

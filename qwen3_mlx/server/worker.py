@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -33,6 +34,7 @@ from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
 from qwen3_mlx.server.processors import AnswerConstraint, AnswerGrammar, LogprobRecorder
 from qwen3_mlx.settings import Sampling
+from qwen3_mlx.speculative import Speculation, SpeculativeRow
 from qwen3_mlx.stream import RepetitionGuard
 from qwen3_mlx.thinking import Part, prompt_phase
 from qwen3_mlx.tokenizer import Tokenizer
@@ -111,8 +113,11 @@ class GenerationWorker:
         max_queue: int,
         metrics: Metrics | None = None,
         repetition_guard: RepetitionGuard | None = RepetitionGuard(),  # noqa: B008 (frozen)
+        speculation: Speculation | None = None,
     ):
         self.model = model
+        # A reply that runs alone decodes speculatively (speculative.SpeculativeRow).
+        self.speculation = speculation
         self.tokenizer = tokenizer
         self.cache = cache
         self.stop_ids = stop_ids
@@ -261,7 +266,7 @@ class GenerationWorker:
             tools=job.tools,
             repetition_guard=self.guard,
             extra_processors=extra,
-            generate=self._row_source,
+            generate=functools.partial(self._row_source, held=lambda: choice.cache.tokens),
         )
         labels = LogprobLabels(reply, recorder, self.stop_ids)
         first = True
@@ -293,18 +298,24 @@ class GenerationWorker:
         max_tokens: int,
         on_prefill: Callable[[int, int], None] | None = None,
         seed: int | None = None,
+        held: Callable[[], list[int]] = list,
     ) -> Iterator[GeneratedToken]:
         """start_reply's token generator for the worker's jobs: the reply becomes a row of the
-        batch, with its own random key (from the reply's seed, or a random one)."""
-        row = BatchRow(
-            prompt,
-            cache,
+        batch, with its own random key (from the reply's seed, or a random one). With a drafter
+        it is a SpeculativeRow (held(): the tokens its cache kept before `prompt`)."""
+        options = dict(
             sampler=sampler,
             processors=logits_processors,
             max_tokens=max_tokens,
             seed=seed,
             on_prefill=on_prefill,
         )
+        if self.speculation is None:
+            row = BatchRow(prompt, cache, **options)
+        else:
+            row = SpeculativeRow(
+                prompt, cache, speculation=self.speculation, context=held(), **options
+            )
         if self.stopping:
             row.end(ServerStopped("the server is shutting down"))
             return row
