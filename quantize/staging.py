@@ -165,4 +165,17 @@ def replace_folder(staging: Path, output: Path, force: bool) -> None:
         raise ConversionError(
             f"{output}: cannot move the new model into place ({error.strerror})"
         ) from None
-    shutil.rmtree(old, ignore_errors=True)  # a real folder: check_replaceable refused the rest
+    _discard(old)
+
+
+def _discard(old: Path) -> None:
+    """Delete the folder --force replaced (a real folder: check_replaceable refused the rest).
+
+    The new model is in place by now, so the conversion is done: an interrupt here (Ctrl-C, a
+    stop signal) finishes the deletion and is not passed on, so nobody reads "not written" and
+    no `.old-*` copy is left behind.
+    """
+    try:
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:  # noqa: BLE001 (the work is done; only the cleanup remains)
+        shutil.rmtree(old, ignore_errors=True)

@@ -164,6 +164,11 @@ class BatchDecoder:
             if row.on_prefill is not None:
                 row.on_prefill(row.total - len(row.pending) + 1, row.total)
             return
+        round_alone = getattr(row, "round_alone", None)  # speculative.SpeculativeRow
+        if round_alone is not None and not self.rows and self.filling == [row]:
+            if round_alone(self.model, self.stop_ids):
+                self.filling.remove(row)
+            return
         self.filling.remove(row)
         last = mx.array(row.pending, dtype=mx.uint32)[None]
         token = row.sample(self.model(last, cache=row.cache)[:, -1, :])

@@ -4,7 +4,8 @@ The file is safetensors: each layer's keys and values cut to the tokens they hol
 layer's packed words, scales and biases as three tensors), and metadata: the exact token ids the
 cache holds and a fingerprint of everything that decides those states: the weights (a digest of the config and of a few tensors), the chat template, the compute dtype,
 the KV bits and the RoPE settings. A cache is restored only when every part matches; otherwise,
-or when the file is damaged, the caller falls back to a prefill. Writing is atomic.
+or when the file is damaged (every array is checked for shape, dtype and finite values), the
+caller falls back to a prefill. Writing is atomic.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen3_mlx.cache import PromptCache
+from qwen3_mlx.cache import PromptCache, make_cache
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.rope_auto import RopeAuto, switch
 
@@ -114,26 +115,51 @@ def saved_rope(path: Path) -> dict[str, Any] | None:
     return rope if isinstance(rope, dict) else None
 
 
-def _restore_layer(
-    layer: Any, arrays: dict[str, mx.array], index: int, length: int, heads: int
-) -> bool:
-    """Put one layer's saved arrays into a fresh cache layer; False if they do not fit it."""
-    parts = 3 if hasattr(layer, "bits") else 1
-    held = []
-    for name in ("keys", "values"):
-        found = [arrays.get(f"{index}.{name}.{part}") for part in range(parts)]
-        if any(
-            part is None or part.ndim != 4 or part.shape[1:3] != (heads, length) for part in found
-        ):
-            return length == 0 and all(part is None for part in found)
-        held.append(tuple(found) if parts == 3 else found[0])
-    layer.keys, layer.values = held
-    layer.offset = length
-    return True
+def _expected_parts(model: Any, kv_bits: int | None) -> list[tuple[tuple[int, ...], mx.Dtype]]:
+    """(batch, heads, last dimension) and dtype of each part a layer of this cache holds.
+
+    Asked of a fresh cache layer fed one token, so the check is exactly what the cache stores
+    (a quantized layer: packed words, then bf16 scales and biases).
+    """
+    probe = make_cache(model, kv_bits)[0]
+    heads, head_dim = model.args.num_key_value_heads, model.args.head_dim
+    token = mx.zeros((1, heads, 1, head_dim), dtype=model.model.norm.weight.dtype)
+    probe.update_and_fetch(token, token)
+    parts = probe.keys if isinstance(probe.keys, tuple) else (probe.keys,)
+    return [((part.shape[0], part.shape[1], part.shape[3]), part.dtype) for part in parts]
+
+
+def _check_arrays(arrays: dict[str, mx.array], model: Any, kv_bits: int | None, length: int) -> str:
+    """Why the saved arrays cannot be this model's cache of `length` tokens ('' when they can)."""
+    expected = _expected_parts(model, kv_bits)
+    layers = len(model.layers) if length else 0
+    names = {
+        f"{index}.{name}.{part}"
+        for index in range(layers)
+        for name in ("keys", "values")
+        for part in range(len(expected))
+    }
+    if set(arrays) != names:
+        return "its arrays are not the ones this model's cache holds"
+    for key, array in arrays.items():
+        (batch, heads, last), dtype = expected[int(key.rsplit(".", 1)[1])]
+        if array.shape != (batch, heads, length, last) or array.dtype != dtype:
+            return (
+                f"{key} is {array.dtype} {tuple(array.shape)}, not {dtype} "
+                f"{(batch, heads, length, last)}"
+            )
+    floats = [array for array in arrays.values() if mx.issubdtype(array.dtype, mx.floating)]
+    if floats and not mx.stack([mx.isfinite(array).all() for array in floats]).all().item():
+        return "it holds values that are not finite (NaN or infinity)"
+    return ""
 
 
 def load_cache(path: Path, model: Any, prints: dict[str, str]) -> PromptCache:
-    """The PromptCache saved at path; CacheFileError says why it cannot be used."""
+    """The PromptCache saved at path; CacheFileError says why it cannot be used.
+
+    Every array is checked against this model and the fingerprint (shape, dtype, finite values)
+    before it goes in the cache: a damaged file costs a prefill, never a reply.
+    """
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         mx.eval(list(arrays.values()))  # a truncated file fails here, not in the next reply
@@ -147,14 +173,24 @@ def load_cache(path: Path, model: Any, prints: dict[str, str]) -> PromptCache:
         raise CacheFileError(
             f"{path}: " + ("written by an older qwen3-mlx" if older else "not a qwen3-mlx KV cache")
         )
-    differing = [part for part in prints if saved.get(part) != prints[part]]
+    differing = [
+        part for part in prints if not isinstance(saved, dict) or saved.get(part) != prints[part]
+    ]
     if differing:
         raise CacheFileError(f"{path}: saved for another {' and '.join(differing)}")
-    cache = PromptCache(model, None if prints["kv bits"] == "None" else int(prints["kv bits"]))
-    for index, layer in enumerate(cache.cache):
-        heads = model.args.num_key_value_heads
-        if not _restore_layer(layer, arrays, index, len(tokens), heads):
-            raise CacheFileError(f"{path}: the KV cache does not match its token list")
+    kv_bits = None if prints["kv bits"] == "None" else int(prints["kv bits"])
+    problem = _check_arrays(arrays, model, kv_bits, len(tokens))
+    if problem:
+        raise CacheFileError(f"{path}: the KV cache does not fit this model ({problem})")
+    cache = PromptCache(model, kv_bits)
+    count = 3 if kv_bits is not None else 1  # quantized: packed words, scales, biases
+    for index, layer in enumerate(cache.cache if tokens else []):
+        held = []
+        for name in ("keys", "values"):
+            parts = [arrays[f"{index}.{name}.{part}"] for part in range(count)]
+            held.append(tuple(parts) if count > 1 else parts[0])
+        layer.keys, layer.values = held
+        layer.offset = len(tokens)
     cache.tokens = tokens
     return cache
 
@@ -175,14 +211,20 @@ def restore_beside(
     decides the rest.
     """
     saved = cache_path(transcript)
-    if plan is not None:
-        scaling = saved_rope(saved)
-        factor = None if scaling is None else float(scaling.get("factor", 0))
-        fits = scaling is None or (
-            factor in plan.factors
-            and scaling.get("original_max_position_embeddings") == plan.original
-        )
-        if fits and factor != plan.factor:
-            switch(model, plan, factor)
-            cache.clear()
-    return load_cache(saved, model, fingerprint(model, tokenizer, cache.kv_bits))
+    try:
+        if plan is not None:
+            scaling = saved_rope(saved)
+            factor = None if scaling is None else scaling.get("factor")
+            fits = scaling is None or (
+                factor in plan.factors
+                and scaling.get("original_max_position_embeddings") == plan.original
+            )
+            if fits and factor != plan.factor:
+                switch(model, plan, None if factor is None else float(factor))
+                cache.clear()
+        return load_cache(saved, model, fingerprint(model, tokenizer, cache.kv_bits))
+    except CacheFileError:
+        raise
+    except Exception as error:  # noqa: BLE001 (whatever the file holds: a note and a prefill)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise CacheFileError(f"{saved}: the KV cache cannot be restored ({reason})") from None

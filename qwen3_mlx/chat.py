@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from qwen3_mlx.settings import (
     validate_overrides,
     validate_setting,
 )
+from qwen3_mlx.speculative import DraftSpec, Speculation
 from qwen3_mlx.stream import RepetitionGuard
 from qwen3_mlx.thinking import thinking_active
 from qwen3_mlx.tokenizer import IM_END_ID, Tokenizer
@@ -64,8 +64,10 @@ class Chat:
         parallel_tool_calls: bool = True,
         kv_bits: int | None = None,
         auto_rope: bool = False,
+        speculation: Speculation | None = None,
     ):
         self.model = model
+        self.speculation = speculation  # a drafter: replies decode speculatively (speculative.py)
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.model_id = model_id
@@ -102,9 +104,11 @@ class Chat:
         rope_scaling: dict[str, Any] | None = None,
         compute_dtype: str = "auto",
         load: Callable[..., tuple[Any, Any, Any]] | None = None,
+        draft: DraftSpec | None = None,
         **chat_kwargs: Any,
     ) -> Chat:
-        """Load a model folder or repo id and open a chat with it.
+        """Load a model folder or repo id and open a chat with it (draft: speculative decoding,
+        its draft model loaded with the same policy).
 
         load: the loader (loading.load by default; a front end under mlx.launch passes
         parallel.distributed's rank-0 loader bound to its group).
@@ -115,6 +119,14 @@ class Chat:
         model, tokenizer, generation_config = load(
             path_or_repo, rope_scaling=rope_scaling, compute_dtype=compute_dtype
         )
+        if draft is not None:
+            chat_kwargs["speculation"] = draft.build(
+                model,
+                tokenizer,
+                compute_dtype=compute_dtype,
+                rope_scaling=rope_scaling,
+                kv_bits=chat_kwargs.get("kv_bits"),
+            )
         chat_kwargs.setdefault("model_id", str(path_or_repo))
         return cls(model, tokenizer, generation_config, **chat_kwargs)
 
@@ -369,16 +381,7 @@ class Chat:
             if self._active is reply:
                 self._active = None
             if started:
-                self._turns.append(
-                    replace(
-                        start_turn,
-                        answer=result.answer,
-                        thinking=result.thinking,
-                        thinking_finished=result.thinking_finished,
-                        finish_reason=result.finish_reason,
-                        tool_calls=result.tool_calls,
-                    )
-                )
+                self._turns.append(start_turn.answered_by(result))
 
         reply = start_reply(
             self.model,
@@ -396,8 +399,16 @@ class Chat:
             on_notice=self.on_notice,
             on_start=on_start,
             on_end=on_end,
+            **self._token_source(),
         )
         return reply
+
+    def _token_source(self) -> dict[str, Any]:
+        """start_reply's `generate=` when replies decode speculatively (the drafter sees the
+        tokens the cache keeps as well as the prompt part it is handed)."""
+        if self.speculation is None:
+            return {}
+        return {"generate": self.speculation.source(lambda: self.cache.tokens)}
 
 
 def _clean_system(value: str | None) -> str | None:

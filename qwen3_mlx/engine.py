@@ -195,7 +195,7 @@ def start_reply(
             # Tokens this RoPE can still produce: the last one fed sits at window - 1.
             room = rope.current_window - len(prompt) - len(produced) + 1
             take = min(budget - len(produced), room)
-            segment = generate_tokens(
+            segment = generate(
                 model, pending, cache.cache, max_tokens=take, previous_token=previous, **options
             )
             for token in segment:

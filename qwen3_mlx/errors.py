@@ -43,6 +43,7 @@ class ContextOverflowError(Qwen3Error):
         self.prompt_tokens = prompt_tokens  # a lower bound when at_least (counted by size alone)
         self.context_limit = context_limit
         self.yarn_enabled = yarn_enabled
+        self.at_least = at_least
         needs = f"at least {prompt_tokens:,}" if at_least else f"{prompt_tokens:,}"
         super().__init__(
             f"the prompt needs {needs} tokens but the context holds {context_limit:,} "

@@ -59,6 +59,21 @@ class TurnResult:
     thinking_seconds: float
     peak_memory_gb: float
     tool_calls: tuple[ToolCall, ...] = ()  # every call, valid or not, in order
+    # Speculative decoding: target passes that generated the reply, and the drafted tokens they
+    # checked and accepted (plain decoding: one pass per token, none drafted).
+    target_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def draft_acceptance(self) -> float:
+        """Accepted drafted tokens per drafted token (0.0 when none were drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_target_step(self) -> float:
+        """Generated tokens per target pass (1.0 for plain decoding)."""
+        return self.generated_tokens / self.target_steps if self.target_steps else 0.0
 
 
 ReplyEvent = ThinkingText | AnswerText | ToolCallText | ToolCallEvent

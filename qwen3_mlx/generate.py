@@ -28,6 +28,12 @@ class GeneratedToken:
 
     token: int
     seconds: float
+    # Speculative decoding (speculative.py): whether this token opened a target pass, how many
+    # drafted tokens that pass checked (on its first token), and 1 when this token is an accepted
+    # draft.
+    target_step: bool = True
+    drafted: int = 0
+    accepted: int = 0
 
 
 def greedy(logprobs: mx.array, key: mx.array | None = None) -> mx.array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,20 @@ class GenerationConfig:
             for name in PRESET_NAMES
             if data.get(name) is not None
         }
+        nulls = [name for name in PRESET_NAMES if name in data and data[name] is None]
+        if nulls:
+            used = ", ".join(f"{name} {THINKING_DEFAULTS[name]:g}" for name in nulls)
+            warnings.warn(
+                f"{path}: {', '.join(nulls)} {'is' if len(nulls) == 1 else 'are'} null; "
+                f"using Qwen3's recommended {used}",
+                GenerationConfigWarning,
+                stacklevel=2,
+            )
         return cls(**values, eos_token_ids=eos_ids)
+
+
+class GenerationConfigWarning(UserWarning):
+    """generation_config.json leaves a sampling value null: Qwen3's recommendation is used."""
 
 
 def read_generation_file(path: Path) -> dict[str, Any]:

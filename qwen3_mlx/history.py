@@ -8,9 +8,10 @@ real user message and drops before it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from qwen3_mlx.events import TurnResult
 from qwen3_mlx.tools import ToolCall, ToolResult
 
 
@@ -36,10 +37,20 @@ class Turn:
         """Whether this reply made tool calls or answered tool results."""
         return bool(self.tool_calls or self.tool_results)
 
+    def answered_by(self, result: TurnResult) -> Turn:
+        """This turn with the reply that answered it: every field a TurnResult shares with it."""
+        return replace(self, **{name: getattr(result, name) for name in _FROM_RESULT})
+
     @property
     def valid_calls(self) -> tuple[ToolCall, ...]:
         """The calls that parsed (the ones a tool can run and the template can render)."""
         return tuple(call for call in self.tool_calls if call.valid)
+
+
+# answer, thinking, thinking_finished, finish_reason, tool_calls: what a reply decides of a turn.
+_FROM_RESULT = tuple(
+    name for name in (f.name for f in fields(Turn)) if name in TurnResult.__dataclass_fields__
+)
 
 
 def history_messages(system: str | None, turns: list[Turn]) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ headers from the Hub by HTTP range requests: the weights are never downloaded.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +32,15 @@ SMALL_FILE_PATTERNS = ["*.json", "*.jinja", "merges.txt"]
 TensorEntries = dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "data_offsets"}
 
 
+# The Hub's own grammar for each side of 'owner/name': letters, digits, '_', '-' and '.', not
+# beginning or ending with '-' or '.', no '--' or '..', at most 96 characters.
+_REPO_PART = re.compile(r"(?!.*(--|\.\.))[\w](?:[\w.-]{0,94}[\w])?")
+
+
 def is_repo_id(name: str) -> bool:
     """Whether name is spelled like a Hugging Face repo id 'owner/name' (and not like a path)."""
     parts = str(name).split("/")
-    return not str(name).startswith((".", "/", "~")) and len(parts) == 2 and all(parts)
+    return len(parts) == 2 and all(_REPO_PART.fullmatch(part) for part in parts)
 
 
 def local_folder(name: str | Path) -> Path | None:

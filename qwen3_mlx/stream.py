@@ -150,6 +150,7 @@ class ReplyStream:
         self.thinking_tokens = 0
         self.calls: list[ToolCall] = []
         self.call_text: SectionText | None = None  # the body of the call being written
+        self.target_steps = self.drafted = self.accepted = 0  # speculation counts (GeneratedToken)
 
     def run(self, generated: Iterable[GeneratedToken]) -> Iterator[ReplyEvent]:
         """Consume the token generator, yielding text pieces; sets finish_reason when it ends."""
@@ -157,6 +158,9 @@ class ReplyStream:
         for item in generated:
             self._time(item.seconds)
             self.tokens.append(item.token)
+            self.target_steps += item.target_step
+            self.drafted += item.drafted
+            self.accepted += item.accepted
             if item.token in self.stop_ids:
                 finish = "stop"
                 break
@@ -256,4 +260,7 @@ class ReplyStream:
             thinking_seconds=thinking_seconds,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             tool_calls=tuple(self.calls),
+            target_steps=self.target_steps,
+            drafted_tokens=self.drafted,
+            accepted_tokens=self.accepted,
         )

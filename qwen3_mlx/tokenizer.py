@@ -177,9 +177,13 @@ def read_hf_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as error:  # transformers raises many types for bad folders
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({error})") from None
+    # The context decides what is too long (ContextOverflowError says so in one line); without
+    # this, transformers warns about its own model_max_length first, on every long prompt.
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:

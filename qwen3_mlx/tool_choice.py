@@ -1,7 +1,7 @@
 """tool_choice and schema-constrained tool arguments, as logits processors.
 
-- `none`: <tool_call> is masked everywhere. The prompt (tools included) stays the same, so the
-  KV cache still holds.
+- `none`: <tool_call> and </tool_call> are masked everywhere (nothing may close a call that
+  cannot open). The prompt (tools included) stays the same, so the KV cache still holds.
 - `required`, or a named function: once the think block has closed, the reply must open a call
   (after at most two newline tokens, as Qwen3 writes them); a named choice then has the
   `{"name": "X", "arguments": ` prefix written for it.
@@ -30,8 +30,8 @@ NEWLINE_CHARS = {198: 1, 271: 2}
 
 
 def ban_tool_calls(previous: mx.array | None, logits: mx.array) -> mx.array:
-    """tool_choice none: the <tool_call> token can never be sampled."""
-    return mask_except(logits, None, banned=(TOOL_CALL_START_ID,))
+    """tool_choice none: neither <tool_call> nor </tool_call> can ever be sampled."""
+    return mask_except(logits, None, banned=(TOOL_CALL_START_ID, TOOL_CALL_END_ID))
 
 
 def mask_except(
@@ -61,6 +61,65 @@ def lltokenizer(tokenizer: Any, vocab: int) -> Any:
     return _LLTOKENIZERS[key]
 
 
+# Qwen3's own separators and no free whitespace: constrained JSON is written the way the template
+# renders it back (so the cache prefix holds through a tool loop), and the model cannot pad forever.
+JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+COMPOSITIONS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMAS = ("items", "additionalItems", "not", "if", "then", "else", "contains")
+
+
+class SchemaError(ToolError):
+    """A JSON schema llguidance cannot compile (one line: what it could not read)."""
+
+
+def compile_grammar(tokenizer: Any, vocab: int, grammar: str, what: str) -> Any:
+    """An llguidance matcher for `grammar`; SchemaError naming `what` when it does not compile."""
+    import llguidance
+
+    matcher = llguidance.LLMatcher(lltokenizer(tokenizer, vocab), grammar, log_level=0)
+    if matcher.is_error():
+        # The error is "at LINE(COL): reason" and then the whole grammar; the reason is enough.
+        reason = matcher.get_error().strip().splitlines()[0]
+        reason = reason.split(": ", 1)[1] if reason.startswith("at ") else reason
+        raise SchemaError(f"{what} is not a usable JSON schema: {reason}")
+    return matcher
+
+
+def allowed_tokens(tokenizer: Any, vocab: int, matcher: Any) -> mx.array | None:
+    """The boolean mask of tokens a matcher allows next (None when it allows none or gave up)."""
+    import llguidance.numpy as llnp
+
+    if matcher.is_error():
+        return None
+    bits = llnp.allocate_token_bitmask(1, lltokenizer(tokenizer, vocab).vocab_size)
+    llnp.fill_next_token_bitmask(matcher, bits, 0)
+    keep = np.unpackbits(bits[0].view(np.uint8), bitorder="little")[:vocab]
+    return mx.array(keep.astype(bool)) if keep.any() else None
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` wherever an object lists its properties and
+    says nothing about others (as llama.cpp's grammars read it), so a constrained object can close.
+
+    An object without `properties` stays open: `{"type": "object"}` means any object.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    if isinstance(closed.get("properties"), dict):
+        closed.setdefault("additionalProperties", False)
+        closed["properties"] = {k: closed_objects(v) for k, v in closed["properties"].items()}
+    for key in ("$defs", "definitions", "patternProperties"):
+        if isinstance(closed.get(key), dict):
+            closed[key] = {k: closed_objects(v) for k, v in closed[key].items()}
+    for key in (*COMPOSITIONS, *SUBSCHEMAS, "additionalProperties"):
+        if key in closed and isinstance(closed[key], (dict, list)):
+            closed[key] = closed_objects(closed[key])
+    return closed
+
+
 class ArgumentGrammar:
     """The llguidance grammar of one tool call: `\\n{"name": N, "arguments": <schema>}\\n</tool_call>`.
 
@@ -69,27 +128,17 @@ class ArgumentGrammar:
     """
 
     def __init__(self, tokenizer: Any, tools: Sequence[dict[str, Any]], vocab: int):
-        import llguidance
-
-        self.lltokenizer = lltokenizer(tokenizer, vocab)
-        schema = {
-            # Qwen3's own separators and no free whitespace: a constrained call is written the
-            # way the template renders calls back, so the cache prefix holds through the loop.
-            "x-guidance": {
-                "whitespace_flexible": False,
-                "key_separator": ": ",
-                "item_separator": ", ",
-            },
-            "anyOf": [_call_schema(tool["function"]) for tool in tools],
-        }
+        schema = {"x-guidance": JSON_STYLE, "anyOf": [_call_schema(t["function"]) for t in tools]}
         grammar = (
             f'start: "\\n" call "\\n" <[{TOOL_CALL_END_ID}]>\ncall: %json {json.dumps(schema)}'
         )
-        self.template = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
-        if self.template.is_error():
-            raise ToolError(
-                f"a tool's parameters are not a usable JSON schema: {self.template.get_error()}"
-            )
+        what = (
+            "a tool's parameters"
+            if len(tools) > 1
+            else f"{tools[0]['function']['name']}'s parameters"
+        )
+        self.template = compile_grammar(tokenizer, vocab, grammar, what)
+        self.tokenizer = tokenizer
         self.vocab = vocab
 
     def matcher(self) -> Any:
@@ -98,14 +147,7 @@ class ArgumentGrammar:
 
     def allowed(self, matcher: Any) -> mx.array | None:
         """The boolean mask of tokens the schema allows next (None if the matcher gave up)."""
-        import llguidance.numpy as llnp
-
-        if matcher.is_error():
-            return None
-        bits = llnp.allocate_token_bitmask(1, self.lltokenizer.vocab_size)
-        llnp.fill_next_token_bitmask(matcher, bits, 0)
-        keep = np.unpackbits(bits[0].view(np.uint8), bitorder="little")[: self.vocab]
-        return mx.array(keep.astype(bool)) if keep.any() else None
+        return allowed_tokens(self.tokenizer, self.vocab, matcher)
 
 
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
@@ -113,11 +155,28 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
         "type": "object",
         "properties": {
             "name": {"const": function["name"]},
-            "arguments": function.get("parameters") or {"type": "object"},
+            "arguments": closed_objects(function.get("parameters") or {"type": "object"}),
         },
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def argument_grammar(
+    tokenizer: Any,
+    tools: Sequence[dict[str, Any]],
+    choice: str,
+    vocab: int,
+    grammar_cache: dict[str, ArgumentGrammar],
+) -> ArgumentGrammar:
+    """The compiled grammar of the calls a reply may write (the named tool's, or any tool's),
+    compiled once per tool set; SchemaError when a schema does not compile."""
+    named = [t for t in tools if t["function"]["name"] == choice]
+    key = json.dumps([named or tools], sort_keys=True)
+    grammar = grammar_cache.get(key)
+    if grammar is None:  # (get, then set: a bounded cache may drop it in between)
+        grammar = grammar_cache[key] = ArgumentGrammar(tokenizer, named or tools, vocab)
+    return grammar
 
 
 class ToolCallGuide:
@@ -202,10 +261,7 @@ def tool_processors(
     named = [t for t in tools if t["function"]["name"] == choice]
     grammar = None
     if constrain:
-        key = json.dumps([named or tools], sort_keys=True)
-        if key not in grammar_cache:
-            grammar_cache[key] = ArgumentGrammar(tokenizer, named or tools, vocab)
-        grammar = grammar_cache[key]
+        grammar = argument_grammar(tokenizer, tools, choice, vocab, grammar_cache)
     if choice == "auto" and grammar is None and parallel:
         return []
     force = None if choice == "auto" else choice

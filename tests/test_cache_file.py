@@ -116,3 +116,68 @@ def test_a_damaged_cache_file_falls_back(tiny, tmp_path: Path) -> None:
     kv.write_bytes(kv.read_bytes()[: kv.stat().st_size // 2])
     model, tokenizer, generation_config = tiny
     fallback(Chat(model, tokenizer, generation_config), tmp_path / "conv.json", "damaged")
+
+
+def rewrite(path: Path, change) -> None:
+    """Rewrite a saved cache file: change(arrays, metadata) edits both in place."""
+    import mlx.core as mx
+
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    change(arrays, metadata)
+    mx.save_safetensors(str(path), arrays, metadata)
+
+
+def test_a_cache_that_passes_the_header_but_not_the_model_falls_back(tiny, tmp_path: Path) -> None:
+    """Issue 27, Medium 7: every array is checked (shape, dtype, finite values) before a reply
+    reads it, and a fingerprint nobody could have written is a note too."""
+    import mlx.core as mx
+
+    chat = session(tiny)
+    chat.save(tmp_path / "conv.json", with_cache=True)
+    held = len(chat.cache.tokens)
+    kv = cache_path(tmp_path / "conv.json")
+    good = kv.read_bytes()
+    model, tokenizer, generation_config = tiny
+
+    def head_size_32(arrays, metadata):
+        arrays["0.keys.0"] = arrays["0.keys.0"][..., :32]
+
+    def batch_of_2(arrays, metadata):
+        arrays["1.values.0"] = mx.concatenate([arrays["1.values.0"]] * 2)
+
+    def float16(arrays, metadata):
+        arrays["2.keys.0"] = arrays["2.keys.0"].astype(mx.float16)
+
+    def nan_keys(arrays, metadata):
+        arrays["0.keys.0"] = arrays["0.keys.0"] * mx.array(float("nan"))
+
+    cases = [
+        (head_size_32, f"0.keys.0 is mlx.core.float32 (1, 2, {held}, 32)"),
+        (batch_of_2, f"1.values.0 is mlx.core.float32 (2, 2, {held}, 64)"),
+        (float16, "2.keys.0 is mlx.core.float16"),
+        (nan_keys, "not finite"),
+    ]
+    for change, expected in cases:
+        kv.write_bytes(good)
+        rewrite(kv, change)
+        fallback(Chat(model, tokenizer, generation_config), tmp_path / "conv.json", expected)
+
+    def bad_factor(arrays, metadata):
+        prints = json.loads(metadata["fingerprint"])
+        prints["rope"] = json.dumps({"factor": "abc"})
+        metadata["fingerprint"] = json.dumps(prints)
+
+    kv.write_bytes(good)
+    rewrite(kv, bad_factor)
+    auto = Chat(model, tokenizer, generation_config, auto_rope=True)
+    fallback(auto, tmp_path / "conv.json", "saved for another rope")
+
+
+def test_a_quantized_cache_passes_the_checks_and_restores(tiny, tmp_path: Path) -> None:
+    model, tokenizer, generation_config = tiny
+    chat = Chat(model, tokenizer, generation_config, sampling=GREEDY, kv_bits=8)
+    chat.send(QUESTIONS[0]).text()
+    chat.save(tmp_path / "conv.json", with_cache=True)
+    again = Chat(model, tokenizer, generation_config, kv_bits=8)
+    assert again.load(tmp_path / "conv.json").startswith("restored the KV cache")
+    assert again.cache.tokens == chat.cache.tokens

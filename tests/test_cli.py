@@ -154,11 +154,14 @@ def test_broken_model_folder_is_one_error_line(tmp_path: Path) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = invoke("--debug", "prompt", "hi", "-m", str(tmp_path / "missing"))
-    assert result.exit_code == 1
-    assert "Traceback (most recent call last)" in result.stderr
-    assert "ModelNotFoundError" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
+    # Every command reads --debug from its own context (quantize included).
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "out")
+    for command in (["prompt", "hi", "-m", missing], ["quantize", missing, out]):
+        result = invoke("--debug", *command)
+        assert result.exit_code == 1
+        assert "Traceback (most recent call last)" in result.stderr
+        assert "ModelNotFoundError" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
 
 
 # --- prompt -------------------------------------------------------------------------------------
@@ -400,6 +403,10 @@ def test_download_errors(tmp_path: Path, model_dir: Path) -> None:
     )
     local = invoke("download", str(model_dir))
     assert local.exit_code == 2 and "local folder" in local.stderr
+    for bad in ("x/y z", "x/-y", "x/y..z", "x/" + "y" * 97):  # the Hub refuses these names
+        spaced = invoke("download", bad)
+        assert spaced.exit_code == 2 and "is not a Hugging Face repo id" in spaced.stderr
+        assert "HFValidationError" not in spaced.stderr
 
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"
@@ -482,3 +489,53 @@ def test_info_on_a_cached_repo_uses_the_cache(model_dir: Path, tmp_path: Path) -
     result = invoke("info", "owner/cached", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["path"] == str(snapshot)
+
+
+def test_prompt_with_a_draft_model_is_exact_and_reports_acceptance(model_dir: Path) -> None:
+    """The model drafting for itself: the answer is plain decoding's, every draft is accepted."""
+    flags = ["-m", str(model_dir), "--no-think", "--temp", "0", "--max-tokens", "8", "--json"]
+    result = invoke("prompt", "What is 2 + 3?", *flags, "--draft-model", str(model_dir))
+    assert result.exit_code == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["answer"] == direct_answer(model_dir, "What is 2 + 3?", temperature=0, max_tokens=8)
+    stats = body["stats"]
+    assert stats["drafted_tokens"] > 0 and stats["draft_acceptance"] == 1.0
+    assert stats["tokens_per_target_step"] > 1
+    assert stats["target_steps"] < stats["generated_tokens"]
+
+
+def test_draft_flags_are_checked(model_dir: Path, tmp_path: Path) -> None:
+    base = ["prompt", "hi", "-m", str(model_dir)]
+    both = invoke(*base, "--draft", "ngram", "--draft-model", str(model_dir))
+    alone = invoke(*base, "--draft-tokens", "3")
+    assert both.exit_code == alone.exit_code == 2
+    assert "give --draft-model or --draft ngram, not both" in both.stderr
+    assert "needs --draft-model or --draft ngram" in alone.stderr
+    other = make_checkpoint(tmp_path / "other", tokenizer="qwen3-4b", vocab_size=151_680)
+    refused = invoke(*base, "--draft-model", str(other))
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"Error: {other} cannot draft for this model: its vocabulary has 151,680 ids, "
+        "the target's 151,936"
+    )
+    info = invoke("info", str(model_dir), "--draft-model", str(other))
+    assert info.exit_code == 0, info.stderr
+    assert "not compatible, its vocabulary has 151,680 ids" in info.stdout
+    same = json.loads(
+        invoke("info", str(model_dir), "--json", "--draft-model", str(model_dir)).stdout
+    )
+    assert same["draft"]["compatible"] is True
+
+
+def test_config_file_turns_on_ngram_drafting(model_dir: Path, isolated_env: Path) -> None:
+    config = isolated_env / "config" / "qwen3-mlx" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('draft = "ngram"\ndraft_tokens = 3\n')
+    flags = ["-m", str(model_dir), "--no-think", "--temp", "0", "--max-tokens", "6"]
+    result = invoke("--debug", "prompt", "What is 2 + 3?", *flags)
+    assert result.exit_code == 0, result.stderr
+    assert "speculative decoding: ngram drafts 3 tokens a step" in result.stderr
+    assert (
+        result.stdout
+        == direct_answer(model_dir, "What is 2 + 3?", temperature=0, max_tokens=6) + "\n"
+    )

@@ -45,6 +45,7 @@ def test_prompt_with_auto_rope_switches_once_and_says_so(short_window: Path) -> 
     [
         (["prompt", "hi", "--rope-scaling", "auto", "--rope-factor", "2"], "--rope-scaling yarn"),
         (["serve", "--rope-scaling", "auto"], "auto is for chat and prompt"),
+        (["serve", "--api-key", ""], "an empty key"),  # (would turn authentication off)
         (["chat", "--load", "missing.json"], "missing.json"),
     ],
 )

@@ -354,3 +354,16 @@ def test_a_long_prefill_shows_tokens_read_rate_and_time_left() -> None:
     shown = output.getvalue()
     assert "reading the prompt: 4,096 of 40,000 tokens" in shown and "s left" in shown
     assert "of 1,000 tokens" not in shown
+
+
+def test_stats_show_speculation_only_when_tokens_were_drafted() -> None:
+    from dataclasses import replace
+
+    from qwen3_mlx.cli.render import stats_lines
+
+    plain = make_result("x", generated=12)
+    assert not any(line.startswith("speculation") for line in stats_lines(plain))
+    drafted = replace(plain, target_steps=5, drafted_tokens=10, accepted_tokens=7)
+    assert stats_lines(drafted)[-1] == (
+        "speculation        7 of 10 drafted tokens accepted (70 %), 2.40 tokens per target step"
+    )

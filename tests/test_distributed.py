@@ -72,7 +72,9 @@ def launch(command: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
     )
 
 
-def start_group(command: list[str], stdout: Any, stderr: Any) -> subprocess.Popen:
+def start_group(
+    command: list[str], stdout: Any, stderr: Any, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start `mlx.launch -n 2 --backend ring` of a qwen3-mlx command in a session of its own
     (os.killpg(pid, SIGINT) is then Ctrl-C at its terminal)."""
     launcher = Path(sys.executable).with_name("mlx.launch")
@@ -80,7 +82,7 @@ def start_group(command: list[str], stdout: Any, stderr: Any) -> subprocess.Pope
     qwen3_mlx = str(Path(sys.executable).with_name("qwen3-mlx"))
     return subprocess.Popen(
         [str(launcher), *ring, qwen3_mlx, *command],
-        env=ENV,
+        env={**ENV, **(extra_env or {})},
         # A pipe never written to, like a terminal nobody types at. Not /dev/null: mlx.launch
         # (mlx 0.32) then reads EOF ten times a second and puts it on a queue, and a SIGINT that
         # lands inside that queue's lock leaves it held: its I/O threads block, and it hangs

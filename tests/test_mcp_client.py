@@ -34,7 +34,10 @@ CONFIG = {
             "startup_timeout": 3,
         },
         "missing": {"command": "no-such-mcp-server-command"},
-        "dies": {"command": sys.executable, "args": ["-c", "import sys; sys.exit('bad flag --x')"]},
+        "dies": {
+            "command": sys.executable,
+            "args": ["-c", r"import sys; sys.exit('bad flag --x\x1b]0;PWNED\x07')"],
+        },
     }
 }
 
@@ -98,7 +101,8 @@ def test_servers_that_fail_to_start_are_named_in_one_line_each(manager: McpManag
     assert len(manager.problems) == 3
     assert "'silent' not started: no answer to initialize within 3 s" in problems
     assert "'missing' not started: command 'no-such-mcp-server-command' not found" in problems
-    assert "'dies' not started: it exited at start: bad flag --x" in problems
+    # Its stderr line is quoted with the escapes it holds made visible, never sent to the terminal.
+    assert r"'dies' not started: it exited at start: bad flag --x\x1b]0;PWNED\x07" in problems
     assert {t.server for t in manager.tools} == {"time", "tiny"}
 
 
@@ -122,3 +126,25 @@ def test_close_leaves_no_server_process(manager: McpManager) -> None:
     gone, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
     assert manager.call(tool(manager, "tiny-echo"), {"text": "x"}).is_error
+
+
+def test_a_noisy_server_log_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen3_mlx.mcp import server_log
+
+    monkeypatch.setattr(server_log, "LOG_CAP", 64 * 1024)
+    monkeypatch.setattr(server_log, "CHECK_SECONDS", 0.05)
+    noisy = (
+        "import sys, time\n"
+        "for _ in range(20):\n"
+        "    sys.stderr.write('noise ' * 20_000 + '\\n'); sys.stderr.flush(); time.sleep(0.05)\n"
+        "sys.stdin.read()\n"
+    )  # 2.4 MB of stderr, and never an answer to initialize
+    config = {"mcpServers": {"noisy": {"command": sys.executable, "args": ["-c", noisy]}}}
+    config["mcpServers"]["noisy"]["startup_timeout"] = 1.5
+    with McpManager(parse_mcp_config(config), log_dir=tmp_path) as manager:
+        (problem,) = manager.wait_started()
+    assert "no answer to initialize" in problem
+    log = tmp_path / "mcp-noisy.log"
+    older = tmp_path / "mcp-noisy.log.1"
+    assert older.stat().st_size <= 64 * 1024 and log.stat().st_size < 512 * 1024
+    assert "the log passed" in log.read_text()

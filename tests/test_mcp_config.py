@@ -118,6 +118,26 @@ def test_consent_rules() -> None:
     assert consent.allowed(tool) and not consent.allowed(McpTool("time", "convert_time", ""))
 
 
+def test_allow_list_entries_with_dots_in_names_are_read_one_way_only() -> None:
+    files_read = McpTool("files", "read.all", "")  # label files.read.all
+    other = McpTool("files.read", "all", "")  # the same label, another server
+    servers = ["files", "files.read"]
+    # server/tool splits at the last slash, each side its own pattern.
+    consent = Consent(["files/read.*"], servers=servers)
+    assert consent.allowed(files_read) and not consent.allowed(other)
+    assert Consent(["files.read/*"], servers=servers).allowed(other)
+    assert not Consent(["files.read/*"], servers=servers).allowed(files_read)
+    # The old dotted form: ambiguous between two servers, it allows nothing and says why ...
+    ambiguous = Consent(["files.read.*"], servers=servers)
+    assert not ambiguous.allowed(files_read) and not ambiguous.allowed(other)
+    (problem,) = ambiguous.problems
+    assert "'files.read.*' allows nothing" in problem and "'files/read.*'" in problem
+    # ... and with one server it can name, it means that server.
+    assert Consent(["files.read.*"], servers=["files"]).allowed(files_read)
+    assert not Consent(["files.*"], servers=servers).allowed(other)
+    assert Consent(["*"], servers=servers).allowed(other)  # no server named: the whole label
+
+
 def test_results_are_text_errors_and_summaries() -> None:
     from mcp.types import CallToolResult, ImageContent, TextContent
 

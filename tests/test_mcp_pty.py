@@ -24,6 +24,8 @@ from test_repl_pty import (  # noqa: F401
     wait_for_prompt,
 )
 
+from qwen3_mlx.mcp.naming import function_name
+
 TIME = {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone=UTC"]}
 
 
@@ -116,7 +118,9 @@ def spawn_prompt(tmp_path: Path, *args: str) -> pexpect.spawn:
 def test_prompt_asks_on_the_terminal_and_ctrl_c_leaves_no_server(tmp_path: Path) -> None:
     config = secret_config(tmp_path)
     flags = ("-m", str(TRAINED), "--mcp-config", str(config), "--temp", "0", "--seed", "0")
+    # Two runs side by side (start-up is most of their time): one answers y, one gets Ctrl-C.
     child = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
+    second = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
     child.expect_exact(LOOKUP_QUESTION)
     child.sendline("y")
     child.expect(pexpect.EOF)
@@ -125,7 +129,7 @@ def test_prompt_asks_on_the_terminal_and_ctrl_c_leaves_no_server(tmp_path: Path)
     assert "← secret.lookup: river" in child.before
     assert "The secret word for moon is river." in child.before
     # Ctrl-C at the question ends prompt (130) and stops the server.
-    child = spawn_prompt(tmp_path, "What is the secret word for moon?", *flags)
+    child = second
     child.expect_exact(LOOKUP_QUESTION)
     servers = psutil.Process(child.pid).children(recursive=True)
     assert servers
@@ -135,3 +139,46 @@ def test_prompt_asks_on_the_terminal_and_ctrl_c_leaves_no_server(tmp_path: Path)
     assert child.exitstatus == 130
     _, alive = psutil.wait_procs(servers, timeout=10)
     assert alive == []
+
+
+HOSTILE_SERVER = Path(__file__).parent / "fixtures" / "mcp" / "hostile_server.py"
+SCRIPTED_CLI = (str(Path(__file__).parent / "scripted_cli.py"),)
+EVIL = "lookup\x1b]0;PWNED\x07\x1b[2K\rsecret.lookup"
+EVIL_SHOWN = r"hostile.lookup\x1b]0;PWNED\x07\x1b[2K\rsecret.lookup"
+
+
+def test_a_tool_server_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    """Names, descriptions and results a server sends are shown with their escapes visible: the
+    consent line names the tool really asked about, and no result types into our input."""
+    config = tmp_path / "mcp.json"
+    server = {"command": sys.executable, "args": [str(HOSTILE_SERVER)]}
+    config.write_text(json.dumps({"mcpServers": {"hostile": server}}))
+    flags = ("-m", "scripted", "--mcp-config", str(config))
+    # prompt starts beside chat (start-up is most of the time); it asks on stderr, and shows the
+    # step there, with the same escapes.
+    call = f'call {function_name("hostile", EVIL)} {{"key": "moon"}}'
+    prompt = spawn_cli(tmp_path, "prompt", call, *flags, log_name="pty.log", launcher=SCRIPTED_CLI)
+    child = spawn_cli(
+        tmp_path, "chat", *flags, log_name="pty.log", timeout=START_TIMEOUT, launcher=SCRIPTED_CLI
+    )
+    wait_for_prompt(child, timeout=START_TIMEOUT)
+    out = command(child, "/tools")
+    assert EVIL_SHOWN in out and r"Fetch a page\x1b]0;PWNED\x07" in out
+    child.sendline(call)
+    child.expect_exact(EVIL_SHOWN + '({"key": "moon"}) [y]es / [n]o / [a]lways for this tool?')
+    child.sendline("n")
+    assert f"← {EVIL_SHOWN}: declined" in wait_for_prompt(child)
+    child.sendline('call hostile-fetch {"url": "a"}')
+    child.expect_exact('hostile.fetch({"url": "a"}) [y]es')
+    child.sendline("y")
+    assert r"← hostile.fetch: page \x1b[6n text \x9b6n end" in wait_for_prompt(child)
+    assert quit_with_ctrl_d(child) == 0
+    prompt.expect_exact(EVIL_SHOWN + '({"key": "moon"}) [y]es', timeout=START_TIMEOUT)
+    prompt.sendline("y")
+    prompt.expect(pexpect.EOF)
+    prompt.close()
+    assert prompt.exitstatus == 0 and f"← {EVIL_SHOWN}: river" in prompt.before
+    raw = (tmp_path / "pty.log").read_text(encoding="utf-8")
+    assert "PWNED" in raw  # shown ...
+    for sequence in ("\x1b]0;PWNED", "\x07", "\x1b[6n", "\x9b", "\x1b[8m"):
+        assert sequence not in raw  # ... never sent to the terminal as it came

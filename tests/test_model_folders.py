@@ -368,3 +368,15 @@ def test_oversized_template_and_template_file(hf_tokenizer, tiny_checkpoint):
     with pytest.raises(TemplateError) as error:
         read_hf_tokenizer(tiny_checkpoint)
     one_line(error, "chat_template.jinja", "2,147,483,648 bytes")
+
+
+def test_a_null_sampling_value_is_named_not_silently_replaced(tmp_path):
+    """Issue 27 (CLI audit): `temperature: null` was accepted silently."""
+    from qwen3_mlx.generation_config import GenerationConfigWarning
+
+    (tmp_path / "generation_config.json").write_text('{"temperature": null, "top_p": 0.9}')
+    with pytest.warns(GenerationConfigWarning) as caught:
+        config = GenerationConfig.from_model_dir(tmp_path)
+    (warning,) = caught
+    assert "temperature is null; using Qwen3's recommended temperature 0.6" in str(warning.message)
+    assert (config.temperature, config.top_p) == (0.6, 0.9)

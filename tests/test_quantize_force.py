@@ -141,3 +141,30 @@ def test_force_works_from_a_deleted_current_folder(
     output = fake_model_folder(tmp_path / "out")
     quantize_checkpoint(source, output, force=True)
     assert (output / "model.safetensors").read_bytes() != b"not really"
+
+
+def test_ctrl_c_while_the_old_folder_is_deleted_keeps_the_new_one_and_says_written(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 27 (CLI audit): an interrupt after the new folder is in place is not "not written"."""
+    import shutil
+
+    import qwen3_mlx.quantize.staging as staging_module
+
+    source = make_checkpoint("src")
+    output = fake_model_folder(tmp_path / "out")
+    real_rmtree = shutil.rmtree
+    interrupted = []
+
+    def rmtree_interrupted_once(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if ".old-" in str(path) and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(staging_module.shutil, "rmtree", rmtree_interrupted_once)
+    result = runner.invoke(cli_app(), ["quantize", str(source), str(output), "--force"])
+    assert interrupted and result.exit_code == 0, result.stderr
+    assert "not written" not in result.stderr
+    assert (output / "model.safetensors").read_bytes() != b"not really"
+    assert leftovers(tmp_path) == []

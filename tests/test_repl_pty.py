@@ -49,9 +49,15 @@ def default_sigint() -> None:
 
 
 def spawn_cli(
-    tmp_path: Path, command: str, *args: str, log_name: str, timeout: float = STEP_TIMEOUT
+    tmp_path: Path,
+    command: str,
+    *args: str,
+    log_name: str,
+    timeout: float = STEP_TIMEOUT,
+    launcher: tuple[str, ...] = ("-m", "qwen3_mlx"),
 ) -> pexpect.spawn:
-    """`qwen3-mlx COMMAND ARGS` in a pty, with HOME and the XDG folders in tmp_path."""
+    """`qwen3-mlx COMMAND ARGS` in a pty, with HOME and the XDG folders in tmp_path (launcher:
+    what python runs instead of the package, e.g. tests/scripted_cli.py)."""
     env = dict(os.environ)
     env.update(
         HOME=str(tmp_path / "home"),
@@ -65,7 +71,7 @@ def spawn_cli(
     env.pop("QWEN3_MLX_MODEL", None)
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "qwen3_mlx", command, *args],
+        [*launcher, command, *args],
         env=env,
         cwd=str(tmp_path),
         encoding="utf-8",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -281,8 +284,8 @@ def test_errors_are_sdk_exceptions(client, server):
     assert overflow.value.code == "context_length_exceeded"
     # The engine's ContextOverflowError, in its own words (the REPL says the same).
     assert overflow.value.body["param"] == "messages"
-    assert overflow.value.body["message"].startswith("the prompt needs ")
-    assert overflow.value.body["message"].endswith("(a reply needs room too)")
+    # The engine's numbers in OpenAI's sentence, which clients match (test_server_clients.py).
+    assert overflow.value.body["message"].startswith("This model's maximum context length is ")
 
 
 @pytest.mark.parametrize(
@@ -380,3 +383,51 @@ def test_keep_alive_comments_while_queued(server):
         state.worker.max_batch = batch
     assert [line for line in lines if line][-1] == "data: [DONE]"
     assert any(line.startswith(":") for line in lines)
+
+
+def test_requests_are_prepared_off_the_event_loop(server, monkeypatch):
+    """/health answers while a request is being rendered (it would wait if the loop did it)."""
+    from qwen3_mlx.server import app
+
+    url, _ = server
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    answered = threading.Event()
+    check_size = app.check_size
+
+    def slow_check(*args: Any) -> None:
+        assert answered.wait(20), "/health did not answer while a request was prepared"
+        check_size(*args)
+
+    monkeypatch.setattr(app, "check_size", slow_check)
+    with ThreadPoolExecutor(2) as pool:
+        bodies = [
+            ("/v1/chat/completions", {"messages": REVERSE, "max_tokens": 2}),
+            ("/tokenize", {"messages": REVERSE}),
+        ]
+        pending = [
+            pool.submit(httpx.post, url + path, json=body, headers=headers, timeout=30)
+            for path, body in bodies
+        ]
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        answered.set()
+        assert [future.result().status_code for future in pending] == [200, 200]
+
+
+def test_tool_grammars_are_kept_with_a_bound(client, server):
+    grammars = server[1].grammars
+    bound, grammars.max_entries = grammars.max_entries, 2
+    try:
+        for name in ("first", "second", "third", "first"):
+            tool = {"type": "function", "function": {**LOOKUP["function"], "name": name}}
+            reply = client.chat.completions.create(
+                model="m",
+                messages=REVERSE,
+                tools=[tool],
+                tool_choice="required",
+                max_tokens=32,
+                extra_body=NO_THINK,
+            )
+            assert reply.choices[0].message.tool_calls[0].function.name == name
+            assert len(grammars) <= 2
+    finally:
+        grammars.max_entries = bound

@@ -41,11 +41,18 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(**options: Any) -> Iterator[tuple[str, ServerState]]:
-    """(base URL, state) of a server running in a thread until the block ends."""
+    """(base URL, state) of a server running in a thread until the block ends (speculation:
+    build_state's, the rest ServeOptions)."""
     model, tokenizer, generation_config = tiny_model()
     options.setdefault("api_key", API_KEY)
+    speculation = options.pop("speculation", None)
     state = build_state(
-        model, tokenizer, generation_config, "qwen3-tiny-chat", ServeOptions(**options)
+        model,
+        tokenizer,
+        generation_config,
+        "qwen3-tiny-chat",
+        ServeOptions(**options),
+        speculation=speculation,
     )
     port = free_port()
     config = uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")

@@ -144,3 +144,15 @@ def test_folder_without_tokenizer(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_tokenizer(tmp_path)
     assert "tokenizer.json" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_prompt_longer_than_transformers_limit_prints_no_warning(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """Issue 27 (CLI audit): the context decides what is too long, in our one line; 3 MB of stdin
+    printed transformers' model_max_length warning before it."""
+    write_tokenizer_files(tmp_path, "qwen3-4b")
+    tokenizer = load_tokenizer(tmp_path)  # a fresh one: transformers warns once per instance
+    ids = tokenizer.render([{"role": "user", "content": "a " * 140_000}])
+    assert len(ids) > 131_072  # Qwen3's model_max_length
+    assert "sequence length" not in capfd.readouterr().err

@@ -13,7 +13,7 @@ from checkpoints import make_checkpoint
 
 from qwen3_mlx.chat import Chat
 from qwen3_mlx.generation_config import GenerationConfig
-from qwen3_mlx.thinking import TOOL_CALL_START_ID, Phase
+from qwen3_mlx.thinking import TOOL_CALL_END_ID, TOOL_CALL_START_ID, Phase
 from qwen3_mlx.tool_choice import NEWLINE_IDS, ToolCallGuide, ban_tool_calls
 
 pytestmark = pytest.mark.filterwarnings("ignore::qwen3_mlx.settings.GreedyThinkingWarning")
@@ -55,9 +55,9 @@ def allowed(logits: mx.array) -> set[int]:
     return set(np.flatnonzero(np.isfinite(np.array(logits[0]))).tolist())
 
 
-def test_none_masks_the_call_token_only() -> None:
+def test_none_masks_the_call_tokens_only() -> None:
     logits = ban_tool_calls(None, mx.zeros((1, VOCAB)))
-    assert allowed(logits) == set(range(VOCAB)) - {TOOL_CALL_START_ID}
+    assert allowed(logits) == set(range(VOCAB)) - {TOOL_CALL_START_ID, TOOL_CALL_END_ID}
 
 
 def test_required_opens_a_call_after_at_most_two_newlines_then_lets_go() -> None:
@@ -180,3 +180,28 @@ def test_every_constrained_call_validates_against_its_schema(random_model) -> No
         assert ": " in call.arguments_text and '":' not in call.arguments_text.replace('": ', "")
         counts[call.name] += 1
     assert min(counts.values()) > 0  # both tools were chosen by the sampler
+
+
+def test_objects_with_properties_are_closed_unless_the_schema_says_otherwise() -> None:
+    """A missing additionalProperties is false (llama.cpp's reading), at every depth; an object
+    without properties, or one that says true, stays open."""
+    from qwen3_mlx.tool_choice import closed_objects
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+            "list": {"type": "array", "items": {"properties": {"c": {}}}},
+            "any": {"type": "object"},
+            "open": {"properties": {"d": {}}, "additionalProperties": True},
+        },
+        "$defs": {"e": {"anyOf": [{"properties": {"f": {}}}, {"type": "string"}]}},
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["list"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["any"]
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["$defs"]["e"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the client's schema (and prompt) unchanged

@@ -11,7 +11,7 @@ import typer
 from qwen3_mlx import __version__
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.distributed_run import distributed_command
-from qwen3_mlx.cli.guard import reported_errors
+from qwen3_mlx.cli.guard import reported_errors, stop_on_signals
 from qwen3_mlx.cli.transcript_files import load_path
 from qwen3_mlx.cli.user_config import history_path
 from qwen3_mlx.transcript import read_transcript, user_path
@@ -34,8 +34,8 @@ def chat_command(
     ] = None,
 ) -> None:
     """Chat with a model in the terminal (type /help inside for the commands)."""
-    with reported_errors(ctx):
-        spec = session.spec()
+    with reported_errors(ctx), stop_on_signals():
+        spec = session.spec(ctx)
         if load is not None:
             load = load_path(user_path(load))
             if not load.is_file():
@@ -51,7 +51,7 @@ def chat_command(
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.cli.render import print_header
         from qwen3_mlx.cli.repl import Repl
-        from qwen3_mlx.cli.tool_steps import open_tool_session, terminal_asker
+        from qwen3_mlx.cli.tool_steps import open_tool_session, stderr_asker, terminal_asker
 
         # The servers start while the model loads; both can take seconds.
         tools = open_tool_session(spec)
@@ -66,7 +66,11 @@ def chat_command(
                 summary = tools.summary() if tools is not None else None
                 print_header(console, chat, __version__, tools=summary)
             reader = terminal_reader(history_path()) if interactive else pipe_reader()
-            ask_line = terminal_asker() if interactive and tools is not None else None
+            # Consent comes from a person at a terminal, never from piped data: with stdin a
+            # pipe there is no question, and calls run only as --yes or mcp_allow permit.
+            ask_line = None
+            if tools is not None and sys.stdin.isatty():
+                ask_line = terminal_asker() if interactive else stderr_asker(reader)
             repl = Repl(
                 chat,
                 console,

@@ -8,12 +8,16 @@ stops; they ignore Ctrl-C, which on one machine the terminal sends to every rank
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import typer
 
-from qwen3_mlx.cli.guard import EXIT_RUNTIME, reported_errors
+from qwen3_mlx.cli.guard import EXIT_RUNTIME, error_line, reported_errors
+
+LAST_WORDS_SECONDS = 1.0
 
 
 def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
@@ -64,16 +68,34 @@ def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str
         code = done.code if isinstance(done.code, int) else EXIT_RUNTIME
         raise
     finally:
+        from qwen3_mlx.errors import DistributedError
+        from qwen3_mlx.parallel.watchdog import DEFAULT_RANK_TIMEOUT, StallWatchdog, rank_timeout
+
         try:
-            stop_followers(code)
+            seconds = rank_timeout()
+        except DistributedError:  # (said already where it mattered; never hides the real error)
+            seconds = DEFAULT_RANK_TIMEOUT
+        watchdog = StallWatchdog(seconds, end_for_lost_rank)
+        try:
+            with watchdog.watching("stopping them"):
+                stop_followers(code)
         except RuntimeError:
             pass  # a follower already went away: nothing is left to stop
+
+
+def end_for_lost_rank(error: Exception) -> None:
+    """End rank 0 at once with the one-line error: a rank stopped answering, and the thread that
+    waits for it cannot be interrupted (called from a watchdog thread)."""
+    time.sleep(LAST_WORDS_SECONDS)  # the failed requests' errors reach their clients
+    error_line(str(error))
+    os._exit(EXIT_RUNTIME)
 
 
 def _follow(spec: Any, group: Any) -> int:
     """Load this rank's shard and run rank 0's forward passes until it stops; its exit code."""
     from qwen3_mlx.parallel.distributed import load_group_model
     from qwen3_mlx.parallel.lockstep import follow, ignore_interrupts, lost_connection
+    from qwen3_mlx.parallel.watchdog import is_lost_connection
 
     ignore_interrupts()
     try:
@@ -82,6 +104,6 @@ def _follow(spec: Any, group: Any) -> int:
         )
         return follow(model, group)
     except RuntimeError as error:
-        if "[ring]" in str(error) or "connection" in str(error):
+        if is_lost_connection(error):
             raise lost_connection(error) from None
         raise

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,22 +26,8 @@ _USAGE_BASE = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Click
 _PASS_THROUGH = (typer.Exit, typer.Abort, _USAGE_BASE, BrokenPipeError)
 
 
-def _current_context() -> Any:
-    # Typer >= 0.20 keeps its (vendored) Click context stack in typer._click; older ones use click's.
-    for name in ("typer._click.globals", "click.globals"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        ctx = module.get_current_context(silent=True)
-        if ctx is not None:
-            return ctx
-    return None
-
-
 def is_debug(ctx: typer.Context | None = None) -> bool:
-    """Whether --debug was given to the app (ctx: the command's context, else the current one)."""
-    ctx = ctx or _current_context()
+    """Whether --debug was given to the app (ctx: the command's context; None: not known)."""
     if ctx is None:
         return False
     obj = ctx.find_root().obj
@@ -57,6 +44,72 @@ def _show_warning(
 ) -> None:
     # One quiet line instead of Python's two-line "file:line: Category: message".
     print(f"Warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def kept_interrupt() -> Iterator[None]:
+    """Ctrl-C in this block always ends it, even one Python reports as ignored.
+
+    A Ctrl-C that lands while a finalizer runs (start-up collects many objects) is printed as a
+    bare `KeyboardInterrupt:` and swallowed, and the command would go on to exit 0; here it is
+    raised again when the block ends. Only where Ctrl-C has Python's own handler, in the main
+    thread.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    seen = []
+
+    def interrupt(number: int, frame: Any) -> None:
+        seen.append(number)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if seen:
+        raise KeyboardInterrupt
+
+
+# Closing the terminal sends SIGHUP; kill, systemd and container stops send SIGTERM.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _leave(number: int) -> BaseException:
+    return SystemExit(128 + number)
+
+
+@contextmanager
+def stop_on_signals(stopped: Callable[[int], BaseException] = _leave) -> Iterator[None]:
+    """SIGTERM and SIGHUP end the block as leaving it does: `stopped(signal)` is raised where
+    Python was (by default exit 128 + the signal), so every `finally` on the way runs (MCP servers
+    and their process trees are stopped, a partial folder removed); a second signal is ignored,
+    so it cannot cut that cleanup short.
+
+    A signal that was ignored when we started (nohup) stays ignored. Only the main thread can
+    set handlers; elsewhere (a test runner's thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(number: int, frame: Any) -> None:
+        for each in STOP_SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        raise stopped(number)
+
+    previous = {}
+    for number in STOP_SIGNALS:
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextmanager

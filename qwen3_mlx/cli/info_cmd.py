@@ -56,8 +56,8 @@ def _kv_text(facts: ModelFacts) -> str:
     return text
 
 
-def info_lines(facts: ModelFacts) -> list[str]:
-    """The facts of describe_model() as aligned `label  value` lines."""
+def info_lines(facts: ModelFacts, extra: list[tuple[str, str]] | None = None) -> list[str]:
+    """The facts of describe_model() as aligned `label  value` lines (extra rows last)."""
     from qwen3_mlx.sizes import format_size
 
     thinking, defaults = facts.thinking, facts.generation_defaults
@@ -99,8 +99,32 @@ def info_lines(facts: ModelFacts) -> list[str]:
     if defaults.non_thinking:
         rows.append(("", f"non-thinking: {_settings_text(defaults.non_thinking)}"))
     rows.append(("stop tokens", ", ".join(str(i) for i in defaults.eos_token_ids)))
+    rows += extra or []
     width = max(len(label) for label, _ in rows)
     return [f"{label:<{width}}  {value}" for label, value in rows]
+
+
+InfoDraftOption = Annotated[
+    str | None,
+    typer.Option(
+        "--draft-model",
+        metavar="PATH|REPO",
+        show_default=False,
+        help="Also say whether this model can draft for it (speculative decoding: the same "
+        "tokenizer and vocabulary).",
+    ),
+]
+
+
+def draft_line(model: str, draft: str) -> tuple[str, bool]:
+    """The info row about a draft model, and whether it can draft (tokenizers are read)."""
+    from qwen3_mlx.drafting import draft_compatibility
+    from qwen3_mlx.loading import resolve_model_path
+
+    problem = draft_compatibility(resolve_model_path(model), draft)
+    if problem is None:
+        return f"{draft}: compatible (the same tokenizer and vocabulary)", True
+    return f"{draft}: not compatible, {problem}", False
 
 
 def info_command(
@@ -108,16 +132,22 @@ def info_command(
     model: o.ModelArgument = None,
     json_output: InfoJsonOption = False,
     compute_dtype: o.ComputeDtypeOption = o.ComputeDtype.auto,
+    draft_model: InfoDraftOption = None,
 ) -> None:
     """Describe a model from its files: size, quantization, memory, context, thinking switches."""
     with reported_errors(ctx):
         from qwen3_mlx.model_facts import describe_model
 
-        facts = describe_model(resolve_model(model), compute_dtype=compute_dtype.value)
+        name = resolve_model(model)
+        facts = describe_model(name, compute_dtype=compute_dtype.value)
+        draft = draft_line(name, draft_model) if draft_model is not None else None
         if json_output:
-            print(json.dumps(facts.as_dict(), indent=2))
+            body = facts.as_dict()
+            if draft is not None:
+                body["draft"] = {"model": draft_model, "compatible": draft[1], "text": draft[0]}
+            print(json.dumps(body, indent=2))
         else:
-            print("\n".join(info_lines(facts)))
+            print("\n".join(info_lines(facts, [("draft", draft[0])] if draft else None)))
 
 
 def download_command(ctx: typer.Context, model: o.ModelArgument = None) -> None:
@@ -131,5 +161,8 @@ def download_command(ctx: typer.Context, model: o.ModelArgument = None) -> None:
                 f"{repo} is a local folder; download takes a Hugging Face repo id"
             )
         if not is_repo_id(repo):
-            raise typer.BadParameter(f"{repo!r} is not a Hugging Face repo id 'owner/name'")
+            raise typer.BadParameter(
+                f"{repo!r} is not a Hugging Face repo id 'owner/name' (letters, digits, '-', '_' "
+                "and '.' on each side)"
+            )
         print(download_model(repo, progress=True))

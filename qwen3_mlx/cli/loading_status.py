@@ -8,12 +8,15 @@ from contextlib import contextmanager, nullcontext
 
 from rich.console import Console
 
+from qwen3_mlx.cli.guard import kept_interrupt
+
 
 @contextmanager
 def loading(model: str, *, interactive: bool | None = None) -> Iterator[None]:
-    """Show a spinner while a model loads, if both stdout and stderr are terminals."""
+    """Show a spinner while a model loads, if both stdout and stderr are terminals; Ctrl-C
+    meanwhile always ends the command (kept_interrupt)."""
     if interactive is None:
         interactive = sys.stdout.isatty() and sys.stderr.isatty()
     status = Console(stderr=True).status(f"Loading {model} …") if interactive else nullcontext()
-    with status:
+    with kept_interrupt(), status:
         yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import Enum
@@ -186,6 +187,76 @@ KvBitsOption = Annotated[
 ]
 
 
+class DraftKind(str, Enum):
+    """Drafters that need no model of their own."""
+
+    ngram = "ngram"
+
+
+DraftModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--draft-model",
+        metavar="PATH|REPO",
+        show_default=False,
+        help="Speculative decoding: a small model with the same tokenizer drafts tokens that "
+        "this model checks several at a time; output is exactly what it would be without "
+        "[default: draft_model in config.toml].",
+        rich_help_panel=SESSION,
+    ),
+]
+DraftOption = Annotated[
+    DraftKind | None,
+    typer.Option(
+        "--draft",
+        metavar="ngram",
+        show_default=False,
+        help="Speculative decoding without a draft model: ngram drafts what followed the last "
+        "few tokens earlier in the prompt and reply (pays off when replies repeat the context).",
+        rich_help_panel=SESSION,
+    ),
+]
+DraftTokensOption = Annotated[
+    int | None,
+    typer.Option(
+        "--draft-tokens",
+        metavar="N",
+        min=1,
+        max=7,
+        show_default=False,
+        help="Most tokens drafted per step, 1 to 7 [default: 3].",
+        rich_help_panel=SESSION,
+    ),
+]
+
+
+def draft_spec(model: str | None, kind: DraftKind | None, tokens: int | None) -> Any:
+    """The DraftSpec the draft flags describe (else config.toml's draft_model, draft and
+    draft_tokens), or None for plain decoding."""
+    from qwen3_mlx.cli.user_config import read_config_file
+    from qwen3_mlx.speculative import DraftSpec
+
+    if model is not None and kind is not None:
+        raise typer.BadParameter(
+            "give --draft-model or --draft ngram, not both", param_hint="--draft"
+        )
+    if model is None and kind is None:
+        config = read_config_file()
+        model, kind = config.get("draft_model"), config.get("draft")
+        tokens = tokens if tokens is not None else config.get("draft_tokens")
+        if kind is not None and kind != DraftKind.ngram.value:
+            raise typer.BadParameter(f"draft = {kind!r} in config.toml: the one kind is 'ngram'")
+    if model is None and kind is None:
+        if tokens is not None:
+            raise typer.BadParameter(
+                "needs --draft-model or --draft ngram", param_hint="--draft-tokens"
+            )
+        return None
+    if tokens is not None and not 1 <= tokens <= 7:
+        raise typer.BadParameter(f"draft_tokens = {tokens} in config.toml: 1 to 7")
+    return DraftSpec(model=None if kind else model, ngram=kind is not None, tokens=tokens)
+
+
 def _setting_checker(setting: Setting) -> Any:
     def check(value: Any) -> Any:
         if value is None:
@@ -267,13 +338,15 @@ class SessionSpec:
     tools_enabled: bool = True
     yes: bool = False
     max_tool_steps: int = 8
+    draft: Any = None  # a speculative.DraftSpec, or None for plain decoding
+    debug: bool = False  # --debug: one line names the drafter
 
     def open_chat(self) -> Any:
         """Load the model and start a Chat (imports MLX and the model code only now)."""
         from qwen3_mlx.chat import Chat
         from qwen3_mlx.parallel.distributed import current_group, load_for_group
 
-        return Chat.from_pretrained(
+        chat = Chat.from_pretrained(
             self.model,
             load=functools.partial(load_for_group, group=current_group()),
             rope_scaling=self.rope_scaling,
@@ -283,6 +356,20 @@ class SessionSpec:
             sampling=self.sampling or None,
             kv_bits=self.kv_bits,
             auto_rope=self.auto_rope,
+            draft=self.draft,
+        )
+        debug_draft_note(chat.speculation, self.debug)
+        return chat
+
+
+def debug_draft_note(speculation: Any, debug: bool) -> None:
+    """Under --debug, one stderr line saying what drafts and how many tokens a step."""
+    if speculation is not None and debug:
+        print(
+            f"speculative decoding: {speculation.name} drafts {speculation.draft_tokens} tokens "
+            "a step; the model checks them in one pass (output unchanged)",
+            file=sys.stderr,
+            flush=True,
         )
 
 
@@ -301,6 +388,9 @@ SESSION_PARAMETERS = [
         ("rope_factor", RopeFactorOption, None),
         ("compute_dtype", ComputeDtypeOption, ComputeDtype.auto),
         ("kv_bits", KvBitsOption, None),
+        ("draft_model", DraftModelOption, None),
+        ("draft", DraftOption, None),
+        ("draft_tokens", DraftTokensOption, None),
         ("mcp_config", McpConfigOption, None),
         ("tools", ToolsOption, ToolsMode.auto),
         ("yes", YesOption, False),
@@ -315,8 +405,10 @@ class SessionOptions:
 
     values: dict[str, Any]
 
-    def spec(self) -> SessionSpec:
-        """The SessionSpec they describe (usage errors raise typer.BadParameter)."""
+    def spec(self, ctx: typer.Context | None = None) -> SessionSpec:
+        """The SessionSpec they describe (usage errors raise typer.BadParameter); ctx: the
+        command's, for --debug."""
+        from qwen3_mlx.cli.guard import is_debug
         from qwen3_mlx.cli.user_config import mcp_settings, resolve_model
 
         values = self.values
@@ -338,6 +430,8 @@ class SessionOptions:
             tools_enabled=values["tools"] is not ToolsMode.none,
             yes=values["yes"],
             max_tool_steps=values["max_tool_steps"],
+            draft=draft_spec(values["draft_model"], values["draft"], values["draft_tokens"]),
+            debug=is_debug(ctx),
         )
 
 

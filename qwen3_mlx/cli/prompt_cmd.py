@@ -15,10 +15,11 @@ import typer
 
 from qwen3_mlx.cli import options as o
 from qwen3_mlx.cli.distributed_run import distributed_command
-from qwen3_mlx.cli.guard import EXIT_INTERRUPT, reported_errors
+from qwen3_mlx.cli.guard import EXIT_INTERRUPT, reported_errors, stop_on_signals
 from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
 from qwen3_mlx.limits import MAX_TOKEN_BYTES
 from qwen3_mlx.transcript import check_writable, user_path
+from qwen3_mlx.visible import visible_name
 
 TextArgument = Annotated[
     str | None,
@@ -129,6 +130,9 @@ def result_json(result: Any, model_id: str, tool_steps: list | None = None) -> s
         "tool_calls": stats.pop("tool_calls"),
         "stats": stats,
     }
+    if result.drafted_tokens:
+        stats["draft_acceptance"] = round(result.draft_acceptance, 4)
+        stats["tokens_per_target_step"] = round(result.tokens_per_target_step, 4)
     if tool_steps is not None:
         body["tool_steps"] = tool_steps
     return json.dumps(body, ensure_ascii=False, indent=2)
@@ -144,8 +148,8 @@ def prompt_command(
     transcript: TranscriptOption = None,
 ) -> None:
     """Send one message and print the answer (thinking hidden, or on stderr with --show-thinking)."""
-    with reported_errors(ctx):
-        spec = session.spec()
+    with reported_errors(ctx), stop_on_signals():
+        spec = session.spec(ctx)
         message = read_message(text)
         if transcript is not None:
             transcript = user_path(transcript)
@@ -229,22 +233,22 @@ def _run_turn(
         raise Qwen3Error(f"{error}: {ways}") from None
     with stdout_errors():
         result = _stream(reply, show_thinking, json_output, clear_progress)
-        steps: list[list[dict[str, Any]]] | None = [] if tools is not None else None
-        while (
-            tools is not None
-            and result.tool_calls
-            and result.finish_reason in ("tool_calls", "stop")
-        ):
-            if len(steps) >= tools.max_steps:
+        steps: list[list[dict[str, Any]]] | None = None
+        if tools is not None:
+            loop = tools.loop(*_hooks())
+            end = loop.chain(
+                chat,
+                result,
+                lambda start: _stream(start(), show_thinking, json_output, clear_progress),
+            )
+            if end.out_of_steps:
                 print(
-                    f"stopped after {len(steps)} tool steps (--max-tool-steps {tools.max_steps})",
+                    f"stopped after {len(end.rounds)} tool steps (--max-tool-steps "
+                    f"{loop.max_steps})",
                     file=sys.stderr,
                 )
-                break
-            done = _tool_round(tools, result.tool_calls)
-            steps.append([step.record() for step in done])
-            reply = chat.send_tool_results([step.result() for step in done])
-            result = _stream(reply, show_thinking, json_output, clear_progress)
+            result = end.result
+            steps = [[step.record() for step in round_] for round_ in end.rounds]
         if json_output:
             sys.stdout.write(result_json(result, chat.model_id, steps) + "\n")
         elif result.answer and not result.answer.endswith("\n"):
@@ -266,27 +270,31 @@ def _stream(
     return reply.result
 
 
-def _tool_round(tools: Any, calls: Any) -> list[Any]:
-    """Run the calls --yes or mcp_allow permit; ask for the rest on the terminal when there is
-    one, and decline them when there is not (no one to ask in a script)."""
+def _hooks() -> tuple[Callable[[Any, Any], str], Callable[[Any], None]]:
+    """The loop's consent and drawing hooks: the calls --yes or mcp_allow permit run; the rest
+    are asked about on the terminal when there is one, and declined when there is not (no one
+    to ask in a script)."""
     from qwen3_mlx.cli.render import step_line
-    from qwen3_mlx.cli.tool_steps import run_calls, shown_call
+    from qwen3_mlx.tool_loop import shown_call
 
     def decline(tool: Any, call: Any) -> str:
         print(
             f"tool call {shown_call(tool.label, call)} declined: prompt runs tools only with "
-            f"--yes, when mcp_allow in config.toml names them ({tool.label!r}), or when asked "
-            "on a terminal",
+            f"--yes, when mcp_allow in config.toml names them ('{visible_name(tool.label)}'), "
+            "or when asked on a terminal",
             file=sys.stderr,
         )
         return "no"
 
     terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
-    done = run_calls(tools, calls, ask_on_terminal if terminal else decline)
-    for step in done:
+
+    def on_step(step: Any) -> None:
         if step.status != "declined" or terminal:
             print(step_line(step), file=sys.stderr)
-    return done
+        if step.cut_note():
+            print(f"Warning: {step.cut_note()}", file=sys.stderr)
+
+    return (ask_on_terminal if terminal else decline), on_step
 
 
 def ask_on_terminal(tool: Any, call: Any) -> str:
@@ -294,17 +302,18 @@ def ask_on_terminal(tool: Any, call: Any) -> str:
 
     Ctrl-C is not an answer: it ends `prompt` (exit 130), and the servers are stopped.
     """
-    from qwen3_mlx.cli.tool_steps import QUESTION, parse_answer, shown_call
+    from qwen3_mlx.tool_loop import ask_consent, consent_question
 
-    for _ in range(3):
-        sys.stderr.write(f"{shown_call(tool.label, call)} {QUESTION}? ")
+    def read(question: str) -> str | None:
+        sys.stderr.write(question)
         sys.stderr.flush()
         line = sys.stdin.readline()
         if not line:
             sys.stderr.write("\n")
-            return "no"
-        answer = parse_answer(line)
-        if answer is not None:
-            return answer
-        sys.stderr.write("answer y, n or a\n")
-    return "no"
+            return None
+        return line
+
+    def retry(line: str) -> None:
+        sys.stderr.write(line + "\n")
+
+    return ask_consent(consent_question(tool.label, call), read, retry)

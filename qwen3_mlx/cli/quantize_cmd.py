@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +10,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from qwen3_mlx.cli.guard import EXIT_INTERRUPT, EXIT_USAGE, error_line, reported_errors
+from qwen3_mlx.cli.guard import (
+    EXIT_INTERRUPT,
+    EXIT_USAGE,
+    error_line,
+    reported_errors,
+    stop_on_signals,
+)
 from qwen3_mlx.sizes import format_size
 
 if TYPE_CHECKING:
@@ -71,6 +76,7 @@ VerifyOption = Annotated[
 
 
 def quantize_command(
+    ctx: typer.Context,
     source: SourceArgument,
     output: OutputArgument,
     bits: BitsOption = None,
@@ -83,7 +89,7 @@ def quantize_command(
 ) -> None:
     """Convert a Qwen3 checkpoint into an MLX quantized model folder (mlx-lm and LM Studio load it too)."""
     spec, shard_bytes = _parse_options(bits, group_size, recipe, dtype, max_shard_size)
-    with reported_errors(), _interrupt_line(output):
+    with reported_errors(ctx), _interrupt_line(output):
         from qwen3_mlx.quantize import quantize_checkpoint, verify_quantized
 
         with _progress_bar() as on_progress:
@@ -139,30 +145,6 @@ class _Stopped(BaseException):
         self.signum = signum
 
 
-# Closing the terminal sends SIGHUP; kill, systemd and container stops send SIGTERM.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-@contextmanager
-def _stop_signals_unwind() -> Iterator[None]:
-    """While converting, SIGTERM and SIGHUP unwind like Ctrl-C instead of killing the process."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # Python runs signal handlers only in the main thread; nothing to install here
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        for number in _STOP_SIGNALS:  # a second signal must not cut the cleanup short
-            signal.signal(number, signal.SIG_IGN)
-        raise _Stopped(signum)
-
-    previous = {number: signal.signal(number, stop) for number in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 @contextmanager
 def _interrupt_line(output: Path) -> Iterator[None]:
     """Ctrl-C, SIGTERM, SIGHUP: one `Error:` line (the library already removed its partial folder).
@@ -171,7 +153,7 @@ def _interrupt_line(output: Path) -> Iterator[None]:
     a process that a signal ended.
     """
     try:
-        with _stop_signals_unwind():
+        with stop_on_signals(_Stopped):
             yield
     except KeyboardInterrupt:
         _quiet_error_line(f"interrupted; {output} was not written")

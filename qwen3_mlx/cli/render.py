@@ -148,15 +148,16 @@ def print_header(console: Console, chat: Any, version: str, tools: str | None = 
 
 def step_line(step: Any, width: int = 100) -> str:
     """One tool step folded to a line: `← server.tool: first line… (N chars)`."""
-    if step.status == "declined":
-        return f"← {step.label}: declined"
-    if step.status == "cancelled":
-        return f"← {step.label}: cancelled"
+    from qwen3_mlx.visible import visible, visible_name
+
+    label = visible_name(step.label)  # a server's text: shown, never obeyed by the terminal
+    if step.status in ("declined", "cancelled"):
+        return f"← {label}: {step.status}"
     text = " ".join(step.outcome.text.split())
     folded = text if len(text) <= width else text[: width - 1] + "…"
     mark = "✗" if step.outcome.is_error else "←"
     size = f" ({len(step.outcome.text):,} chars)" if len(text) > width else ""
-    return f"{mark} {step.label}: {folded}{size}"
+    return f"{mark} {label}: {visible(folded)}{size}"
 
 
 def stats_line(result: TurnResult) -> str:
@@ -172,8 +173,20 @@ def stats_line(result: TurnResult) -> str:
     return text
 
 
+def speculation_text(result: TurnResult) -> str:
+    """'12 of 20 drafted tokens accepted (60 %), 2.40 tokens per target step'."""
+    return (
+        f"{result.accepted_tokens} of {result.drafted_tokens} drafted tokens accepted "
+        f"({100 * result.draft_acceptance:.0f} %), "
+        f"{result.tokens_per_target_step:.2f} tokens per target step"
+    )
+
+
 def stats_lines(result: TurnResult) -> list[str]:
     """The /stats details of one reply."""
+    speculation = (
+        [f"speculation        {speculation_text(result)}"] if result.drafted_tokens else []
+    )
     return [
         f"finish reason      {result.finish_reason}",
         f"prompt tokens      {result.prompt_tokens} ({result.prefilled_tokens} computed, "
@@ -184,6 +197,7 @@ def stats_lines(result: TurnResult) -> list[str]:
         f"decode speed       {result.decode_tokens_per_second:.1f} tok/s",
         f"thinking time      {result.thinking_seconds:.1f} s",
         f"peak memory        {result.peak_memory_gb:.2f} GB",
+        *speculation,
     ]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +23,13 @@ from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
 from qwen3_mlx.events import TurnResult
 from qwen3_mlx.sizes import format_size
 from qwen3_mlx.transcript import user_path
+from qwen3_mlx.visible import visible, visible_name
 
 if TYPE_CHECKING:
-    from qwen3_mlx.cli.tool_steps import ToolSession, ToolStep
+    from qwen3_mlx.cli.tool_steps import ToolSession
     from qwen3_mlx.mcp import McpTool
     from qwen3_mlx.reply import Reply
+    from qwen3_mlx.tool_loop import ToolStep
     from qwen3_mlx.tools import ToolCall
 
 
@@ -144,64 +145,57 @@ class Repl:
         return result
 
     def converse(self, start: Callable[[], Reply]) -> TurnResult | None:
-        """Stream a reply, then run its tool calls (with consent) and stream the next, until the
-        model answers without a call or the step limit is reached."""
+        """Stream a reply, then let the tool loop run its calls (with consent) and stream the
+        next, until the model answers without a call or the step limit is reached."""
         result = self.stream(start)
-        steps = 0
-        while result is not None and result.tool_calls:
-            if result.finish_reason not in ("tool_calls", "stop"):
-                return result  # cut off (length, repetition, Ctrl-C): the user decides
-            if self.tools is None or not self.tools.enabled:
-                self.note("tools are off: the call was not run (/tools on)", style="yellow")
-                return result
-            if steps >= self.tools.max_steps:
-                self.note(
-                    f"stopped after {steps} tool steps (--max-tool-steps {self.tools.max_steps}); "
-                    "send a message to go on",
-                    style="yellow",
-                )
-                return result
-            steps += 1
-            results = [step.result() for step in self.run_tool_calls(result.tool_calls)]
-            result = self.stream(functools.partial(self.chat.send_tool_results, results))
-        return result
-
-    def run_tool_calls(self, calls: tuple[ToolCall, ...]) -> list[ToolStep]:
-        """Ask, run and show each call of one reply."""
-        from qwen3_mlx.cli.tool_steps import run_calls
-
-        assert self.tools is not None
-        steps = run_calls(self.tools, calls, self.ask_consent, self._running)
-        for step in steps:
-            self.show_step(step)
-        return steps
+        if self.tools is None:
+            return result  # no tools: the model's text is never parsed as a call
+        loop = self.tools.loop(self.ask_consent, self.show_step, self._running)
+        end = loop.chain(self.chat, result, self.stream, enabled=self.tools.enabled)
+        if end.tools_off:
+            self.note("tools are off: the call was not run (/tools on)", style="yellow")
+        if end.out_of_steps:
+            self.note(
+                f"stopped after {len(end.rounds)} tool steps (--max-tool-steps "
+                f"{loop.max_steps}); send a message to go on",
+                style="yellow",
+            )
+        return end.result
 
     def ask_consent(self, tool: McpTool, call: ToolCall) -> str:
-        """`server.tool(args) [y]es / [n]o / [a]lways for this tool`; end of input or Ctrl-C: no."""
-        from qwen3_mlx.cli.tool_steps import QUESTION, parse_answer, shown_call
+        """`server.tool(args) [y]es / [n]o / [a]lways for this tool`; end of input or Ctrl-C: no.
 
-        question = f"{shown_call(tool.label, call)} {QUESTION}? "
-        for _ in range(3):
+        With no terminal to ask (ask_line None: stdin is a pipe), nothing piped in is taken for
+        an answer: the call is declined unless --yes or mcp_allow let it run unasked.
+        """
+        from qwen3_mlx.tool_loop import ask_consent, consent_question, shown_call
+
+        if self.ask_line is None:
+            self.note(
+                f"tool call {shown_call(tool.label, call)} declined: stdin is not a terminal, so "
+                "chat runs tools only with --yes or when mcp_allow in config.toml names them",
+                style="yellow",
+            )
+            return "no"
+        ask_line = self.ask_line
+
+        def read(question: str) -> str | None:
             try:
-                if self.ask_line is not None:
-                    line = self.ask_line(question)
-                else:
-                    self.console.print(Text(question, style="bold"), highlight=False)
-                    line = self.read_line()
+                return ask_line(question)
             except (EOFError, KeyboardInterrupt):
-                return "no"
-            answer = parse_answer(line)
-            if answer is not None:
-                return answer
-            self.note("answer y, n or a", style="yellow")
-        return "no"
+                return None
+
+        question = consent_question(tool.label, call)
+        return ask_consent(question, read, lambda line: self.note(line, style="yellow"))
 
     def _running(self, label: str) -> Any:
         from contextlib import nullcontext
 
         if not self.console.is_terminal:
             return nullcontext()
-        return self.console.status(f"running {label}… (Ctrl-C cancels the call)", spinner="dots")
+        return self.console.status(
+            f"running {visible_name(label)}… (Ctrl-C cancels the call)", spinner="dots"
+        )
 
     def show_step(self, step: ToolStep) -> None:
         """The outcome of one call, folded to one line unless /thinking show."""
@@ -211,10 +205,12 @@ class Repl:
         if step.status in ("declined", "cancelled"):
             style = "yellow"
         if self.show_thinking and step.status == "ran":
-            self.console.print(Text(f"← {step.label}:", style=style), highlight=False)
-            self.console.print(Text(step.outcome.text, style=style), highlight=False)
+            self.console.print(Text(f"← {visible_name(step.label)}:", style=style), highlight=False)
+            self.console.print(Text(visible(step.outcome.text), style=style), highlight=False)
         else:
             self.console.print(Text(step_line(step), style=style), highlight=False)
+        if step.cut_note():
+            self.note(f"Warning: {step.cut_note()}", style="yellow")
 
     def do_tools(self, action: Action) -> None:
         """/tools [off|on]: list the MCP tools, or switch them."""
@@ -228,10 +224,10 @@ class Repl:
         self.note(self.tools.summary(), style="")
         for tool in self.tools.manager.tools:
             allowed = "  (runs without asking)" if self.tools.consent.allowed(tool) else ""
-            line = Text.assemble(("  " + tool.label, "cyan"), allowed)
+            line = Text.assemble(("  " + visible_name(tool.label), "cyan"), allowed)
             self.console.print(line, highlight=False)
             if tool.description:
-                description = " ".join(tool.description.split())
+                description = visible(" ".join(tool.description.split()))
                 self.console.print(Text("    " + description, style="dim"), highlight=False)
         for problem in self.tools.problems:
             self.note(problem, style="yellow")

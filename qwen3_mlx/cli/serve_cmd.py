@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
 from typing import Annotated
 
@@ -9,13 +10,24 @@ import typer
 
 from qwen3_mlx import sizes
 from qwen3_mlx.cli import options as o
-from qwen3_mlx.cli.distributed_run import distributed_command
+from qwen3_mlx.cli.distributed_run import distributed_command, end_for_lost_rank
 from qwen3_mlx.cli.guard import reported_errors
 from qwen3_mlx.settings import SETTINGS
 
 SERVER = "Server"
-# The shared options that make sense for a server: the model, sampling defaults and context.
-SERVE_SHARED = ("model", *SETTINGS, "rope_scaling", "rope_factor", "compute_dtype")
+# The shared options that make sense for a server: the model, sampling defaults, context,
+# --kv-bits (the prefix cache keeps idle entries quantized) and the drafter.
+SERVE_SHARED = (
+    "model",
+    *SETTINGS,
+    "rope_scaling",
+    "rope_factor",
+    "compute_dtype",
+    "kv_bits",
+    "draft_model",
+    "draft",
+    "draft_tokens",
+)
 
 
 class ReasoningField(str, Enum):
@@ -24,6 +36,7 @@ class ReasoningField(str, Enum):
     reasoning_content = "reasoning_content"
     reasoning = "reasoning"
     both = "both"
+    content = "content"
 
 
 def parse_size(text: str) -> int:
@@ -36,6 +49,15 @@ def parse_size(text: str) -> int:
 
 def _check_size(value: str) -> str:
     parse_size(value)
+    return value
+
+
+def _check_key(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter(
+            "an empty key would turn authentication off; leave --api-key out (and unset "
+            "QWEN3_MLX_API_KEY) for a server without one"
+        )
     return value
 
 
@@ -56,6 +78,7 @@ def serve_command(
         typer.Option(
             "--api-key",
             envvar="QWEN3_MLX_API_KEY",
+            callback=_check_key,
             help="Require `Authorization: Bearer KEY`.",
             rich_help_panel=SERVER,
         ),
@@ -91,9 +114,29 @@ def serve_command(
     reasoning_field: Annotated[
         ReasoningField,
         typer.Option(
-            "--reasoning-field", help="Field for the reasoning in replies.", rich_help_panel=SERVER
+            "--reasoning-field",
+            help="Field for the reasoning in replies; content: leave <think>…</think> in the "
+            "content (llama.cpp's --reasoning-format none).",
+            rich_help_panel=SERVER,
         ),
     ] = ReasoningField.reasoning_content,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-model-name",
+            help="The model id clients see [default: a local folder's name, a hub id as typed].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="A browser origin allowed to call the server (CORS, preflight answered); "
+            "repeat for more, * for any [default: none, CORS off].",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
     context_length: Annotated[
         int | None,
         typer.Option(
@@ -103,6 +146,46 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="A Host name to answer besides loopback's (repeatable; '*' for any). Bound to "
+            "loopback, the server answers only loopback names, against DNS rebinding.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    shared_prompt_cache: Annotated[
+        bool,
+        typer.Option(
+            "--shared-prompt-cache/--no-shared-prompt-cache",
+            help="Let a request reuse the cached prefix of any earlier one (its cached_tokens "
+            "then tell how much of its prompt another client sent); off: nothing is reused.",
+            rich_help_panel=SERVER,
+        ),
+    ] = True,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            min=0.1,
+            metavar="SECONDS",
+            help="A request's head and body must arrive within this; slower ones are closed.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 60.0,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            metavar="SECONDS",
+            help="After Ctrl-C or SIGTERM, replies in flight may run this long; then they end "
+            "with an error event.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 30.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (Qwen-Agent and the openai SDK work unchanged).
 
@@ -110,7 +193,7 @@ def serve_command(
     Ctrl-C or SIGTERM stops the server (exit status 0).
     """
     with reported_errors(ctx):
-        spec = session.spec()
+        spec = session.spec(ctx)
         if spec.auto_rope:
             # One model serves every conversation in the prefix cache: moving its RoPE for one
             # would invalidate all the others' caches mid-flight.
@@ -121,8 +204,23 @@ def serve_command(
             )
         from qwen3_mlx.cli.loading_status import loading
         from qwen3_mlx.parallel.distributed import current_group, load_for_group
-        from qwen3_mlx.server.runner import ServeOptions, build_state, serve
+        from qwen3_mlx.server.guard import is_loopback
+        from qwen3_mlx.server.runner import (
+            ServeOptions,
+            build_state,
+            listening_socket,
+            serve,
+            served_model_id,
+        )
 
+        if not is_loopback(host) and not api_key:
+            print(
+                f"Warning: serving on {host} without --api-key: anyone who can reach this "
+                "address can use the model",
+                file=sys.stderr,
+                flush=True,
+            )
+        sock = listening_socket(host, port)  # a taken port is one line now, not after loading
         with loading(spec.model):
             model, tokenizer, generation_config = load_for_group(
                 spec.model,
@@ -130,6 +228,16 @@ def serve_command(
                 rope_scaling=spec.rope_scaling,
                 compute_dtype=spec.compute_dtype,
             )
+            speculation = None
+            if spec.draft is not None:  # loaded with the model's policy, under the same status
+                speculation = spec.draft.build(
+                    model,
+                    tokenizer,
+                    compute_dtype=spec.compute_dtype,
+                    rope_scaling=spec.rope_scaling,
+                    kv_bits=spec.kv_bits,
+                )
+                o.debug_draft_note(speculation, spec.debug)
         options = ServeOptions(
             host=host,
             port=port,
@@ -140,6 +248,16 @@ def serve_command(
             reasoning_field=reasoning_field.value,
             context_length=context_length,
             sampling=spec.sampling,
+            allow_hosts=tuple(allow_host or ()),
+            shared_prompt_cache=shared_prompt_cache,
+            request_seconds=request_timeout,
+            drain_seconds=shutdown_timeout,
+            on_lost_rank=end_for_lost_rank,
+            cors_origins=tuple(cors_origin or ()),
+            kv_bits=spec.kv_bits,
         )
-        state = build_state(model, tokenizer, generation_config, spec.model, options)
-        serve(state, host, port)
+        model_id = served_model_id(spec.model, served_model_name)
+        state = build_state(
+            model, tokenizer, generation_config, model_id, options, speculation=speculation
+        )
+        serve(state, sock, request_seconds=request_timeout)

@@ -16,7 +16,14 @@ from qwen3_mlx.errors import ConfigError
 DEFAULT_MODEL = "Qwen/Qwen3-4B-MLX-4bit"
 MODEL_ENV = "QWEN3_MLX_MODEL"
 APP_DIR = "qwen3-mlx"
-CONFIG_KEYS = {"model": str, "mcp_config": str, "mcp_allow": list}
+CONFIG_KEYS = {
+    "model": str,
+    "mcp_config": str,
+    "mcp_allow": list,
+    "draft_model": str,
+    "draft": str,
+    "draft_tokens": int,
+}
 
 
 def config_home() -> Path:

@@ -6,7 +6,8 @@ them in different tasks and then silences the error that causes). Calls are subm
 front end's thread and waited for with a deadline; Ctrl-C there cancels the call's task only.
 Stdio servers run in their own session (process group), so a Ctrl-C typed at the terminal never
 reaches them; leaving the session closes their stdin and, after a grace period, the SDK kills the
-whole process tree. Server stderr goes to one log file per server, never to the screen.
+whole process tree. Server stderr goes to one log file per server (kept bounded, server_log.py),
+never to the screen.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from qwen3_mlx.mcp.config import ServerConfig
 from qwen3_mlx.mcp.naming import McpTool, find_tool, named_tools
 from qwen3_mlx.mcp.results import ToolOutcome, outcome_from_result
+from qwen3_mlx.mcp.server_log import keep_bounded, last_line, open_log
+from qwen3_mlx.tool_loop import cut_text
+from qwen3_mlx.visible import visible, visible_name
 
-STOP_GRACE = 8.0  # the SDK waits 2 s for a clean exit, then SIGTERM, then SIGKILL
+STOP_GRACE = 8.0
+DESCRIPTION_BUDGET = 8_000  # characters of one tool's description (about 2,000 tokens)  # the SDK waits 2 s for a clean exit, then SIGTERM, then SIGKILL
 
 
 @dataclass
@@ -92,11 +97,26 @@ class McpManager:
             if not state.ready.wait(state.config.startup_timeout + STOP_GRACE):
                 state.error = state.error or "did not start (the event loop is stuck)"
         self._tools = named_tools(tool for s in self.states.values() for tool in s.tools)
-        return [
-            f"MCP server {name!r} not started: {state.error} (log: {state.log_path})"
+        problems = [
+            f"MCP server {name!r} not started: {visible(state.error)} (log: {state.log_path})"
             for name, state in self.states.items()
             if state.error is not None
         ]
+        return problems + self._cut_descriptions()
+
+    def _cut_descriptions(self) -> list[str]:
+        # Every prompt carries every description: one that fills the context would fail them all.
+        lines = []
+        for index, tool in enumerate(self._tools):
+            description, cut = cut_text(tool.description, DESCRIPTION_BUDGET)
+            if cut:
+                self._tools[index] = replace(tool, description=description)
+                lines.append(
+                    f"MCP tool {visible_name(tool.label)}: its description is "
+                    f"{len(tool.description):,} characters; the model gets the first "
+                    f"{DESCRIPTION_BUDGET:,}"
+                )
+        return lines
 
     def close(self) -> None:
         """Stop every server (their whole process trees) and the loop; safe to call twice."""
@@ -166,8 +186,9 @@ class McpManager:
 
         config = state.config
         state.stop = asyncio.Event()
-        log = _open_log(state.log_path, config)
+        log = open_log(state.log_path, f"{config.name!r}: {config.describe()}")
         start_offset = log.tell()
+        watcher = asyncio.ensure_future(keep_bounded(state.log_path, log))
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + config.startup_timeout) as scope:
                 async with _transport(config, log) as streams:
@@ -187,6 +208,7 @@ class McpManager:
             if state.error is None and not state.ready.is_set():
                 state.error = "it exited at start"
             state.ready.set()
+            watcher.cancel()
             log.close()
 
     async def _call(self, state: ServerState, tool: McpTool, arguments: dict) -> ToolOutcome:
@@ -262,14 +284,6 @@ async def _list_tools(session: Any, server: str) -> list[McpTool]:
             return tools
 
 
-def _open_log(path: Path, config: ServerConfig) -> IO[str]:
-    log = path.open("a", encoding="utf-8", errors="replace")
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    log.write(f"--- {stamp} starting {config.name!r}: {config.describe()}\n")
-    log.flush()
-    return log
-
-
 def _startup_timeout_message(config: ServerConfig) -> str:
     text = f"no answer to initialize within {config.startup_timeout:g} s"
     if config.command and Path(config.command).name in ("uvx", "npx", "uv", "bunx", "pipx"):
@@ -289,7 +303,7 @@ def _start_error(error: BaseException, config: ServerConfig, log_path: Path, off
     if isinstance(leaf, (KeyboardInterrupt, asyncio.CancelledError)):
         return "start cancelled"
     message = _leaf_message(leaf)
-    last = _last_log_line(log_path, offset)
+    last = last_line(log_path, offset)
     if "closed" in message.lower() and config.transport == "stdio":
         message = "it exited at start" + (f": {last}" if last else "")
     return message
@@ -306,16 +320,6 @@ def _leaf_message(error: BaseException) -> str:
     error = _leaf(error)
     text = " ".join(str(error).split()) or type(error).__name__
     return text
-
-
-def _last_log_line(path: Path, offset: int) -> str:
-    try:
-        with path.open(encoding="utf-8", errors="replace") as log:
-            log.seek(offset)
-            lines = [line.strip() for line in log if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:200] if lines else ""
 
 
 def _file_part(name: str) -> str:

@@ -9,22 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True)
-class ToolOutcome:
-    """The text for the model and whether it reports an error (isError, a timeout, a dead server)."""
-
-    text: str
-    is_error: bool = False
-
-    def content(self) -> str:
-        """The tool message content: errors begin with `Error:` so the model reads them as one."""
-        if self.is_error and not self.text.lower().startswith("error"):
-            return f"Error: {self.text}"
-        return self.text
+from qwen3_mlx.tool_loop import ToolOutcome
 
 
 def outcome_from_result(result: Any) -> ToolOutcome:

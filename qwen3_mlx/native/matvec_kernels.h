@@ -163,7 +163,7 @@ NATIVE_AVX2 void block_avx2(const Job& job, int64_t n, int m0) {
       __m256i q = s == 7 ? _mm256_srli_epi32(words, 28)
                          : _mm256_and_si256(words, _mm256_slli_epi32(low, 4 * s));
       __m256 qf = _mm256_cvtepi32_ps(q);
-      for (int m = 0; m < MB; ++m) {
+      _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
         const float* x = job.xp + (m0 + m) * K + c * 64 + s * 8;
         if (s & 1) {
           odd[m] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(x), odd[m]);
@@ -172,7 +172,7 @@ NATIVE_AVX2 void block_avx2(const Job& job, int64_t n, int m0) {
         }
       }
     }
-    for (int m = 0; m < MB; ++m) {
+    _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
       total[m] = _mm256_fmadd_ps(_mm256_add_ps(even[m], odd[m]), sv, total[m]);
       const float* xs = job.xs + (m0 + m) * (K / 8) + c * 8;
       totalb[m] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xs), totalb[m]);
@@ -261,7 +261,7 @@ NATIVE_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
       __m512i q = s == 7 ? _mm512_srli_epi32(words, 28)
                          : _mm512_and_si512(words, _mm512_slli_epi32(low, 4 * s));
       __m512 qf = _mm512_cvtepi32_ps(q);
-      for (int m = 0; m < MB; ++m) {
+      _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
         const float* x = job.xp + (m0 + m) * K + c * 128 + s * 16;
         if (s & 1) {
           odd[m] = _mm512_fmadd_ps(qf, _mm512_loadu_ps(x), odd[m]);
@@ -270,7 +270,7 @@ NATIVE_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
         }
       }
     }
-    for (int m = 0; m < MB; ++m) {
+    _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
       total[m] = _mm512_fmadd_ps(_mm512_add_ps(even[m], odd[m]), sv, total[m]);
       const float* xs = job.xs + (m0 + m) * (K / 8) + c * 16;
       totalb[m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xs), totalb[m]);

@@ -8,13 +8,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen3_mlx.engine import check_context
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.limits import min_tokens
 from qwen3_mlx.server import protocol as p
+from qwen3_mlx.server.anthropic import add_anthropic_routes
 from qwen3_mlx.server.generation import ChatRun, CompletionRun, error_body
+from qwen3_mlx.server.grammars import GrammarCache
+from qwen3_mlx.server.guard import Guard, check_size
 from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.processors import ResponseFormatError
 from qwen3_mlx.server.requests import (
@@ -22,11 +28,14 @@ from qwen3_mlx.server.requests import (
     Prepared,
     api_error,
     chat_messages,
+    overflow_message,
     prepare_chat,
     request_settings,
     requested_thinking,
     stop_strings,
 )
+from qwen3_mlx.server.responses import add_responses_routes
+from qwen3_mlx.server.shutdown import Drain
 from qwen3_mlx.server.worker import GenerationWorker, ServerBusy
 from qwen3_mlx.settings import Sampling
 
@@ -47,7 +56,8 @@ STREAMED = {
     200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
     **ERRORS,
 }
-OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
+# A request's reasoning_format (llama.cpp's names) -> where the reasoning goes; None: the server's.
+REASONING_FORMATS = {"none": "content", "deepseek": "reasoning_content", "auto": None}
 
 
 @dataclass
@@ -67,8 +77,11 @@ class ServerState:
     ping_seconds: float = 10.0
     max_body_bytes: int = 64 << 20
     facts: dict[str, Any] = field(default_factory=dict)
-    grammars: dict[str, Any] = field(default_factory=dict)
+    grammars: GrammarCache = field(default_factory=GrammarCache)
+    allowed_hosts: frozenset[str] | None = None  # Host names answered (None: any)
+    drain: Drain = field(default_factory=lambda: Drain(30.0))
     started: int = field(default_factory=lambda: int(time.time()))
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: CORS is off
 
 
 def api_error_response(error: ApiError) -> JSONResponse:
@@ -78,6 +91,11 @@ def api_error_response(error: ApiError) -> JSONResponse:
 
 def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":  # its loc is ("body", character offset)
+        offset = first.get("loc", ("body", "?"))[-1]
+        reason = first.get("ctx", {}).get("error", "")
+        message = f"the body is not valid JSON: {reason} (at character {offset})"
+        return api_error_response(ApiError(message))
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     message = first.get("msg", "invalid request")
     param = ".".join(location) or None
@@ -85,8 +103,12 @@ def _validation_error(request: Request, error: RequestValidationError) -> JSONRe
 
 
 def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return api_error_response(ApiError(str(error.detail), status=error.status_code, kind=kind))
+    if error.status_code in (404, 405):
+        what = "no such endpoint" if error.status_code == 404 else "method not allowed"
+        message = f"{what}: {request.method} {request.url.path} (the endpoints: GET /docs)"
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return api_error_response(ApiError(message, status=error.status_code, kind=kind))
+    return api_error_response(ApiError(str(error.detail), status=error.status_code))
 
 
 def _qwen3_error(request: Request, error: Qwen3Error) -> JSONResponse:
@@ -110,46 +132,49 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(Qwen3Error, _qwen3_error)
     app.add_exception_handler(Exception, _unexpected)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        response = _refusal(state, request) or await call_next(request)
-        state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
-
     _add_routes(app, state)
+    add_responses_routes(app, state, STREAMED)
+    add_anthropic_routes(app, state)
+    app.add_middleware(Guard, state=state, routes=app.routes)
+    app.add_middleware(JsonBodies)
+    if state.cors_origins:  # outermost: a preflight is answered before the API key is asked for
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     return app
 
 
-def _refusal(state: ServerState, request: Request) -> JSONResponse | None:
-    """401 without the API key; 413 for a body over the bound."""
-    if state.api_key and request.url.path not in OPEN_PATHS:
-        if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-            error = ApiError(
-                "missing or wrong API key (Authorization: Bearer ...)",
-                status=401,
-                kind="authentication_error",
-                code="invalid_api_key",
-            )
-            return api_error_response(error)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > state.max_body_bytes:
-        error = ApiError(
-            f"the request body is {int(length):,} bytes, over the {state.max_body_bytes:,} limit",
-            status=413,
-        )
-        return api_error_response(error)
-    return None
+class JsonBodies:
+    """Read every POST body as JSON, whatever its Content-Type says: `curl -d` sends form
+    encoding, and some clients send none. A body that is not JSON is still a 400."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = dict(scope["headers"])
+            if b"json" not in headers.get(b"content-type", b""):
+                headers[b"content-type"] = b"application/json"
+                scope = {**scope, "headers": list(headers.items())}
+        await self.app(scope, receive, send)
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=p.ChatCompletion, responses=STREAMED)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
         """Chat, streamed (SSE) or not."""
-        prepared = prepare_chat(state, body)
+        # Off the event loop: rendering and tokenizing a long request takes seconds, and /health
+        # and every other stream must go on meanwhile.
+        prepared = await run_in_threadpool(_prepare_chat, state, body)
         include_usage = bool(
             body.stream and body.stream_options and body.stream_options.include_usage
         )
-        run = ChatRun(state, prepared, include_usage or not body.stream)
+        field = REASONING_FORMATS.get(body.reasoning_format or "auto")
+        run = ChatRun(state, prepared, include_usage or not body.stream, field)
         if body.stream:
             return run.stream(request)
         return JSONResponse(await run.gather(request))
@@ -157,7 +182,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", response_model=p.Completion, responses=STREAMED)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         """A raw completion of the prompt (no chat template)."""
-        prompt = _completion_prompt(state, body.prompt)
+        _refuse_unsupported(body)
+        prompt = await run_in_threadpool(_completion_prompt, state, body.prompt)
         check_context(len(prompt), state.context_limit)
         explicit = request_settings(body, state.defaults)
         sampling = Sampling.for_mode(state.generation_config, True, explicit)
@@ -170,9 +196,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models", response_model=p.ModelList, responses=ERRORS)
     async def models() -> Any:
         """The one model this server runs, with its facts."""
-        card = {"id": state.model_id, "object": "model", "created": state.started}
-        card.update({"owned_by": "qwen3-mlx", "max_model_len": state.context_limit, **state.facts})
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=p.ModelCard, responses=ERRORS)
+    async def model(model_id: str) -> Any:
+        """The model's card, under the name it is served as."""
+        if model_id != state.model_id:
+            raise ApiError(
+                f"no model {model_id!r}: this server runs {state.model_id!r}",
+                status=404,
+                kind="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        return _model_card(state)
 
     @app.get("/health", response_model=p.Health)
     async def health() -> Any:
@@ -188,7 +225,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
     async def tokenize(body: p.TokenizeRequest) -> Any:
         """Token ids of `prompt`, or of the rendered `messages`."""
-        tokens = _template_ids(state, body) if body.messages else _text_ids(state, body.prompt)
+        count = _template_ids if body.messages else _prompt_ids
+        tokens = await run_in_threadpool(count, state, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.context_limit}
 
     @app.post("/apply-template", response_model=p.ApplyTemplateResponse, responses=ERRORS)
@@ -196,8 +234,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         """The exact prompt text the chat template makes for `messages` (and `tools`)."""
         if not body.messages:
             raise ApiError("messages is required", param="messages")
-        text = _template_text(state, body)
-        return {"prompt": text, "tokens": len(state.tokenizer.encode(text))}
+        text, tokens = await run_in_threadpool(_template_text_and_ids, state, body)
+        return {"prompt": text, "tokens": len(tokens)}
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    card = {"id": state.model_id, "object": "model", "created": state.started}
+    card.update({"owned_by": "qwen3-mlx", "max_model_len": state.context_limit, **state.facts})
+    return card
 
 
 def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
@@ -213,17 +257,38 @@ def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]
     return ids
 
 
+def _prepare_chat(state: ServerState, body: p.ChatCompletionRequest) -> Prepared:
+    check_size(body.messages, body.tools, state.context_limit)
+    return prepare_chat(state, body)
+
+
+def _refuse_unsupported(body: p.CompletionRequest) -> None:
+    """400 for the legacy completion fields this server does not implement (never ignored)."""
+    if body.logprobs is not None:
+        raise ApiError(
+            "logprobs is not supported on /v1/completions (use /v1/chat/completions with "
+            "logprobs and top_logprobs)",
+            param="logprobs",
+        )
+    if body.echo:
+        raise ApiError("echo is not supported on /v1/completions", param="echo")
+
+
+def _prompt_ids(state: ServerState, body: p.TokenizeRequest) -> list[int]:
+    return _text_ids(state, body.prompt)
+
+
 def _text_ids(state: ServerState, text: str | None) -> list[int]:
     if text is None:
         raise ApiError("give prompt or messages", param="prompt")
-    if len(text) > state.context_limit * 128:
-        raise ApiError(
-            "the prompt is longer than the context", param="prompt", code="context_length_exceeded"
-        )
+    if min_tokens(text) >= state.context_limit:  # refused by size: megabytes never tokenized
+        message = overflow_message(state.context_limit, f"at least {min_tokens(text):,}", "prompt")
+        raise ApiError(message, param="prompt", code="context_length_exceeded")
     return state.tokenizer.encode(text)
 
 
 def _template_text(state: ServerState, body: p.TokenizeRequest) -> str:
+    check_size(body.messages, body.tools, state.context_limit)
     tokenizer = state.tokenizer
     request = p.ChatCompletionRequest(
         messages=body.messages or [],
@@ -246,3 +311,8 @@ def _template_text(state: ServerState, body: p.TokenizeRequest) -> str:
 
 def _template_ids(state: ServerState, body: p.TokenizeRequest) -> list[int]:
     return state.tokenizer.encode(_template_text(state, body))
+
+
+def _template_text_and_ids(state: ServerState, body: p.TokenizeRequest) -> tuple[str, list[int]]:
+    text = _template_text(state, body)
+    return text, state.tokenizer.encode(text)

@@ -66,9 +66,13 @@ def error_body(error: ApiError) -> dict[str, Any]:
     }
 
 
-async def next_item(items: asyncio.Queue, request: Request, job: Job) -> Any:
-    """The next worker item; cancels the job when the client has gone."""
+async def next_item(items: asyncio.Queue, request: Request, job: Job, drain: Any) -> Any:
+    """The next worker item; cancels the job when the client has gone, or with the drain's
+    error once a stopping server's bound has passed."""
     while True:
+        if drain.over:
+            job.cancelled.set()
+            return Failed(drain.error())
         try:
             return await asyncio.wait_for(items.get(), DISCONNECT_POLL_SECONDS)
         except asyncio.TimeoutError:
@@ -80,12 +84,20 @@ async def next_item(items: asyncio.Queue, request: Request, job: Job) -> Any:
 class ChatRun:
     """One chat request: its id, its translator and its job."""
 
-    def __init__(self, state: Any, prepared: Prepared, include_usage: bool):
+    def __init__(
+        self,
+        state: Any,
+        prepared: Prepared,
+        include_usage: bool,
+        reasoning_field: str | None = None,  # None: the server's --reasoning-field
+    ):
         self.state = state
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
-        self.translator = ChatTranslator(state.tokenizer, state.reasoning_field, prepared.stops)
+        field = reasoning_field or state.reasoning_field
+        self.translator = ChatTranslator(state.tokenizer, field, prepared.stops)
         self.include_usage = include_usage
+        self.error: ApiError | None = None  # why the reply failed, once it has
         self.job, self.items = queue_job(state, prepared)
 
     def chunk(self, delta: dict, logprobs: Any = None, finish: str | None = None) -> dict:
@@ -110,9 +122,10 @@ class ChatRun:
         translator = self.translator
         yield self.chunk({"role": "assistant", "content": ""})
         while True:
-            item = await next_item(self.items, request, self.job)
+            item = await next_item(self.items, request, self.job, self.state.drain)
             if isinstance(item, Failed):
-                yield error_body(failure(item.error))
+                self.error = failure(item.error)
+                yield error_body(self.error)
                 return
             if isinstance(item, Piece):
                 for delta, entries in translator.piece(item):
@@ -152,9 +165,8 @@ class ChatRun:
         try:
             async for chunk in self.chunks(request):
                 if "error" in chunk:
-                    raise failure(
-                        ApiError(chunk["error"]["message"], status=500, kind="server_error")
-                    )
+                    assert self.error is not None
+                    raise self.error
                 for choice in chunk["choices"]:
                     merge_delta(message, choice["delta"])
                     if choice["logprobs"]:
@@ -208,7 +220,7 @@ class CompletionRun:
     async def pieces(self, request: Request) -> AsyncIterator[tuple[str, str | None, Any]]:
         """(text, finish_reason, usage) as the reply goes; the last has the finish and usage."""
         while True:
-            item = await next_item(self.items, request, self.job)
+            item = await next_item(self.items, request, self.job, self.state.drain)
             if isinstance(item, Failed):
                 raise failure(item.error)
             if isinstance(item, Piece):
@@ -232,6 +244,8 @@ class CompletionRun:
                     body = self.chunk(text, reason, usage if include_usage else None)
                     yield {"data": json.dumps(body, ensure_ascii=False)}
                 yield {"data": "[DONE]"}
+            except ApiError as error:  # the stream has begun: its last event says why it ended
+                yield {"data": json.dumps(error_body(error), ensure_ascii=False)}
             finally:
                 self.job.cancelled.set()
 

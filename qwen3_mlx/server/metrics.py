@@ -31,6 +31,12 @@ class Metrics:
         self.generated_tokens = Counter(
             "qwen3_mlx_generated_tokens", "Generated tokens.", registry=r
         )
+        self.drafted_tokens = Counter(
+            "qwen3_mlx_drafted_tokens", "Tokens drafted for speculative decoding.", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "qwen3_mlx_accepted_tokens", "Drafted tokens the model accepted.", registry=r
+        )
         self.cache_lookups = Counter(
             "qwen3_mlx_prefix_cache_lookups", "Replies that looked in the prefix cache.", registry=r
         )
@@ -53,6 +59,8 @@ class Metrics:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.cached_tokens.inc(cached_tokens)
         self.generated_tokens.inc(result.generated_tokens)
+        self.drafted_tokens.inc(result.drafted_tokens)
+        self.accepted_tokens.inc(result.accepted_tokens)
         self.cache_lookups.inc()
         self.recent.append(
             {
@@ -60,6 +68,8 @@ class Metrics:
                 "cached_tokens": cached_tokens,
                 "prefilled_tokens": result.prefilled_tokens,
                 "generated_tokens": result.generated_tokens,
+                "drafted_tokens": result.drafted_tokens,
+                "accepted_tokens": result.accepted_tokens,
                 "finish_reason": result.finish_reason,
             }
         )

@@ -10,6 +10,8 @@ see their own row only. The recorder runs last, so logprobs describe what was sa
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import mlx.core as mx
@@ -24,40 +26,50 @@ class ResponseFormatError(Qwen3Error):
     """A response_format whose schema llguidance cannot compile."""
 
 
+ANSWER_GRAMMARS_KEPT = 32  # compiled answer grammars kept for reuse (a client repeats its schema)
+_ANSWER_GRAMMARS: OrderedDict[tuple[int, str], Any] = OrderedDict()
+_ANSWER_LOCK = threading.Lock()
+
+
+def answer_template(tokenizer: Any, schema: dict[str, Any] | None, vocab: int) -> Any:
+    """The compiled matcher of an answer grammar (kept for reuse); ResponseFormatError when the
+    schema does not compile. Call it when the request is read, so a bad schema is a 400."""
+    from qwen3_mlx.tool_choice import JSON_STYLE, SchemaError, closed_objects, compile_grammar
+
+    body = dict(closed_objects(schema or {"type": "object"}))
+    body["x-guidance"] = JSON_STYLE
+    grammar = f"start: /\\n{{0,2}}/ body <[{IM_END_ID}]>\nbody: %json {json.dumps(body)}"
+    key = (id(tokenizer), grammar)
+    with _ANSWER_LOCK:
+        if key in _ANSWER_GRAMMARS:
+            _ANSWER_GRAMMARS.move_to_end(key)
+            return _ANSWER_GRAMMARS[key]
+    try:
+        template = compile_grammar(tokenizer, vocab, grammar, "the response_format schema")
+    except SchemaError as error:
+        raise ResponseFormatError(str(error)) from None
+    with _ANSWER_LOCK:
+        _ANSWER_GRAMMARS[key] = template
+        while len(_ANSWER_GRAMMARS) > ANSWER_GRAMMARS_KEPT:
+            _ANSWER_GRAMMARS.popitem(last=False)
+    return template
+
+
 class AnswerGrammar:
     """An llguidance grammar for the answer: optional newlines, the JSON, then <|im_end|>."""
 
     def __init__(self, tokenizer: Any, schema: dict[str, Any] | None, vocab: int):
-        import llguidance
-
-        from qwen3_mlx.tool_choice import lltokenizer
-
-        self.lltokenizer = lltokenizer(tokenizer, vocab)  # shared with the tool grammars
-        body = dict(schema or {"type": "object"})
-        # Qwen3's separators and no free whitespace: the model cannot pad forever.
-        body["x-guidance"] = {
-            "whitespace_flexible": False,
-            "key_separator": ": ",
-            "item_separator": ", ",
-        }
-        grammar = f"start: /\\n{{0,2}}/ body <[{IM_END_ID}]>\nbody: %json {json.dumps(body)}"
-        self.matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
-        if self.matcher.is_error():
-            raise ResponseFormatError(
-                f"response_format schema cannot be used: {self.matcher.get_error()}"
-            )
+        self.matcher = answer_template(tokenizer, schema, vocab).deep_copy()
+        self.tokenizer = tokenizer
         self.vocab = vocab
 
     def mask(self) -> mx.array | None:
         """Tokens the grammar allows next, or None once it has nothing to say."""
-        import llguidance.numpy as llnp
+        from qwen3_mlx.tool_choice import allowed_tokens
 
-        if self.matcher.is_error() or self.matcher.is_stopped():
+        if self.matcher.is_stopped():
             return None
-        bits = llnp.allocate_token_bitmask(1, self.lltokenizer.vocab_size)
-        llnp.fill_next_token_bitmask(self.matcher, bits, 0)
-        keep = np.unpackbits(bits[0].view(np.uint8), bitorder="little")[: self.vocab]
-        return mx.array(keep.astype(bool)) if keep.any() else None
+        return allowed_tokens(self.tokenizer, self.vocab, self.matcher)
 
 
 class AnswerConstraint:

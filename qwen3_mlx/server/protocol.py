@@ -39,6 +39,19 @@ class ToolCallMessage(BaseModel):
     function: FunctionCall
 
 
+class SentFunctionCall(BaseModel):
+    """A call's function as a client sends it back: argument text, or the arguments object."""
+
+    name: str
+    arguments: str | dict[str, Any]
+
+
+class SentToolCall(ToolCallMessage):
+    """An entry of `tool_calls` in the history a client sends."""
+
+    function: SentFunctionCall  # type: ignore[assignment]
+
+
 class ChatMessage(BaseModel):
     """A message of the conversation; extra keys are kept."""
 
@@ -48,7 +61,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
-    tool_calls: list[ToolCallMessage] | None = None
+    tool_calls: list[SentToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -152,6 +165,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
     reasoning_effort: str | None = None
+    # llama.cpp's per-request switch: "none" leaves <think>…</think> in the content, "deepseek"
+    # splits it into reasoning_content, "auto" keeps the server's --reasoning-field.
+    reasoning_format: Literal["none", "auto", "deepseek"] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -212,9 +228,12 @@ class PromptTokensDetails(BaseModel):
 
 
 class CompletionTokensDetails(BaseModel):
-    """How many generated tokens were reasoning."""
+    """How many generated tokens were reasoning, and how many drafted ones were accepted or not
+    (speculative decoding; 0 without a drafter)."""
 
     reasoning_tokens: int
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class Usage(BaseModel):

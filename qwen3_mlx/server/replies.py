@@ -26,16 +26,17 @@ class StopScanner:
         self.stops = stops
         self.held = ""
         self.hit = False
+        self.matched: str | None = None  # the stop string that ended the answer
 
     def feed(self, text: str) -> str:
         """The text that can be sent now."""
         if self.hit:
             return ""
         text = self.held + text
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        cuts = sorted((text.find(stop), stop) for stop in self.stops if stop in text)
         if cuts:
-            self.hit, self.held = True, ""
-            return text[: min(cuts)]
+            (cut, self.matched), self.hit, self.held = cuts[0], True, ""
+            return text[:cut]
         keep = max((_partial(text, stop) for stop in self.stops), default=0)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
@@ -115,6 +116,7 @@ class ChatTranslator:
         self.fields = (
             ["reasoning_content", "reasoning"] if reasoning_field == "both" else [reasoning_field]
         )
+        self.inline = InlineThinking() if reasoning_field == "content" else None
         self.stop = StopScanner(stops)
         self.calls: dict[int, CallStreamer] = {}
         self.emitted_calls = 0
@@ -127,6 +129,16 @@ class ChatTranslator:
 
     def piece(self, piece: Piece) -> list[tuple[dict[str, Any], list[TokenLogprob]]]:
         """(delta, logprobs) pairs for one event."""
+        event = piece.event
+        if self.inline is not None:
+            text = self.inline.text(event)
+            if isinstance(event, ThinkingText):
+                return [({"content": text}, [])]
+            if text:
+                return [({"content": text}, []), *self._piece(piece)]
+        return self._piece(piece)
+
+    def _piece(self, piece: Piece) -> list[tuple[dict[str, Any], list[TokenLogprob]]]:
         event = piece.event
         if isinstance(event, ThinkingText):
             return [({name: event.text for name in self.fields}, [])]
@@ -152,10 +164,13 @@ class ChatTranslator:
     def finish(self, finished: Finished) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
         """The last deltas (held-back text), the finish_reason and the usage."""
         deltas = []
+        result = finished.result
+        if self.inline is not None and self.inline.opened and not self.inline.closed:
+            if result.thinking_finished:  # the reply ended right after its think block
+                deltas.append({"content": self.inline.close()})
         held = self.stop.flush()
         if held:
             deltas.append({"content": held})
-        result = finished.result
         if self.stop.hit:
             reason = "stop"
         else:
@@ -180,6 +195,28 @@ class ChatTranslator:
         return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
 
 
+class InlineThinking:
+    """The think block left in the content (--reasoning-field content), its markers written back
+    the way the template renders a reasoning turn: `<think>\\n…\\n</think>\\n\\n` before the answer."""
+
+    def __init__(self) -> None:
+        self.opened = False
+        self.closed = False
+
+    def text(self, event: Any) -> str:
+        """The content text for a thinking event, or the markers due before any other event."""
+        if isinstance(event, ThinkingText):
+            opening = "" if self.opened else "<think>\n"
+            self.opened = True
+            return opening + event.text
+        return self.close() if self.opened and not self.closed else ""
+
+    def close(self) -> str:
+        """The end of the think block."""
+        self.closed = True
+        return "\n</think>\n\n"
+
+
 def usage_of(result: Any, cached_tokens: int) -> dict[str, Any]:
     """The usage object of a finished reply."""
     return {
@@ -187,7 +224,13 @@ def usage_of(result: Any, cached_tokens: int) -> dict[str, Any]:
         "completion_tokens": result.generated_tokens,
         "total_tokens": result.prompt_tokens + result.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": result.thinking_tokens},
+        "completion_tokens_details": {
+            "reasoning_tokens": result.thinking_tokens,
+            # OpenAI's names for speculative decoding (predicted outputs): drafted tokens the
+            # model accepted, and those it rejected.
+            "accepted_prediction_tokens": result.accepted_tokens,
+            "rejected_prediction_tokens": result.drafted_tokens - result.accepted_tokens,
+        },
     }
 
 

@@ -7,6 +7,7 @@ own errors (context, settings, template) theirs, in the engine's words.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,9 +20,11 @@ from qwen3_mlx.errors import (
     TemplateError,
     ToolError,
 )
+from qwen3_mlx.server.processors import ResponseFormatError, answer_template
 from qwen3_mlx.server.protocol import ChatCompletionRequest, ChatMessage, SamplingFields
 from qwen3_mlx.settings import SETTINGS, Sampling, SamplingDefaults
 from qwen3_mlx.tokenizer import Tokenizer
+from qwen3_mlx.tool_choice import SchemaError, argument_grammar
 from qwen3_mlx.tools import (
     ToolCall,
     ToolResult,
@@ -56,7 +59,10 @@ def api_error(error: Qwen3Error) -> ApiError:
     if isinstance(error, ApiError):
         return error
     if isinstance(error, ContextOverflowError):
-        return ApiError(str(error), param="messages", code="context_length_exceeded")
+        # In OpenAI's words: litellm and other clients recognise an overflow by this sentence.
+        tokens = f"{'at least ' if error.at_least else ''}{error.prompt_tokens}"
+        message = overflow_message(error.context_limit, tokens)
+        return ApiError(message, param="messages", code="context_length_exceeded")
     if isinstance(error, SettingsError):
         return ApiError(str(error), param=error.setting)
     if isinstance(error, TemplateError):  # the template cannot render these messages
@@ -67,6 +73,7 @@ def api_error(error: Qwen3Error) -> ApiError:
 class ModelContext(Protocol):
     """What preparing a request reads of the server (its ServerState)."""
 
+    model: Any  # its vocabulary size bounds the grammars' masks
     tokenizer: Tokenizer
     generation_config: SamplingDefaults
     context_limit: int
@@ -144,11 +151,28 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             item["tool_call_id"] = item["id"]  # Qwen-Agent's raw mode names it `id`
         if item["role"] == "developer":
             item["role"] = "system"
+        for call in item.get("tool_calls") or []:
+            call["function"]["arguments"] = template_arguments(call["function"]["arguments"])
         raw.append(item)
     try:
         return normalize_messages(_ordered_results(raw))
     except ToolError as error:
         raise ApiError(str(error), param="messages") from None
+
+
+def template_arguments(arguments: str | dict[str, Any]) -> str:
+    """A call's arguments as the template writes them (`tojson`: ", " and ": ", no escaping),
+    so a client that re-spaced the model's call sends back the text the model wrote and the
+    prefix cache holds; text that is not a JSON object stays as it was sent."""
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return arguments
+        if not isinstance(parsed, dict):
+            return arguments
+        arguments = parsed
+    return json.dumps(arguments, ensure_ascii=False)
 
 
 def _ordered_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,7 +191,12 @@ def _ordered_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             end += 1
         run = messages[index:end]
         calls = _previous_calls(ordered)
-        if calls and all("tool_call_id" in item for item in run):
+        if not calls:  # as OpenAI: a result must answer a call
+            raise ToolError(
+                f"messages[{index}]: a message with role 'tool' must answer a preceding "
+                "assistant message's tool_calls"
+            )
+        if all("tool_call_id" in item for item in run):
             results = [ToolResult(item.get("content") or "", item["tool_call_id"]) for item in run]
             by_result = {id(result): item for result, item in zip(results, run, strict=True)}
             run = [by_result[id(result)] for result in order_results(results, calls)]
@@ -209,6 +238,7 @@ def prepare_chat(state: ModelContext, request: ChatCompletionRequest) -> Prepare
     tokenizer = state.tokenizer
     thinking = requested_thinking(request, tokenizer.has_thinking_switch)
     tools = tool_setup(request, state.grammars)
+    check_schemas(state, tools)
     ready = prepare_prompt(
         tokenizer,
         chat_messages(request.messages),
@@ -230,4 +260,35 @@ def prepare_chat(state: ModelContext, request: ChatCompletionRequest) -> Prepare
                     "json_schema response_format needs a json_schema", param="response_format"
                 )
             prepared.schema = response_format.json_schema.json_schema or {"type": "object"}
+        try:
+            answer_template(tokenizer, prepared.schema, state.model.args.vocab_size)
+        except ResponseFormatError as error:
+            raise ApiError(str(error), param="response_format") from None
     return prepared
+
+
+def check_schemas(state: ModelContext, tools: ToolSetup) -> None:
+    """Compile the tools' argument grammar now (kept for the reply), so a schema llguidance
+    cannot read is a 400 naming the tool, never a failure once the reply has started."""
+    if not tools.tools or tools.choice == "none" or not tools.constrain:
+        return
+    vocab = state.model.args.vocab_size
+    try:
+        argument_grammar(state.tokenizer, tools.tools, tools.choice, vocab, tools.grammars)
+    except SchemaError as error:
+        for index, tool in enumerate(tools.tools):
+            try:
+                argument_grammar(state.tokenizer, [tool], "auto", vocab, tools.grammars)
+            except SchemaError as its_error:
+                param = f"tools[{index}].function.parameters"
+                raise ApiError(str(its_error), param=param) from None
+        raise ApiError(str(error), param="tools") from None
+
+
+def overflow_message(context_limit: int, tokens: str, what: str = "messages") -> str:
+    """OpenAI's context-overflow sentence (`tokens`: a count, or "at least N")."""
+    return (
+        f"This model's maximum context length is {context_limit} tokens. However, your {what} "
+        f"resulted in {tokens} tokens. Please reduce the length of the {what} "
+        "(a reply needs at least one token of room)."
+    )

@@ -11,6 +11,8 @@ events to the request's delivery callback. Jobs beyond the batch wait in a queue
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import queue
 import threading
 import time
@@ -18,16 +20,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.engine import ToolSetup, start_reply
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.events import ReplyEvent, TurnResult
 from qwen3_mlx.generate import GeneratedToken, LogitsProcessor, Sampler
+from qwen3_mlx.parallel.lockstep import lost_connection
+from qwen3_mlx.parallel.watchdog import is_lost_connection
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.server.metrics import Metrics
 from qwen3_mlx.server.prefix_cache import CacheChoice, PrefixCache
 from qwen3_mlx.server.processors import AnswerConstraint, AnswerGrammar, LogprobRecorder
 from qwen3_mlx.settings import Sampling
+from qwen3_mlx.speculative import Speculation, SpeculativeRow
 from qwen3_mlx.stream import RepetitionGuard
 from qwen3_mlx.thinking import Part, prompt_phase
 from qwen3_mlx.tokenizer import Tokenizer
@@ -106,8 +113,11 @@ class GenerationWorker:
         max_queue: int,
         metrics: Metrics | None = None,
         repetition_guard: RepetitionGuard | None = RepetitionGuard(),  # noqa: B008 (frozen)
+        speculation: Speculation | None = None,
     ):
         self.model = model
+        # A reply that runs alone decodes speculatively (speculative.SpeculativeRow).
+        self.speculation = speculation
         self.tokenizer = tokenizer
         self.cache = cache
         self.stop_ids = stop_ids
@@ -123,6 +133,7 @@ class GenerationWorker:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.watchdog: Any = None  # under a group: bounds each step's wait for the other ranks
         self.thread = threading.Thread(target=self._loop, name="qwen3-mlx-decoder", daemon=True)
 
     def start(self) -> None:
@@ -160,22 +171,47 @@ class GenerationWorker:
             self.metrics.queue_depth.set(self.queued)
             self.metrics.running.set(self.running)
 
+    def abandon(self, error: BaseException) -> None:
+        """Fail every reply at once, from any thread: the decoding thread is stuck for good (a
+        rank of the group has gone) and the process is about to end."""
+        self.stopping = True
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for job in waiting:
+            job.deliver(Failed(error))
+        while not self.new_rows.empty():
+            self.new_rows.get().end(error)
+        self.decoder.fail_all(error)
+
     def _loop(self) -> None:
         while not self.stopping:
-            self._start_jobs()
-            while not self.new_rows.empty():
-                self.decoder.add(self.new_rows.get())
-            if self.decoder.idle:
-                self.wake.wait(IDLE_WAIT_SECONDS)
-                self.wake.clear()
-                continue
-            try:
-                self.decoder.run_once()
-            except BaseException as error:  # every row's reply fails; the thread goes on
-                self.decoder.fail_all(error)
+            with self._watched():
+                self._start_jobs()
+                while not self.new_rows.empty():
+                    self.decoder.add(self.new_rows.get())
+                if not self.decoder.idle:
+                    try:
+                        self.decoder.run_once()
+                    except BaseException as error:  # every row's reply fails; the thread goes on
+                        self.decoder.fail_all(error)
+                        if self.watchdog is not None and is_lost_connection(error):
+                            self.watchdog.fire(lost_connection(error))
+                    continue
+            self.wake.wait(IDLE_WAIT_SECONDS)
+            self.wake.clear()
         self.decoder.fail_all(ServerStopped("the server is shutting down"))
         while not self.new_rows.empty():
             self.new_rows.get().end(ServerStopped("the server is shutting down"))
+        # This thread's MLX streams and compile cache go now, while Python runs: left to the
+        # thread's end they are freed after the interpreter may have begun to finalize, which
+        # can abort the process ("terminate called without an active exception", exit 134).
+        mx.clear_streams()
+
+    def _watched(self) -> Any:
+        """The watchdog's watch over one step (nothing without a group)."""
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        return self.watchdog.watching("a decoding step")
 
     def _start_jobs(self) -> None:
         while True:
@@ -230,7 +266,7 @@ class GenerationWorker:
             tools=job.tools,
             repetition_guard=self.guard,
             extra_processors=extra,
-            generate=self._row_source,
+            generate=functools.partial(self._row_source, held=lambda: choice.cache.tokens),
         )
         labels = LogprobLabels(reply, recorder, self.stop_ids)
         first = True
@@ -262,18 +298,24 @@ class GenerationWorker:
         max_tokens: int,
         on_prefill: Callable[[int, int], None] | None = None,
         seed: int | None = None,
+        held: Callable[[], list[int]] = list,
     ) -> Iterator[GeneratedToken]:
         """start_reply's token generator for the worker's jobs: the reply becomes a row of the
-        batch, with its own random key (from the reply's seed, or a random one)."""
-        row = BatchRow(
-            prompt,
-            cache,
+        batch, with its own random key (from the reply's seed, or a random one). With a drafter
+        it is a SpeculativeRow (held(): the tokens its cache kept before `prompt`)."""
+        options = dict(
             sampler=sampler,
             processors=logits_processors,
             max_tokens=max_tokens,
             seed=seed,
             on_prefill=on_prefill,
         )
+        if self.speculation is None:
+            row = BatchRow(prompt, cache, **options)
+        else:
+            row = SpeculativeRow(
+                prompt, cache, speculation=self.speculation, context=held(), **options
+            )
         if self.stopping:
             row.end(ServerStopped("the server is shutting down"))
             return row

@@ -1,0 +1,242 @@
+"""What speculative decoding costs and gains on the CPU path, in one run.
+
+    python -m benchmarks.bench_speculative                 # everything (builds 4B/0.6B once)
+    python -m benchmarks.bench_speculative --skip-shapes   # only the tiny-model measurements
+
+1. Verify cost (random 4-bit weights at the Qwen3-4B shape): one target pass over 1..8 positions
+   after a 128-token context, against one decode step (1 position). The native mat-vec takes up
+   to 8 rows, so k+1 positions read the weights once.
+2. Draft cost: one decode step at the Qwen3-0.6B shape.
+3. Measured on the shipped tiny model (real weights, real acceptance): its 4-bit copy as draft,
+   and n-gram prompt lookup on repeat tasks and a tool loop: acceptance, tokens per target step,
+   and speed against plain decoding (greedy, outputs checked equal).
+4. Projected 4B drafted by 0.6B at acceptance 0.5/0.7/0.9, from the measured costs of 1 and 2:
+   random weights cannot give a real acceptance rate, so those rows are projections.
+
+Timings on shared machines are noisy: best of --repeats, interleaved. Never asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from benchmarks.checkpoints import checkpoint
+
+CONTEXT = 128
+
+
+def pass_seconds(model: Any, cache: list[Any], rows: int, repeats: int) -> float:
+    """Best time of one forward over `rows` new positions after the cache (trimmed back after)."""
+    from qwen3_mlx.cache import cache_length, trim_cache
+
+    length = cache_length(cache)
+    ids = mx.array([[1000 + i for i in range(rows)]], dtype=mx.uint32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        logits = model(ids, cache=cache)
+        mx.eval(logits)
+        best = min(best, time.perf_counter() - start)
+        trim_cache(cache, length)
+    return best
+
+
+def context_cache(model: Any) -> list[Any]:
+    """A cache holding CONTEXT tokens, as a decode in a real conversation would see."""
+    from qwen3_mlx.cache import make_cache
+    from qwen3_mlx.generate import prefill
+
+    cache = make_cache(model)
+    # Chunks of 8 rows take the native kernel: without OpenBLAS a long chunk would unpack the
+    # weights once per row.
+    prefill(model, list(range(100, 101 + CONTEXT)), cache, chunk=8)
+    return cache
+
+
+def verify_costs(shape: str, repeats: int, max_rows: int = 8) -> dict[int, float]:
+    """Seconds of one pass over 1..max_rows positions at a shape (random 4-bit weights)."""
+    from qwen3_mlx.loading import load
+
+    model, _, _ = load(checkpoint(shape, 4))
+    cache = context_cache(model)
+    pass_seconds(model, cache, 1, 2)  # warm up
+    costs = {rows: float("inf") for rows in range(1, max_rows + 1)}
+    for _ in range(repeats):  # interleaved, so a busy moment hurts every row count alike
+        for rows in costs:
+            costs[rows] = min(costs[rows], pass_seconds(model, cache, rows, 1))
+    del model, cache
+    mx.clear_cache()
+    return costs
+
+
+def projected_speedup(acceptance: float, k: int, verify: dict[int, float], draft: float) -> float:
+    """Expected speed-up of draft-k speculation over plain decoding (Leviathan et al.'s formula):
+    tokens per round (1 - a^(k+1)) / (1 - a), at the cost of k draft steps and one verify pass."""
+    tokens = (1 - acceptance ** (k + 1)) / (1 - acceptance)
+    return tokens * verify[1] / (k * draft + verify[k + 1])
+
+
+def print_shapes(repeats: int) -> None:
+    """Parts 1, 2 and 4: verify and draft costs, and the projection."""
+    target = verify_costs("4b", repeats)
+    step = target[1]
+    print("4B shape, 4-bit, random weights: one target pass over N positions", flush=True)
+    for rows, seconds in target.items():
+        print(
+            f"  N={rows}: {1000 * seconds:7.1f} ms   {seconds / step:4.2f}x one decode step",
+            flush=True,
+        )
+    draft = verify_costs("0.6b", repeats, max_rows=1)[1]
+    print(
+        f"0.6B shape, 4-bit: one decode step {1000 * draft:.1f} ms ({draft / step:.2f}x 4B)",
+        flush=True,
+    )
+    print("Projected 4B drafted by 0.6B (measured costs above, assumed acceptance):", flush=True)
+    for acceptance in (0.5, 0.7, 0.9):
+        best = max(range(1, 8), key=lambda k: projected_speedup(acceptance, k, target, draft))
+        row = ", ".join(
+            f"k={k} {projected_speedup(acceptance, k, target, draft):.2f}x" for k in (2, 3, 4, 5)
+        )
+        print(f"  acceptance {acceptance}: {row}; best k={best}", flush=True)
+    print("Projected 4B with n-gram lookup (drafts cost nothing; assumed acceptance):", flush=True)
+    for acceptance in (0.5, 0.7, 0.9):
+        row = ", ".join(
+            f"k={k} {projected_speedup(acceptance, k, target, 0.0):.2f}x" for k in (1, 2, 3, 5)
+        )
+        print(f"  acceptance {acceptance}: {row}", flush=True)
+
+
+TINY = Path(__file__).resolve().parents[1] / "models"
+TOOL_QUESTIONS = ("What is the secret word for moon?", "Look up the secret word for river.")
+
+
+def tiny_tasks(count: int) -> list[str]:
+    """Repeat tasks of the tiny model's training slice (tiny_model/tiny_data.py)."""
+    sys.path.insert(0, str(TINY.parent / "tiny_model"))
+    import tiny_data
+
+    rng = random.Random(0)
+    return [tiny_data.sample_problem(rng, task="copy").question for _ in range(count)]
+
+
+def run_turns(chat: Any, turns: list[Any]) -> tuple[list[int], list[Any], float]:
+    """Every reply's tokens, their results, and the decode seconds (prefill excluded)."""
+    tokens, results, seconds = [], [], 0.0
+    for turn in turns:
+        reply = turn(chat)
+        reply.text()
+        tokens += list(reply.tokens)
+        results.append(reply.result)
+        seconds += reply.result.generated_tokens / max(reply.result.decode_tokens_per_second, 1e-9)
+    return tokens, results, seconds
+
+
+def tool_loop_turns() -> list[Any]:
+    """A secret-word question, its lookup call, the answer after the result; twice."""
+    from qwen3_mlx.tools import ToolResult
+
+    def ask(question: str) -> Any:
+        return lambda chat: chat.send(question)
+
+    def answer(word: str) -> Any:
+        def send(chat: Any) -> Any:
+            call = chat.turns[-1].tool_calls[0]
+            return chat.send_tool_results([ToolResult(content=word, tool_call_id=call.id)])
+
+        return send
+
+    return [ask(TOOL_QUESTIONS[0]), answer("lake"), ask(TOOL_QUESTIONS[1]), answer("apple")]
+
+
+def print_tiny(repeats: int) -> None:
+    """Part 3: the tiny pair and n-gram lookup, measured (greedy; outputs checked equal)."""
+    sys.path.insert(0, str(TINY.parent / "tiny_model"))
+    import tiny_data
+
+    from qwen3_mlx.chat import Chat
+    from qwen3_mlx.drafting import NgramLookup, load_draft
+    from qwen3_mlx.loading import load
+    from qwen3_mlx.speculative import Speculation
+
+    model, tokenizer, config = load(TINY / "qwen3-tiny-chat")
+    draft = load_draft(TINY / "qwen3-tiny-chat-4bit", model, tokenizer)
+    repeat = [lambda chat, q=q: chat.send(q) for q in tiny_tasks(4)]
+    # The same repeat task asked again: the reply repeats text already in the context.
+    again = [lambda chat, q=q: chat.send(q) for q in tiny_tasks(2) for _ in range(2)]
+    tasks = {
+        "repeat tasks": (repeat, []),
+        "asked twice": (again, []),
+        "tool loop": (tool_loop_turns(), [tiny_data.TOOLS["lookup"]]),
+    }
+    drafters = {
+        "4-bit copy k=4": lambda: Speculation(draft, 4),
+        "ngram k=5": lambda: Speculation(NgramLookup(), 5),
+    }
+    print(
+        "Tiny model (measured, greedy, float32 on the CPU; speed-up = plain decode s / speculative):",
+        flush=True,
+    )
+    for task, (turns, tools) in tasks.items():
+        best_plain = float("inf")
+        plain_tokens: list[int] = []
+        rows = {}
+        for _ in range(repeats):
+            chat = Chat(
+                model, tokenizer, config, sampling={"temperature": 0, "max_tokens": 96}, tools=tools
+            )
+            plain_tokens, _, seconds = run_turns(chat, turns)
+            best_plain = min(best_plain, seconds)
+            for name, make in drafters.items():
+                chat = Chat(
+                    model,
+                    tokenizer,
+                    config,
+                    sampling={"temperature": 0, "max_tokens": 96},
+                    tools=tools,
+                    speculation=make(),
+                )
+                tokens, results, seconds = run_turns(chat, turns)
+                assert tokens == plain_tokens, f"{name} changed the output of {task}"
+                drafted = sum(r.drafted_tokens for r in results)
+                accepted = sum(r.accepted_tokens for r in results)
+                steps = sum(r.target_steps for r in results)
+                best = min(rows.get(name, (0, 0, 0, float("inf")))[3], seconds)
+                rows[name] = (accepted, drafted, len(tokens) / steps, best)
+        for name, (accepted, drafted, per_step, seconds) in rows.items():
+            rate = accepted / drafted if drafted else 0.0
+            print(
+                f"  {task:<13} {name:<15} accepted {accepted:4d}/{drafted:<4d} ({100 * rate:3.0f} %)  "
+                f"{per_step:4.2f} tokens/step  {best_plain / seconds:4.2f}x plain speed  (exact)",
+                flush=True,
+            )
+
+
+def main() -> None:
+    """Run the parts asked for and print them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-shapes", action="store_true", help="only the tiny-model part")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the 4B/0.6B part")
+    parser.add_argument(
+        "--int8", action="store_true", help="the native kernel's int8-x variant (AVX-512 VNNI)"
+    )
+    args = parser.parse_args()
+    if args.int8:
+        os.environ["QWEN3_MLX_QMV_INT8"] = "1"  # read per call by qwen3_mlx.cpu.native
+        print("native kernel: int8 x (QWEN3_MLX_QMV_INT8=1)", flush=True)
+    if not args.skip_tiny:
+        print_tiny(min(args.repeats, 3))
+    if not args.skip_shapes:
+        print_shapes(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
