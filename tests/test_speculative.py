@@ -359,9 +359,9 @@ def test_native_kernel_rows_equal_single_rows_bit_for_bit() -> None:
     weight = mx.random.normal((320, 512), key=mx.random.key(1)).astype(mx.bfloat16)
     packed = mx.quantize(weight, group_size=64, bits=4)
     x = mx.random.normal((1, 8, 512), key=mx.random.key(2))
-    together = np.array(native.quantized_matvec(x, *packed, 64, 2))
+    together = np.array(native.quantized_matmul(x, *packed, 64, 2))
     for rows in range(1, 9):
-        part = np.array(native.quantized_matvec(x[:, :rows], *packed, 64, 2))
+        part = np.array(native.quantized_matmul(x[:, :rows], *packed, 64, 2))
         assert np.array_equal(part, together[:, :rows])
-    alone = [np.array(native.quantized_matvec(x[:, i : i + 1], *packed, 64, 2)) for i in range(8)]
+    alone = [np.array(native.quantized_matmul(x[:, i : i + 1], *packed, 64, 2)) for i in range(8)]
     assert np.array_equal(np.concatenate(alone, axis=1), together)

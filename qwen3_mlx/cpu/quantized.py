@@ -6,7 +6,7 @@ within float32 rounding, and all only on the CPU backend (on a GPU these kernels
 GEMMs already):
 
 * 4-bit layers with float32 x, any number of rows: the native kernels (qwen3_mlx/cpu/native.py)
-  when they were built. Up to 4 rows (decode) a mat-vec, ~10x MLX's kernel with float32 scales
+  when they were built. Up to 8 rows (decode, speculative verify) a mat-vec, ~10x MLX's kernel with float32 scales
   and ~70x with bf16 ones, which it reads in place; more rows (prefill) a tiled matmul that
   dequantizes the weights one small tile at a time, right before use, never the whole matrix
   (about 50x MLX's reference-BLAS route and 2-3x the OpenBLAS one on 2 cores). Results within

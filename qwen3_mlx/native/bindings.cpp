@@ -28,7 +28,7 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
         nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
         "x @ dequantize(w, scales, biases).T for 4-bit affine w, computed in float32 (with x "
-        "rounded to int8 per block of 32 when int8, at most 4 rows and int8_supported()).");
+        "rounded to int8 per block of 32 when int8, at most 8 rows and int8_supported()).");
   m.def("quantized_matmuls", &quantized_matmuls, nb::arg("x"), nb::arg("ws"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("group_size") = 64, nb::arg("threads") = 1,
         nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),

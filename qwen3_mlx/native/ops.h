@@ -12,7 +12,7 @@ namespace native {
 namespace mx = mlx::core;
 
 // quantized_matmul.cpp: x @ dequantize(w, scales, biases).T for 4-bit affine w, in float32, for
-// every matrix with one x: the mat-vec kernels up to 4 rows of x (int8 x where asked and
+// every matrix with one x: the mat-vec kernels up to 8 rows of x (int8 x where asked and
 // supported), the tiled matmul (gemm.h) above.
 std::vector<mx::array> quantized_matmuls(const mx::array& x, const std::vector<mx::array>& ws,
                                          const std::vector<mx::array>& scales,
