@@ -33,6 +33,7 @@ from qwen3_mlx.generate import (
     SamplingStep,
     greedy,
 )
+from qwen3_mlx.model import CausalLM
 
 _END = object()
 
@@ -104,7 +105,7 @@ class BatchDecoder:
     """The rows being prefilled and the rows decoding together; run_once() advances all of them."""
 
     def __init__(
-        self, model: Any, stop_ids: Iterable[int], prefill_chunk: int = PREFILL_CHUNK
+        self, model: CausalLM, stop_ids: Iterable[int], prefill_chunk: int = PREFILL_CHUNK
     ) -> None:
         self.model = model
         self.ops = cache_ops(model)  # under a group, rank 0's: the other ranks mirror them

@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.model import CausalLM
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZE = 64
@@ -36,7 +37,7 @@ class CompactQuantizedKVCache(QuantizedKVCache):
         return super().update_and_fetch(keys, values)
 
 
-def make_cache(model: Any, kv_bits: int | None = None) -> list[Any]:
+def make_cache(model: CausalLM, kv_bits: int | None = None) -> list[Any]:
     """One growable, trimmable KV cache per decoder layer (quantized to kv_bits when given)."""
     if kv_bits is None:
         return [KVCache() for _ in model.layers]
@@ -88,7 +89,7 @@ def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
 class PromptCache:
     """A KV cache plus the exact token list it holds, so any later prompt can reuse its prefix."""
 
-    def __init__(self, model: Any, kv_bits: int | None = None):
+    def __init__(self, model: CausalLM, kv_bits: int | None = None):
         self.kv_bits = kv_bits
         self.cache = make_cache(model, kv_bits)
         self.tokens: list[int] = []

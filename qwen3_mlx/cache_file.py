@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from qwen3_mlx.cache import PromptCache, make_cache
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.model import CausalLM
 from qwen3_mlx.rope_auto import RopeAuto, switch
 
 # 2: our own layout (layer.keys.part, cut to the tokens held), bf16 scales in quantized caches.
@@ -37,7 +38,7 @@ def cache_path(transcript: Path) -> Path:
     return transcript.with_suffix(".kv.safetensors")
 
 
-def fingerprint(model: Any, tokenizer: Any, kv_bits: int | None) -> dict[str, str]:
+def fingerprint(model: CausalLM, tokenizer: Any, kv_bits: int | None) -> dict[str, str]:
     """What a cache depends on, each part as a short string (compared part by part)."""
     if getattr(model, "group", None) is not None:  # distributed.LeaderModel
         # Rank 0's cache holds its shard of the KV heads only, and the embedding lookup below
@@ -115,7 +116,7 @@ def saved_rope(path: Path) -> dict[str, Any] | None:
     return rope if isinstance(rope, dict) else None
 
 
-def _expected_parts(model: Any, kv_bits: int | None) -> list[tuple[tuple[int, ...], mx.Dtype]]:
+def _expected_parts(model: CausalLM, kv_bits: int | None) -> list[tuple[tuple[int, ...], mx.Dtype]]:
     """(batch, heads, last dimension) and dtype of each part a layer of this cache holds.
 
     Asked of a fresh cache layer fed one token, so the check is exactly what the cache stores
@@ -129,7 +130,9 @@ def _expected_parts(model: Any, kv_bits: int | None) -> list[tuple[tuple[int, ..
     return [((part.shape[0], part.shape[1], part.shape[3]), part.dtype) for part in parts]
 
 
-def _check_arrays(arrays: dict[str, mx.array], model: Any, kv_bits: int | None, length: int) -> str:
+def _check_arrays(
+    arrays: dict[str, mx.array], model: CausalLM, kv_bits: int | None, length: int
+) -> str:
     """Why the saved arrays cannot be this model's cache of `length` tokens ('' when they can)."""
     expected = _expected_parts(model, kv_bits)
     layers = len(model.layers) if length else 0
@@ -154,7 +157,7 @@ def _check_arrays(arrays: dict[str, mx.array], model: Any, kv_bits: int | None, 
     return ""
 
 
-def load_cache(path: Path, model: Any, prints: dict[str, str]) -> PromptCache:
+def load_cache(path: Path, model: CausalLM, prints: dict[str, str]) -> PromptCache:
     """The PromptCache saved at path; CacheFileError says why it cannot be used.
 
     Every array is checked against this model and the fingerprint (shape, dtype, finite values)
@@ -195,14 +198,14 @@ def load_cache(path: Path, model: Any, prints: dict[str, str]) -> PromptCache:
     return cache
 
 
-def save_beside(transcript: Path, model: Any, tokenizer: Any, cache: PromptCache) -> int:
+def save_beside(transcript: Path, model: CausalLM, tokenizer: Any, cache: PromptCache) -> int:
     """Write a conversation's KV cache beside its transcript; return the file's size in bytes."""
     prints = fingerprint(model, tokenizer, cache.kv_bits)
     return save_cache(cache_path(transcript), cache, prints)
 
 
 def restore_beside(
-    transcript: Path, model: Any, tokenizer: Any, cache: PromptCache, plan: RopeAuto | None
+    transcript: Path, model: CausalLM, tokenizer: Any, cache: PromptCache, plan: RopeAuto | None
 ) -> PromptCache:
     """The KV cache saved beside a transcript, for this model; CacheFileError says why not.
 

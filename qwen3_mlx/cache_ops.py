@@ -13,6 +13,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from qwen3_mlx.model import CausalLM
+
 
 def copy_prefix(target: list[Any], source: list[Any], length: int) -> None:
     """Make target (fresh layers) hold the first `length` tokens of source; source is untouched.
@@ -76,7 +78,7 @@ class CacheOps:
 LOCAL = CacheOps()
 
 
-def cache_ops(model: Any) -> CacheOps:
+def cache_ops(model: CausalLM) -> CacheOps:
     """The cache operations to use with `model`: its own (a group's rank 0) or the local ones."""
     ops = getattr(model, "cache_ops", None)
     return ops if isinstance(ops, CacheOps) else LOCAL

@@ -21,6 +21,7 @@ from qwen3_mlx.events import TurnResult
 from qwen3_mlx.generation_config import GenerationConfig
 from qwen3_mlx.history import Turn, history_messages
 from qwen3_mlx.limits import available_memory
+from qwen3_mlx.model import CausalLM
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.rope_auto import RopeAuto, switch
 from qwen3_mlx.settings import (
@@ -48,7 +49,7 @@ class Chat:
 
     def __init__(
         self,
-        model: Any,
+        model: CausalLM,
         tokenizer: Tokenizer,
         generation_config: GenerationConfig,
         *,

@@ -19,6 +19,7 @@ import mlx.core as mx
 from qwen3_mlx.cache import PromptCache
 from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.generate import prefill
+from qwen3_mlx.model import CausalLM
 
 
 class DraftError(Qwen3Error):
@@ -68,7 +69,7 @@ class NgramLookup:
 class DraftModel:
     """A small model of the same family drafting greedily from its own KV cache."""
 
-    def __init__(self, model: Any, kv_bits: int | None = None):
+    def __init__(self, model: CausalLM, kv_bits: int | None = None):
         self.model = model
         self.cache = PromptCache(model, kv_bits)
 

@@ -20,6 +20,7 @@ from qwen3_mlx.errors import ContextOverflowError
 from qwen3_mlx.events import TurnResult
 from qwen3_mlx.generate import GeneratedToken, generate_tokens
 from qwen3_mlx.limits import min_tokens
+from qwen3_mlx.model import CausalLM
 from qwen3_mlx.reply import Reply
 from qwen3_mlx.rope_auto import RopeAuto, switch
 from qwen3_mlx.sampling import build_logits_processors, build_sampler, reply_seed
@@ -101,7 +102,7 @@ def prepare_prompt(
 
 
 def start_reply(
-    model: Any,
+    model: CausalLM,
     tokenizer: Tokenizer,
     cache: PromptCache,
     prompt: list[int],

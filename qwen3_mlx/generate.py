@@ -14,6 +14,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from qwen3_mlx.model import CausalLM
+
 # A sampler takes log probabilities [B, V] and an optional random key (None: MLX's global one).
 Sampler = Callable[..., mx.array]
 # A stateful logits processor sees the token sampled last (None on the first step) and the logits.
@@ -87,7 +89,7 @@ class SamplingStep:
 
 
 def prefill(
-    model: Any,
+    model: CausalLM,
     tokens: Sequence[int],
     cache: list[Any],
     chunk: int = PREFILL_CHUNK,
@@ -114,7 +116,7 @@ def prefill(
 
 
 def generate_tokens(
-    model: Any,
+    model: CausalLM,
     prompt: Sequence[int],
     cache: list[Any],
     *,

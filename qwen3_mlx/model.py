@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -110,6 +110,17 @@ class Qwen3Model(nn.Module):
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
+
+
+class CausalLM(Protocol):
+    """What the engine asks of a model: Model, and rank 0's LeaderModel under mlx.launch."""
+
+    args: ModelArgs
+
+    def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array: ...
+
+    @property
+    def layers(self) -> list[Any]: ...
 
 
 class Model(nn.Module):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen3_mlx.config import yarn_scaling
+from qwen3_mlx.model import CausalLM
 from qwen3_mlx.rope import RoPE
 
 # A model whose config already allows this much context was trained long (Thinking-2507:
@@ -84,7 +85,7 @@ class RopeAuto:
         )
 
 
-def use_rope(model: Any, scaling: dict[str, Any] | None) -> None:
+def use_rope(model: CausalLM, scaling: dict[str, Any] | None) -> None:
     """Give every attention layer RoPE with `scaling` (None: native) and record it in model.args.
 
     The model's weights are untouched; only the rotary frequencies (and YaRN's attention factor)
@@ -96,7 +97,7 @@ def use_rope(model: Any, scaling: dict[str, Any] | None) -> None:
         attention.rope = RoPE(attention.head_dim, model.args.rope_theta, model.args.rope_scaling)
 
 
-def switch(model: Any, plan: RopeAuto, factor: float | None) -> None:
+def switch(model: CausalLM, plan: RopeAuto, factor: float | None) -> None:
     """Move the model to `factor` (None: native) under `plan`."""
     scaling = None if factor is None else yarn_scaling(factor, plan.original)
     use_rope(model, scaling)

@@ -36,6 +36,7 @@ from qwen3_mlx.generate import (
     greedy,
     prefill,
 )
+from qwen3_mlx.model import CausalLM
 
 # The native mat-vec takes up to 8 rows: k drafted tokens + the last one verify in one weight read.
 MAX_DRAFT_TOKENS = 7
@@ -107,7 +108,7 @@ def verify(
 
 
 def verify_round(
-    model: Any,
+    model: CausalLM,
     cache: list[Any],
     tokens: Sequence[int],
     draft: Sequence[int],
@@ -123,7 +124,7 @@ def verify_round(
 
 
 def speculative_tokens(
-    model: Any,
+    model: CausalLM,
     prompt: Sequence[int],
     cache: list[Any],
     *,
@@ -192,7 +193,9 @@ class Speculation:
         """A `generate=` source for start_reply; held() gives the tokens the cache keeps before
         the prompt part it is handed (a PromptCache's `tokens` once it was reused)."""
 
-        def generate(model: Any, prompt: Sequence[int], cache: list[Any], **options: Any) -> Any:
+        def generate(
+            model: CausalLM, prompt: Sequence[int], cache: list[Any], **options: Any
+        ) -> Any:
             return speculative_tokens(
                 model,
                 prompt,
@@ -270,7 +273,7 @@ class SpeculativeRow(BatchRow):
         self.length = DraftLength(speculation.draft_tokens)
         self.begun = False
 
-    def round_alone(self, model: Any, stop_ids: frozenset[int]) -> bool:
+    def round_alone(self, model: CausalLM, stop_ids: frozenset[int]) -> bool:
         """One speculative round after the prefill; True when it ended the row."""
         drafter = self.speculation.drafter
         if not self.begun:

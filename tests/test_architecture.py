@@ -4,7 +4,8 @@ Floors, lowest first: the core (qwen3_mlx/*.py), the wings (cpu/, parallel/, qua
 ends (cli/, server/, mcp/). A module may import its own floor and the floors below it, except
 through the documented seams: the model asks cpu/ for its kernels (model, rope, loading and
 model_facts import cpu/), the package's __init__ preloads the system BLAS before mlx loads, and
-`python -m qwen3_mlx` starts the CLI. Every import counts, module-level or inside a function.
+`python -m qwen3_mlx` starts the CLI. Every import that runs counts, module-level or inside a
+function; those under `if TYPE_CHECKING:` (annotations only) do not.
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those under `if TYPE_CHECKING:` (annotations only, never run)."""
+    found: list[ast.AST] = []
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        found.append(node)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def import_graph() -> dict[str, set[str]]:
     """Each module of the package and the package modules it imports, anywhere in its body."""
     files = [*(REPO / "qwen3_mlx").rglob("*.py"), *(REPO / "quantize").rglob("*.py")]
@@ -40,7 +55,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -109,6 +124,7 @@ def test_nothing_imports_upward_except_through_the_seams():
 
 def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     graph = import_graph()
+    assert "qwen3_mlx.server.app" not in graph["qwen3_mlx.server.guard"]  # TYPE_CHECKING only
     assert "qwen3_mlx.parallel.shard_loading" in graph["qwen3_mlx.parallel.distributed"]
     assert "qwen3_mlx.cpu.native" in graph["qwen3_mlx.cpu.ops"]
     assert "qwen3_mlx.quantize.convert" in graph["qwen3_mlx.quantize"]

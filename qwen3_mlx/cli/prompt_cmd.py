@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,9 @@ from qwen3_mlx.errors import ContextOverflowError, Qwen3Error
 from qwen3_mlx.limits import MAX_TOKEN_BYTES
 from qwen3_mlx.transcript import check_writable, user_path
 from qwen3_mlx.visible import visible_name
+
+if TYPE_CHECKING:  # types only: importing chat loads mlx, and `--help` must not
+    from qwen3_mlx.chat import Chat
 
 TextArgument = Annotated[
     str | None,
@@ -216,7 +219,7 @@ def stdout_errors() -> Iterator[None]:
 
 
 def _run_turn(
-    chat: Any,
+    chat: Chat,
     message: str,
     show_thinking: bool,
     json_output: bool,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
@@ -14,6 +14,9 @@ from rich.text import Text
 
 from qwen3_mlx.events import AnswerText, ThinkingText, ToolCallEvent, TurnResult
 from qwen3_mlx.settings import PRESET_NAMES, SETTINGS, Sampling
+
+if TYPE_CHECKING:  # types only: importing chat loads mlx, and `--help` must not
+    from qwen3_mlx.chat import Chat
 
 PROGRESS_FROM_TOKENS = 2048  # shorter prompts read in a moment; a progress line would only flicker
 
@@ -110,7 +113,7 @@ def _by_name(settings: Sampling | Mapping[str, Any]) -> Mapping[str, Any]:
     return settings.as_dict() if isinstance(settings, Sampling) else settings
 
 
-def preset_summary(chat: Any) -> str:
+def preset_summary(chat: Chat) -> str:
     """The sampling preset plus whatever was set explicitly (not every default)."""
     explicit = getattr(chat, "explicit_settings", {})
     values = _by_name(chat.settings)
@@ -123,7 +126,7 @@ def mode_name(thinking: bool) -> str:
     return "thinking on" if thinking else "thinking off"
 
 
-def print_header(console: Console, chat: Any, version: str, tools: str | None = None) -> None:
+def print_header(console: Console, chat: Chat, version: str, tools: str | None = None) -> None:
     """The banner: model, mode, context window, sampling preset, and the tools when there are any."""
     console.print(
         Text.assemble(

@@ -26,6 +26,7 @@ from qwen3_mlx.transcript import user_path
 from qwen3_mlx.visible import visible, visible_name
 
 if TYPE_CHECKING:
+    from qwen3_mlx.chat import Chat
     from qwen3_mlx.cli.tool_steps import ToolSession
     from qwen3_mlx.mcp import McpTool
     from qwen3_mlx.reply import Reply
@@ -41,7 +42,7 @@ class Repl:
 
     def __init__(
         self,
-        chat: Any,
+        chat: Chat,
         console: Console,
         read_line: LineReader,
         *,

@@ -11,11 +11,14 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen3_mlx.mcp import Consent, McpManager
 from qwen3_mlx.tool_loop import ToolLoop, ToolStep
 from qwen3_mlx.tools import ToolCall
+
+if TYPE_CHECKING:  # types only: importing chat loads mlx, and `--help` must not
+    from qwen3_mlx.chat import Chat
 
 
 @dataclass
@@ -28,13 +31,13 @@ class ToolSession:
     enabled: bool = True
     problems: list[str] = field(default_factory=list)
 
-    def wait_started(self, chat: Any) -> list[str]:
+    def wait_started(self, chat: Chat) -> list[str]:
         """Wait for the servers, give their tools to the chat; one line per server that failed."""
         self.problems = self.consent.problems + self.manager.wait_started()
         chat.tools = self.manager.functions() if self.enabled else []
         return self.problems
 
-    def switch(self, chat: Any, on: bool) -> None:
+    def switch(self, chat: Chat, on: bool) -> None:
         """Turn the tools on or off for the next replies."""
         self.enabled = on
         chat.tools = self.manager.functions() if on else []

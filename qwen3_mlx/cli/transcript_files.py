@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen3_mlx.errors import TranscriptError
+
+if TYPE_CHECKING:  # types only: importing chat loads mlx, and `--help` must not
+    from qwen3_mlx.chat import Chat
 
 
 def default_save_path(now: time.struct_time, folder: Path | None = None) -> Path:
@@ -61,7 +64,7 @@ def transcript_markdown(system: str | None, turns: list[Any], model_id: str = ""
     return "\n".join(lines)
 
 
-def write_markdown_copy(chat: Any, path: Path) -> Path:
+def write_markdown_copy(chat: Chat, path: Path) -> Path:
     """Write the conversation's Markdown copy to path; return it."""
     try:
         path.write_text(

@@ -32,6 +32,7 @@ import mlx.core as mx
 
 from qwen3_mlx.cache_ops import CacheOps
 from qwen3_mlx.errors import DistributedError
+from qwen3_mlx.model import Model
 
 # The header: op, cache key, number, other, length, kv bits, a cache to drop, exit code. By op:
 #   FORWARD  key: the cache (0: none), number: tokens it holds, other: batch size, length: tokens
@@ -44,7 +45,7 @@ HEADER_SIZE = 8
 FORWARD, STOP, FORK, MERGE, EXTRACT, KEEP = 1, 2, 3, 4, 5, 6
 
 
-def _last_logits(model: Any, tokens: mx.array, cache: Any) -> mx.array:
+def _last_logits(model: Model, tokens: mx.array, cache: Any) -> mx.array:
     """The logits of the last position only: [B, 1, vocab]."""
     h = model.model(tokens, cache)[:, -1:, :]
     if model.args.tie_word_embeddings:
@@ -85,7 +86,7 @@ def stop_followers(code: int = 0) -> None:
 class LeaderModel:
     """Rank 0's model: each call is announced to the followers, which run it on their shards."""
 
-    def __init__(self, model: Any, group: Any):
+    def __init__(self, model: Model, group: Any):
         self.inner = model
         self.group = group
         self.lock = threading.Lock()  # the server's worker thread and the main thread's stop()
@@ -189,7 +190,7 @@ class MirroredCacheOps(CacheOps):
         self.leader.announce(KEEP, self.leader._key(batch), 0, len(rows), rows)
 
 
-def follow(model: Any, group: Any) -> int:
+def follow(model: Model, group: Any) -> int:
     """Run rank 0's model calls on this rank's shard until it stops; return its exit code."""
     return Follower(model, group).run()
 
@@ -197,7 +198,7 @@ def follow(model: Any, group: Any) -> int:
 class Follower:
     """A follower's copies of rank 0's caches, by key, and the operations it runs on them."""
 
-    def __init__(self, model: Any, group: Any):
+    def __init__(self, model: Model, group: Any):
         self.model = model
         self.group = group
         self.caches: dict[int, list[Any]] = {}

@@ -27,6 +27,7 @@ import mlx.nn as nn
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.model import Model
 
 
 class ShardingError(Qwen3Error):
@@ -190,7 +191,7 @@ class ShardedHead(_VocabShard):
         return self._logits(x)
 
 
-def shard_model(model: Any, group: Any, split_vocabulary: bool = True) -> dict[str, Slice]:
+def shard_model(model: Model, group: Any, split_vocabulary: bool = True) -> dict[str, Slice]:
     """Split a Qwen3 Model in place over group (its parameters may be lazy); return the plan."""
     ranks, rank = group.size(), group.rank()
     plan = shard_plan(model.args, rank, ranks, split_vocabulary)

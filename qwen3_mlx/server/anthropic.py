@@ -12,7 +12,7 @@ import inspect
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +24,9 @@ from qwen3_mlx.server import anthropic_protocol as ap
 from qwen3_mlx.server.anthropic_events import MessageBuilder, error_body
 from qwen3_mlx.server.requests import ApiError
 from qwen3_mlx.server.turns import TurnEnd, chat_request, prepare_turn, start_turn, turn_deltas
+
+if TYPE_CHECKING:  # types only: app.py imports this module
+    from qwen3_mlx.server.app import ServerState
 
 PREFIX = "/v1/messages"
 PARAMS = {  # chat request fields by the Anthropic names a client knows them by
@@ -176,7 +179,7 @@ def chat_fields(body: ap.CountTokensRequest) -> dict[str, Any]:
     return fields
 
 
-def add_anthropic_routes(app: FastAPI, state: Any) -> None:
+def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
     """POST /v1/messages and /v1/messages/count_tokens."""
     router = APIRouter(route_class=AnthropicRoute)
 

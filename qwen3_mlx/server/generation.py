@@ -11,7 +11,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
@@ -20,10 +20,13 @@ from qwen3_mlx.server.replies import ChatTranslator, StopScanner, merge_delta, u
 from qwen3_mlx.server.requests import ApiError, Prepared
 from qwen3_mlx.server.worker import Failed, Finished, Job, Piece
 
+if TYPE_CHECKING:  # types only: app.py imports this module
+    from qwen3_mlx.server.app import ServerState
+
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-def queue_job(state: Any, prepared: Prepared) -> tuple[Job, asyncio.Queue]:
+def queue_job(state: ServerState, prepared: Prepared) -> tuple[Job, asyncio.Queue]:
     """Submit a job whose items arrive on an asyncio queue (ServerBusy when full)."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
@@ -86,7 +89,7 @@ class ChatRun:
 
     def __init__(
         self,
-        state: Any,
+        state: ServerState,
         prepared: Prepared,
         include_usage: bool,
         reasoning_field: str | None = None,  # None: the server's --reasoning-field
@@ -196,7 +199,7 @@ class ChatRun:
 class CompletionRun:
     """One /v1/completions request: the raw text the model writes after the prompt."""
 
-    def __init__(self, state: Any, prepared: Prepared):
+    def __init__(self, state: ServerState, prepared: Prepared):
         self.state = state
         self.id = "cmpl-" + secrets.token_hex(12)
         self.created = int(time.time())

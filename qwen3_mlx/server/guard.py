@@ -16,13 +16,16 @@ import hmac
 import ipaddress
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen3_mlx.limits import MAX_TOKEN_BYTES
 from qwen3_mlx.server.requests import ApiError, overflow_message
+
+if TYPE_CHECKING:  # types only: app.py imports this module
+    from qwen3_mlx.server.app import ServerState
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -60,7 +63,7 @@ def host_name(header: str) -> str:
 class Guard:
     """The ASGI middleware described above; `state` is the ServerState."""
 
-    def __init__(self, app: ASGIApp, state: Any, routes: list[Any]):
+    def __init__(self, app: ASGIApp, state: ServerState, routes: list[Any]):
         self.app = app
         self.state = state
         self.routes = routes

@@ -12,7 +12,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -24,6 +24,9 @@ from qwen3_mlx.server.requests import ApiError
 from qwen3_mlx.server.responses_events import SEALED, ResponseBuilder, item_id
 from qwen3_mlx.server.turns import TurnEnd, chat_request, start_turn, turn_deltas
 from qwen3_mlx.settings import SETTINGS
+
+if TYPE_CHECKING:  # types only: app.py imports this module
+    from qwen3_mlx.server.app import ServerState
 
 STORED_RESPONSES = 256  # the newest responses kept for previous_response_id (and GET)
 INPUT_ITEM: TypeAdapter[Any] = TypeAdapter(rp.InputItem)
@@ -167,7 +170,7 @@ def chat_fields(body: rp.ResponseRequest, messages: list[dict[str, Any]]) -> dic
     return fields
 
 
-def response_fields(state: Any, body: rp.ResponseRequest) -> dict[str, Any]:
+def response_fields(state: ServerState, body: rp.ResponseRequest) -> dict[str, Any]:
     """The fields a response echoes from its request."""
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     choice = body.tool_choice
@@ -193,7 +196,7 @@ def response_fields(state: Any, body: rp.ResponseRequest) -> dict[str, Any]:
     }
 
 
-def add_responses_routes(app: FastAPI, state: Any, responses: dict[int, Any]) -> None:
+def add_responses_routes(app: FastAPI, state: ServerState, responses: dict[int, Any]) -> None:
     """POST /v1/responses, GET and DELETE /v1/responses/{id}."""
     store = ResponseStore()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -18,6 +18,9 @@ from qwen3_mlx.errors import Qwen3Error
 from qwen3_mlx.server.generation import ChatRun
 from qwen3_mlx.server.protocol import ChatCompletionRequest
 from qwen3_mlx.server.requests import ApiError, Prepared, api_error, prepare_chat
+
+if TYPE_CHECKING:  # types only: app.py imports this module
+    from qwen3_mlx.server.app import ServerState
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,9 @@ def chat_request(fields: dict[str, Any], param_of: dict[str, str]) -> Any:
         raise ApiError(f"{param or 'body'}: {first['msg']}", param=param) from None
 
 
-def prepare_turn(state: Any, request: ChatCompletionRequest, param_of: dict[str, str]) -> Prepared:
+def prepare_turn(
+    state: ServerState, request: ChatCompletionRequest, param_of: dict[str, str]
+) -> Prepared:
     """prepare_chat, its refusals naming the client's fields."""
     try:
         return prepare_chat(state, request)
@@ -62,7 +67,9 @@ def prepare_turn(state: Any, request: ChatCompletionRequest, param_of: dict[str,
         raise refusal from None
 
 
-def start_turn(state: Any, request: ChatCompletionRequest, param_of: dict[str, str]) -> ChatRun:
+def start_turn(
+    state: ServerState, request: ChatCompletionRequest, param_of: dict[str, str]
+) -> ChatRun:
     """Prepare and queue a chat request (its errors are raised here, before any answer)."""
     prepared = prepare_turn(state, request, param_of)
     return ChatRun(state, prepared, include_usage=True, reasoning_field="reasoning_content")
