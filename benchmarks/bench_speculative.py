@@ -230,8 +230,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.int8:
-        os.environ["QWEN3_MLX_QMV_INT8"] = "1"  # read per call by qwen3_mlx.cpu.native
-        print("native kernel: int8 x (QWEN3_MLX_QMV_INT8=1)", flush=True)
+        os.environ["QWEN3_MLX_NATIVE_INT8"] = "1"  # read per call by qwen3_mlx.cpu.native
+        print("native kernel: int8 x (QWEN3_MLX_NATIVE_INT8=1)", flush=True)
     if not args.skip_tiny:
         print_tiny(min(args.repeats, 3))
     if not args.skip_shapes:
