@@ -187,6 +187,7 @@ void QuantizedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx
 
   encoder.dispatch([job, scale, threads, q = mx::array::unsafe_weak_copy(q),
                     out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const ClearVectorState clear;
     const int64_t count = job.B * job.H * job.R * job.D;
     std::vector<float> qs(count), qk(count);
     const float* in = q.data<float>();

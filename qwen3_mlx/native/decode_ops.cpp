@@ -136,7 +136,10 @@ class FloatOp : public mx::UnaryPrimitive {
     for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
     auto target = mx::array::unsafe_weak_copy(out);
     encoder.dispatch(
-        [held = std::move(held), target, body]() mutable { body(held, target); });
+        [held = std::move(held), target, body]() mutable {
+          const ClearVectorState clear;
+          body(held, target);
+        });
   }
 };
 

@@ -320,6 +320,7 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
                     k = mx::array::unsafe_weak_copy(k),
                     v = mx::array::unsafe_weak_copy(inputs[2]),
                     out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const ClearVectorState clear;
     float* o = out.data<float>();
     const int64_t count = job.B * job.H * job.R * job.D;
     if (job.T == 0) {  // nothing to attend to: zeros, as a softmax over no keys has no value

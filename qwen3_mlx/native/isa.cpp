@@ -26,6 +26,13 @@ Isa detected_isa() {
   return SCALAR;
 }
 
+ClearVectorState::~ClearVectorState() {
+#ifdef NATIVE_X86
+  static const bool avx = detected_isa() != SCALAR;
+  if (avx) __asm__ volatile("vzeroupper" ::: "memory");
+#endif
+}
+
 const char* setting(const char* name, const char* alias) {
   for (const char* key : {name, alias}) {
     const char* value = std::getenv(key);

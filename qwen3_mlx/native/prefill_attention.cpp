@@ -71,6 +71,7 @@ void CausalAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   encoder.dispatch([job, kernels, threads, q = mx::array::unsafe_weak_copy(q),
                     k = mx::array::unsafe_weak_copy(k), v = mx::array::unsafe_weak_copy(v),
                     out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const ClearVectorState clear;
     job.q = q.data<float>();
     job.k = k.data<float>();
     job.v = v.data<float>();

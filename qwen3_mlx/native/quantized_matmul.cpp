@@ -242,6 +242,7 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
   for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
   encoder.dispatch([held = std::move(held), outs = std::move(outs), K, M, isa, threads,
                     group_size, int8]() mutable {
+    const ClearVectorState clear;
     // float32 outputs (x float32, the CPU policy) take the results directly; others via a copy.
     std::vector<std::vector<float>> results(outs.size());
     std::vector<Matrix> matrices;
