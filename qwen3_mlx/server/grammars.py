@@ -3,13 +3,15 @@
 A compiled grammar takes 1 to 11 MB, and agents whose tool list changes per request (per-user
 tools, a date in a description) would otherwise add one for every request until the server runs
 out of memory. The most recently used ones are kept; a tool set dropped is compiled again when it
-comes back.
+comes back. The tool sets' grammars (ServerState.grammars) and the response_format answers'
+(processors.answer_template) are both kept here.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 MAX_GRAMMARS = 16
@@ -20,10 +22,10 @@ class GrammarCache:
 
     def __init__(self, max_entries: int = MAX_GRAMMARS):
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Any:
+    def get(self, key: Hashable) -> Any:
         """The grammar of `key` (made the most recent), or None."""
         with self._lock:
             grammar = self._entries.get(key)
@@ -31,7 +33,7 @@ class GrammarCache:
                 self._entries.move_to_end(key)
             return grammar
 
-    def __setitem__(self, key: str, grammar: Any) -> None:
+    def __setitem__(self, key: Hashable, grammar: Any) -> None:
         with self._lock:
             self._entries[key] = grammar
             self._entries.move_to_end(key)

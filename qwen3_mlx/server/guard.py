@@ -151,7 +151,10 @@ class Guard:
 
     def route_label(self, scope: Scope) -> str:
         """The template of the route the path matches, or one label for every other path."""
-        return _template(self.routes, scope) or UNMATCHED
+        routed = scope.get("route")  # set by the router once it dispatched the request
+        if routed is not None and getattr(routed, "path", None):
+            return routed.path
+        return _template(self.routes, scope) or UNMATCHED  # refused before routing, or no route
 
 
 def _template(routes: Iterable[Any], scope: Scope) -> str | None:

@@ -10,14 +10,13 @@ see their own row only. The recorder runs last, so logprobs describe what was sa
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from qwen3_mlx.errors import Qwen3Error
+from qwen3_mlx.server.grammars import GrammarCache
 from qwen3_mlx.thinking import Phase, ThinkParser
 from qwen3_mlx.tokenizer import IM_END_ID, THINK_START_ID
 
@@ -26,9 +25,8 @@ class ResponseFormatError(Qwen3Error):
     """A response_format whose schema llguidance cannot compile."""
 
 
-ANSWER_GRAMMARS_KEPT = 32  # compiled answer grammars kept for reuse (a client repeats its schema)
-_ANSWER_GRAMMARS: OrderedDict[tuple[int, str], Any] = OrderedDict()
-_ANSWER_LOCK = threading.Lock()
+# Compiled answer grammars kept for reuse: a client repeats its schema from request to request.
+_ANSWER_GRAMMARS = GrammarCache(max_entries=32)
 
 
 def answer_template(tokenizer: Any, schema: dict[str, Any] | None, vocab: int) -> Any:
@@ -40,18 +38,14 @@ def answer_template(tokenizer: Any, schema: dict[str, Any] | None, vocab: int) -
     body["x-guidance"] = JSON_STYLE
     grammar = f"start: /\\n{{0,2}}/ body <[{IM_END_ID}]>\nbody: %json {json.dumps(body)}"
     key = (id(tokenizer), grammar)
-    with _ANSWER_LOCK:
-        if key in _ANSWER_GRAMMARS:
-            _ANSWER_GRAMMARS.move_to_end(key)
-            return _ANSWER_GRAMMARS[key]
+    template = _ANSWER_GRAMMARS.get(key)
+    if template is not None:
+        return template
     try:
         template = compile_grammar(tokenizer, vocab, grammar, "the response_format schema")
     except SchemaError as error:
         raise ResponseFormatError(str(error)) from None
-    with _ANSWER_LOCK:
-        _ANSWER_GRAMMARS[key] = template
-        while len(_ANSWER_GRAMMARS) > ANSWER_GRAMMARS_KEPT:
-            _ANSWER_GRAMMARS.popitem(last=False)
+    _ANSWER_GRAMMARS[key] = template
     return template
 
 
