@@ -43,7 +43,12 @@ class Attention(nn.Module):
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         offset = cache.offset if cache is not None else 0
         q, k = self._norm_rope(q, k, offset)
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        # [B, L, Hkv * head_dim] -> [B, Hkv, L, head_dim]: for one position the same memory, so
+        # a reshape alone (each graph node of a decode step costs more than its arithmetic).
+        if L == 1:
+            v = v.reshape(B, self.n_kv_heads, 1, -1)
+        else:
+            v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if hasattr(cache, "bits"):
@@ -53,7 +58,7 @@ class Attention(nn.Module):
         else:
             # The fused kernel handles GQA (fewer kv heads) without repeating k and v.
             out = float_attention(q, k, v, self.scale, mask)
-        out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = self.o_proj((out if L == 1 else out.transpose(0, 2, 1, 3)).reshape(B, L, -1))
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
     def _norm_rope(self, q: mx.array, k: mx.array, offset: Any) -> tuple[mx.array, mx.array]:

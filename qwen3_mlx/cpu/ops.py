@@ -73,9 +73,11 @@ def native_ops() -> ModuleType | None:
 
 def _native_for(*arrays: mx.array) -> ModuleType | None:
     """The extension if every array is float32 and MLX computes on the CPU, else None."""
-    if any(a.dtype != mx.float32 for a in arrays) or mx.default_device() != mx.cpu:
-        return None
-    return native_ops()
+    # A plain loop: this runs several times per layer of every decode step.
+    for a in arrays:
+        if a.dtype != mx.float32:
+            return None
+    return native_ops() if mx.default_device() == mx.cpu else None
 
 
 def _fused_for(*arrays: mx.array) -> ModuleType | None:
