@@ -172,41 +172,38 @@ GemmInt8Kernels gemm_vnni_kernels() { return {MR, NR, panels}; }
 void pack_rows_int8(const float* x, int M, int64_t K, int group, int t0, int t1, int8_t* packed,
                     float* steps, float* sums) {
   const int64_t padded = int64_t((M + MR - 1) / MR) * MR;
-  alignas(64) int8_t q[BLOCK];
+  // Per 16 bytes (2 words): each word's even elements, then its odd ones.
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
   for (int t = t0; t < t1; ++t)
     for (int r = 0; r < MR; ++r) {
       const int row = t * MR + r;
+      const float* source = x + int64_t(row < M ? row : 0) * K;
+      float group_sum = 0.0f;
       for (int64_t k = 0; k < K; k += BLOCK) {
         const int64_t k0 = k / GEMM_KC * GEMM_KC;
         const int64_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-        int8_t* tile = packed + k0 * padded + int64_t(t) * MR * kc;
-        float step = 0.0f;
+        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
         if (row < M) {
-          const float* source = x + int64_t(row) * K + k;
-          const __m512 lo = _mm512_loadu_ps(source), hi = _mm512_loadu_ps(source + L);
-          const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-          step = amax / 127.0f;
-          const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-          // Round to nearest even (the default rounding mode), as nearbyint.
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
-                           _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse))));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + L),
-                           _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse))));
-        } else {
-          std::memset(q, 0, BLOCK);
+          lo = _mm512_loadu_ps(source + k);
+          hi = _mm512_loadu_ps(source + k + L);
         }
-        steps[k / BLOCK * padded + row] = step;
-        for (int e = 0; e < BLOCK; ++e) {  // element e of the block: word e / 8, nibble e % 8
-          const int64_t local = k - k0 + e;
-          const int64_t quad = local / 8 * 2 + (local & 1);
-          tile[(quad * MR + r) * 4 + (local % 8) / 2] = q[e];
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        steps[k / BLOCK * padded + row] = amax / 127.0f;
+        // Round to nearest even (the default rounding mode), as nearbyint does.
+        const __m128i q[2] = {
+            _mm_shuffle_epi8(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse))), order),
+            _mm_shuffle_epi8(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse))), order)};
+        int32_t quads[8];
+        std::memcpy(quads, q, 32);
+        int8_t* tile = packed + k0 * padded + int64_t(t) * MR * kc + ((k - k0) / 4 * MR + r) * 4;
+        for (int j = 0; j < 8; ++j) std::memcpy(tile + j * MR * 4, quads + j, 4);
+        // The bias term's exact sums of x (float32, per block of 32 then per group).
+        group_sum += _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+        if ((k + BLOCK) % group == 0) {
+          sums[k / group * padded + row] = group_sum;
+          group_sum = 0.0f;
         }
-      }
-      for (int64_t g = 0; g < K / group; ++g) {
-        float sum = 0.0f;
-        if (row < M)
-          for (int e = 0; e < group; ++e) sum += x[int64_t(row) * K + g * group + e];
-        sums[g * padded + row] = sum;
       }
     }
 }
