@@ -10,8 +10,9 @@ QWEN3_MLX_NATIVE_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for
 VNNI dot products, as llama.cpp does: at most ~1.1-1.2x faster decode here, and logits drift as
 far as bf16 compute does (docs/benchmarks.md, "CPU 4-bit kernel"). QWEN3_MLX_NATIVE_INT8_PREFILL=1
 (off by default; AVX-512 VNNI only) does the same for the prefill matmul (more than 8 rows of x),
-about 2.5-3x its float32 speed (docs/benchmarks.md, "CPU prefill"). The extension was called
-qmv: QWEN3_MLX_QMV_ISA and QWEN3_MLX_QMV_INT8 still work.
+2.4-2.9x its float32 speed per core, logits within the 4-bit tolerance (docs/benchmarks.md,
+"CPU prefill, second pass"). The extension was called qmv: QWEN3_MLX_QMV_ISA and
+QWEN3_MLX_QMV_INT8 still work.
 
 Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
 float32, bfloat16 or float16: half-precision x keeps MLX's kernel, so "checkpoint" compute stays
