@@ -35,6 +35,15 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         "[x @ dequantize(w, s, b).T for each matrix]: quantized_matmul over several matrices "
         "with one x, in one pass.");
 
+  m.def("dense_matmul", &dense_matmul, nb::arg("x"), nb::arg("w"), nb::arg("threads") = 1,
+        nb::kw_only(), nb::arg("stream") = nb::none(),
+        "x @ w.T for float32 x and a bfloat16 weight [N, K], read in place and widened exactly to "
+        "float32 near the compute (no float32 copy of w).");
+  m.def("dense_matmuls", &dense_matmuls, nb::arg("x"), nb::arg("ws"), nb::arg("threads") = 1,
+        nb::kw_only(), nb::arg("stream") = nb::none(),
+        "[x @ w.T for each bfloat16 weight]: dense_matmul over several weights with one x, in one "
+        "pass.");
+
   m.def("quantized_decode_attention", &quantized_decode_attention, nb::arg("q"), nb::arg("k"),
         nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v"), nb::arg("v_scales"),
         nb::arg("v_biases"), nb::arg("scale"), nb::arg("group_size") = 64, nb::arg("bits") = 8,
