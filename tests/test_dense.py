@@ -15,6 +15,8 @@ from mlx.utils import tree_flatten, tree_map
 
 import qwen3_mlx.cpu.dense as dense
 from qwen3_mlx.loading import load_model
+from qwen3_mlx.model_facts import dense_weights_read_in_place, weight_bytes
+from qwen3_mlx.safetensors_check import tensor_headers, weight_files
 
 ON_CPU = mx.default_device() == mx.cpu
 NATIVE = dense.native_dense() if ON_CPU else None
@@ -104,8 +106,12 @@ def test_a_bf16_checkpoint_stays_bf16_in_memory(make_checkpoint):
     norms = [v for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")]
     assert {v.dtype for v in norms} == {mx.float32}
     on_disk = (model_dir / "model.safetensors").stat().st_size
-    in_memory = sum(v.nbytes for v in weights.values())
-    assert in_memory <= on_disk
+    in_memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert sum(v.nbytes for v in weights.values()) <= on_disk
+    # `info` says the same (qwen3_mlx.model_facts).
+    entries = tensor_headers(weight_files(model_dir))
+    kept = dense_weights_read_in_place(entries, "float32")
+    assert weight_bytes(entries, "float32", kept)[1] == in_memory
     logits = model(mx.array([[1, 2, 3]]))
     assert logits.dtype == mx.float32
     # The same logits as the float32 copy the loader used to make, to float32 rounding.
@@ -127,12 +133,14 @@ def test_tiny_bf16_model_greedy_tokens_with_and_without_the_kernels(monkeypatch)
     model, tokenizer, _ = load(Path(__file__).resolve().parents[1] / "models" / "qwen3-tiny-chat")
     assert model.layers[0].mlp.down_proj.weight.dtype == mx.bfloat16
     rows = []
-    matmul = NATIVE.dense_matmul
 
-    class Counting:
-        def dense_matmul(self, x, *rest):
-            rows.append(x.size // x.shape[-1])
-            return matmul(x, *rest)
+    class Counting:  # the extension, counting the rows of x each call takes
+        def __getattr__(self, name):
+            def call(x, *rest):
+                rows.append(x.size // x.shape[-1])
+                return getattr(NATIVE, name)(x, *rest)
+
+            return call
 
     monkeypatch.setattr(dense, "native_dense", lambda: Counting())
     with_kernels, logits = greedy_decode(model, tokenizer, None, repeats=3, steps=12)

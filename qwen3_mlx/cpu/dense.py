@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from qwen3_mlx.cpu import native as native_kernel
+from qwen3_mlx.cpu import quantized
 from qwen3_mlx.cpu.quantized import THREADS
 
 
@@ -60,6 +61,21 @@ def _matmul(x: mx.array, weight: mx.array) -> mx.array | None:
     """x @ weight.T by the native kernel, or None where it does not apply (MLX's then)."""
     module = native_dense() if x.dtype == mx.float32 and weight.dtype == mx.bfloat16 else None
     return None if module is None else module.dense_matmul(x, weight, THREADS)
+
+
+def project(x: mx.array, *layers: nn.Module) -> list[mx.array]:
+    """layer(x) for each layer: a layer's q/k/v (or gate/up) in one native call where every layer
+    is a bf16 CpuDenseLinear without a bias (x laid out once, the pool woken once; bit for bit the
+    results of separate calls), else as qwen3_mlx.cpu.quantized.project does."""
+    module = native_dense() if x.dtype == mx.float32 and len(layers) > 1 else None
+    if module is None or not all(
+        type(layer) is CpuDenseLinear
+        and "bias" not in layer
+        and layer["weight"].dtype == mx.bfloat16
+        for layer in layers
+    ):
+        return quantized.project(x, *layers)
+    return module.dense_matmuls(x, [layer["weight"] for layer in layers], THREADS)
 
 
 class CpuDenseLinear(nn.Linear):
