@@ -37,6 +37,14 @@ struct Avx2 {
     even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
   }
+  static void widen_pairs(const uint16_t* p, int64_t stride, int valid, V& even, V& odd) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i row = _mm256_min_epi32(lane, _mm256_set1_epi32(valid - 1));
+    const __m256i v = _mm256_i32gather_epi32(reinterpret_cast<const int*>(p),
+                                             _mm256_mullo_epi32(row, _mm256_set1_epi32(int(stride))), 2);
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+  }
 };
 
 #include "gemm_simd.h"

@@ -39,6 +39,13 @@ struct Avx512 {
     even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
   }
+  static void widen_pairs(const uint16_t* p, int64_t stride, int valid, V& even, V& odd) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i row = _mm512_min_epi32(lane, _mm512_set1_epi32(valid - 1));
+    const __m512i v = _mm512_i32gather_epi32(_mm512_mullo_epi32(row, _mm512_set1_epi32(int(stride))), p, 2);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
+  }
 };
 
 #include "gemm_simd.h"

@@ -3,6 +3,8 @@
 //   V, L                  a vector of L float32 lanes; MR rows of the matmul's register tile
 //   zero, load, store, set1, fma, add, sum (of the lanes, in one fixed order)
 //   widen(p, even, odd)   2 L bf16 at p as float32: elements 0, 2, .. in even, 1, 3, .. in odd
+//   widen_pairs(p, stride, valid, even, odd)
+//                         lanes j < L: p[r] in even and p[r + 1] in odd, r = min(j, valid - 1) stride
 // and gemm_simd.h's multiply_tile (the 4-bit matmul's register-blocked FMA tile). Included only by
 // those files, inside an unnamed namespace, so each ISA's copy stays its own.
 //
@@ -69,20 +71,34 @@ void dense_rows(const float* x, int M, int64_t K, const DenseMatrix& m, int64_t 
   }
 }
 
-// b[k, j] = w[n0 + j, k0 + k] widened, for k < kc and j < NR (columns past `cols` are zero; their
-// results are never stored). A bf16 is the high half of a float32.
+// b[k, j] = w[n0 + j, k0 + k] widened, for k < kc and j < NR (columns past `cols` repeat the last
+// valid one or are zero; their results are never stored). One gather of 32-bit words takes a pair
+// of bf16 (k, k + 1) from L rows: their low halves widen to row k of the tile, their high ones to
+// row k + 1, so the tile is written transposed without a scalar store per element.
 template <class S>
 void widen_panel(const DenseMatrix& m, int64_t K, int64_t n0, int cols, int64_t k0, int kc,
                  float* b) {
-  constexpr int NR = 2 * S::L;
-  uint32_t* bits = reinterpret_cast<uint32_t*>(b);
-  for (int j = 0; j < NR; ++j) {
-    if (j >= cols) {
-      for (int k = 0; k < kc; ++k) bits[k * NR + j] = 0;
+  using V = typename S::V;
+  constexpr int L = S::L, NR = 2 * L;
+  for (int half = 0; half < 2; ++half) {
+    const int valid = cols - half * L < L ? cols - half * L : L;
+    float* out = b + half * L;
+    if (valid <= 0) {
+      for (int k = 0; k < kc; ++k) S::store(out + k * NR, S::zero());
       continue;
     }
-    const uint16_t* row = m.w + (n0 + j) * K + k0;
-    for (int k = 0; k < kc; ++k) bits[k * NR + j] = uint32_t(row[k]) << 16;
+    const uint16_t* first = m.w + (n0 + half * L) * K + k0;
+    int k = 0;
+    for (; k + 2 <= kc; k += 2) {
+      V even, odd;
+      S::widen_pairs(first + k, K, valid, even, odd);
+      S::store(out + k * NR, even);
+      S::store(out + (k + 1) * NR, odd);
+    }
+    if (k < kc) {  // an odd K's last column
+      uint32_t* bits = reinterpret_cast<uint32_t*>(out + k * NR);
+      for (int j = 0; j < L; ++j) bits[j] = uint32_t(first[(j < valid ? j : valid - 1) * K + k]) << 16;
+    }
   }
 }
 
