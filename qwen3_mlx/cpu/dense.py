@@ -14,6 +14,7 @@ float32 or float16 checkpoints, no extension) keeps MLX's layers and the load-ti
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 import mlx.core as mx
@@ -23,6 +24,12 @@ from mlx.utils import tree_map_with_path
 from qwen3_mlx.cpu import native as native_kernel
 from qwen3_mlx.cpu import quantized
 from qwen3_mlx.cpu.quantized import THREADS
+
+try:  # imported with this module, never during a load: load() imports transformers on a thread
+    # meanwhile, and two threads importing at once can deadlock (tests/test_loading.py)
+    importlib.import_module(f"qwen3_mlx.{native_kernel.module_name()}")
+except ImportError:  # not built here: native_kernel.fallback_reason() says why when asked
+    pass
 
 
 def _self_test(module: ModuleType) -> str | None:
