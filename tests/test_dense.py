@@ -150,3 +150,25 @@ def test_tiny_bf16_model_greedy_tokens_with_and_without_the_kernels(monkeypatch)
     without, expected = greedy_decode(model, tokenizer, None, repeats=3, steps=12)
     assert with_kernels == without
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.skipif(
+    NATIVE is None or not NATIVE.dense_bf16_supported(), reason="no AVX512-BF16 here"
+)
+def test_the_opt_in_bf16_dot_rounds_only_x():
+    """bf16=True (QWEN3_MLX_NATIVE_DENSE_BF16=1): within float32 rounding of the product with x
+    rounded to bf16, so within about 2^-9 of sum |x w| of the exact one; more rows the exact matmul."""
+    for rows, K, N in [(1, 1024, 77), (8, 320, 64)]:
+        x, weight = random_case(rows, K, N, 5)
+        ours = np.array(NATIVE.dense_matmul(x, weight, 2, True)).astype(np.float64)
+        w64 = np.array(weight.astype(mx.float32)).astype(np.float64)
+        rounded = np.array(x.astype(mx.bfloat16).astype(mx.float32)).astype(np.float64) @ w64.T
+        size = np.abs(np.array(x)).astype(np.float64) @ np.abs(w64).T
+        assert np.all(np.abs(ours - rounded) <= K * 2**-24 * size)
+        exact = np.array(x).astype(np.float64) @ w64.T
+        drift = float((np.abs(ours - exact) / size).max())
+        print(f"\n[dense bf16 dot] {rows} row(s), K={K}: drift {drift:.2g} of sum |x w|")
+        assert 0 < drift <= 2**-8
+    x, weight = random_case(9, 64, 16, 6)  # the matmul stays exact
+    exact = np.array(NATIVE.dense_matmul(x, weight, 2))
+    np.testing.assert_array_equal(np.array(NATIVE.dense_matmul(x, weight, 2, True)), exact)

@@ -8,13 +8,16 @@ qwen3_mlx/fp8.py) and the kernel widens them to float32 next to the FMAs: wideni
 products and sums are float32, so results are within float32 rounding of MLX's matmul over the
 widened weights. Activations stay float32. Up to 8 rows of x a mat-vec bound by reading the weights,
 more rows (prefill) a tiled matmul that widens one small tile at a time; neither needs a BLAS.
-Embedding lookups widen the looked-up rows (exact). Everything else (a GPU, other compute dtypes,
+Embedding lookups widen the looked-up rows (exact). QWEN3_MLX_NATIVE_DENSE_BF16=1 (off by default;
+AVX512-BF16 only) rounds x to bf16 for the mat-vec's `vdpbf16ps` dot products, as llama.cpp's BF16
+path does: fewer instructions per weight, and a drift of about 2^-9 of sum |x w|. Everything else (a GPU, other compute dtypes,
 float32 or float16 checkpoints, no extension) keeps MLX's layers and the load-time cast.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import mlx.core as mx
@@ -24,6 +27,8 @@ from mlx.utils import tree_map_with_path
 from qwen3_mlx.cpu import native as native_kernel
 from qwen3_mlx.cpu import quantized
 from qwen3_mlx.cpu.quantized import THREADS
+
+BF16_ENV = "QWEN3_MLX_NATIVE_DENSE_BF16"
 
 try:  # imported with this module, never during a load: load() imports transformers on a thread
     # meanwhile, and two threads importing at once can deadlock (tests/test_loading.py)
@@ -53,6 +58,11 @@ def native_dense() -> ModuleType | None:
     return native_kernel.checked("dense_matmul", _self_test)
 
 
+def bf16_requested() -> bool:
+    """Whether QWEN3_MLX_NATIVE_DENSE_BF16=1 asks for the bf16-dot mat-vec (read per call)."""
+    return os.environ.get(BF16_ENV) == "1"
+
+
 def _reads_in_place(weight: mx.array, compute_dtype: mx.Dtype | None) -> bool:
     """Whether the native kernel computes a layer with this weight under compute_dtype."""
     return (
@@ -67,7 +77,7 @@ def _reads_in_place(weight: mx.array, compute_dtype: mx.Dtype | None) -> bool:
 def _matmul(x: mx.array, weight: mx.array) -> mx.array | None:
     """x @ weight.T by the native kernel, or None where it does not apply (MLX's then)."""
     module = native_dense() if x.dtype == mx.float32 and weight.dtype == mx.bfloat16 else None
-    return None if module is None else module.dense_matmul(x, weight, THREADS)
+    return None if module is None else module.dense_matmul(x, weight, THREADS, bf16_requested())
 
 
 def project(x: mx.array, *layers: nn.Module) -> list[mx.array]:
@@ -82,7 +92,8 @@ def project(x: mx.array, *layers: nn.Module) -> list[mx.array]:
         for layer in layers
     ):
         return quantized.project(x, *layers)
-    return module.dense_matmuls(x, [layer["weight"] for layer in layers], THREADS)
+    weights = [layer["weight"] for layer in layers]
+    return module.dense_matmuls(x, weights, THREADS, bf16_requested())
 
 
 class CpuDenseLinear(nn.Linear):

@@ -46,4 +46,11 @@ DenseKernels dense_avx512_kernels();
 // lanes), the M rows of a step together (one stream of loads, never M streams 4 KB apart).
 void dense_layout(const float* x, int M, int64_t K, int lanes, float* out);
 
+// The opt-in bf16-dot mat-vec (dense_bf16.cpp): whether this CPU runs it (AVX512-BF16, the
+// library built with it), and output rows [n0, n1) for the M (<= 8) rows of x rounded to bf16
+// [M, K] (K a multiple of 32).
+bool dense_bf16_supported();
+void dense_bf16_rows(const uint16_t* x, int M, int64_t K, const DenseMatrix& matrix, int64_t n0,
+                     int64_t n1);
+
 }  // namespace native

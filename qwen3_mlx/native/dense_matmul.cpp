@@ -4,6 +4,8 @@
 // tiled matmul (bound by arithmetic), both split over the worker pool (pool.h).
 
 #include <algorithm>
+#include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <vector>
 
@@ -28,13 +30,27 @@ DenseKernels kernels_for(Isa isa) {
 
 // Mat-vec: x laid out once, then chunks of output rows of every matrix in one pool run (>= 16
 // rows a chunk, about 8 chunks per thread per matrix).
-void run_rows(const float* x, int M, int64_t K, int threads, std::vector<DenseMatrix>& matrices) {
-  Isa isa = chosen_isa();
-  if (isa == AVX512 && K % 32) isa = AVX2;
-  if (isa == AVX2 && K % 16) isa = SCALAR;
-  const DenseKernels kernels = kernels_for(isa);
-  std::vector<float> laid(size_t(M) * size_t(K));
-  dense_layout(x, M, K, kernels.L, laid.data());
+// Whether the bf16-dot mat-vec runs: asked for (dense_matmul's bf16), and this CPU, with AVX-512
+// chosen, has AVX512-BF16.
+bool bf16_dot(int64_t K, bool asked) {
+  return asked && K % 32 == 0 && chosen_isa() == AVX512 && dense_bf16_supported();
+}
+
+// x [M, K] float32 rounded to bf16, nearest-even (x is finite: the model's activations).
+std::vector<uint16_t> round_to_bf16(const float* x, int64_t count) {
+  std::vector<uint16_t> out(size_t(count), 0);
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    out[size_t(i)] = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+  return out;
+}
+
+// Chunks of output rows of every matrix, in one pool run (>= 16 rows a chunk, about 8 chunks per
+// thread per matrix, a multiple of 4 rows).
+void run_row_chunks(int threads, const std::vector<DenseMatrix>& matrices,
+                    const std::function<void(const DenseMatrix&, int64_t, int64_t)>& rows) {
   std::vector<int64_t> per, first;
   int64_t chunks = 0;
   for (const auto& m : matrices) {
@@ -45,7 +61,27 @@ void run_rows(const float* x, int M, int64_t K, int threads, std::vector<DenseMa
   pool().run(threads, chunks, [&](int64_t c) {
     size_t i = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
     const int64_t n0 = (c - first[i]) * per[i], n1 = std::min(matrices[i].N, n0 + per[i]);
-    kernels.rows(laid.data(), M, K, matrices[i], n0, n1);
+    rows(matrices[i], n0, n1);
+  });
+}
+
+void run_rows(const float* x, int M, int64_t K, int threads, bool bf16,
+              std::vector<DenseMatrix>& matrices) {
+  if (bf16_dot(K, bf16)) {
+    const std::vector<uint16_t> rounded = round_to_bf16(x, int64_t(M) * K);
+    run_row_chunks(threads, matrices, [&](const DenseMatrix& m, int64_t n0, int64_t n1) {
+      dense_bf16_rows(rounded.data(), M, K, m, n0, n1);
+    });
+    return;
+  }
+  Isa isa = chosen_isa();
+  if (isa == AVX512 && K % 32) isa = AVX2;
+  if (isa == AVX2 && K % 16) isa = SCALAR;
+  const DenseKernels kernels = kernels_for(isa);
+  std::vector<float> laid(size_t(M) * size_t(K));
+  dense_layout(x, M, K, kernels.L, laid.data());
+  run_row_chunks(threads, matrices, [&](const DenseMatrix& m, int64_t n0, int64_t n1) {
+    kernels.rows(laid.data(), M, K, m, n0, n1);
   });
 }
 
@@ -73,7 +109,8 @@ void run_panels(const float* x, int M, int64_t K, int threads, std::vector<Dense
 // inputs: x, then one weight per matrix; one float32 output per matrix.
 class DenseMatmuls : public mx::Primitive {
  public:
-  DenseMatmuls(mx::Stream stream, int threads) : mx::Primitive(stream), threads_(threads) {}
+  DenseMatmuls(mx::Stream stream, int threads, bool bf16)
+      : mx::Primitive(stream), threads_(threads), bf16_(bf16) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -85,7 +122,8 @@ class DenseMatmuls : public mx::Primitive {
     std::vector<mx::array> held, outs;
     for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
     for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
-    encoder.dispatch([held = std::move(held), outs = std::move(outs), threads = threads_]() mutable {
+    encoder.dispatch([held = std::move(held), outs = std::move(outs), threads = threads_,
+                      bf16 = bf16_]() mutable {
       const ClearVectorState clear;
       const int64_t K = held[0].shape(-1);
       const int M = int(held[0].size() / K);
@@ -96,7 +134,7 @@ class DenseMatmuls : public mx::Primitive {
       if (M > DENSE_MATVEC_ROWS) {
         run_panels(held[0].data<float>(), M, K, threads, matrices);
       } else {
-        run_rows(held[0].data<float>(), M, K, threads, matrices);
+        run_rows(held[0].data<float>(), M, K, threads, bf16, matrices);
       }
     });
   }
@@ -105,11 +143,13 @@ class DenseMatmuls : public mx::Primitive {
   }
   const char* name() const override { return "DenseMatmuls"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return threads_ == static_cast<const DenseMatmuls&>(other).threads_;
+    auto& o = static_cast<const DenseMatmuls&>(other);
+    return threads_ == o.threads_ && bf16_ == o.bf16_;
   }
 
  private:
   int threads_;
+  bool bf16_;
 };
 
 mx::array row_contiguous(const mx::array& a, mx::Stream stream) {
@@ -119,7 +159,7 @@ mx::array row_contiguous(const mx::array& a, mx::Stream stream) {
 }  // namespace
 
 std::vector<mx::array> dense_matmuls(const mx::array& x, const std::vector<mx::array>& ws,
-                                     int threads, mx::StreamOrDevice s) {
+                                     int threads, bool bf16, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu)
     throw std::invalid_argument("dense_matmul: CPU streams only");
@@ -136,11 +176,12 @@ std::vector<mx::array> dense_matmuls(const mx::array& x, const std::vector<mx::a
     shapes.back().back() = w.shape(0);
   }
   return mx::array::make_arrays(std::move(shapes), std::vector<mx::Dtype>(ws.size(), mx::float32),
-                                std::make_shared<DenseMatmuls>(stream, threads), inputs);
+                                std::make_shared<DenseMatmuls>(stream, threads, bf16), inputs);
 }
 
-mx::array dense_matmul(const mx::array& x, const mx::array& w, int threads, mx::StreamOrDevice s) {
-  return dense_matmuls(x, {w}, threads, s)[0];
+mx::array dense_matmul(const mx::array& x, const mx::array& w, int threads, bool bf16,
+                       mx::StreamOrDevice s) {
+  return dense_matmuls(x, {w}, threads, bf16, s)[0];
 }
 
 }  // namespace native
