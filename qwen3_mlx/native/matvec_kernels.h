@@ -240,44 +240,95 @@ struct Row512 {
         b(static_cast<const char*>(job.biases) + n * (job.K / GS) * esize) {}
 };
 
-template <int T, int GS, int MB>
-NATIVE_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
+// NB rows of w (n0..) times MB rows of x (m0..). Each 16-word step unpacks the NB rows' words
+// once for all MB rows of x, and loads each x vector once for all NB rows of w; the next tile's
+// words are prefetched as one linear run (its NB rows are contiguous), one line per row and step.
+// Every (row of w, row of x) pair has its own sums, added in one order whatever NB and MB are:
+// per step acc = q_0 x_0 + ... + q_7 x_7 (a product, then 7 FMAs), then
+// total += acc * scale; total += bias * word sums of x. So each row of x gets, bit for bit, the
+// result a one-row call gives it (a speculative verify pass relies on that).
+template <int T, int GS, int NB, int MB>
+NATIVE_AVX512 void tile_avx512(const Job& job, int64_t n0, int m0) {
   constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
-  const int64_t K = job.K, steps = K / 128;
-  const Row512<T, GS> r(job, n);
-  const uint32_t* row = r.w;
-  __m512 total[MB], totalb[MB];
-  for (int m = 0; m < MB; ++m) total[m] = totalb[m] = _mm512_setzero_ps();
+  const int64_t K = job.K, steps = K / 128, words = K / 8, groups = K / GS;
+  const uint32_t* w = job.w + n0 * words;
+  const char* scales = static_cast<const char*>(job.scales) + n0 * groups * esize;
+  const char* biases = static_cast<const char*>(job.biases) + n0 * groups * esize;
+  const float* x = job.xp + m0 * K;
+  const float* xs = job.xs + m0 * words;
+  __m512 total[NB][MB];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) total[n][m] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi32(0xf);
   for (int64_t c = 0; c < steps; ++c) {
-    if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(row + c * 16 + job.prefetch_words), _MM_HINT_T0);
-    const __m512i words = _mm512_loadu_si512(row + c * 16);
-    const __m512 sv = scales16<T, G>(r.s + c * G * esize);
-    const __m512 bv = scales16<T, G>(r.b + c * G * esize);
-    __m512 even[MB], odd[MB];
-    for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+    __m512i packed[NB];
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      if (job.prefetch_words)
+        _mm_prefetch(reinterpret_cast<const char*>(w + NB * words + (c * NB + n) * 16), _MM_HINT_T0);
+      packed[n] = _mm512_loadu_si512(w + n * words + c * 16);
+    }
+    __m512 acc[NB][MB];
 #pragma GCC unroll 8
     for (int s = 0; s < 8; ++s) {
-      __m512i q = s == 7 ? _mm512_srli_epi32(words, 28)
-                         : _mm512_and_si512(words, _mm512_slli_epi32(low, 4 * s));
-      __m512 qf = _mm512_cvtepi32_ps(q);
-      _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
-        const float* x = job.xp + (m0 + m) * K + c * 128 + s * 16;
-        if (s & 1) {
-          odd[m] = _mm512_fmadd_ps(qf, _mm512_loadu_ps(x), odd[m]);
-        } else {
-          even[m] = _mm512_fmadd_ps(qf, _mm512_loadu_ps(x), even[m]);
-        }
+      __m512 q[NB];
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n)
+        q[n] = _mm512_cvtepi32_ps(s == 7 ? _mm512_srli_epi32(packed[n], 28)
+                                          : _mm512_and_si512(packed[n], _mm512_slli_epi32(low, 4 * s)));
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + c * 128 + s * 16);
+#pragma GCC unroll 8
+        for (int n = 0; n < NB; ++n)
+          acc[n][m] = s == 0 ? _mm512_mul_ps(q[n], xv) : _mm512_fmadd_ps(q[n], xv, acc[n][m]);
       }
     }
-    _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
-      total[m] = _mm512_fmadd_ps(_mm512_add_ps(even[m], odd[m]), sv, total[m]);
-      const float* xs = job.xs + (m0 + m) * (K / 8) + c * 16;
-      totalb[m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xs), totalb[m]);
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      const __m512 sv = scales16<T, G>(scales + (n * groups + c * G) * esize);
+      const __m512 bv = scales16<T, G>(biases + (n * groups + c * G) * esize);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        total[n][m] = _mm512_fmadd_ps(acc[n][m], sv, total[n][m]);
+        total[n][m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xs + m * words + c * 16), total[n][m]);
+      }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+      job.out[(m0 + m) * job.N + n0 + n] = _mm512_reduce_add_ps(total[n][m]);
+}
+
+// NB rows of w times every row of x, in tiles of at most 3 rows of x (4 as 2 + 2).
+template <int T, int GS, int NB>
+NATIVE_AVX512 void tile_rows_avx512(const Job& job, int64_t n0) {
+  int m = 0;
+  if (job.M == 4) {
+    tile_avx512<T, GS, NB, 2>(job, n0, 0);
+    tile_avx512<T, GS, NB, 2>(job, n0, 2);
+    return;
+  }
+  for (; m + 3 <= job.M; m += 3) tile_avx512<T, GS, NB, 3>(job, n0, m);
+  if (job.M - m == 2) tile_avx512<T, GS, NB, 2>(job, n0, m);
+  if (job.M - m == 1) tile_avx512<T, GS, NB, 1>(job, n0, m);
+}
+
+// Rows [r0, r1) of w: 8 at a time for one row of x (decode: bound by reading w), 4 for more
+// (bound by the FMAs: 4 x 3 sums fit the registers); a remainder one at a time.
+template <int T, int GS>
+NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
+  int64_t n = r0;
+  if (job.M == 1) {
+    for (; n + 8 <= r1; n += 8) tile_avx512<T, GS, 8, 1>(job, n, 0);
+  } else {
+    for (; n + 4 <= r1; n += 4) tile_rows_avx512<T, GS, 4>(job, n);
+  }
+  for (; n < r1; ++n) tile_rows_avx512<T, GS, 1>(job, n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,25 +367,15 @@ NATIVE_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
     job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
 }
 
-template <int T, int GS, int MB, bool INT8>
-NATIVE_AVX512 inline void block512(const Job& job, int64_t n, int m0) {
-  if constexpr (INT8) {
-    block_vnni<T, GS, MB>(job, n, m0);  // a call: another target
-  } else {
-    block_avx512<T, GS, MB>(job, n, m0);
-  }
-}
-
-// INT8: the int8 variant (block_vnni).
-template <int T, int GS, bool INT8 = false>
-NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
+template <int T, int GS>
+NATIVE_VNNI void rows_vnni(const Job& job, int64_t r0, int64_t r1) {
   for (int64_t n = r0; n < r1; ++n) {
     int m = 0;
-    for (; m + 4 <= job.M; m += 4) block512<T, GS, 4, INT8>(job, n, m);
+    for (; m + 4 <= job.M; m += 4) block_vnni<T, GS, 4>(job, n, m);
     switch (job.M - m) {
-      case 3: block512<T, GS, 3, INT8>(job, n, m); break;
-      case 2: block512<T, GS, 2, INT8>(job, n, m); break;
-      case 1: block512<T, GS, 1, INT8>(job, n, m); break;
+      case 3: block_vnni<T, GS, 3>(job, n, m); break;
+      case 2: block_vnni<T, GS, 2>(job, n, m); break;
+      case 1: block_vnni<T, GS, 1>(job, n, m); break;
       default: break;
     }
   }
@@ -352,14 +393,11 @@ inline RowsFn pick_int8(ScaleType type, int group_size) {
   };
   switch (type) {
     case F32:
-      return by_group(rows_avx512<F32, 32, true>, rows_avx512<F32, 64, true>,
-                      rows_avx512<F32, 128, true>);
+      return by_group(rows_vnni<F32, 32>, rows_vnni<F32, 64>, rows_vnni<F32, 128>);
     case BF16:
-      return by_group(rows_avx512<BF16, 32, true>, rows_avx512<BF16, 64, true>,
-                      rows_avx512<BF16, 128, true>);
+      return by_group(rows_vnni<BF16, 32>, rows_vnni<BF16, 64>, rows_vnni<BF16, 128>);
     default:
-      return by_group(rows_avx512<F16, 32, true>, rows_avx512<F16, 64, true>,
-                      rows_avx512<F16, 128, true>);
+      return by_group(rows_vnni<F16, 32>, rows_vnni<F16, 64>, rows_vnni<F16, 128>);
   }
 #else
   (void)type;
