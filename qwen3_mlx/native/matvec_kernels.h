@@ -339,46 +339,68 @@ NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
 // error is x's int8 rounding (half a block step per element), as llama.cpp's Q8_0 activations.
 
 
-template <int T, int GS, int MB>
-NATIVE_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
+// NB rows of w times MB rows of x, tiled as the float kernel's (tile_avx512); integer sums are
+// exact, and the float steps keep one order per (row of w, row of x) whatever NB and MB are.
+template <int T, int GS, int NB, int MB>
+NATIVE_VNNI void tile_vnni(const Job& job, int64_t n0, int m0) {
   constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
-  const Row512<T, GS> r(job, n);
-  __m512 total[MB], totalb[MB];
-  for (int m = 0; m < MB; ++m) total[m] = totalb[m] = _mm512_setzero_ps();
+  const int64_t K = job.K, words = K / 8, groups = K / GS;
+  const uint32_t* w = job.w + n0 * words;
+  const char* scales = static_cast<const char*>(job.scales) + n0 * groups * esize;
+  const char* biases = static_cast<const char*>(job.biases) + n0 * groups * esize;
+  __m512 total[NB][MB], totalb[NB][MB];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) total[n][m] = totalb[n][m] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi8(0x0f);
-  for (int64_t c = 0, K = job.K; c < K / 128; ++c) {
-    if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(r.w + c * 16 + job.prefetch_words), _MM_HINT_T0);
-    const __m512i packed = _mm512_loadu_si512(r.w + c * 16);
-    const __m512i even = _mm512_and_si512(packed, nibble);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(packed, 4), nibble);
-    const __m512 step_scales = scales16<T, G>(r.s + c * G * esize);
-    const __m512 step_biases = scales16<T, G>(r.b + c * G * esize);
-    for (int m = 0; m < MB; ++m) {
-      const int8_t* xq = job.xq + (m0 + m) * K + c * 128;
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xq));
-      dot = _mm512_dpbusd_epi32(dot, odd, _mm512_loadu_si512(xq + 64));
-      const int64_t word = (m0 + m) * (K / 8) + c * 16;
-      const __m512 step = _mm512_mul_ps(step_scales, _mm512_loadu_ps(job.xd + word));
-      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, total[m]);
-      totalb[m] = _mm512_fmadd_ps(step_biases, _mm512_loadu_ps(job.xs + word), totalb[m]);
+  for (int64_t c = 0; c < K / 128; ++c) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      if (job.prefetch_words)
+        _mm_prefetch(reinterpret_cast<const char*>(w + NB * words + (c * NB + n) * 16), _MM_HINT_T0);
+      const __m512i packed = _mm512_loadu_si512(w + n * words + c * 16);
+      const __m512i even = _mm512_and_si512(packed, nibble);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(packed, 4), nibble);
+      const __m512 step_scales = scales16<T, G>(scales + (n * groups + c * G) * esize);
+      const __m512 step_biases = scales16<T, G>(biases + (n * groups + c * G) * esize);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xq = job.xq + (m0 + m) * K + c * 128;
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xq));
+        dot = _mm512_dpbusd_epi32(dot, odd, _mm512_loadu_si512(xq + 64));
+        const int64_t word = (m0 + m) * words + c * 16;
+        const __m512 step = _mm512_mul_ps(step_scales, _mm512_loadu_ps(job.xd + word));
+        total[n][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, total[n][m]);
+        totalb[n][m] = _mm512_fmadd_ps(step_biases, _mm512_loadu_ps(job.xs + word), totalb[n][m]);
+      }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+      job.out[(m0 + m) * job.N + n0 + n] =
+          _mm512_reduce_add_ps(_mm512_add_ps(total[n][m], totalb[n][m]));
+}
+
+template <int T, int GS, int NB>
+NATIVE_VNNI void tile_rows_vnni(const Job& job, int64_t n0) {
+  int m = 0;
+  for (; m + 3 <= job.M; m += 3) tile_vnni<T, GS, NB, 3>(job, n0, m);
+  if (job.M - m == 2) tile_vnni<T, GS, NB, 2>(job, n0, m);
+  if (job.M - m == 1) tile_vnni<T, GS, NB, 1>(job, n0, m);
 }
 
 template <int T, int GS>
 NATIVE_VNNI void rows_vnni(const Job& job, int64_t r0, int64_t r1) {
-  for (int64_t n = r0; n < r1; ++n) {
-    int m = 0;
-    for (; m + 4 <= job.M; m += 4) block_vnni<T, GS, 4>(job, n, m);
-    switch (job.M - m) {
-      case 3: block_vnni<T, GS, 3>(job, n, m); break;
-      case 2: block_vnni<T, GS, 2>(job, n, m); break;
-      case 1: block_vnni<T, GS, 1>(job, n, m); break;
-      default: break;
-    }
+  int64_t n = r0;
+  if (job.M == 1) {
+    for (; n + 8 <= r1; n += 8) tile_vnni<T, GS, 8, 1>(job, n, 0);
+  } else {
+    for (; n + 4 <= r1; n += 4) tile_rows_vnni<T, GS, 4>(job, n);
   }
+  for (; n < r1; ++n) tile_rows_vnni<T, GS, 1>(job, n);
 }
 
 #endif  // NATIVE_X86
