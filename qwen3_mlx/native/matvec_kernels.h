@@ -191,7 +191,7 @@ NATIVE_AVX2 void rows_avx2(const Job& job, int64_t r0, int64_t r1) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512: 16 words (128 weights) per step, up to 4 rows of x at once
+// AVX-512: 16 words (128 weights) per step; tiles of up to 8 rows of w and 3 rows of x
 
 
 template <int T, int G>
