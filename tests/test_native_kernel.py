@@ -335,6 +335,7 @@ def test_cli_warns_of_the_fallback_only_under_debug(monkeypatch, tmp_path):
     from qwen3_mlx.cli.app import app
 
     monkeypatch.setattr(native_kernel, "_loaded", (None, "it was not built"))
+    monkeypatch.setattr(native_kernel, "_checked", {})  # nothing checked now stays unavailable
     runner = CliRunner()
     quiet = runner.invoke(app, ["info", str(tmp_path / "missing")])
     loud = runner.invoke(app, ["--debug", "info", str(tmp_path / "missing")])
