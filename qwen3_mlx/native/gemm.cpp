@@ -73,6 +73,10 @@ void pack_rows(const float* x, int M, int64_t K, int MR, int t0, int t1, float* 
   }
 }
 
+void pack_rows(const float* x, int M, int64_t K, int MR, float* packed) {
+  pack_rows(x, M, K, MR, 0, (M + MR - 1) / MR, packed);
+}
+
 void run_gemm(const float* x, int M, int64_t K, Isa isa, bool int8, int threads, int group_size,
               const std::vector<GemmMatrix>& matrices) {
   const GemmInt8Kernels vnni = int8 ? gemm_vnni_kernels() : GemmInt8Kernels{0, 0, nullptr};

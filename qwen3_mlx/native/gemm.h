@@ -57,6 +57,8 @@ GemmKernels gemm_avx512_kernels();
 int64_t packed_rows_size(int M, int64_t K, int MR);
 // Row tiles [t0, t1) of x [M, K] float32 into the kernels' blocked, tiled layout (see above).
 void pack_rows(const float* x, int M, int64_t K, int MR, int t0, int t1, float* packed);
+// All of x's row tiles, on the calling thread.
+void pack_rows(const float* x, int M, int64_t K, int MR, float* packed);
 
 // The opt-in int8 variant (gemm_vnni.cpp): x rounded to int8 per block of 32 and packed like the
 // float kernels' x, a quad of bytes per row and 4 columns, with each block's step
