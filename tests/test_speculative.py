@@ -11,6 +11,7 @@ import random
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -422,67 +423,77 @@ class OracleDrafter:
     """Proposes the tokens a plain reply went on with: every draft is accepted whole."""
 
     def __init__(self, prompt_length: int, reply: list[int]):
-        self.start, self.reply = prompt_length, reply
+        self.start, self.reply, self.calls = prompt_length, reply, 0
 
     def begin(self, context: list[int]) -> None:
         """Nothing to index."""
 
     def propose(self, context: list[int], count: int) -> list[int]:
         """The plain reply's next `count` tokens."""
+        self.calls += 1
         done = len(context) - self.start
         return self.reply[done : done + count]
 
 
-@pytest.mark.parametrize("drafter", ["oracle", "wrong"])
-def test_rope_auto_switch_mid_reply_stays_exact(drafter, tmp_path_factory) -> None:
-    """--rope-scaling auto with a drafter: a reply that passes the 256-token window switches to
-    YaRN once, and its tokens and every step's logits are plain decoding's (accepted drafts run
-    up to the window's last position; the drafter goes on across the switch)."""
+def rope_reply(folder, speculation: Speculation | None) -> tuple[list[int], np.ndarray, Any]:
+    """A greedy 80-token reply after 200 random tokens under --rope-scaling auto (the window is
+    256): its tokens, every step's logits and the RoPE plan it ran."""
     from qwen3_mlx.engine import start_reply
     from qwen3_mlx.loading import load
     from qwen3_mlx.rope_auto import RopeAuto
 
+    model, tokenizer, generation = load(folder, compute_dtype="float32")
+    plan, rows, cache = RopeAuto.for_model(model.args), [], PromptCache(model)
+
+    def record(previous, logits):
+        rows.append(np.array(logits[0]))
+        return logits
+
+    settings = Sampling.for_mode(generation, False, {"temperature": 0.0, "max_tokens": 80})
+    source = {} if speculation is None else {"generate": speculation.source(lambda: cache.tokens)}
+    reply = start_reply(
+        model,
+        tokenizer,
+        cache,
+        ROPE_PROMPT,
+        settings,
+        stop_ids=(),
+        context_limit=plan.limit,
+        repetition_guard=None,
+        extra_processors=[record],
+        rope=plan,
+        **source,
+    )
+    list(reply)
+    assert reply.result.finish_reason == "length"
+    return list(reply.tokens), np.stack(rows), plan
+
+
+ROPE_PROMPT = [random.Random(0).randrange(200, 5000) for _ in range(200)]
+
+
+@pytest.fixture(scope="module")
+def rope_plain(tmp_path_factory) -> tuple:
     folder = make_checkpoint(
         tmp_path_factory.mktemp("rope") / "m",
         dtype="float32",
         tokenizer="qwen3-4b",
         max_position_embeddings=256,
     )
-    prompt = [random.Random(0).randrange(200, 5000) for _ in range(200)]
+    return folder, rope_reply(folder, None)
 
-    def run(speculation: Speculation | None) -> tuple[list[int], np.ndarray, RopeAuto]:
-        model, tokenizer, generation = load(folder, compute_dtype="float32")
-        plan, rows, cache = RopeAuto.for_model(model.args), [], PromptCache(model)
 
-        def record(previous, logits):
-            rows.append(np.array(logits[0]))
-            return logits
-
-        settings = Sampling.for_mode(generation, False, {"temperature": 0.0, "max_tokens": 80})
-        source = (
-            {} if speculation is None else {"generate": speculation.source(lambda: cache.tokens)}
-        )
-        reply = start_reply(
-            model,
-            tokenizer,
-            cache,
-            prompt,
-            settings,
-            stop_ids=(),
-            context_limit=plan.limit,
-            repetition_guard=None,
-            extra_processors=[record],
-            rope=plan,
-            **source,
-        )
-        list(reply)
-        assert reply.result.finish_reason == "length"
-        return list(reply.tokens), np.stack(rows), plan
-
-    plain, plain_logits, plain_plan = run(None)
-    chosen = OracleDrafter(len(prompt), plain) if drafter == "oracle" else WrongDrafter()
-    tokens, logits, plan = run(Speculation(chosen, 5))
+@pytest.mark.parametrize("drafter", ["oracle", "wrong"])
+def test_rope_auto_switch_mid_reply_stays_exact(drafter, rope_plain) -> None:
+    """--rope-scaling auto with a drafter: a reply that passes the 256-token window switches to
+    YaRN once, and its tokens and every step's logits are plain decoding's (accepted drafts run
+    up to the window's last position; the drafter goes on across the switch)."""
+    folder, (plain, plain_logits, plain_plan) = rope_plain
+    chosen = OracleDrafter(len(ROPE_PROMPT), plain) if drafter == "oracle" else WrongDrafter()
+    tokens, logits, plan = rope_reply(folder, Speculation(chosen, 5))
     assert plain_plan.switches == plan.switches == 1 and plan.factor == 2.0
     assert tokens == plain
+    # Rounds of 5 drafts (oracle) or of 1 wrong one on both sides of the switch at token 57.
+    assert chosen.calls <= len(plain) / 4 if drafter == "oracle" else chosen.calls >= 60
     scale = np.abs(plain_logits).max()
     np.testing.assert_allclose(logits, plain_logits, atol=1e-4 * scale)
