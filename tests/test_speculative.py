@@ -371,7 +371,7 @@ def test_penalties_see_each_verified_position(loaded) -> None:
         )
     )
     processors = build_logits_processors(settings)
-    list(
+    run = list(
         speculative_tokens(
             model,
             prompt,
@@ -382,6 +382,7 @@ def test_penalties_see_each_verified_position(loaded) -> None:
             max_tokens=30,
         )
     )
+    assert sum(t.drafted for t in run) > sum(t.accepted for t in run) > 0  # kept and rejected
     # Plain decoding leaves the last token unseen by the tally too (no step runs after it).
     np.testing.assert_array_equal(
         np.array(processors[0].tally), np.array(plain_processors[0].tally)
