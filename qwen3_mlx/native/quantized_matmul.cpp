@@ -159,7 +159,8 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
     jobs.push_back(Job{m.w, m.s, m.b, m.N, K, M, group_size, xp.data(), xs.data(), m.out,
                        isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data()});
     fns.push_back(int8 ? pick_int8(m.type, group_size) : pick(isa, m.type, group_size));
-    per.push_back(std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)));
+    // A multiple of 8 rows: the AVX-512 kernel's decode tile (matvec_kernels.h).
+    per.push_back((std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)) + 7) / 8 * 8);
     first.push_back(chunks);
     chunks += (m.N + per.back() - 1) / per.back();
   }
@@ -213,12 +214,13 @@ void store_out(const std::vector<float>& result, mx::array& out) {
   }
 }
 
-// Rows of x up to which the mat-vec kernels run (each re-decodes the weights per block of 4
+// Rows of x up to which the mat-vec kernels run (each re-decodes the weights per block of up to 3
 // rows); more take the matmul (gemm.h), which decodes them once per 512 rows. Measured on a
-// 2560 -> 4096 matrix, one thread (CPU time): mat-vec 0.57 / 2.97 / 6.40 ms for 1 / 4 / 8 rows,
-// the matmul 3.3 ms for anything from 5 to 12 rows (one tile), 4.4 ms for 16. It stays at 8 all
-// the same: a speculative verify pass (up to 8 rows) must give each row bit for bit what a
-// one-row decode step gives, which the mat-vec's row blocks do and the matmul's order does not.
+// 2560 -> 4096 matrix, one thread (CPU time; words from DRAM): the AVX-512 mat-vec 0.22 / 0.52 /
+// 0.95 ms for 1 / 4 / 8 rows (0.57 / 2.97 / 6.40 before its tiles and the -Os fix); the matmul
+// took 3.3 ms for 5 to 12 rows when measured under -Os. It stays at 8 all the same: a speculative
+// verify pass (up to 8 rows) must give each row bit for bit what a one-row decode step gives,
+// which the mat-vec's tiles do and the matmul's order does not.
 constexpr int MATVEC_ROWS = 8;
 
 // inputs: x, then (w, scales, biases) per matrix; one output per matrix.
