@@ -2,9 +2,11 @@
 
     python -m benchmarks.bench_prefill --llama-bench PATH/llama-bench
     python -m benchmarks.bench_prefill --llama-bench PATH --long --agent --repeats 2
+    python -m benchmarks.bench_prefill --llama-bench PATH --weights bf16   # the dense checkpoints
 
 Both engines run the same random weights: our MLX 4-bit checkpoint (benchmarks/checkpoints.py)
-and the GGUF Q4_0 that benchmarks/gguf_q4.py makes of it. Ours runs as a fresh install does:
+and the GGUF Q4_0 that benchmarks/gguf_q4.py makes of it; with --weights bf16, our bf16 checkpoint
+and the BF16 GGUF of the same bits (benchmarks/gguf_bf16.py). Ours runs as a fresh install does:
 QWEN3_MLX_OPENBLAS=0 (MLX's reference BLAS), the native extension on. llama.cpp is measured with
 its own `llama-bench` (built from source: only a benchmark tool, never a dependency), `-p` for
 prefill and `-n` for decode, with the same thread count.
@@ -12,7 +14,8 @@ prefill and `-n` for decode, with the same thread count.
 Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long), decode
 tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
 for prefill the FLOP/s of the matmuls and attention against the measured FMA peak, for decode
-the GB/s of weights read against the measured read bandwidth. --agent adds the time to first
+the GB/s of weights read against the measured read bandwidth; and the peak memory of our load
+(for bf16: the checkpoint's bytes, no float32 copy). --agent adds the time to first
 token of one agent step at 4B: a 1,500-token prompt (random ids: speed does not depend on them).
 Each engine runs in a fresh process, once per pass; --repeats N makes N passes and reports the
 best of each. The load average is recorded at the start and the end. Timings are never asserted.
@@ -86,12 +89,31 @@ def llama(binary: Path, gguf: Path, prompt: int, tokens: int, threads: int) -> d
     return {"tok_s": row["avg_ts"], "build": row.get("build_commit"), "cpu": row.get("cpu_info")}
 
 
-def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
-    """(measure, ours, llama.cpp) callables for one shape."""
+def weights_of(shape: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """Our checkpoint of `shape` in --weights (built once) and llama.cpp's GGUF of it."""
+    if args.weights == "bf16":
+        from benchmarks.gguf_bf16 import export
+
+        path = checkpoint(shape, None)
+        return path, export(path, path.with_name(path.name + "-bf16.gguf"))
     from benchmarks.gguf_q4 import export
 
     path = checkpoint(shape, 4)
-    gguf = export(path, path.with_name(path.name + "-q4_0.gguf"))
+    return path, export(path, path.with_name(path.name + "-q4_0.gguf"))
+
+
+def step_gb(path: Path) -> float:
+    """GB a decode step reads: every matrix once (the tied head reads the embedding), in the
+    checkpoint's dtypes; the norms are negligible."""
+    import mlx.core as mx
+
+    weights = mx.load(str(path / "model.safetensors"))
+    return sum(v.nbytes for v in weights.values() if v.ndim == 2) / 1e9
+
+
+def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
+    """(measure, ours, llama.cpp) callables for one shape."""
+    path, gguf = weights_of(shape, args)
     binary, threads = args.llama_bench, THREADS
     prompts = [512, 4096] if args.long else [512]
     if args.agent and shape == "4b":
@@ -135,6 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if "tok_s" in result:
                         runs.append(result["tok_s"])
                         row[engine] = max(runs)
+                        if "load_peak_gb" in result:
+                            row["ours load peak GB"] = result["load_peak_gb"]
                     else:
                         row.setdefault(f"{engine} error", result.get("error"))
     results["rows"] = list(rows.values())
@@ -142,7 +166,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The probes run for a fraction of a second: on a shared machine the best of the two stands.
     end = limits(THREADS)
     results["limits"] = {key: max(value, end[key]) for key, value in results["limits"].items()}
-    results["memory"] = {shape: scale_memory(shape) for shape in args.shapes}
+    results["weights"] = args.weights
+    if args.weights == "bf16":
+        results["step_gb"] = {shape: step_gb(weights_of(shape, args)[0]) for shape in args.shapes}
+    else:
+        results["memory"] = {shape: scale_memory(shape) for shape in args.shapes}
+        results["step_gb"] = {s: m["step_bf16_gb"] for s, m in results["memory"].items()}
     return results
 
 
@@ -160,12 +189,13 @@ def report(results: dict[str, Any]) -> None:
     for row in results["rows"]:
         shape, measure = row["shape"], row["measure"]
         mine, theirs = row.get("ours", float("nan")), row.get("llama.cpp", float("nan"))
-        config = json.loads((checkpoint(shape, 4) / "config.json").read_text())
+        bits = None if results.get("weights") == "bf16" else 4
+        config = json.loads((checkpoint(shape, bits) / "config.json").read_text())
         if measure.startswith("prefill"):
             prompt = int(measure.split()[1])
             per = flops_per_token(config, prompt) / 1e9 / limit.get("fma_gflops", float("nan"))
         else:
-            per = results["memory"][shape]["step_bf16_gb"] / limit.get("read_gbps", float("nan"))
+            per = results["step_gb"][shape] / limit.get("read_gbps", float("nan"))
         print(
             f"  {shape:5} {measure:14} {mine:9.2f} {theirs:9.2f} {mine / theirs:5.2f}x "
             f"{mine * per:13.0%} {theirs * per:14.0%}"
@@ -174,6 +204,8 @@ def report(results: dict[str, Any]) -> None:
             print(
                 f"  {'':5} {'agent TTFT':14} {AGENT_PROMPT / mine:8.1f}s {AGENT_PROMPT / theirs:8.1f}s"
             )
+        if "ours load peak GB" in row:
+            print(f"  {'':5} {'':14} ours: {row['ours load peak GB']:.2f} GB at load (peak)")
 
 
 def main() -> None:
@@ -183,6 +215,9 @@ def main() -> None:
     parser.add_argument("--shapes", default="0.6b,4b", type=lambda s: s.split(","))
     parser.add_argument("--long", action="store_true", help="also a 4,096-token prefill")
     parser.add_argument("--agent", action="store_true", help="also the 1,500-token agent step (4B)")
+    parser.add_argument(
+        "--weights", choices=["4bit", "bf16"], default="4bit", help="the checkpoints to compare"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="passes (the best is shown)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prefill")
     args = parser.parse_args()
