@@ -171,34 +171,15 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
   });
 }
 
-GemmKernels gemm_kernels(Isa isa) {
-  return isa == AVX512 ? gemm_avx512_kernels() : isa == AVX2 ? gemm_avx2_kernels()
-                                                              : gemm_scalar_kernels();
-}
-
-// More rows than the mat-vec kernels take (prefill): x packed once, then panels of every matrix's
-// output columns in one pool run, each dequantizing its weight tiles as it goes (gemm.h).
-void run_gemm(const mx::array& x, int M, int64_t K, Isa isa, int threads, int group_size,
-              const std::vector<Matrix>& matrices) {
-  const GemmKernels kernels = gemm_kernels(isa);
-  std::vector<float> packed(size_t(packed_rows_size(M, K, kernels.MR)));
-  pack_rows(float_rows(x, size_t(M) * K).data(), M, K, kernels.MR, packed.data());
-  const GemmRows rows{packed.data(), M, K, group_size};
+// More rows than the mat-vec kernels take (prefill): the tiled matmul (gemm.h) on float32 x.
+void run_prefill(const mx::array& x, int M, int64_t K, bool int8, int threads, int group_size,
+                 const std::vector<Matrix>& matrices) {
   std::vector<GemmMatrix> jobs;
-  std::vector<int64_t> per, first, panels;  // panels per chunk, first chunk, panels per matrix
-  int64_t chunks = 0;
-  for (const auto& m : matrices) {
-    jobs.push_back(GemmMatrix{m.w, m.s, m.b, int(m.type), m.N, m.out});
-    panels.push_back((m.N + kernels.NR - 1) / kernels.NR);
-    per.push_back(std::max<int64_t>(1, panels.back() / (int64_t(std::max(threads, 1)) * 8)));
-    first.push_back(chunks);
-    chunks += (panels.back() + per.back() - 1) / per.back();
-  }
-  pool().run(threads, chunks, [&](int64_t c) {
-    size_t i = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
-    const int64_t p0 = (c - first[i]) * per[i], p1 = std::min(panels[i], p0 + per[i]);
-    kernels.panels(rows, jobs[i], p0, p1);
-  });
+  for (const auto& m : matrices) jobs.push_back(GemmMatrix{m.w, m.s, m.b, int(m.type), m.N, m.out});
+  std::vector<float> copy;
+  if (x.dtype() != mx::float32) copy = float_rows(x, size_t(M) * K);
+  const float* rows = copy.empty() ? x.data<float>() : copy.data();
+  run_gemm(rows, M, K, chosen_isa(), int8, threads, group_size, jobs);
 }
 
 ScaleType scale_type_of(const mx::array& scales) {
@@ -238,7 +219,8 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
   Isa isa = chosen_isa();
   if (isa == AVX512 && K % 128) isa = AVX2;
   if (isa == AVX2 && K % 64) isa = SCALAR;
-  const bool int8 = int8_asked && isa == AVX512 && int8_supported();
+  // int8: the mat-vec's needs K % 128 (AVX-512); the prefill matmul's any K it takes.
+  const bool int8 = int8_asked && int8_supported() && (M > MATVEC_ROWS || isa == AVX512);
   std::vector<mx::array> held, outs;
   for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
   for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
@@ -259,7 +241,7 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
                                 scale_type_of(scales), w.shape(0), target});
     }
     if (M > MATVEC_ROWS) {
-      run_gemm(held[0], M, K, chosen_isa(), threads, group_size, matrices);
+      run_prefill(held[0], M, K, int8, threads, group_size, matrices);
     } else {
       run_matrices(held[0], M, K, isa, threads, group_size, int8, matrices);
     }
