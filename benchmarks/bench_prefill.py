@@ -2,17 +2,21 @@
 
     python -m benchmarks.bench_prefill --llama-bench PATH/llama-bench
     python -m benchmarks.bench_prefill --llama-bench PATH --long --agent --repeats 2
+    python -m benchmarks.bench_prefill --llama-bench PATH --weights bf16   # the dense checkpoints
 
 Both engines run the same random weights: our MLX 4-bit checkpoint (benchmarks/checkpoints.py)
-and the GGUF Q4_0 that benchmarks/gguf_q4.py makes of it. Ours runs as a fresh install does:
+and the GGUF Q4_0 that benchmarks/gguf_q4.py makes of it; with --weights bf16, our bf16 checkpoint
+and the BF16 GGUF of the same bits (benchmarks/gguf_bf16.py). Ours runs as a fresh install does:
 QWEN3_MLX_OPENBLAS=0 (MLX's reference BLAS), the native extension on. llama.cpp is measured with
 its own `llama-bench` (built from source: only a benchmark tool, never a dependency), `-p` for
 prefill and `-n` for decode, with the same thread count.
 
-Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long), decode
-tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
+Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long; --int8 adds
+ours with the opt-in int8 prefill matmul, QWEN3_MLX_NATIVE_INT8_PREFILL=1, as a second line;
+--prefill-only leaves out decode), decode tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
 for prefill the FLOP/s of the matmuls and attention against the measured FMA peak, for decode
-the GB/s of weights read against the measured read bandwidth. --agent adds the time to first
+the GB/s of weights read against the measured read bandwidth; and the peak memory of our load
+(for bf16: the checkpoint's bytes, no float32 copy). --agent adds the time to first
 token of one agent step at 4B: a 1,500-token prompt (random ids: speed does not depend on them).
 Each engine runs in a fresh process, once per pass; --repeats N makes N passes and reports the
 best of each. The load average is recorded at the start and the end. Timings are never asserted.
@@ -33,6 +37,7 @@ from benchmarks.run import ROOT, machine, run_worker
 
 THREADS = min(os.cpu_count() or 1, 8)
 AGENT_PROMPT = 1500
+INT8_PREFILL = "QWEN3_MLX_NATIVE_INT8_PREFILL"
 
 
 def limits(threads: int) -> dict[str, float]:
@@ -66,10 +71,19 @@ def flops_per_token(config: dict[str, Any], prompt: int) -> float:
     return layers * (2 * weights + attention)
 
 
-def ours(path: Path, task: str, **spec: Any) -> dict[str, Any]:
-    """One measurement of ours in a fresh process, as a fresh install runs (no system OpenBLAS)."""
+def ours(path: Path, task: str, int8: bool = False, **spec: Any) -> dict[str, Any]:
+    """One measurement of ours in a fresh process, as a fresh install runs (no system OpenBLAS);
+    int8: with the opt-in int8 prefill matmul (QWEN3_MLX_NATIVE_INT8_PREFILL=1)."""
     full = {"engine": "ours", "path": str(path), "dtype": "auto", "task": task, "openblas": False}
-    return run_worker({**full, **spec}, timeout=1800)
+    before = os.environ.pop(INT8_PREFILL, None)
+    if int8:
+        os.environ[INT8_PREFILL] = "1"
+    try:
+        return run_worker({**full, **spec}, timeout=1800)
+    finally:
+        os.environ.pop(INT8_PREFILL, None)
+        if before is not None:
+            os.environ[INT8_PREFILL] = before
 
 
 def llama(binary: Path, gguf: Path, prompt: int, tokens: int, threads: int) -> dict[str, Any]:
@@ -86,31 +100,48 @@ def llama(binary: Path, gguf: Path, prompt: int, tokens: int, threads: int) -> d
     return {"tok_s": row["avg_ts"], "build": row.get("build_commit"), "cpu": row.get("cpu_info")}
 
 
-def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
-    """(measure, ours, llama.cpp) callables for one shape."""
+def weights_of(shape: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """Our checkpoint of `shape` in --weights (built once) and llama.cpp's GGUF of it."""
+    if args.weights == "bf16":
+        from benchmarks.gguf_bf16 import export
+
+        path = checkpoint(shape, None)
+        return path, export(path, path.with_name(path.name + "-bf16.gguf"))
     from benchmarks.gguf_q4 import export
 
     path = checkpoint(shape, 4)
-    gguf = export(path, path.with_name(path.name + "-q4_0.gguf"))
+    return path, export(path, path.with_name(path.name + "-q4_0.gguf"))
+
+
+def step_gb(path: Path) -> float:
+    """GB a decode step reads: every matrix once (the tied head reads the embedding), in the
+    checkpoint's dtypes; the norms are negligible."""
+    import mlx.core as mx
+
+    weights = mx.load(str(path / "model.safetensors"))
+    return sum(v.nbytes for v in weights.values() if v.ndim == 2) / 1e9
+
+
+def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """(measure, {engine: callable}) for one shape: ours, ours with int8 prefill (--int8), llama.cpp."""
+    path, gguf = weights_of(shape, args)
     binary, threads = args.llama_bench, THREADS
     prompts = [512, 4096] if args.long else [512]
     if args.agent and shape == "4b":
         prompts.append(AGENT_PROMPT)
-    rows = [
-        (
-            f"prefill {prompt}",
-            lambda prompt=prompt: ours(path, "prefill", prompt=prompt),
-            lambda prompt=prompt: llama(binary, gguf, prompt, 0, threads),
-        )
-        for prompt in prompts
-    ]
-    rows.append(
-        (
-            "decode",
-            lambda: ours(path, "decode", tokens=24),
-            lambda: llama(binary, gguf, 0, 32, threads),
-        )
-    )
+    rows = []
+    for prompt in prompts:
+        engines = {"ours": lambda prompt=prompt: ours(path, "prefill", prompt=prompt)}
+        if args.int8:
+            engines["ours int8"] = lambda prompt=prompt: ours(path, "prefill", True, prompt=prompt)
+        engines["llama.cpp"] = lambda prompt=prompt: llama(binary, gguf, prompt, 0, threads)
+        rows.append((f"prefill {prompt}", engines))
+    decode = {
+        "ours": lambda: ours(path, "decode", tokens=24),
+        "llama.cpp": lambda: llama(binary, gguf, 0, 32, threads),
+    }
+    if not args.prefill_only:
+        rows.append(("decode", decode))
     return rows
 
 
@@ -124,8 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plans = {shape: measurements(shape, args) for shape in args.shapes}
     for _ in range(args.repeats):
         for shape, plan in plans.items():
-            for measure, mine, theirs in plan:
-                for engine, call in (("ours", mine), ("llama.cpp", theirs)):
+            for measure, engines in plan:
+                for engine, call in engines.items():
                     result = call()
                     print(
                         f"  {shape} {measure} {engine}: {result.get('tok_s', result)}", flush=True
@@ -135,6 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if "tok_s" in result:
                         runs.append(result["tok_s"])
                         row[engine] = max(runs)
+                        if "load_peak_gb" in result and engine == "ours":
+                            row["ours load peak GB"] = result["load_peak_gb"]
                     else:
                         row.setdefault(f"{engine} error", result.get("error"))
     results["rows"] = list(rows.values())
@@ -142,7 +175,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The probes run for a fraction of a second: on a shared machine the best of the two stands.
     end = limits(THREADS)
     results["limits"] = {key: max(value, end[key]) for key, value in results["limits"].items()}
-    results["memory"] = {shape: scale_memory(shape) for shape in args.shapes}
+    results["weights"] = args.weights
+    if args.weights == "bf16":
+        results["step_gb"] = {shape: step_gb(weights_of(shape, args)[0]) for shape in args.shapes}
+    else:
+        results["memory"] = {shape: scale_memory(shape) for shape in args.shapes}
+        results["step_gb"] = {s: m["step_bf16_gb"] for s, m in results["memory"].items()}
     return results
 
 
@@ -158,22 +196,34 @@ def report(results: dict[str, Any]) -> None:
         f"  {'shape':5} {'measure':14} {'ours':>9} {'llama.cpp':>9} {'ratio':>6} {'ours of limit':>13} {'llama of limit':>14}"
     )
     for row in results["rows"]:
-        shape, measure = row["shape"], row["measure"]
-        mine, theirs = row.get("ours", float("nan")), row.get("llama.cpp", float("nan"))
-        config = json.loads((checkpoint(shape, 4) / "config.json").read_text())
-        if measure.startswith("prefill"):
-            prompt = int(measure.split()[1])
-            per = flops_per_token(config, prompt) / 1e9 / limit.get("fma_gflops", float("nan"))
-        else:
-            per = results["memory"][shape]["step_bf16_gb"] / limit.get("read_gbps", float("nan"))
+        for engine in ("ours", "ours int8"):
+            if engine in row or engine == "ours":
+                report_row(results, row, engine)
+        if "ours load peak GB" in row:
+            print(f"  {'':5} {'':14} ours: {row['ours load peak GB']:.2f} GB at load (peak)")
+
+
+def report_row(results: dict[str, Any], row: dict[str, Any], engine: str = "ours") -> None:
+    """One line of the table: `engine`'s tok/s against llama.cpp's."""
+    limit = results["limits"]
+    shape, measure = row["shape"], row["measure"]
+    mine, theirs = row.get(engine, float("nan")), row.get("llama.cpp", float("nan"))
+    bits = None if results.get("weights") == "bf16" else 4
+    config = json.loads((checkpoint(shape, bits) / "config.json").read_text())
+    if measure.startswith("prefill"):
+        prompt = int(measure.split()[1])
+        per = flops_per_token(config, prompt) / 1e9 / limit.get("fma_gflops", float("nan"))
+    else:
+        per = results["step_gb"][shape] / limit.get("read_gbps", float("nan"))
+    label = measure if engine == "ours" else f"  {engine.removeprefix('ours ')}"
+    print(
+        f"  {shape:5} {label:14} {mine:9.2f} {theirs:9.2f} {mine / theirs:5.2f}x "
+        f"{mine * per:13.0%} {theirs * per:14.0%}"
+    )
+    if measure == f"prefill {AGENT_PROMPT}":
         print(
-            f"  {shape:5} {measure:14} {mine:9.2f} {theirs:9.2f} {mine / theirs:5.2f}x "
-            f"{mine * per:13.0%} {theirs * per:14.0%}"
+            f"  {'':5} {'agent TTFT':14} {AGENT_PROMPT / mine:8.1f}s {AGENT_PROMPT / theirs:8.1f}s"
         )
-        if measure == f"prefill {AGENT_PROMPT}":
-            print(
-                f"  {'':5} {'agent TTFT':14} {AGENT_PROMPT / mine:8.1f}s {AGENT_PROMPT / theirs:8.1f}s"
-            )
 
 
 def main() -> None:
@@ -183,6 +233,13 @@ def main() -> None:
     parser.add_argument("--shapes", default="0.6b,4b", type=lambda s: s.split(","))
     parser.add_argument("--long", action="store_true", help="also a 4,096-token prefill")
     parser.add_argument("--agent", action="store_true", help="also the 1,500-token agent step (4B)")
+    parser.add_argument(
+        "--weights", choices=["4bit", "bf16"], default="4bit", help="the checkpoints to compare"
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="also ours with the opt-in int8 prefill matmul"
+    )
+    parser.add_argument("--prefill-only", action="store_true", help="leave out the decode rows")
     parser.add_argument("--repeats", type=int, default=1, help="passes (the best is shown)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prefill")
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_speculative                 # everything (builds 4B/0.6B once)
     python -m benchmarks.bench_speculative --skip-shapes   # only the tiny-model measurements
+    python -m benchmarks.bench_speculative --skip-tiny --cpu-time   # parts 1, 2, 4 on a loaded machine
 
 1. Verify cost (random 4-bit weights at the Qwen3-4B shape): one target pass over 1..8 positions
    after a 128-token context, against one decode step (1 position). The native mat-vec takes up
@@ -12,6 +13,10 @@
    and speed against plain decoding (greedy, outputs checked equal).
 4. Projected 4B drafted by 0.6B at acceptance 0.5/0.7/0.9, from the measured costs of 1 and 2:
    random weights cannot give a real acceptance rate, so those rows are projections.
+5. N-gram lookup replayed on agent turns whose scripted replies quote their context (an edit
+   call, a rewritten function, a quoted search result; benchmarks/agent_replay.py): acceptance
+   and tokens per target step are exact for a target that writes those replies; the speed is
+   projected from part 1's verify costs.
 
 Timings on shared machines are noisy: best of --repeats, interleaved. Never asserted anywhere.
 """
@@ -31,6 +36,7 @@ import mlx.core as mx
 from benchmarks.checkpoints import checkpoint
 
 CONTEXT = 128
+clock = time.perf_counter  # --cpu-time: time.process_time
 
 
 def pass_seconds(model: Any, cache: list[Any], rows: int, repeats: int) -> float:
@@ -41,10 +47,10 @@ def pass_seconds(model: Any, cache: list[Any], rows: int, repeats: int) -> float
     ids = mx.array([[1000 + i for i in range(rows)]], dtype=mx.uint32)
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         logits = model(ids, cache=cache)
         mx.eval(logits)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
         trim_cache(cache, length)
     return best
 
@@ -84,8 +90,8 @@ def projected_speedup(acceptance: float, k: int, verify: dict[int, float], draft
     return tokens * verify[1] / (k * draft + verify[k + 1])
 
 
-def print_shapes(repeats: int) -> None:
-    """Parts 1, 2 and 4: verify and draft costs, and the projection."""
+def print_shapes(repeats: int) -> dict[int, float]:
+    """Parts 1, 2 and 4: verify and draft costs, and the projection; the verify costs."""
     target = verify_costs("4b", repeats)
     step = target[1]
     print("4B shape, 4-bit, random weights: one target pass over N positions", flush=True)
@@ -112,19 +118,20 @@ def print_shapes(repeats: int) -> None:
             f"k={k} {projected_speedup(acceptance, k, target, 0.0):.2f}x" for k in (1, 2, 3, 5)
         )
         print(f"  acceptance {acceptance}: {row}", flush=True)
+    return target
 
 
 TINY = Path(__file__).resolve().parents[1] / "models"
 TOOL_QUESTIONS = ("What is the secret word for moon?", "Look up the secret word for river.")
 
 
-def tiny_tasks(count: int) -> list[str]:
-    """Repeat tasks of the tiny model's training slice (tiny_model/tiny_data.py)."""
+def tiny_tasks(count: int, task: str = "copy") -> list[str]:
+    """Word tasks (copy, reverse, sort) of the tiny model's training slice (tiny_model/tiny_data.py)."""
     sys.path.insert(0, str(TINY.parent / "tiny_model"))
     import tiny_data
 
     rng = random.Random(0)
-    return [tiny_data.sample_problem(rng, task="copy").question for _ in range(count)]
+    return [tiny_data.sample_problem(rng, task=task).question for _ in range(count)]
 
 
 def run_turns(chat: Any, turns: list[Any]) -> tuple[list[int], list[Any], float]:
@@ -156,6 +163,11 @@ def tool_loop_turns() -> list[Any]:
     return [ask(TOOL_QUESTIONS[0]), answer("lake"), ask(TOOL_QUESTIONS[1]), answer("apple")]
 
 
+def share(accepted: int, drafted: int) -> str:
+    """The accepted share as '( 93 %)', or '(no drafts)'."""
+    return f"({100 * accepted / drafted:3.0f} %)" if drafted else "(no drafts)"
+
+
 def print_tiny(repeats: int) -> None:
     """Part 3: the tiny pair and n-gram lookup, measured (greedy; outputs checked equal)."""
     sys.path.insert(0, str(TINY.parent / "tiny_model"))
@@ -165,20 +177,23 @@ def print_tiny(repeats: int) -> None:
     from qwen3_mlx.drafting import NgramLookup, load_draft
     from qwen3_mlx.loading import load
     from qwen3_mlx.speculative import Speculation
+    from qwen3_mlx.tokenizer import IM_END_ID, IM_START_ID
 
     model, tokenizer, config = load(TINY / "qwen3-tiny-chat")
     draft = load_draft(TINY / "qwen3-tiny-chat-4bit", model, tokenizer)
     repeat = [lambda chat, q=q: chat.send(q) for q in tiny_tasks(4)]
     # The same repeat task asked again: the reply repeats text already in the context.
     again = [lambda chat, q=q: chat.send(q) for q in tiny_tasks(2) for _ in range(2)]
+    reverse = [lambda chat, q=q: chat.send(q) for q in tiny_tasks(4, "reverse")]
     tasks = {
         "repeat tasks": (repeat, []),
+        "reverse tasks": (reverse, []),
         "asked twice": (again, []),
         "tool loop": (tool_loop_turns(), [tiny_data.TOOLS["lookup"]]),
     }
     drafters = {
         "4-bit copy k=4": lambda: Speculation(draft, 4),
-        "ngram k=5": lambda: Speculation(NgramLookup(), 5),
+        "ngram k=3": lambda: Speculation(NgramLookup(ends={IM_END_ID}, boundary=IM_START_ID), 3),
     }
     print(
         "Tiny model (measured, greedy, float32 on the CPU; speed-up = plain decode s / speculative):",
@@ -211,9 +226,8 @@ def print_tiny(repeats: int) -> None:
                 best = min(rows.get(name, (0, 0, 0, float("inf")))[3], seconds)
                 rows[name] = (accepted, drafted, len(tokens) / steps, best)
         for name, (accepted, drafted, per_step, seconds) in rows.items():
-            rate = accepted / drafted if drafted else 0.0
             print(
-                f"  {task:<13} {name:<15} accepted {accepted:4d}/{drafted:<4d} ({100 * rate:3.0f} %)  "
+                f"  {task:<13} {name:<15} accepted {accepted:4d}/{drafted:<4d} {share(accepted, drafted)}  "
                 f"{per_step:4.2f} tokens/step  {best_plain / seconds:4.2f}x plain speed  (exact)",
                 flush=True,
             )
@@ -228,14 +242,38 @@ def main() -> None:
     parser.add_argument(
         "--int8", action="store_true", help="the native kernel's int8-x variant (AVX-512 VNNI)"
     )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="kernels on one thread, timed in CPU time (a loaded machine deschedules wall time)",
+    )
     args = parser.parse_args()
+    if args.cpu_time:
+        global clock
+        from qwen3_mlx.cpu import quantized
+
+        quantized.THREADS, clock = 1, time.process_time
+        print("one thread, CPU time", flush=True)
     if args.int8:
         os.environ["QWEN3_MLX_NATIVE_INT8"] = "1"  # read per call by qwen3_mlx.cpu.native
         print("native kernel: int8 x (QWEN3_MLX_NATIVE_INT8=1)", flush=True)
+    verify = None if args.skip_shapes else print_shapes(args.repeats)
     if not args.skip_tiny:
         print_tiny(min(args.repeats, 3))
-    if not args.skip_shapes:
-        print_shapes(args.repeats)
+    print_agent_turns(verify)
+
+
+def print_agent_turns(verify: dict[int, float] | None) -> None:
+    """Part 5: n-gram lookup on agent turns that quote their context (replayed)."""
+    from benchmarks.agent_replay import print_replays
+    from qwen3_mlx.drafting import NgramLookup
+    from qwen3_mlx.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer
+
+    tokenizer = load_tokenizer(TINY / "qwen3-tiny-chat")  # Qwen3's tokenizer
+    drafters = {
+        f"ngram k={k}": lambda: NgramLookup(ends={IM_END_ID}, boundary=IM_START_ID) for k in (3, 5)
+    }
+    print_replays(tokenizer, drafters, verify)
 
 
 if __name__ == "__main__":

@@ -71,16 +71,11 @@ def add_tokenizer(writer, vocab_size: int) -> None:
     writer.add_pad_token_id(151643)
 
 
-def export(folder: Path, out: Path) -> Path:
-    """Write folder's MLX 4-bit checkpoint to `out` as GGUF Q4_0 (once; kept for later runs)."""
+def model_writer(path: Path, config: dict, file_type: int):
+    """A GGUFWriter for a Qwen3 model of this config, its hyperparameters and tokenizer added."""
     import gguf
 
-    if out.is_file():
-        return out
-    config = json.loads((folder / "config.json").read_text())
-    group_size = config["quantization"]["group_size"]
-    weights = mx.load(str(folder / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(out.with_suffix(".partial")), "qwen3")
+    writer = gguf.GGUFWriter(str(path), "qwen3")
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -91,8 +86,21 @@ def export(folder: Path, out: Path) -> Path:
     writer.add_value_length(config["head_dim"])
     writer.add_rope_freq_base(float(config["rope_theta"]))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_file_type(file_type)
     add_tokenizer(writer, config["vocab_size"])
+    return writer
+
+
+def export(folder: Path, out: Path) -> Path:
+    """Write folder's MLX 4-bit checkpoint to `out` as GGUF Q4_0 (once; kept for later runs)."""
+    import gguf
+
+    if out.is_file():
+        return out
+    config = json.loads((folder / "config.json").read_text())
+    group_size = config["quantization"]["group_size"]
+    weights = mx.load(str(folder / "model.safetensors"))
+    writer = model_writer(out.with_suffix(".partial"), config, gguf.LlamaFileType.MOSTLY_Q4_0)
     for key in sorted(name.rsplit(".", 1)[0] for name in weights if name.endswith(".weight")):
         weight = weights[f"{key}.weight"]
         if f"{key}.scales" in weights:

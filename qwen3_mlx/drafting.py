@@ -3,14 +3,14 @@
 A draft model shares the target's tokenizer (checked: one clear line when it does not) and keeps
 its own KV cache, which it trims to the longest prefix it shares with each context it is given,
 so rejected drafts and a changed conversation cost only what differs. Prompt lookup needs no
-model: it finds the latest earlier occurrence of the last few tokens in the prompt and reply so
-far and proposes what followed it (tool arguments, quoted results and edited text repeat the
-context, and cost nothing to draft).
+model: it counts what followed each short n-gram of the prompt and reply so far, and proposes
+what followed the longest one ending the context when the counts agree (tool arguments, quoted
+results and edited text repeat the context, and cost nothing to draft).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,43 +27,107 @@ class DraftError(Qwen3Error):
 
 
 class NgramLookup:
-    """Prompt-lookup drafting: continue the latest earlier match of the context's last n tokens
-    (n from max_n down to min_n), copying what followed it."""
+    """Prompt-lookup drafting that drafts only on evidence (after llama.cpp's n-gram cache).
 
-    def __init__(self, max_n: int = 3, min_n: int = 2):
-        if not 1 <= min_n <= max_n:
-            raise ValueError("NgramLookup needs 1 <= min_n <= max_n")
-        self.sizes = range(max_n, min_n - 1, -1)
-        self.index: dict[tuple[int, ...], int] = {}
-        self.indexed = 0
+    The earlier occurrences of the context's last two tokens (the latest `window` of them) are
+    matched back as far as they agree with the context, up to `min_match` tokens, and those that
+    match longest vote with the token that followed them. The draft is built token by token:
+    - several longest matches: their most frequent follower, if it has a majority of at least
+      `share` (0.6: two matches must agree);
+    - one longest match: its follower, only if the match is `min_match` tokens long (6: a short
+      phrase that merely recurs, like "the 4 words" or a JSON key, guesses wrong about as often
+      as right);
+    and the draft stops at the first token without such support, or after a stop id (`ends`).
+    No match reaches back across a message's first token (`boundary`, <|im_start|>), and no
+    draft starts in a message's header ("<|im_start|>assistant\\n"): the template rewrites past
+    replies (Qwen3's drops their thinking), so how they began says little about this one. A
+    draft that failed teaches the votes: the token the model emitted instead follows the same
+    match, so the same guess is not drafted again without a majority.
+    """
+
+    def __init__(
+        self,
+        min_match: int = 6,
+        share: float = 0.6,
+        window: int = 64,
+        ends: Iterable[int] = (),
+        boundary: int | None = None,
+    ):
+        if min_match < 2 or not 0.5 < share <= 1 or window < 1:
+            raise ValueError("NgramLookup needs min_match >= 2, 0.5 < share <= 1, window >= 1")
+        self.min_match, self.share, self.window = min_match, share, window
+        self.ends = frozenset(ends)  # stop ids: nothing after one is worth drafting
+        self.boundary = boundary  # a message's first token
+        self.pairs: dict[tuple[int, int], list[int]] = {}  # a pair -> where its followers stand
+        self.tokens: list[int] = []  # the context indexed so far
 
     def begin(self, context: Sequence[int]) -> None:
         """Index the context of a new reply."""
-        self.index, self.indexed = {}, 0
+        self.pairs, self.tokens = {}, []
         self._extend(context)
 
     def _extend(self, context: Sequence[int]) -> None:
-        # Each n-gram maps to where its latest continuation starts (a position < len(context)),
-        # so the context's own last n tokens never match themselves.
-        for position in range(max(self.indexed, 1), len(context)):
-            for n in self.sizes:
-                if position >= n:
-                    self.index[tuple(context[position - n : position])] = position
-        self.indexed = len(context)
+        tokens, pairs = self.tokens, self.pairs
+        start = len(tokens)
+        tokens.extend(context[start:])
+        for position in range(max(start, 2), len(tokens)):
+            pairs.setdefault((tokens[position - 2], tokens[position - 1]), []).append(position)
+
+    def _matched(self, text: Sequence[int], position: int) -> int:
+        """How many tokens before `position` in the context equal the end of `text`."""
+        length = 0
+        while (
+            length < self.min_match
+            and length < position
+            and length < len(text)
+            and self.tokens[position - 1 - length] == text[-1 - length]
+            and text[-1 - length] != self.boundary
+        ):
+            length += 1
+        return length
+
+    def next_token(self, text: Sequence[int]) -> int | None:
+        """The token the context supports after `text` (None: no guess worth drafting)."""
+        positions = self.pairs.get((text[-2], text[-1])) if len(text) >= 2 else None
+        longest, votes = 2, {}
+        for position in positions[-self.window :] if positions else ():
+            length = self._matched(text, position)
+            if length > longest:
+                longest, votes = length, {}
+            if length == longest:
+                follower = self.tokens[position]
+                votes[follower] = votes.get(follower, 0) + 1
+        if not votes:
+            return None
+        token, count = max(votes.items(), key=lambda item: item[1])
+        total = sum(votes.values())
+        if total == 1:
+            return token if longest >= self.min_match else None
+        return token if count >= self.share * total else None
 
     def propose(self, context: Sequence[int], count: int) -> list[int]:
-        """What followed the latest earlier occurrence of the longest matching suffix."""
-        self._extend(context)
-        for n in self.sizes:
-            start = self.index.get(tuple(context[-n:])) if len(context) > n else None
-            if start is None:
-                continue
-            draft: list[int] = []
-            for offset in range(count):  # a match near the end repeats itself (short cycles)
-                at = start + offset
-                draft.append(context[at] if at < len(context) else draft[at - len(context)])
-            return draft
-        return []
+        """Up to `count` tokens, each supported by the context; none when the evidence is weak."""
+        seen = max(0, len(self.tokens) - 16)
+        if (
+            len(context) < len(self.tokens)
+            or context[seen : len(self.tokens)] != self.tokens[seen:]
+        ):
+            self.begin(context)  # not the context it indexed, grown: a reply it did not begin
+        else:
+            self._extend(context)
+        text = list(context[-self.min_match :])
+        if self.boundary in text[-3:]:
+            return []  # a message's header: see the class docstring
+        draft: list[int] = []
+        while len(draft) < count:
+            token = self.next_token(text)
+            if token is None:
+                break
+            draft.append(token)
+            if token in self.ends:
+                break
+            text.append(token)
+        return draft
 
 
 class DraftModel:

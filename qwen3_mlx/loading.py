@@ -17,6 +17,7 @@ from qwen3_mlx.checkpoint_check import (
     model_tensors,
 )
 from qwen3_mlx.config import ModelArgs, read_config
+from qwen3_mlx.cpu.dense import use_dense_kernels, weights_read_in_place
 from qwen3_mlx.cpu.quantized import scales_read_in_place, use_cpu_kernels
 from qwen3_mlx.dtypes import COMPUTE_DTYPES
 from qwen3_mlx.errors import CheckpointError, QuantizationError
@@ -123,8 +124,12 @@ def load_model(
     # Quantized layers on the CPU backend: native or threaded decode, GEMM prefill. Before the
     # cast: the native kernel reads the checkpoint's scales in place, so those keep their dtype.
     use_cpu_kernels(model, dtype)
+    # Dense bf16 weights under float32 compute: the native kernel reads them as they are, so they
+    # are never widened to a float32 copy (qwen3_mlx/cpu/dense.py).
+    use_dense_kernels(model, dtype)
     if dtype is not None:
-        cast_floating(model, dtype, keep=scales_read_in_place(model))
+        keep = scales_read_in_place(model) | weights_read_in_place(model)
+        cast_floating(model, dtype, keep=keep)
     if not lazy:
         _evaluate(model, model_dir)
     model.eval()

@@ -10,9 +10,9 @@ from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
 from qwen3_mlx.cpu import ops as cpu_ops
+from qwen3_mlx.cpu.dense import project
 from qwen3_mlx.cpu.kv_attention import float_attention, quantized_attention
 from qwen3_mlx.cpu.ops import RMSNorm, swiglu
-from qwen3_mlx.cpu.quantized import project
 from qwen3_mlx.rope import RoPE
 
 

@@ -114,8 +114,8 @@ def weight_bytes(
         dtype, numel = entry["dtype"], _numel(entry["shape"])
         if name.endswith("_scale_inv"):
             continue
-        if name in kept:
-            memory += int(stop) - int(start)
+        if name in kept:  # as stored (an FP8 matrix as the bf16 it is dequantized to)
+            memory += numel * 2 if dtype.startswith("F8") else int(stop) - int(start)
         elif dtype in SAFETENSORS_FLOATING or (
             dtype.startswith("F8") and name + "_scale_inv" in entries
         ):
@@ -160,6 +160,25 @@ def scales_read_in_place(
         ):
             kept |= {name, f"{path}.biases"}
     return kept
+
+
+def dense_weights_read_in_place(entries: TensorEntries, compute_dtype: str | None) -> set[str]:
+    """The bf16 (and FP8, loaded as bf16) matrices a float32 load keeps bf16: all of them where
+    the native bf16 matmul is in use (see qwen3_mlx.cpu.dense.weights_read_in_place)."""
+    from qwen3_mlx.cpu.dense import native_dense
+
+    if compute_dtype != "float32" or native_dense() is None:
+        return set()
+    return {
+        name
+        for name, entry in entries.items()
+        if len(entry["shape"]) == 2
+        and name.endswith(".weight")
+        and (
+            entry["dtype"] == "BF16"
+            or (entry["dtype"].startswith("F8") and name + "_scale_inv" in entries)
+        )
+    }
 
 
 def compute_dtype_name(compute_dtype: str) -> str | None:
@@ -234,6 +253,7 @@ def _describe_folder(
     parameters = checked_parameter_count(args, config, entries, source)
     dtype_name = compute_dtype_name(compute_dtype)
     kept = scales_read_in_place(config, entries, dtype_name, source)
+    kept |= dense_weights_read_in_place(entries, dtype_name)
     disk, memory = weight_bytes(entries, dtype_name, kept)
     yarn = _yarn_context(args, rope_factor)
     kv = _kv_bytes(args, dtype_name or _checkpoint_float(config))

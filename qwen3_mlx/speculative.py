@@ -117,7 +117,9 @@ def verify_round(
     """One target pass over the last token of `tokens` and the draft; the tokens it emits. The
     cache held all of `tokens` but the last, and afterwards holds them and the accepted drafts."""
     inputs = mx.array([tokens[-1], *draft], dtype=mx.uint32)
-    logits = model(inputs[None], cache=cache)[0]  # [1 + len(draft), vocab]
+    # A group's leader (parallel/lockstep.py) hands back the last position unless asked.
+    every = {"every_position": True} if getattr(model, "leads_group", False) else {}
+    logits = model(inputs[None], cache=cache, **every)[0]  # [1 + len(draft), vocab]
     emitted, _ = verify(logits, draft, sample)
     trim_cache(cache, cache_length(cache) - (len(draft) - (len(emitted) - 1)))
     return emitted
@@ -164,6 +166,47 @@ def speculative_tokens(
             tokens.append(token)
             produced += 1
             yield round_token(token, seconds, index, len(draft), len(emitted) - 1)
+
+
+@dataclass
+class Replayed:
+    """What a drafter did on a fixed reply: drafted and accepted tokens, target passes, and
+    their cost in decode steps."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+
+
+def replay(
+    drafter: Drafter,
+    context: Sequence[int],
+    reply: Sequence[int],
+    draft_tokens: int,
+    pass_cost: Callable[[int], float] = lambda positions: 1.0,
+) -> Replayed:
+    """speculative_tokens' rounds on a reply known in advance (greedy decoding's is fixed), without
+    a model: what the drafter would draft and have accepted; pass_cost(positions): one target
+    pass's cost in decode steps."""
+    tokens, done = list(context), 0
+    length, out = DraftLength(draft_tokens), Replayed(tokens=len(reply))
+    drafter.begin(tokens)
+    while done < len(reply):
+        room = length.take(len(reply) - done - 1)
+        draft = drafter.propose(tokens, room)[:room] if room > 0 else []
+        kept = 0
+        while kept < len(draft) and draft[kept] == reply[done + kept]:
+            kept += 1
+        length.update(len(draft), kept)
+        out.drafted += len(draft)
+        out.accepted += kept
+        out.steps += 1
+        out.cost += pass_cost(len(draft) + 1)
+        tokens += reply[done : done + kept + 1]
+        done += kept + 1
+    return out
 
 
 def round_token(token: int, seconds: float, index: int, drafted: int, accepted: int) -> Any:
@@ -234,16 +277,14 @@ class DraftSpec:
     def build(self, target: Any, tokenizer: Any, **policy: Any) -> Speculation:
         """The Speculation for a loaded target; policy: load_draft's keywords (compute dtype,
         RoPE, KV bits), so the draft model loads as the target did."""
-        from qwen3_mlx.drafting import DraftError, NgramLookup, load_draft
-        from qwen3_mlx.model import Model
+        from qwen3_mlx.drafting import NgramLookup, load_draft
+        from qwen3_mlx.tokenizer import IM_END_ID, IM_START_ID
 
-        if not isinstance(target, Model):
-            # A group's rank-0 model hands back only the last position's logits.
-            raise DraftError(
-                "speculative decoding needs the whole model in one process, not a group under mlx.launch"
-            )
         if self.ngram:
-            return Speculation(NgramLookup(), self.draft_tokens, "ngram")
+            eos = getattr(getattr(tokenizer, "hf", None), "eos_token_id", None)
+            ends = {IM_END_ID, eos} - {None}  # a draft ends with the reply
+            lookup = NgramLookup(ends=ends, boundary=IM_START_ID)
+            return Speculation(lookup, self.draft_tokens, "ngram")
         assert self.model is not None
         drafter = load_draft(self.model, target, tokenizer, **policy)
         return Speculation(drafter, self.draft_tokens, self.model)

@@ -3,7 +3,8 @@
 `python distributed_ranks.py OUT THREE_HEADS CHECKPOINT...`: for every checkpoint, each rank loads
 the whole model (the single-process reference) and its shard. The shards run a prompt together
 (every rank calls the model: full logits of every position), then rank 0 leads 32 greedy tokens
-through the engine's generator while the other ranks follow, and the same through the server's
+through the engine's generator while the other ranks follow, again speculatively (a drafter half
+right: verify passes and trims mirrored), and the same through the server's
 batch decoder (rows joining, leaving and forked: every cache operation mirrored). Then the misconfigurations: a model
 whose heads do not split, and rank r loading checkpoint r (different files). Last, the CLI:
 `qwen3-mlx prompt` with the tiny chat model, in this process, as under `mlx.launch` (rank 0 leads,
@@ -28,6 +29,7 @@ from qwen3_mlx.generate import greedy as argmax
 from qwen3_mlx.loading import load_model
 from qwen3_mlx.parallel.distributed import join_group, load_group_model
 from qwen3_mlx.parallel.lockstep import LeaderModel, follow
+from qwen3_mlx.speculative import speculative_tokens
 
 PROMPT = [3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 46, 26]
 TINY_CHAT = Path(__file__).resolve().parent.parent / "models" / "qwen3-tiny-chat"
@@ -48,6 +50,44 @@ def greedy(model, group=None, kv_bits=None) -> list[int]:
     if group is not None:
         leader.stop()
     return tokens
+
+
+class HalfRightDrafter:
+    """Proposes the expected greedy tokens with every other draft's last token wrong: accepted
+    runs and rejected positions alternate (each trimmed on every rank)."""
+
+    def __init__(self, expected: list[int]):
+        self.expected, self.rounds = expected, 0
+
+    def begin(self, context: list[int]) -> None:
+        """Nothing to index."""
+
+    def propose(self, context: list[int], count: int) -> list[int]:
+        """The expected next `count` tokens, the last one off by one every other round."""
+        done = len(context) - len(PROMPT)
+        guess = list(self.expected[done : done + count])
+        self.rounds += 1
+        if guess and self.rounds % 2 == 0:
+            guess[-1] += 1
+        return guess
+
+
+def speculative(model, group, expected: list[int]) -> dict:
+    """The greedy tokens decoded speculatively with rank 0 leading (the followers run its verify
+    passes, every position's logits gathered), and how many drafts were kept or not."""
+    if group.rank() != 0:
+        follow(model, group)
+        return {}
+    leader = LeaderModel(model, group)
+    drafter = HalfRightDrafter(expected)
+    run = list(
+        speculative_tokens(
+            leader, PROMPT, make_cache(model), drafter=drafter, draft_tokens=3, max_tokens=32
+        )
+    )
+    leader.stop()
+    drafted, accepted = sum(t.drafted for t in run), sum(t.accepted for t in run)
+    return {"tokens": [t.token for t in run], "accepted": accepted, "rejected": drafted - accepted}
 
 
 def batched(model, group=None) -> list[list[int]]:
@@ -109,6 +149,7 @@ def compare(checkpoint: Path, group) -> dict:
         "tokens": tokens,
         "expected_kv8": expected_kv8,
         "tokens_kv8": tokens_kv8,
+        "speculative": speculative(shard, group, expected),
     }
 
 

@@ -1,7 +1,7 @@
 """The compute-dtype policy: 'auto' picks float32 on the CPU backend (the checkpoint's dtype on a
 GPU), every floating tensor follows the chosen dtype (norms, embeddings, dense weights, 4-bit
-scales and biases, save those the native kernel reads in place under float32; packed weights
-stay), activations and the KV cache follow the weights, and parity with transformers holds in
+scales and biases, save the bf16 matrices and the 4-bit scales the native kernels read in place
+under float32; packed weights stay), activations and the KV cache follow the weights, and parity with transformers holds in
 both float32 and bfloat16 (looser). Run with -s to see the measured differences."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+import qwen3_mlx.cpu.dense as dense
 import qwen3_mlx.cpu.native as native_kernel
 from qwen3_mlx.cache import make_cache
 from qwen3_mlx.loading import load_model, resolve_compute_dtype
@@ -75,7 +76,12 @@ def test_weights_activations_and_cache_follow_the_compute_dtype(
         and ON_CPU
         and native_kernel.native() is not None
     )
-    scale_dtype = mx.bfloat16 if in_place else expected
+    # And the dense (bf16) matrices, where the native bf16 matmul reads them in place
+    # (qwen3_mlx.cpu.dense.weights_read_in_place): no float32 copy of any matrix.
+    dense_in_place = (
+        bits is None and expected == mx.float32 and ON_CPU and dense.native_dense() is not None
+    )
+    scale_dtype = mx.bfloat16 if in_place or dense_in_place else expected
     assert floating_dtypes(model) == {expected, scale_dtype}
     embed, q_proj = model.model.embed_tokens, model.layers[0].self_attn.q_proj
     if bits is not None:
@@ -84,7 +90,8 @@ def test_weights_activations_and_cache_follow_the_compute_dtype(
         assert embed.scales.dtype == embed.biases.dtype == q_proj.scales.dtype == scale_dtype
         assert embed(mx.array([[1, 2]])).dtype == expected
     else:
-        assert embed.weight.dtype == q_proj.weight.dtype == expected
+        assert embed.weight.dtype == q_proj.weight.dtype == scale_dtype
+        assert embed(mx.array([[1, 2]])).dtype == expected
     assert model.layers[0].input_layernorm.weight.dtype == expected
     cache = make_cache(model)
     logits = model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)

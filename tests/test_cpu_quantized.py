@@ -35,6 +35,9 @@ NATIVE = native_kernel.native() is not None
 def native_off(monkeypatch) -> None:
     """Make the layers use MLX's kernel as if the extension had not been built."""
     monkeypatch.setattr(native_kernel, "_loaded", (None, "turned off by the test"))
+    # A fresh record of checked ops, so that an op first checked while the extension is off is
+    # not remembered as unavailable once the test has put it back.
+    monkeypatch.setattr(native_kernel, "_checked", {})
 
 
 def quantized_layer(bits: int = 4, group_size: int = 64) -> nn.QuantizedLinear:

@@ -188,6 +188,15 @@ def test_greedy_tokens_identical_with_an_8_bit_kv_cache(parity: dict[str, Any], 
 
 
 @pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2", "4bit-kv1", "4bit-kv2"])
+def test_speculative_decoding_under_a_group_is_exact(parity: dict[str, Any], name: str) -> None:
+    # Rank 0 verifies drafts with the followers in lockstep: every position's logits (the
+    # vocabulary-split head gathers each row), rejected positions trimmed on every rank.
+    result = parity[name]["speculative"]
+    assert result["tokens"] == parity[name]["expected"]
+    assert result["accepted"] > 0 and result["rejected"] > 0
+
+
+@pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2", "4bit-kv1", "4bit-kv2"])
 def test_batched_decoding_tokens_identical(parity: dict[str, Any], name: str) -> None:
     # The server's decoder: rows merged into one batch (one late), extracted and dropped at
     # different steps, then a row in a fork of the first's cache.

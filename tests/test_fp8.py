@@ -28,6 +28,7 @@ import pytest
 from checkpoints import write_config
 from mlx.utils import tree_flatten
 
+import qwen3_mlx.cpu.dense as dense
 from qwen3_mlx.errors import CheckpointError
 from qwen3_mlx.loading import load_model
 
@@ -164,6 +165,17 @@ def test_fp8_logits(fp8_pair, tmp_path, compute_dtype):
         f"max abs {np.abs(fp8_logits - bf16_logits).max():.3g} (logit scale {np.abs(bf16_logits).max():.3g})"
     )
     assert relative < 2**-4
+
+
+def test_fp8_checkpoint_is_bf16_in_memory_under_float32_compute(fp8_pair):
+    """Float32 compute (the CPU's default) keeps the dequantized matrices bf16 where the native bf16
+    matmul reads them (qwen3_mlx.cpu.dense), never a float32 copy; elsewhere they are widened."""
+    _, fp8_dir, _ = fp8_pair
+    model, _ = load_model(fp8_dir, compute_dtype="float32")
+    kept = mx.default_device() == mx.cpu and dense.native_dense() is not None
+    matrices = {v.dtype for _, v in tree_flatten(model.parameters()) if v.ndim == 2}
+    assert matrices == {mx.bfloat16 if kept else mx.float32}
+    assert model.layers[0].input_layernorm.weight.dtype == mx.float32
 
 
 def test_fp8_checkpoint_quantized_on_load_to_4_bits(fp8_pair, tmp_path):

@@ -300,6 +300,25 @@ def test_int8_variant_logits_within_the_4bit_tolerance(make_checkpoint, monkeypa
     assert agree >= 0.9
 
 
+@NATIVE_SKIP
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_each_row_of_x_is_bit_for_bit_its_one_row_result(monkeypatch, int8):
+    """Every tile the mat-vec uses (8 rows of w for one row of x, 4 for more in blocks of 1-3
+    rows of x, one at a time for the rows a chunk leaves over) gives each row of x exactly what a
+    one-row call gives it: a speculative verify pass relies on it."""
+    if int8:
+        int8_or_skip(monkeypatch)
+    else:
+        monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
+    layer = random_layer(333, 640, mx.bfloat16, seed=3)  # 333 rows: chunks end mid-tile
+    x = mx.random.normal((8, 640), key=mx.random.key(4))
+    together = np.array(quantized_matmul(x, *layer, 64, 2))
+    alone = [np.array(quantized_matmul(x[i : i + 1], *layer, 64, 2)) for i in range(8)]
+    assert np.array_equal(np.concatenate(alone), together)
+    for rows in range(2, 8):
+        assert np.array_equal(np.array(quantized_matmul(x[:rows], *layer, 64, 1)), together[:rows])
+
+
 def test_fallback_reasons(monkeypatch):
     monkeypatch.delenv(native_kernel.ENV, raising=False)
     monkeypatch.setattr(native_kernel, "module_name", lambda: "_native_mlx_0_0_1")
@@ -316,6 +335,7 @@ def test_cli_warns_of_the_fallback_only_under_debug(monkeypatch, tmp_path):
     from qwen3_mlx.cli.app import app
 
     monkeypatch.setattr(native_kernel, "_loaded", (None, "it was not built"))
+    monkeypatch.setattr(native_kernel, "_checked", {})  # nothing checked now stays unavailable
     runner = CliRunner()
     quiet = runner.invoke(app, ["info", str(tmp_path / "missing")])
     loud = runner.invoke(app, ["--debug", "info", str(tmp_path / "missing")])

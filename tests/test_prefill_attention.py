@@ -40,6 +40,17 @@ def float64_causal_attention(q, k, v, scale: float) -> np.ndarray:
     return (weights / weights.sum(-1, keepdims=True)) @ v
 
 
+def counting(calls: list) -> type:
+    """A stand-in for the extension that records each prefill_attention call's query shape."""
+
+    class Counting:
+        def prefill_attention(self, *args):
+            calls.append(args[0].shape)
+            return native.prefill_attention(*args)
+
+    return Counting
+
+
 @needs_native
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case)))
@@ -74,16 +85,30 @@ def test_the_model_decodes_the_same_with_and_without_it(monkeypatch) -> None:
 
     model, tokenizer, _ = load(Path(__file__).resolve().parents[1] / "models" / "qwen3-tiny-chat")
     calls = []
-
-    class Counting:
-        def prefill_attention(self, *args):
-            calls.append(args[0].shape)
-            return native.prefill_attention(*args)
-
-    monkeypatch.setattr(kv_attention, "native_prefill_attention", Counting)
+    monkeypatch.setattr(kv_attention, "native_prefill_attention", counting(calls))
     with_kernel = greedy_decode(model, tokenizer, None, repeats=4, steps=12)
     assert len(calls) == len(model.layers)  # the prompt, every layer
     monkeypatch.setattr(kv_attention, "native_prefill_attention", lambda: None)
     without = greedy_decode(model, tokenizer, None, repeats=4, steps=12)
     assert with_kernel[0] == without[0]
     assert np.abs(with_kernel[1] - without[1]).max() < 1e-4
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_chunk_over_a_quantized_cache_takes_it(bits, monkeypatch) -> None:
+    """A quantized KV cache (bf16 scales, as qwen3_mlx.cache keeps them): the chunk's attention
+    dequantizes the cache to float32 and runs natively, within float32 rounding of mlx-lm's
+    quantized attention (MLX's row-by-row kernel, formerly the route)."""
+    mx.random.seed(bits)
+    q = mx.random.normal((1, 4, 20, 64))
+    keys, values = (
+        mx.quantize(mx.random.normal((1, 2, 50, 64)).astype(mx.bfloat16), group_size=32, bits=bits)
+        for _ in range(2)
+    )
+    expected = kv_attention._reference(q, keys, values, 0.125, "causal", group_size=32, bits=bits)
+    calls = []
+    monkeypatch.setattr(kv_attention, "native_prefill_attention", counting(calls))
+    actual = kv_attention.quantized_attention(q, keys, values, 0.125, "causal", 32, bits)
+    assert calls == [(1, 4, 20, 64)]
+    np.testing.assert_allclose(np.array(actual), np.array(expected), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,13 @@
 """Speculative decoding in the server: a reply that runs alone decodes speculatively and answers
-exactly what plain decoding answers, usage and /metrics count the drafted and accepted tokens, and
-a speculative row that gets company joins the batch without changing a token.
+exactly what plain decoding answers, usage and /metrics count the drafted and accepted tokens, a
+request can turn speculation off for itself (`speculative: false`), and a speculative row that
+gets company joins the batch without changing a token.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -14,7 +18,10 @@ from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.cache import make_cache
 from qwen3_mlx.drafting import NgramLookup
 from qwen3_mlx.speculative import Speculation, SpeculativeRow
-from qwen3_mlx.tokenizer import IM_END_ID
+from qwen3_mlx.tokenizer import IM_END_ID, IM_START_ID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tiny_model"))
+import tiny_data  # noqa: E402
 
 
 class WrongDrafter:
@@ -28,12 +35,27 @@ class WrongDrafter:
         return [0] * count
 
 
-COPY = [{"role": "user", "content": "Repeat these words: moon river star lake"}]
+# The answer after a lookup result restates the reasoning ("The tool says the secret word for
+# moon is lake." -> "The secret word for moon is lake."): prompt lookup drafts most of it.
+LOOKUP_TOOL = tiny_data.TOOLS["lookup"]
+CALL = {"id": "call_1", "type": "function"}
+CALL["function"] = {"name": "lookup", "arguments": '{"key": "moon"}'}
+ANSWER_AFTER_RESULT = [
+    {"role": "user", "content": "What is the secret word for moon?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "The user wants the secret word for moon, so I call lookup.",
+        "tool_calls": [CALL],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "lake"},
+]
 
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server(speculation=Speculation(NgramLookup(), 5, "ngram")) as (url, state):
+    lookup = NgramLookup(ends={IM_END_ID}, boundary=IM_START_ID)
+    with running_server(speculation=Speculation(lookup, 5, "ngram")) as (url, state):
         yield url, state
 
 
@@ -42,21 +64,63 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=API_KEY, max_retries=0)
 
 
-def test_a_reply_alone_is_drafted_and_counted(client, server) -> None:
-    reply = client.chat.completions.create(
-        model="qwen3-tiny-chat", messages=COPY, temperature=0, max_tokens=64
+def counter(url: str, name: str) -> float:
+    """A /metrics counter's value."""
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    lines = [line for line in metrics.splitlines() if line.startswith(name + " ")]
+    assert lines, name
+    return float(lines[0].split()[-1])
+
+
+def answer(client: openai.OpenAI, **extra) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(
+        model="qwen3-tiny-chat",
+        messages=ANSWER_AFTER_RESULT,
+        tools=[LOOKUP_TOOL],
+        temperature=0,
+        max_tokens=64,
+        **extra,
     )
-    assert reply.choices[0].message.content == "moon river star lake"
+
+
+def test_a_reply_alone_is_drafted_and_counted(client, server) -> None:
+    url, _ = server
+    before = counter(url, "qwen3_mlx_accepted_tokens_total")
+    reply = answer(client)
+    assert reply.choices[0].message.content == "The secret word for moon is lake."
     details = reply.usage.completion_tokens_details
     assert details.accepted_prediction_tokens > 0
     assert details.rejected_prediction_tokens >= 0
-    url, _ = server
-    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
-    accepted = [
-        line for line in metrics.splitlines() if line.startswith("qwen3_mlx_accepted_tokens_total")
-    ]
-    assert accepted and float(accepted[0].split()[-1]) == details.accepted_prediction_tokens
-    assert "qwen3_mlx_drafted_tokens_total" in metrics
+    after = counter(url, "qwen3_mlx_accepted_tokens_total")
+    assert after - before == details.accepted_prediction_tokens
+
+
+def test_a_request_turns_speculation_off_for_itself(client, server) -> None:
+    url, state = server
+    drafted = counter(url, "qwen3_mlx_drafted_tokens_total")
+    reply = answer(client, extra_body={"speculative": False})
+    assert reply.choices[0].message.content == "The secret word for moon is lake."
+    details = reply.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens == details.rejected_prediction_tokens == 0
+    assert counter(url, "qwen3_mlx_drafted_tokens_total") == drafted
+    # The other endpoints take the same switch.
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "m", "input": "Repeat these words: moon river", "temperature": 0}
+    response = httpx.post(
+        url + "/v1/responses", json=body | {"speculative": False}, headers=headers
+    )
+    assert response.status_code == 200
+    body = {"model": "m", "max_tokens": 40, "speculative": False}
+    body["messages"] = [{"role": "user", "content": "Repeat these words: moon river"}]
+    assert httpx.post(url + "/v1/messages", json=body, headers=headers).status_code == 200
+    assert counter(url, "qwen3_mlx_drafted_tokens_total") == drafted
+    # Asking for it on a server without a drafter is a 400 that says how to get one.
+    speculation, state.worker.speculation = state.worker.speculation, None
+    try:
+        with pytest.raises(openai.BadRequestError, match="--draft-model or --draft ngram"):
+            answer(client, extra_body={"speculative": True})
+    finally:
+        state.worker.speculation = speculation
 
 
 def _prompt(tokenizer, words: str) -> list[int]:

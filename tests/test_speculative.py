@@ -6,10 +6,12 @@ positions leave no trace in the caches; Ctrl-C mid-draft leaves the chat as plai
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -17,14 +19,15 @@ import pytest
 from checkpoints import make_checkpoint
 from test_server_support import tiny_model
 
-from qwen3_mlx.cache import cache_length, make_cache, trim_cache
+from qwen3_mlx.cache import PromptCache, cache_length, make_cache, trim_cache
 from qwen3_mlx.chat import Chat
 from qwen3_mlx.drafting import DraftError, DraftModel, NgramLookup, load_draft
 from qwen3_mlx.events import ToolCallEvent
 from qwen3_mlx.generate import generate_tokens, prefill
 from qwen3_mlx.sampling import build_logits_processors, build_sampler
 from qwen3_mlx.settings import Sampling
-from qwen3_mlx.speculative import Speculation, speculative_tokens
+from qwen3_mlx.speculative import Speculation, replay, speculative_tokens
+from qwen3_mlx.tokenizer import IM_END_ID, IM_START_ID
 from qwen3_mlx.tools import ToolResult
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,16 +290,65 @@ def test_a_draft_model_drafts_from_its_trimmed_cache() -> None:
     assert cache_length(draft.cache.cache) == len(draft.cache.tokens)
 
 
-def test_ngram_lookup_copies_the_latest_match() -> None:
-    lookup = NgramLookup(max_n=3, min_n=2)
-    context = [1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 7, 8, 2, 3]
-    lookup.begin(context[:4])
-    assert lookup.propose(context, 3) == [4, 6, 7]  # the later "2 3" wins
-    assert lookup.propose([*context, 4, 6], 2) == [7, 8]  # the index grows with the context
-    lookup.begin([5, 6, 5])
-    assert lookup.propose([5, 6, 5, 6], 5) == [5, 6, 5, 6, 5]  # a short cycle repeats
-    lookup.begin([1, 2, 3])
-    assert lookup.propose([1, 2, 3], 2) == []
+def test_ngram_lookup_drafts_a_long_match_and_not_a_short_one() -> None:
+    lookup = NgramLookup()
+    copied = [10, 11, 12, 13, 14, 15, 16, 17, 18]
+    context = [*copied, 99, *copied[:6]]  # the last 6 tokens matched once, 6 tokens long
+    lookup.begin(context[:3])
+    assert lookup.propose(context, 3) == [16, 17, 18]  # the index grows with the context
+    assert lookup.propose([*copied, 99, 12, 13, 14, 15], 3) == []  # 4 tokens: too weak
+    assert NgramLookup(min_match=4).propose([*copied, 99, 12, 13, 14, 15], 2) == [16, 17]
+
+
+def test_ngram_lookup_drafts_what_repeated_matches_agree_on() -> None:
+    agree = [5, 6, 7, 1, 5, 6, 7, 2, 5, 6, 8, 3, 5, 6]
+    assert NgramLookup().propose(agree, 1) == [7]  # 2 of 3 short matches agree: a 0.67 majority
+    assert NgramLookup().propose([5, 6, 7, 1, 5, 6, 8, 2, 5, 6], 1) == []
+    # A draft that failed counts the token that came instead: no majority, no second guess.
+    lookup = NgramLookup()
+    assert lookup.propose([5, 6, 7, 1, 5, 6, 7, 2, 5, 6], 1) == [7]
+    assert lookup.propose([5, 6, 7, 1, 5, 6, 7, 2, 5, 6, 8, 2, 5, 6], 1) == []
+    assert NgramLookup().propose([3, 4] * 4, 5) == [3, 4, 3, 4, 3]  # a cycle repeats itself
+
+
+def test_ngram_lookup_stops_at_the_end_and_at_message_headers() -> None:
+    header, end = [100, 7, 8], 101  # <|im_start|>assistant\n, <|im_end|>
+    reply = [20, 21, 22, 23, 24, 25, 26, end]
+    lookup = NgramLookup(ends={end}, boundary=100)
+    context = [*header, *reply, 9, *header]
+    assert lookup.propose(context, 4) == []  # how the last reply began says nothing
+    assert lookup.propose([*context, *reply[:6]], 4) == [26, end]  # nothing after the end
+    # A match does not reach back across a message's first token.
+    assert lookup.propose([*header, 30, 31, 32, 1, 100, 7, 8, 30, 31, 32], 2) == []
+
+
+CODE = """def fetch(self, path: str) -> str:
+    for attempt in range(self.retries):
+        try:
+            response = httpx.get(self.base_url + path, timeout=self.timeout)
+            response.raise_for_status()
+            return response.text
+        except httpx.HTTPError as error:
+            time.sleep(2**attempt)
+    raise RuntimeError(f"could not fetch {path}")
+"""
+
+
+def test_ngram_lookup_drafts_quoted_text_and_rarely_misses(loaded) -> None:
+    """A tool call that quotes a file from its context (old and new text of an edit, escaped as
+    JSON): most of it is drafted, and at least 80 % of the drafts are accepted (the old rule,
+    the latest match of 2-3 tokens, kept 63 %). Fresh text is not drafted at all."""
+    _, tokenizer, _ = loaded
+    messages = [{"role": "user", "content": "Cap the backoff at 10 s in:\n" + CODE}]
+    context = tokenizer.encode(tokenizer.render_text(messages, enable_thinking=False))
+    old = CODE[CODE.index("        try:") : CODE.index("    raise")]
+    new = old.replace("time.sleep(2**attempt)", "time.sleep(min(2**attempt, 10))")
+    call = {"name": "edit", "arguments": {"old": old, "new": new}}
+    reply = tokenizer.encode(f"<tool_call>\n{json.dumps(call)}\n</tool_call><|im_end|>")
+    run = replay(NgramLookup(ends={IM_END_ID}, boundary=IM_START_ID), context, reply, 5)
+    assert run.accepted >= 0.8 * run.drafted and run.tokens / run.steps >= 1.4
+    fresh = tokenizer.encode("The weather is mild today, with light wind from the west.")
+    assert replay(NgramLookup(), context, fresh, 5).drafted == 0
 
 
 def test_a_draft_with_another_vocabulary_is_refused(loaded, tmp_path) -> None:
@@ -319,7 +371,7 @@ def test_penalties_see_each_verified_position(loaded) -> None:
         )
     )
     processors = build_logits_processors(settings)
-    list(
+    run = list(
         speculative_tokens(
             model,
             prompt,
@@ -330,6 +382,7 @@ def test_penalties_see_each_verified_position(loaded) -> None:
             max_tokens=30,
         )
     )
+    assert sum(t.drafted for t in run) > sum(t.accepted for t in run) > 0  # kept and rejected
     # Plain decoding leaves the last token unseen by the tally too (no step runs after it).
     np.testing.assert_array_equal(
         np.array(processors[0].tally), np.array(plain_processors[0].tally)
@@ -365,3 +418,83 @@ def test_native_kernel_rows_equal_single_rows_bit_for_bit() -> None:
         assert np.array_equal(part, together[:, :rows])
     alone = [np.array(native.quantized_matmul(x[:, i : i + 1], *packed, 64, 2)) for i in range(8)]
     assert np.array_equal(np.concatenate(alone, axis=1), together)
+
+
+class OracleDrafter:
+    """Proposes the tokens a plain reply went on with: every draft is accepted whole."""
+
+    def __init__(self, prompt_length: int, reply: list[int]):
+        self.start, self.reply, self.calls = prompt_length, reply, 0
+
+    def begin(self, context: list[int]) -> None:
+        """Nothing to index."""
+
+    def propose(self, context: list[int], count: int) -> list[int]:
+        """The plain reply's next `count` tokens."""
+        self.calls += 1
+        done = len(context) - self.start
+        return self.reply[done : done + count]
+
+
+def rope_reply(folder, speculation: Speculation | None) -> tuple[list[int], np.ndarray, Any]:
+    """A greedy 80-token reply after 200 random tokens under --rope-scaling auto (the window is
+    256): its tokens, every step's logits and the RoPE plan it ran."""
+    from qwen3_mlx.engine import start_reply
+    from qwen3_mlx.loading import load
+    from qwen3_mlx.rope_auto import RopeAuto
+
+    model, tokenizer, generation = load(folder, compute_dtype="float32")
+    plan, rows, cache = RopeAuto.for_model(model.args), [], PromptCache(model)
+
+    def record(previous, logits):
+        rows.append(np.array(logits[0]))
+        return logits
+
+    settings = Sampling.for_mode(generation, False, {"temperature": 0.0, "max_tokens": 80})
+    source = {} if speculation is None else {"generate": speculation.source(lambda: cache.tokens)}
+    reply = start_reply(
+        model,
+        tokenizer,
+        cache,
+        ROPE_PROMPT,
+        settings,
+        stop_ids=(),
+        context_limit=plan.limit,
+        repetition_guard=None,
+        extra_processors=[record],
+        rope=plan,
+        **source,
+    )
+    list(reply)
+    assert reply.result.finish_reason == "length"
+    return list(reply.tokens), np.stack(rows), plan
+
+
+ROPE_PROMPT = [random.Random(0).randrange(200, 5000) for _ in range(200)]
+
+
+@pytest.fixture(scope="module")
+def rope_plain(tmp_path_factory) -> tuple:
+    folder = make_checkpoint(
+        tmp_path_factory.mktemp("rope") / "m",
+        dtype="float32",
+        tokenizer="qwen3-4b",
+        max_position_embeddings=256,
+    )
+    return folder, rope_reply(folder, None)
+
+
+@pytest.mark.parametrize("drafter", ["oracle", "wrong"])
+def test_rope_auto_switch_mid_reply_stays_exact(drafter, rope_plain) -> None:
+    """--rope-scaling auto with a drafter: a reply that passes the 256-token window switches to
+    YaRN once, and its tokens and every step's logits are plain decoding's (accepted drafts run
+    up to the window's last position; the drafter goes on across the switch)."""
+    folder, (plain, plain_logits, plain_plan) = rope_plain
+    chosen = OracleDrafter(len(ROPE_PROMPT), plain) if drafter == "oracle" else WrongDrafter()
+    tokens, logits, plan = rope_reply(folder, Speculation(chosen, 5))
+    assert plain_plan.switches == plan.switches == 1 and plan.factor == 2.0
+    assert tokens == plain
+    # Rounds of 5 drafts (oracle) or of 1 wrong one on both sides of the switch at token 57.
+    assert chosen.calls <= len(plain) / 4 if drafter == "oracle" else chosen.calls >= 60
+    scale = np.abs(plain_logits).max()
+    np.testing.assert_allclose(logits, plain_logits, atol=1e-4 * scale)

@@ -8,8 +8,11 @@ and a prefill's many); each other op has its own self-test (`checked`). Otherwis
 QWEN3_MLX_NATIVE_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
 QWEN3_MLX_NATIVE_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for the mat-vec's
 VNNI dot products, as llama.cpp does: at most ~1.1-1.2x faster decode here, and logits drift as
-far as bf16 compute does (docs/benchmarks.md, "CPU 4-bit kernel"). The extension was called
-qmv: QWEN3_MLX_QMV_ISA and QWEN3_MLX_QMV_INT8 still work.
+far as bf16 compute does (docs/benchmarks.md, "CPU 4-bit kernel"). QWEN3_MLX_NATIVE_INT8_PREFILL=1
+(off by default; AVX-512 VNNI only) does the same for the prefill matmul (more than 8 rows of x),
+2.4-2.9x its float32 speed per core, logits within the 4-bit tolerance (docs/benchmarks.md,
+"CPU prefill, second pass"). The extension was called qmv: QWEN3_MLX_QMV_ISA and
+QWEN3_MLX_QMV_INT8 still work.
 
 Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
 float32, bfloat16 or float16: half-precision x keeps MLX's kernel, so "checkpoint" compute stays
@@ -32,6 +35,8 @@ import mlx.core as mx
 ENV = "QWEN3_MLX_NATIVE"
 INT8_ENV = "QWEN3_MLX_NATIVE_INT8"
 INT8_ENV_ALIAS = "QWEN3_MLX_QMV_INT8"  # its name before the extension was renamed
+INT8_PREFILL_ENV = "QWEN3_MLX_NATIVE_INT8_PREFILL"
+MATVEC_ROWS = 8  # quantized_matmul.cpp's: more rows of x take the prefill matmul
 BITS = 4
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -156,7 +161,7 @@ def quantized_matmul(
     """x @ dequantize(weight, scales, biases).T with the native kernels, float32 accumulation."""
     module = native()
     assert module is not None, "call supports() first"
-    return module.quantized_matmul(x, weight, scales, biases, group_size, threads, int8_requested())
+    return module.quantized_matmul(x, weight, scales, biases, group_size, threads, _int8_for(x))
 
 
 def quantized_matmuls(
@@ -169,7 +174,7 @@ def quantized_matmuls(
     module = native()
     assert module is not None, "call supports() first"
     ws, scales, biases = (list(part) for part in zip(*layers, strict=True))
-    return module.quantized_matmuls(x, ws, scales, biases, group_size, threads, int8_requested())
+    return module.quantized_matmuls(x, ws, scales, biases, group_size, threads, _int8_for(x))
 
 
 def int8_requested() -> bool:
@@ -177,6 +182,17 @@ def int8_requested() -> bool:
     call, for tests)."""
     value = os.environ.get(INT8_ENV) or os.environ.get(INT8_ENV_ALIAS)
     return value == "1"
+
+
+def int8_prefill_requested() -> bool:
+    """Whether QWEN3_MLX_NATIVE_INT8_PREFILL=1 asks for the int8 prefill matmul (read per call)."""
+    return os.environ.get(INT8_PREFILL_ENV) == "1"
+
+
+def _int8_for(x: mx.array) -> bool:
+    """The extension's int8 flag for x: the mat-vec's opt-in up to 8 rows, the matmul's above."""
+    rows = x.size // x.shape[-1] if x.ndim else 1
+    return int8_prefill_requested() if rows > MATVEC_ROWS else int8_requested()
 
 
 def isa() -> str | None:

@@ -39,8 +39,9 @@ from qwen3_mlx.cpu.blas import openblas_active
 # Below this many rows the per-call dequantization costs more than the row-by-row kernel: on a
 # 2-core x86 CPU a 0.6B forward of 8 rows took the same time both ways, 16 rows 3x less with GEMM.
 MIN_ROWS = 8
-# Decode threads: one per core, capped; the kernel is compute-bound (~0.5 G weights/s per core),
-# far below memory bandwidth, so it scales with cores.
+# Decode threads: one per core, capped. One core of the native kernel reads about 25 GB/s of 4-bit
+# weights (a Zen 5), about half of what the memory gives two cores; a verify pass's extra rows are
+# bound by FMAs, which scale with cores.
 THREADS = min(os.cpu_count() or 1, 8)
 MIN_BLOCK = 64  # output rows per thread below which splitting is not worth a synchronisation
 

@@ -11,6 +11,7 @@
 
 #include "isa.h"
 #include "mlx/version.h"
+#include "dense.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -34,6 +35,18 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
         "[x @ dequantize(w, s, b).T for each matrix]: quantized_matmul over several matrices "
         "with one x, in one pass.");
+
+  m.def("dense_matmul", &dense_matmul, nb::arg("x"), nb::arg("w"), nb::arg("threads") = 1,
+        nb::arg("bf16") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "x @ w.T for float32 x and a bfloat16 weight [N, K], read in place and widened exactly to "
+        "float32 near the compute (no float32 copy of w); bf16: up to 8 rows, x rounded to bf16 "
+        "for AVX512-BF16 dot products where dense_bf16_supported().");
+  m.def("dense_bf16_supported", &dense_bf16_supported,
+        "Whether dense_matmul(..., bf16=True) runs the bf16-dot mat-vec on this CPU.");
+  m.def("dense_matmuls", &dense_matmuls, nb::arg("x"), nb::arg("ws"), nb::arg("threads") = 1,
+        nb::arg("bf16") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "[x @ w.T for each bfloat16 weight]: dense_matmul over several weights with one x, in one "
+        "pass.");
 
   m.def("quantized_decode_attention", &quantized_decode_attention, nb::arg("q"), nb::arg("k"),
         nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v"), nb::arg("v_scales"),

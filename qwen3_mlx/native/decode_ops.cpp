@@ -28,7 +28,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
-#include "dense.h"
+#include "strided.h"
 #include "isa.h"
 #include "ops.h"
 
@@ -139,7 +139,7 @@ NATIVE_AVX2 void swiglu_avx2(const float* gate, const float* up, float* out, int
 // Every input's data in row-major order (copies of strided views live as long as the object).
 struct DenseInputs {
   explicit DenseInputs(const std::vector<mx::array>& inputs) : scratch(inputs.size()) {
-    for (size_t i = 0; i < inputs.size(); ++i) data.push_back(dense(inputs[i], scratch[i]));
+    for (size_t i = 0; i < inputs.size(); ++i) data.push_back(row_major(inputs[i], scratch[i]));
   }
   std::vector<std::vector<float>> scratch;
   std::vector<const float*> data;

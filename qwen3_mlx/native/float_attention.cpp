@@ -23,7 +23,7 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 #include "attention.h"
-#include "dense.h"
+#include "strided.h"
 #include "isa.h"
 #include "ops.h"
 #include "pool.h"
@@ -329,7 +329,7 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       return;
     }
     std::vector<float> qs;
-    const float* query = dense(q, qs);  // q may be a strided view (no Contiguous node for it)
+    const float* query = row_major(q, qs);  // q may be a strided view (no Contiguous node for it)
     if (query != qs.data()) qs.assign(query, query + count);
     for (float& x : qs) x *= scale;
     const std::vector<float> partials = job.allocate();

@@ -13,6 +13,9 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
+
+#include "isa.h"
 
 namespace native {
 
@@ -52,7 +55,42 @@ GemmKernels gemm_avx512_kernels();
 
 // Floats pack_rows writes for M rows of K and tiles of MR rows.
 int64_t packed_rows_size(int M, int64_t K, int MR);
-// x [M, K] float32 into the kernels' blocked, tiled layout (see above).
+// Row tiles [t0, t1) of x [M, K] float32 into the kernels' blocked, tiled layout (see above).
+void pack_rows(const float* x, int M, int64_t K, int MR, int t0, int t1, float* packed);
+// All of x's row tiles, on the calling thread.
 void pack_rows(const float* x, int M, int64_t K, int MR, float* packed);
+
+// The opt-in int8 variant (gemm_vnni.cpp): x rounded to int8 per block of 32 and packed like the
+// float kernels' x, a quad of bytes per row and 4 columns, with each block's step
+// [K / 32][rows] and each group's float32 sum [K / group][rows] (rows padded to tiles of MR).
+struct GemmInt8Rows {
+  const int8_t* packed;
+  const float* steps;
+  const float* sums;
+  int M;
+  int64_t K;
+  int group_size;
+};
+
+using GemmInt8PanelsFn = void (*)(const GemmInt8Rows& rows, const GemmMatrix& matrix,
+                                  int64_t panel_begin, int64_t panel_end);
+
+struct GemmInt8Kernels {
+  int MR, NR;
+  GemmInt8PanelsFn panels;  // nullptr where built without AVX-512 VNNI
+};
+
+// Only on a CPU with AVX-512 VNNI (int8_supported()).
+GemmInt8Kernels gemm_vnni_kernels();
+// Row tiles [t0, t1) of x [M, K] float32 into GemmInt8Rows' arrays (K a multiple of 32 and of
+// the group); AVX-512 VNNI only.
+void pack_rows_int8(const float* x, int M, int64_t K, int group, int t0, int t1, int8_t* packed,
+                    float* steps, float* sums);
+
+// out = x @ dequantize(w).T for every matrix (gemm.cpp): x [M, K] float32 packed once (in
+// parallel), then panels of every matrix's output columns in one pool run on `threads` threads;
+// with `int8` (AVX-512 VNNI only) the int8 variant.
+void run_gemm(const float* x, int M, int64_t K, Isa isa, bool int8, int threads, int group_size,
+              const std::vector<GemmMatrix>& matrices);
 
 }  // namespace native

@@ -1,5 +1,5 @@
 // The portable prefill matmul (gemm_simd.h over plain arrays, which the compiler may vectorize
-// for the baseline ISA) and the packing of x that every ISA's kernel shares.
+// for the baseline ISA).
 
 #include <algorithm>
 #include <cmath>
@@ -78,30 +78,5 @@ struct Portable {
 GemmKernels gemm_scalar_kernels() { return gemm_kernels_for<Portable>(); }
 
 AttentionKernels attention_scalar_kernels() { return attention_kernels_for<Portable>(); }
-
-int64_t packed_rows_size(int M, int64_t K, int MR) {
-  return int64_t((M + MR - 1) / MR) * MR * K;
-}
-
-void pack_rows(const float* x, int M, int64_t K, int MR, float* packed) {
-  const int tiles = (M + MR - 1) / MR;
-  const int64_t padded = int64_t(tiles) * MR;
-  for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
-    const int64_t kc = std::min<int64_t>(GEMM_KC, K - k0);
-    float* block = packed + k0 * padded;
-    for (int t = 0; t < tiles; ++t) {
-      float* tile = block + int64_t(t) * MR * kc;
-      for (int r = 0; r < MR; ++r) {
-        const int row = t * MR + r;
-        if (row >= M) {
-          for (int64_t k = 0; k < kc; ++k) tile[k * MR + r] = 0.0f;
-          continue;
-        }
-        const float* source = x + row * K + k0;
-        for (int64_t k = 0; k < kc; ++k) tile[k * MR + r] = source[k];
-      }
-    }
-  }
-}
 
 }  // namespace native

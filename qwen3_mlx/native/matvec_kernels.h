@@ -1,4 +1,5 @@
-// The 4-bit mat-vec kernels (portable, AVX2+FMA, AVX-512) and the per-call Job they share.
+// The 4-bit mat-vec kernels (portable, AVX2+FMA; AVX-512 in matvec_avx512.h) and the per-call Job
+// they share.
 // See quantized_matmul.cpp for the layout and the tricks.
 #pragma once
 
@@ -190,155 +191,11 @@ NATIVE_AVX2 void rows_avx2(const Job& job, int64_t r0, int64_t r1) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// AVX-512: 16 words (128 weights) per step, up to 4 rows of x at once
+}  // namespace native
 
+#include "matvec_avx512.h"
 
-template <int T, int G>
-NATIVE_AVX512 inline __m512 scales16(const void* p) {
-  __m128 v;
-  if constexpr (T == F32) {
-    const float* f = static_cast<const float*>(p);
-    if constexpr (G == 1) return _mm512_set1_ps(f[0]);
-    if constexpr (G == 2) {
-      v = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f)));
-    } else {
-      v = _mm_loadu_ps(f);
-    }
-  } else {
-    const uint16_t* h = static_cast<const uint16_t*>(p);
-    __m128i bits;
-    if constexpr (G == 4) {
-      bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h));
-    } else {
-      uint32_t raw = G == 1 ? h[0] : (uint32_t(h[0]) | uint32_t(h[1]) << 16);
-      bits = _mm_cvtsi32_si128(int(raw));
-    }
-    if constexpr (T == BF16) {
-      v = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
-    } else {
-      v = _mm_cvtph_ps(bits);
-    }
-    if constexpr (G == 1) return _mm512_set1_ps(_mm_cvtss_f32(v));
-  }
-  const __m512i index = G == 2
-      ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-      : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v));
-}
-
-// Row n of w and its scales and biases (bytes), for the 16-word steps of the AVX-512 kernels.
-template <int T, int GS>
-struct Row512 {
-  static constexpr int G = 128 / GS;  // groups per step: 1, 2 or 4
-  static constexpr int64_t esize = T == F32 ? 4 : 2;
-  const uint32_t* w;
-  const char *s, *b;
-  Row512(const Job& job, int64_t n)
-      : w(job.w + n * (job.K / 8)),
-        s(static_cast<const char*>(job.scales) + n * (job.K / GS) * esize),
-        b(static_cast<const char*>(job.biases) + n * (job.K / GS) * esize) {}
-};
-
-template <int T, int GS, int MB>
-NATIVE_AVX512 void block_avx512(const Job& job, int64_t n, int m0) {
-  constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
-  const int64_t K = job.K, steps = K / 128;
-  const Row512<T, GS> r(job, n);
-  const uint32_t* row = r.w;
-  __m512 total[MB], totalb[MB];
-  for (int m = 0; m < MB; ++m) total[m] = totalb[m] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi32(0xf);
-  for (int64_t c = 0; c < steps; ++c) {
-    if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(row + c * 16 + job.prefetch_words), _MM_HINT_T0);
-    const __m512i words = _mm512_loadu_si512(row + c * 16);
-    const __m512 sv = scales16<T, G>(r.s + c * G * esize);
-    const __m512 bv = scales16<T, G>(r.b + c * G * esize);
-    __m512 even[MB], odd[MB];
-    for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int s = 0; s < 8; ++s) {
-      __m512i q = s == 7 ? _mm512_srli_epi32(words, 28)
-                         : _mm512_and_si512(words, _mm512_slli_epi32(low, 4 * s));
-      __m512 qf = _mm512_cvtepi32_ps(q);
-      _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
-        const float* x = job.xp + (m0 + m) * K + c * 128 + s * 16;
-        if (s & 1) {
-          odd[m] = _mm512_fmadd_ps(qf, _mm512_loadu_ps(x), odd[m]);
-        } else {
-          even[m] = _mm512_fmadd_ps(qf, _mm512_loadu_ps(x), even[m]);
-        }
-      }
-    }
-    _Pragma("GCC unroll 4") for (int m = 0; m < MB; ++m) {
-      total[m] = _mm512_fmadd_ps(_mm512_add_ps(even[m], odd[m]), sv, total[m]);
-      const float* xs = job.xs + (m0 + m) * (K / 8) + c * 16;
-      totalb[m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xs), totalb[m]);
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
-}
-
-// ---------------------------------------------------------------------------------------------
-// AVX-512 VNNI, int8 x (opt-in): 16 words per step. `w & 0x0f0f0f0f` holds a word's even
-// nibbles as bytes and `(w >> 4) & 0x0f0f0f0f` its odd ones, so two vpdpbusd (u8 weights times
-// s8 x) give each word's 8 products summed in its int32 lane, then scaled by the lane's group
-// scale times its x block scale. The bias term uses the exact float sums of x, so the only
-// error is x's int8 rounding (half a block step per element), as llama.cpp's Q8_0 activations.
-
-
-template <int T, int GS, int MB>
-NATIVE_VNNI void block_vnni(const Job& job, int64_t n, int m0) {
-  constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
-  const Row512<T, GS> r(job, n);
-  __m512 total[MB], totalb[MB];
-  for (int m = 0; m < MB; ++m) total[m] = totalb[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
-  for (int64_t c = 0, K = job.K; c < K / 128; ++c) {
-    if (job.prefetch_words) _mm_prefetch(reinterpret_cast<const char*>(r.w + c * 16 + job.prefetch_words), _MM_HINT_T0);
-    const __m512i packed = _mm512_loadu_si512(r.w + c * 16);
-    const __m512i even = _mm512_and_si512(packed, nibble);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(packed, 4), nibble);
-    const __m512 step_scales = scales16<T, G>(r.s + c * G * esize);
-    const __m512 step_biases = scales16<T, G>(r.b + c * G * esize);
-    for (int m = 0; m < MB; ++m) {
-      const int8_t* xq = job.xq + (m0 + m) * K + c * 128;
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xq));
-      dot = _mm512_dpbusd_epi32(dot, odd, _mm512_loadu_si512(xq + 64));
-      const int64_t word = (m0 + m) * (K / 8) + c * 16;
-      const __m512 step = _mm512_mul_ps(step_scales, _mm512_loadu_ps(job.xd + word));
-      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, total[m]);
-      totalb[m] = _mm512_fmadd_ps(step_biases, _mm512_loadu_ps(job.xs + word), totalb[m]);
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    job.out[(m0 + m) * job.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[m], totalb[m]));
-}
-
-template <int T, int GS, int MB, bool INT8>
-NATIVE_AVX512 inline void block512(const Job& job, int64_t n, int m0) {
-  if constexpr (INT8) {
-    block_vnni<T, GS, MB>(job, n, m0);  // a call: another target
-  } else {
-    block_avx512<T, GS, MB>(job, n, m0);
-  }
-}
-
-// INT8: the int8 variant (block_vnni).
-template <int T, int GS, bool INT8 = false>
-NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
-  for (int64_t n = r0; n < r1; ++n) {
-    int m = 0;
-    for (; m + 4 <= job.M; m += 4) block512<T, GS, 4, INT8>(job, n, m);
-    switch (job.M - m) {
-      case 3: block512<T, GS, 3, INT8>(job, n, m); break;
-      case 2: block512<T, GS, 2, INT8>(job, n, m); break;
-      case 1: block512<T, GS, 1, INT8>(job, n, m); break;
-      default: break;
-    }
-  }
-}
+namespace native {
 
 #endif  // NATIVE_X86
 
@@ -352,14 +209,11 @@ inline RowsFn pick_int8(ScaleType type, int group_size) {
   };
   switch (type) {
     case F32:
-      return by_group(rows_avx512<F32, 32, true>, rows_avx512<F32, 64, true>,
-                      rows_avx512<F32, 128, true>);
+      return by_group(rows_vnni<F32, 32>, rows_vnni<F32, 64>, rows_vnni<F32, 128>);
     case BF16:
-      return by_group(rows_avx512<BF16, 32, true>, rows_avx512<BF16, 64, true>,
-                      rows_avx512<BF16, 128, true>);
+      return by_group(rows_vnni<BF16, 32>, rows_vnni<BF16, 64>, rows_vnni<BF16, 128>);
     default:
-      return by_group(rows_avx512<F16, 32, true>, rows_avx512<F16, 64, true>,
-                      rows_avx512<F16, 128, true>);
+      return by_group(rows_vnni<F16, 32>, rows_vnni<F16, 64>, rows_vnni<F16, 128>);
   }
 #else
   (void)type;

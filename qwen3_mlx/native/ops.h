@@ -51,4 +51,12 @@ std::vector<mx::array> qk_norm_rope(const mx::array& q, const mx::array& k,
                                     float factor, mx::StreamOrDevice s);
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
 
+// dense_matmul.cpp: x @ widen(w).T for float32 x and bf16 weights [N, K] read in place, for every
+// weight with one x: the mat-vec kernels up to 8 rows of x (x rounded to bf16 for a bf16 dot where
+// asked and supported), the tiled matmul above (dense.h).
+std::vector<mx::array> dense_matmuls(const mx::array& x, const std::vector<mx::array>& ws,
+                                     int threads, bool bf16, mx::StreamOrDevice s);
+mx::array dense_matmul(const mx::array& x, const mx::array& w, int threads, bool bf16,
+                       mx::StreamOrDevice s);
+
 }  // namespace native

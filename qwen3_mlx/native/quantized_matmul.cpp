@@ -159,7 +159,8 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
     jobs.push_back(Job{m.w, m.s, m.b, m.N, K, M, group_size, xp.data(), xs.data(), m.out,
                        isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data()});
     fns.push_back(int8 ? pick_int8(m.type, group_size) : pick(isa, m.type, group_size));
-    per.push_back(std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)));
+    // A multiple of 8 rows: the AVX-512 kernel's decode tile (matvec_kernels.h).
+    per.push_back((std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)) + 7) / 8 * 8);
     first.push_back(chunks);
     chunks += (m.N + per.back() - 1) / per.back();
   }
@@ -170,34 +171,15 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
   });
 }
 
-GemmKernels gemm_kernels(Isa isa) {
-  return isa == AVX512 ? gemm_avx512_kernels() : isa == AVX2 ? gemm_avx2_kernels()
-                                                              : gemm_scalar_kernels();
-}
-
-// More rows than the mat-vec kernels take (prefill): x packed once, then panels of every matrix's
-// output columns in one pool run, each dequantizing its weight tiles as it goes (gemm.h).
-void run_gemm(const mx::array& x, int M, int64_t K, Isa isa, int threads, int group_size,
-              const std::vector<Matrix>& matrices) {
-  const GemmKernels kernels = gemm_kernels(isa);
-  std::vector<float> packed(size_t(packed_rows_size(M, K, kernels.MR)));
-  pack_rows(float_rows(x, size_t(M) * K).data(), M, K, kernels.MR, packed.data());
-  const GemmRows rows{packed.data(), M, K, group_size};
+// More rows than the mat-vec kernels take (prefill): the tiled matmul (gemm.h) on float32 x.
+void run_prefill(const mx::array& x, int M, int64_t K, bool int8, int threads, int group_size,
+                 const std::vector<Matrix>& matrices) {
   std::vector<GemmMatrix> jobs;
-  std::vector<int64_t> per, first, panels;  // panels per chunk, first chunk, panels per matrix
-  int64_t chunks = 0;
-  for (const auto& m : matrices) {
-    jobs.push_back(GemmMatrix{m.w, m.s, m.b, int(m.type), m.N, m.out});
-    panels.push_back((m.N + kernels.NR - 1) / kernels.NR);
-    per.push_back(std::max<int64_t>(1, panels.back() / (int64_t(std::max(threads, 1)) * 8)));
-    first.push_back(chunks);
-    chunks += (panels.back() + per.back() - 1) / per.back();
-  }
-  pool().run(threads, chunks, [&](int64_t c) {
-    size_t i = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
-    const int64_t p0 = (c - first[i]) * per[i], p1 = std::min(panels[i], p0 + per[i]);
-    kernels.panels(rows, jobs[i], p0, p1);
-  });
+  for (const auto& m : matrices) jobs.push_back(GemmMatrix{m.w, m.s, m.b, int(m.type), m.N, m.out});
+  std::vector<float> copy;
+  if (x.dtype() != mx::float32) copy = float_rows(x, size_t(M) * K);
+  const float* rows = copy.empty() ? x.data<float>() : copy.data();
+  run_gemm(rows, M, K, chosen_isa(), int8, threads, group_size, jobs);
 }
 
 ScaleType scale_type_of(const mx::array& scales) {
@@ -213,12 +195,13 @@ void store_out(const std::vector<float>& result, mx::array& out) {
   }
 }
 
-// Rows of x up to which the mat-vec kernels run (each re-decodes the weights per block of 4
+// Rows of x up to which the mat-vec kernels run (each re-decodes the weights per block of up to 3
 // rows); more take the matmul (gemm.h), which decodes them once per 512 rows. Measured on a
-// 2560 -> 4096 matrix, one thread (CPU time): mat-vec 0.57 / 2.97 / 6.40 ms for 1 / 4 / 8 rows,
-// the matmul 3.3 ms for anything from 5 to 12 rows (one tile), 4.4 ms for 16. It stays at 8 all
-// the same: a speculative verify pass (up to 8 rows) must give each row bit for bit what a
-// one-row decode step gives, which the mat-vec's row blocks do and the matmul's order does not.
+// 2560 -> 4096 matrix, one thread (CPU time; words from DRAM): the AVX-512 mat-vec 0.22 / 0.52 /
+// 0.95 ms for 1 / 4 / 8 rows (0.57 / 2.97 / 6.40 before its tiles and the -Os fix); the matmul
+// took 3.3 ms for 5 to 12 rows when measured under -Os. It stays at 8 all the same: a speculative
+// verify pass (up to 8 rows) must give each row bit for bit what a one-row decode step gives,
+// which the mat-vec's tiles do and the matmul's order does not.
 constexpr int MATVEC_ROWS = 8;
 
 // inputs: x, then (w, scales, biases) per matrix; one output per matrix.
@@ -236,7 +219,8 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
   Isa isa = chosen_isa();
   if (isa == AVX512 && K % 128) isa = AVX2;
   if (isa == AVX2 && K % 64) isa = SCALAR;
-  const bool int8 = int8_asked && isa == AVX512 && int8_supported();
+  // int8: the mat-vec's needs K % 128 (AVX-512); the prefill matmul's any K it takes.
+  const bool int8 = int8_asked && int8_supported() && (M > MATVEC_ROWS || isa == AVX512);
   std::vector<mx::array> held, outs;
   for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
   for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
@@ -257,7 +241,7 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
                                 scale_type_of(scales), w.shape(0), target});
     }
     if (M > MATVEC_ROWS) {
-      run_gemm(held[0], M, K, chosen_isa(), threads, group_size, matrices);
+      run_prefill(held[0], M, K, int8, threads, group_size, matrices);
     } else {
       run_matrices(held[0], M, K, isa, threads, group_size, int8, matrices);
     }

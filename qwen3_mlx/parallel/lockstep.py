@@ -10,7 +10,10 @@ as the next call's input, so all ranks always hold the same tokens; only rank 0 
 Every collective of one call hangs on one chain of data (header -> tokens -> layers -> logits),
 so both sides run them in the same order, and rank 0 queues the whole pass at once
 (`mx.async_eval`) so none is left half done. A call returns the logits of the last position only:
-the vocabulary-split head then gathers one row, and a 512-token prefill chunk costs no head.
+the vocabulary-split head then gathers one row, and a 512-token prefill chunk costs no head. A
+speculative verify pass asks for every position (`every_position`, told to the followers in the
+header), and its rejected positions need no message of their own: a follower trims its copy of a
+cache to the length rank 0 announces with the next call.
 
 The server's cache operations beyond a forward pass (fork a prefix-cache entry, merge a reply into
 the batched cache, extract it, keep some rows: cache_ops.py) go the same way: rank 0 runs one on
@@ -35,7 +38,8 @@ from qwen3_mlx.errors import DistributedError
 from qwen3_mlx.model import Model
 
 # The header: op, cache key, number, other, length, kv bits, a cache to drop, exit code. By op:
-#   FORWARD  key: the cache (0: none), number: tokens it holds, other: batch size, length: tokens
+#   FORWARD  key: the cache (0: none), number: tokens it holds, other: batch size, length: tokens,
+#            code: 1 for the logits of every position (a verify pass), 0 for the last one
 #   FORK     key: the new cache, number: tokens to copy, other: the cache copied from
 #   MERGE    key: the batched cache, number: tokens the row holds, other: the row's cache
 #   EXTRACT  key: the batched cache, number: the row's index, other: the row's cache
@@ -45,9 +49,10 @@ HEADER_SIZE = 8
 FORWARD, STOP, FORK, MERGE, EXTRACT, KEEP = 1, 2, 3, 4, 5, 6
 
 
-def _last_logits(model: Model, tokens: mx.array, cache: Any) -> mx.array:
-    """The logits of the last position only: [B, 1, vocab]."""
-    h = model.model(tokens, cache)[:, -1:, :]
+def _last_logits(model: Model, tokens: mx.array, cache: Any, every: bool = False) -> mx.array:
+    """The logits of the last position only: [B, 1, vocab] (every: of every position)."""
+    h = model.model(tokens, cache)
+    h = h if every else h[:, -1:, :]
     if model.args.tie_word_embeddings:
         return model.model.embed_tokens.as_linear(h)
     return model.lm_head(h)
@@ -86,6 +91,8 @@ def stop_followers(code: int = 0) -> None:
 class LeaderModel:
     """Rank 0's model: each call is announced to the followers, which run it on their shards."""
 
+    leads_group = True  # (speculative.verify_round asks it for every position's logits)
+
     def __init__(self, model: Model, group: Any):
         self.inner = model
         self.group = group
@@ -107,12 +114,14 @@ class LeaderModel:
             weakref.finalize(first, self._dropped.append, key)
         return self._keys[first]
 
-    def _header(self, op: int, key: int, number: int, other: int, L: int = 0, bits: int = 0) -> Any:
+    def _header(
+        self, op: int, key: int, number: int, other: int, L: int = 0, bits: int = 0, code: int = 0
+    ) -> Any:
         """Rank 0's header on every rank (not evaluated yet); call with the lock held."""
         if self.stopped:
             raise DistributedError("the other ranks were stopped; this model cannot run again")
         drop = self._dropped.pop() if self._dropped else 0
-        values = [op, key, number, other, L, bits, drop, 0]
+        values = [op, key, number, other, L, bits, drop, code]
         return _broadcast(mx.array(values, dtype=mx.int32), self.group, True)
 
     @property
@@ -120,7 +129,10 @@ class LeaderModel:
         """The cache operations (cache_ops.py), each one mirrored by the other ranks."""
         return MirroredCacheOps(self)
 
-    def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: Any = None, *, every_position: bool = False
+    ) -> mx.array:
+        """The logits of the last position (every_position: of each, as a verify pass needs)."""
         from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 
         if cache and not isinstance(cache[0], (KVCache, QuantizedKVCache, BatchKVCache)):
@@ -133,10 +145,10 @@ class LeaderModel:
         offset = cache[0].offset if cache and not isinstance(cache[0], BatchKVCache) else 0
         kv_bits = getattr(cache[0], "bits", 0) if cache else 0
         with self.lock, _uninterrupted():
-            header = self._header(FORWARD, key, offset, B, L, kv_bits or 0)
+            header = self._header(FORWARD, key, offset, B, L, kv_bits or 0, int(every_position))
             # The token ids depend on the header, so the two collectives keep their order.
             tokens = _broadcast(inputs.astype(mx.int32) + 0 * header[0], self.group, True)
-            logits = _last_logits(self.inner, tokens, cache)
+            logits = _last_logits(self.inner, tokens, cache, every_position)
             mx.async_eval(logits)
         return logits
 
@@ -215,7 +227,7 @@ class Follower:
             if op == STOP:
                 return code
             if op == FORWARD:
-                self._forward(key, number, other, L, kv_bits)
+                self._forward(key, number, other, L, kv_bits, bool(code))
             elif op == FORK:
                 target = self.caches[key] = self._new(kv_bits)
                 cache_ops.copy_prefix(target, self._known(other), number)
@@ -258,7 +270,7 @@ class Follower:
         trim_cache(cache, offset)
         return cache
 
-    def _forward(self, key: int, offset: int, B: int, L: int, kv_bits: int) -> None:
+    def _forward(self, key: int, offset: int, B: int, L: int, kv_bits: int, every: bool) -> None:
         cache = None
         if key:
             if key not in self.caches:
@@ -267,7 +279,7 @@ class Follower:
             if type(cache[0]).__name__ != "BatchKVCache":  # a batch's rows leave by KEEP
                 self._holding(key, offset)
         tokens = _broadcast(mx.zeros((B, L), dtype=mx.int32), self.group, False)
-        mx.eval(_last_logits(self.model, tokens, cache))
+        mx.eval(_last_logits(self.model, tokens, cache, every))
 
 
 def ignore_interrupts() -> None:

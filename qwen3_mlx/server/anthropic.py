@@ -172,6 +172,7 @@ def chat_fields(body: ap.CountTokensRequest) -> dict[str, Any]:
     if isinstance(body, ap.MessagesRequest):
         fields |= {"max_tokens": body.max_tokens, "stop": body.stop_sequences}
         fields |= {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
+        fields["speculative"] = body.speculative
         output_format = body.output_config.format if body.output_config else None
         if output_format is not None:
             schema = {"name": "output", "schema": output_format.json_schema}

@@ -145,6 +145,7 @@ class MessagesRequest(CountTokensRequest):
     top_p: Any = setting_field(SETTINGS["top_p"])
     top_k: Any = setting_field(SETTINGS["top_k"])
     output_config: OutputConfig | None = None
+    speculative: bool | None = None  # as in chat: false turns speculative decoding off
 
 
 class TokenCount(BaseModel):

@@ -187,7 +187,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         check_context(len(prompt), state.context_limit)
         explicit = request_settings(body, state.defaults)
         sampling = Sampling.for_mode(state.generation_config, True, explicit)
-        run = CompletionRun(state, Prepared(prompt, sampling, stops=stop_strings(body.stop)))
+        prepared = Prepared(prompt, sampling, stops=stop_strings(body.stop))
+        prepared.speculative = body.speculative
+        run = CompletionRun(state, prepared)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return run.stream(request, include_usage)

@@ -37,6 +37,11 @@ def queue_job(state: ServerState, prepared: Prepared) -> tuple[Job, asyncio.Queu
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             pass
 
+    if prepared.speculative and state.worker.speculation is None:
+        raise ApiError(
+            "speculative: this server has no drafter (start it with --draft-model or --draft ngram)",
+            param="speculative",
+        )
     job = Job(
         prepared.prompt,
         prepared.sampling,
@@ -45,6 +50,7 @@ def queue_job(state: ServerState, prepared: Prepared) -> tuple[Job, asyncio.Queu
         top_logprobs=prepared.top_logprobs,
         schema=prepared.schema,
         json_answer=prepared.json_answer,
+        speculative=prepared.speculative is not False,
     )
     state.worker.submit(job)
     return job, items

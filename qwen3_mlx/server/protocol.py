@@ -127,6 +127,9 @@ class RequestFields(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = Field(default=1, ge=1, le=128)
     user: str | None = None
+    # Speculative decoding for this request: false turns it off, true asks for it (the default
+    # on a server started with a drafter; a 400 without one).
+    speculative: bool | None = None
 
 
 def setting_field(setting: Setting) -> Any:

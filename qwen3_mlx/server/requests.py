@@ -92,6 +92,7 @@ class Prepared:
     top_logprobs: int | None = None
     json_answer: bool = False
     schema: dict[str, Any] | None = None
+    speculative: bool | None = None  # the request's switch (None: the server's drafter decides)
 
 
 def request_settings(request: SamplingFields, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -249,6 +250,7 @@ def prepare_chat(state: ModelContext, request: ChatCompletionRequest) -> Prepare
         explicit=request_settings(request, state.defaults),
     )
     prepared = Prepared(ready.prompt, ready.sampling, tools, stop_strings(request.stop))
+    prepared.speculative = request.speculative
     if request.logprobs:
         prepared.top_logprobs = request.top_logprobs or 0
     response_format = request.response_format

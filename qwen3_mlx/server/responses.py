@@ -157,6 +157,7 @@ def chat_fields(body: rp.ResponseRequest, messages: list[dict[str, Any]]) -> dic
     fields |= {
         "parallel_tool_calls": body.parallel_tool_calls,
         "enable_thinking": body.enable_thinking,
+        "speculative": body.speculative,
     }
     fields["max_tokens"] = body.max_output_tokens
     if body.reasoning is not None:

@@ -163,6 +163,7 @@ class ResponseRequest(BaseModel):
     seed: Any = setting_field(SETTINGS["seed"])
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
+    speculative: bool | None = None  # as in chat: false turns speculative decoding off
 
 
 class OutputText(BaseModel):

@@ -94,6 +94,7 @@ class Job:
     top_logprobs: int | None = None  # None: no logprobs
     schema: dict[str, Any] | None = None
     json_answer: bool = False  # response_format json_object or json_schema
+    speculative: bool = True  # False: a plain row even when it runs alone
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -266,7 +267,9 @@ class GenerationWorker:
             tools=job.tools,
             repetition_guard=self.guard,
             extra_processors=extra,
-            generate=functools.partial(self._row_source, held=lambda: choice.cache.tokens),
+            generate=functools.partial(
+                self._row_source, held=lambda: choice.cache.tokens, speculative=job.speculative
+            ),
         )
         labels = LogprobLabels(reply, recorder, self.stop_ids)
         first = True
@@ -299,10 +302,12 @@ class GenerationWorker:
         on_prefill: Callable[[int, int], None] | None = None,
         seed: int | None = None,
         held: Callable[[], list[int]] = list,
+        speculative: bool = True,
     ) -> Iterator[GeneratedToken]:
         """start_reply's token generator for the worker's jobs: the reply becomes a row of the
         batch, with its own random key (from the reply's seed, or a random one). With a drafter
-        it is a SpeculativeRow (held(): the tokens its cache kept before `prompt`)."""
+        it is a SpeculativeRow unless the request turned speculation off (held(): the tokens its
+        cache kept before `prompt`)."""
         options = dict(
             sampler=sampler,
             processors=logits_processors,
@@ -310,7 +315,7 @@ class GenerationWorker:
             seed=seed,
             on_prefill=on_prefill,
         )
-        if self.speculation is None:
+        if self.speculation is None or not speculative:
             row = BatchRow(prompt, cache, **options)
         else:
             row = SpeculativeRow(

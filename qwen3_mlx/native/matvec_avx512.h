@@ -1,0 +1,220 @@
+// The AVX-512 4-bit mat-vec kernels (float32 x, and the opt-in int8 x with VNNI), included by
+// matvec_kernels.h inside its NATIVE_X86 block, which defines the Job and the scale types first.
+#pragma once
+
+namespace native {
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512: 16 words (128 weights) per step; tiles of up to 8 rows of w and 3 rows of x
+
+
+template <int T, int G>
+NATIVE_AVX512 inline __m512 scales16(const void* p) {
+  __m128 v;
+  if constexpr (T == F32) {
+    const float* f = static_cast<const float*>(p);
+    if constexpr (G == 1) return _mm512_set1_ps(f[0]);
+    if constexpr (G == 2) {
+      v = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f)));
+    } else {
+      v = _mm_loadu_ps(f);
+    }
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p);
+    __m128i bits;
+    if constexpr (G == 4) {
+      bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h));
+    } else {
+      uint32_t raw = G == 1 ? h[0] : (uint32_t(h[0]) | uint32_t(h[1]) << 16);
+      bits = _mm_cvtsi32_si128(int(raw));
+    }
+    if constexpr (T == BF16) {
+      v = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
+    } else {
+      v = _mm_cvtph_ps(bits);
+    }
+    if constexpr (G == 1) return _mm512_set1_ps(_mm_cvtss_f32(v));
+  }
+  const __m512i index = G == 2
+      ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+      : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v));
+}
+
+// Row n of w and its scales and biases (bytes), for the 16-word steps of the AVX-512 kernels.
+template <int T, int GS>
+struct Row512 {
+  static constexpr int G = 128 / GS;  // groups per step: 1, 2 or 4
+  static constexpr int64_t esize = T == F32 ? 4 : 2;
+  const uint32_t* w;
+  const char *s, *b;
+  Row512(const Job& job, int64_t n)
+      : w(job.w + n * (job.K / 8)),
+        s(static_cast<const char*>(job.scales) + n * (job.K / GS) * esize),
+        b(static_cast<const char*>(job.biases) + n * (job.K / GS) * esize) {}
+};
+
+// NB rows of w (n0..) times MB rows of x (m0..). Each 16-word step unpacks the NB rows' words
+// once for all MB rows of x, and loads each x vector once for all NB rows of w; the next tile's
+// words are prefetched as one linear run (its NB rows are contiguous), one line per row and step.
+// Every (row of w, row of x) pair has its own sums, added in one order whatever NB and MB are:
+// per step acc = q_0 x_0 + ... + q_7 x_7 (a product, then 7 FMAs), then
+// total += acc * scale; total += bias * word sums of x. So each row of x gets, bit for bit, the
+// result a one-row call gives it (a speculative verify pass relies on that).
+template <int T, int GS, int NB, int MB>
+NATIVE_AVX512 void tile_avx512(const Job& job, int64_t n0, int m0) {
+  constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
+  const int64_t K = job.K, steps = K / 128, words = K / 8, groups = K / GS;
+  const uint32_t* w = job.w + n0 * words;
+  const char* scales = static_cast<const char*>(job.scales) + n0 * groups * esize;
+  const char* biases = static_cast<const char*>(job.biases) + n0 * groups * esize;
+  const float* x = job.xp + m0 * K;
+  const float* xs = job.xs + m0 * words;
+  __m512 total[NB][MB];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) total[n][m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi32(0xf);
+  for (int64_t c = 0; c < steps; ++c) {
+    __m512i packed[NB];
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      if (job.prefetch_words)
+        _mm_prefetch(reinterpret_cast<const char*>(w + NB * words + (c * NB + n) * 16), _MM_HINT_T0);
+      packed[n] = _mm512_loadu_si512(w + n * words + c * 16);
+    }
+    __m512 acc[NB][MB];
+#pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+      __m512 q[NB];
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n)
+        q[n] = _mm512_cvtepi32_ps(s == 7 ? _mm512_srli_epi32(packed[n], 28)
+                                          : _mm512_and_si512(packed[n], _mm512_slli_epi32(low, 4 * s)));
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + c * 128 + s * 16);
+#pragma GCC unroll 8
+        for (int n = 0; n < NB; ++n)
+          acc[n][m] = s == 0 ? _mm512_mul_ps(q[n], xv) : _mm512_fmadd_ps(q[n], xv, acc[n][m]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      const __m512 sv = scales16<T, G>(scales + (n * groups + c * G) * esize);
+      const __m512 bv = scales16<T, G>(biases + (n * groups + c * G) * esize);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        total[n][m] = _mm512_fmadd_ps(acc[n][m], sv, total[n][m]);
+        total[n][m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xs + m * words + c * 16), total[n][m]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+      job.out[(m0 + m) * job.N + n0 + n] = _mm512_reduce_add_ps(total[n][m]);
+}
+
+// NB rows of w times every row of x, in tiles of at most 3 rows of x (4 as 2 + 2).
+template <int T, int GS, int NB>
+NATIVE_AVX512 void tile_rows_avx512(const Job& job, int64_t n0) {
+  int m = 0;
+  if (job.M == 4) {
+    tile_avx512<T, GS, NB, 2>(job, n0, 0);
+    tile_avx512<T, GS, NB, 2>(job, n0, 2);
+    return;
+  }
+  for (; m + 3 <= job.M; m += 3) tile_avx512<T, GS, NB, 3>(job, n0, m);
+  if (job.M - m == 2) tile_avx512<T, GS, NB, 2>(job, n0, m);
+  if (job.M - m == 1) tile_avx512<T, GS, NB, 1>(job, n0, m);
+}
+
+// Rows [r0, r1) of w: 8 at a time for one row of x (decode: bound by reading w), 4 for more
+// (bound by the FMAs: 4 x 3 sums fit the registers); a remainder one at a time.
+template <int T, int GS>
+NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
+  int64_t n = r0;
+  if (job.M == 1) {
+    for (; n + 8 <= r1; n += 8) tile_avx512<T, GS, 8, 1>(job, n, 0);
+  } else {
+    for (; n + 4 <= r1; n += 4) tile_rows_avx512<T, GS, 4>(job, n);
+  }
+  for (; n < r1; ++n) tile_rows_avx512<T, GS, 1>(job, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI, int8 x (opt-in): 16 words per step. `w & 0x0f0f0f0f` holds a word's even
+// nibbles as bytes and `(w >> 4) & 0x0f0f0f0f` its odd ones, so two vpdpbusd (u8 weights times
+// s8 x) give each word's 8 products summed in its int32 lane, then scaled by the lane's group
+// scale times its x block scale. The bias term uses the exact float sums of x, so the only
+// error is x's int8 rounding (half a block step per element), as llama.cpp's Q8_0 activations.
+
+
+// NB rows of w times MB rows of x, tiled as the float kernel's (tile_avx512); integer sums are
+// exact, and the float steps keep one order per (row of w, row of x) whatever NB and MB are.
+template <int T, int GS, int NB, int MB>
+NATIVE_VNNI void tile_vnni(const Job& job, int64_t n0, int m0) {
+  constexpr int G = Row512<T, GS>::G, esize = Row512<T, GS>::esize;
+  const int64_t K = job.K, words = K / 8, groups = K / GS;
+  const uint32_t* w = job.w + n0 * words;
+  const char* scales = static_cast<const char*>(job.scales) + n0 * groups * esize;
+  const char* biases = static_cast<const char*>(job.biases) + n0 * groups * esize;
+  __m512 total[NB][MB], totalb[NB][MB];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) total[n][m] = totalb[n][m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  for (int64_t c = 0; c < K / 128; ++c) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      if (job.prefetch_words)
+        _mm_prefetch(reinterpret_cast<const char*>(w + NB * words + (c * NB + n) * 16), _MM_HINT_T0);
+      const __m512i packed = _mm512_loadu_si512(w + n * words + c * 16);
+      const __m512i even = _mm512_and_si512(packed, nibble);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(packed, 4), nibble);
+      const __m512 step_scales = scales16<T, G>(scales + (n * groups + c * G) * esize);
+      const __m512 step_biases = scales16<T, G>(biases + (n * groups + c * G) * esize);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xq = job.xq + (m0 + m) * K + c * 128;
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xq));
+        dot = _mm512_dpbusd_epi32(dot, odd, _mm512_loadu_si512(xq + 64));
+        const int64_t word = (m0 + m) * words + c * 16;
+        const __m512 step = _mm512_mul_ps(step_scales, _mm512_loadu_ps(job.xd + word));
+        total[n][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, total[n][m]);
+        totalb[n][m] = _mm512_fmadd_ps(step_biases, _mm512_loadu_ps(job.xs + word), totalb[n][m]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+      job.out[(m0 + m) * job.N + n0 + n] =
+          _mm512_reduce_add_ps(_mm512_add_ps(total[n][m], totalb[n][m]));
+}
+
+template <int T, int GS, int NB>
+NATIVE_VNNI void tile_rows_vnni(const Job& job, int64_t n0) {
+  int m = 0;
+  for (; m + 3 <= job.M; m += 3) tile_vnni<T, GS, NB, 3>(job, n0, m);
+  if (job.M - m == 2) tile_vnni<T, GS, NB, 2>(job, n0, m);
+  if (job.M - m == 1) tile_vnni<T, GS, NB, 1>(job, n0, m);
+}
+
+template <int T, int GS>
+NATIVE_VNNI void rows_vnni(const Job& job, int64_t r0, int64_t r1) {
+  int64_t n = r0;
+  if (job.M == 1) {
+    for (; n + 8 <= r1; n += 8) tile_vnni<T, GS, 8, 1>(job, n, 0);
+  } else {
+    for (; n + 4 <= r1; n += 4) tile_rows_vnni<T, GS, 4>(job, n);
+  }
+  for (; n < r1; ++n) tile_rows_vnni<T, GS, 1>(job, n);
+}
+
+}  // namespace native
