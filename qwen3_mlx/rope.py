@@ -66,7 +66,8 @@ class RoPE(nn.Module):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}")
         self._inv_freq: mx.array | None = None  # for the native op, made at first use
 
-    def _inverse_frequencies(self) -> mx.array:
+    def inverse_frequencies(self) -> mx.array:
+        """1 / period per rotated pair (float32), as the native RoPE op takes them."""
         if self._inv_freq is None:
             # What mx.fast.rope's CPU path computes from base or from freqs, bit for bit.
             if self._freqs is None:
@@ -78,7 +79,7 @@ class RoPE(nn.Module):
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if x.dtype == mx.float32 and x.shape[-1] == self.dims:
-            out = cpu_ops.rope(x, self._inverse_frequencies(), offset, self.attention_factor)
+            out = cpu_ops.rope(x, self.inverse_frequencies(), offset, self.attention_factor)
             if out is not None:
                 return out
         if self.attention_factor != 1.0:

@@ -1,6 +1,7 @@
 """The native float32 decode ops (qwen3_mlx/cpu/ops.py, native/decode_ops.cpp): RMSNorm, RoPE
 (plain and YaRN) and SwiGLU match a float64 reference and MLX's own ops on decode and prefill
-shapes, strided inputs and far positions, on every instruction set; bad inputs get a message;
+shapes, strided inputs and far positions, on every instruction set; the fused layer ops
+(add_rms_norm, qk_norm_rope) are bit for bit the separate ops; bad inputs get a message;
 what they do not take (half precision, per-row offsets) keeps MLX's ops; and the tiny model
 decodes the same tokens with them and without them."""
 
@@ -69,7 +70,7 @@ def test_rope_matches_float64_and_mlx(scaling, offset, L) -> None:
     # [B, L, H, D] -> [B, H, L, D] as the model hands it over: strided when L > 1.
     x = mx.random.normal((2, L, 8, 128), key=mx.random.key(offset)).transpose(0, 2, 1, 3)
     actual = rope(x, offset=offset)
-    reference = float64_rope(x, np.array(rope._inv_freq), offset, rope.attention_factor)
+    reference = float64_rope(x, np.array(rope.inverse_frequencies()), offset, rope.attention_factor)
     close(actual, reference, 4e-6)
     mlx_path = x * rope.attention_factor if rope.attention_factor != 1.0 else x
     expected = mx.fast.rope(
@@ -114,6 +115,29 @@ def test_swiglu_matches_float64_and_mlx(isa, monkeypatch) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("scaling", [None, YARN], ids=["plain", "yarn"])
+@pytest.mark.parametrize(("L", "offset"), [(1, 0), (1, 40_000), (9, 7)])
+def test_fused_layer_ops_are_the_separate_ops_bit_for_bit(scaling, L, offset) -> None:
+    """qk_norm_rope and add_rms_norm give exactly rms_norm, the transpose, rope and the add,
+    on strided views (the kernel copies them) as on contiguous inputs."""
+    rope = RoPE(64, 1_000_000.0, scaling)
+    inv_freq = rope.inverse_frequencies()
+    wq, wk = (mx.random.uniform(0.5, 2.0, (64,), key=mx.random.key(i)) for i in (6, 7))
+    wide = mx.random.normal((2, L, 3 * 4 * 64), key=mx.random.key(8)) * 3
+    q, k = wide[..., : 4 * 64], wide[..., 4 * 64 : 6 * 64]  # strided views
+    fused = native.qk_norm_rope(q, k, wq, wk, inv_freq, 1e-6, offset, rope.attention_factor)
+    for actual, x, w in zip(fused, (q, k), (wq, wk), strict=True):
+        heads = native.rms_norm(mx.contiguous(x).reshape(2, L, -1, 64), w, 1e-6)
+        separate = native.rope(heads.transpose(0, 2, 1, 3), inv_freq, offset, rope.attention_factor)
+        assert actual.shape == separate.shape and mx.array_equal(actual, separate).item()
+    x = mx.random.normal((2, 64, L), key=mx.random.key(9)).transpose(0, 2, 1)  # strided
+    delta = mx.random.normal((2, L, 64), key=mx.random.key(10))
+    h, normed = native.add_rms_norm(x, delta, wq, 1e-6)
+    assert mx.array_equal(h, x + delta).item()
+    assert mx.array_equal(normed, native.rms_norm(x + delta, wq, 1e-6)).item()
+
+
+@needs_native
 def test_bad_inputs_are_refused_with_a_message() -> None:
     x = mx.zeros((1, 4, 1, 64))
     with pytest.raises(ValueError, match="weight must be"):
@@ -126,6 +150,13 @@ def test_bad_inputs_are_refused_with_a_message() -> None:
         native.rope(x, mx.ones((32,)), -1)
     with pytest.raises(ValueError, match="one shape"):
         native.swiglu(x, mx.zeros((1, 4, 1, 32)))
+    with pytest.raises(ValueError, match="one shape"):
+        native.add_rms_norm(x, mx.zeros((1, 4, 1, 32)), mx.ones((64,)), 1e-6)
+    w, inv_freq = mx.ones((64,)), mx.ones((32,))
+    with pytest.raises(ValueError, match=r"q \[B, L, Hq \* D\]"):
+        native.qk_norm_rope(mx.zeros((1, 1, 96)), mx.zeros((1, 1, 64)), w, w, inv_freq, 1e-6, 0)
+    with pytest.raises(ValueError, match="inv_freq"):
+        native.qk_norm_rope(mx.zeros((1, 1, 64)), mx.zeros((1, 1, 64)), w, w, w, 1e-6, 0)
 
 
 def test_what_the_native_ops_do_not_take_keeps_mlxs_ops() -> None:
@@ -167,12 +198,19 @@ def test_the_model_decodes_the_same_with_and_without_the_ops(monkeypatch) -> Non
     monkeypatch.setattr(cpu_ops, "native_ops", lambda: Counting())
     with_ops = decode()
     layers = len(model.layers)
-    # Per token: 4 norms a layer and the final one, 2 RoPEs and 1 SwiGLU a layer.
+    # Per token: the first layer's input norm; each residual add with the norm after it (2 a
+    # layer, the last one with the final norm); q's and k's norms and RoPEs, and SwiGLU, one
+    # op each a layer.
     assert calls == {
-        "rms_norm": 25 * (4 * layers + 1),
-        "rope": 25 * 2 * layers,
+        "rms_norm": 25,
+        "add_rms_norm": 25 * 2 * layers,
+        "qk_norm_rope": 25 * layers,
         "swiglu": 25 * layers,
     }
+    # The fused ops are bit for bit the separate native ops they replace.
+    monkeypatch.setattr(cpu_ops, "_fused_for", lambda *arrays: None)
+    separate = decode()
+    assert with_ops[0] == separate[0] and np.array_equal(with_ops[1], separate[1])
     monkeypatch.setattr(cpu_ops, "native_ops", lambda: None)
     without = decode()
     assert with_ops[0] == without[0]

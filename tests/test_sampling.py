@@ -124,6 +124,17 @@ def test_both_penalties_come_from_the_record() -> None:
     assert build_logits_processors(Sampling(frequency_penalty=0.0)) == []
 
 
+def test_plain_greedy_takes_the_logits_own_arg_max() -> None:
+    """The token batching and speculative verification pick, even where the log-softmax's
+    float32 rounding would tie the top two (then its arg-max was the first of them)."""
+    logits = mx.zeros((1, 151_936)).at[0, 1].add(1e-7)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    assert mx.argmax(logprobs, axis=-1).item() == 0  # the tie the log-softmax makes
+    step = SamplingStep()
+    assert step(logits).tolist() == [1]
+    assert step.previous.tolist() == [1]
+
+
 def test_a_seeded_reply_owns_its_key_and_leaves_the_global_generator_alone() -> None:
     mx.random.seed(5)
     expected = mx.random.uniform().item()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,6 +38,34 @@ def _self_test(module: ModuleType) -> str | None:
     return None
 
 
+def _fused_self_test(module: ModuleType) -> str | None:
+    """None if the fused ops give exactly what the separate ones do, else what failed."""
+    x = mx.linspace(-3, 3, 2 * 3 * 64).reshape(2, 3, 64)
+    delta, weight = x[::-1] * 0.5, mx.linspace(0.5, 1.5, 32)
+    inv_freq = default_inv_freq(32, 10_000.0)
+    h, normed = module.add_rms_norm(x, delta, mx.linspace(0.5, 1.5, 64), 1e-6)
+    q, k = module.qk_norm_rope(x, delta, weight, weight[::-1], inv_freq, 1e-6, 5, 1.0)
+    heads = (x.reshape(2, 3, 2, 32), delta.reshape(2, 3, 2, 32))
+    checks = {
+        "add_rms_norm": (normed, module.rms_norm(x + delta, mx.linspace(0.5, 1.5, 64), 1e-6)),
+        "qk_norm_rope": (
+            mx.concatenate([q, k]),
+            mx.concatenate(
+                [
+                    module.rope(module.rms_norm(head, w, 1e-6).transpose(0, 2, 1, 3), inv_freq, 5)
+                    for head, w in zip(heads, (weight, weight[::-1]), strict=True)
+                ]
+            ),
+        ),
+    }
+    if not mx.array_equal(h, x + delta).item():
+        return "its add_rms_norm self-test gave another sum"
+    for name, (actual, expected) in checks.items():
+        if not mx.array_equal(actual, expected).item():
+            return f"its {name} self-test differed from the separate ops"
+    return None
+
+
 def native_ops() -> ModuleType | None:
     """The extension when its decode ops are present and passed their self-test, else None."""
     return native_kernel.checked("swiglu", _self_test)
@@ -44,9 +73,19 @@ def native_ops() -> ModuleType | None:
 
 def _native_for(*arrays: mx.array) -> ModuleType | None:
     """The extension if every array is float32 and MLX computes on the CPU, else None."""
-    if any(a.dtype != mx.float32 for a in arrays) or mx.default_device() != mx.cpu:
+    # A plain loop: this runs several times per layer of every decode step.
+    for a in arrays:
+        if a.dtype != mx.float32:
+            return None
+    return native_ops() if mx.default_device() == mx.cpu else None
+
+
+def _fused_for(*arrays: mx.array) -> ModuleType | None:
+    """As _native_for, for the fused decoder-layer ops (add_rms_norm, qk_norm_rope)."""
+    module = _native_for(*arrays)
+    if module is None or native_kernel.checked("qk_norm_rope", _fused_self_test) is None:
         return None
-    return native_ops()
+    return module
 
 
 def default_inv_freq(dims: int, base: float) -> mx.array:
@@ -78,6 +117,37 @@ def rope(x: mx.array, inv_freq: mx.array, offset: int, factor: float) -> mx.arra
     if module is None or not isinstance(offset, int) or x.ndim < 2:
         return None
     return module.rope(x, inv_freq, offset, factor)
+
+
+def add_rms_norm(x: mx.array, delta: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
+    """(h, norm(h)) for h = x + delta: a residual add and the next norm, one native op when
+    built (bit for bit the two ops)."""
+    module = _fused_for(x, delta, norm["weight"])
+    if module is None or x.shape != delta.shape:
+        h = x + delta
+        return h, norm(h)
+    h, normed = module.add_rms_norm(x, delta, norm["weight"], norm.eps)
+    return h, normed
+
+
+def qk_norm_rope(
+    q: mx.array,
+    k: mx.array,
+    norms: tuple[nn.RMSNorm, nn.RMSNorm],
+    inv_freq: mx.array,
+    offset: Any,
+    factor: float,
+) -> tuple[mx.array, mx.array] | None:
+    """q [B, L, Hq * D] and k [B, L, Hk * D] to RoPE(RMSNorm(head)) per head as [B, H, L, D], in
+    one native op (bit for bit the separate ops), or None where it does not apply."""
+    q_norm, k_norm = norms
+    module = _fused_for(q, k, q_norm["weight"], k_norm["weight"])
+    if module is None or not isinstance(offset, int) or q_norm.eps != k_norm.eps or q.ndim != 3:
+        return None
+    q, k = module.qk_norm_rope(
+        q, k, q_norm["weight"], k_norm["weight"], inv_freq, q_norm.eps, offset, factor
+    )
+    return q, k
 
 
 class RMSNorm(nn.RMSNorm):

@@ -68,6 +68,15 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
   m.def("rope", &rope, nb::arg("x"), nb::arg("inv_freq"), nb::arg("offset"),
         nb::arg("factor") = 1.0f, nb::kw_only(), nb::arg("stream") = nb::none(),
         "Non-interleaved RoPE of factor * x [..., L, D] at positions offset + l, float32.");
+  m.def("add_rms_norm", &add_rms_norm, nb::arg("x"), nb::arg("delta"), nb::arg("weight"),
+        nb::arg("eps"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "[h, rms_norm(h, weight, eps)] for h = x + delta, float32 (a residual add and the next "
+        "norm).");
+  m.def("qk_norm_rope", &qk_norm_rope, nb::arg("q"), nb::arg("k"), nb::arg("q_weight"),
+        nb::arg("k_weight"), nb::arg("inv_freq"), nb::arg("eps"), nb::arg("offset"),
+        nb::arg("factor") = 1.0f, nb::kw_only(), nb::arg("stream") = nb::none(),
+        "[rope(rms_norm(q)), rope(rms_norm(k))] per head of q [B, L, Hq * D] and k "
+        "[B, L, Hk * D], as [B, H, L, D], float32.");
   m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), nb::kw_only(),
         nb::arg("stream") = nb::none(), "silu(gate) * up, float32.");
 

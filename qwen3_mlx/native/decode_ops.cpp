@@ -7,17 +7,28 @@
 // pass. Arithmetic is float32, as MLX's; results are within a few float32 roundings of MLX's ops
 // (tests/test_decode_ops.py), and callers use them only for float32 on the CPU
 // (qwen3_mlx/cpu/ops.py).
+//
+// Two fused ops serve a decoder layer's decode step, where each graph node costs more than its
+// arithmetic (a Python call, an MLX node to encode and a task for the stream thread; a 0.6B
+// step had 1,326 nodes): add_rms_norm (the residual add and the next norm, two outputs) and
+// qk_norm_rope (q's and k's per-head norms and RoPE, written in the [B, H, L, D] layout attention
+// reads). Each does exactly the float32 operations of the separate ops, in the same order, so
+// results are bit for bit theirs. Inputs may be strided views: a kernel copies such an input
+// itself, rather than the graph holding a Contiguous node per input (most are contiguous).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "strided.h"
 #include "isa.h"
 #include "ops.h"
 
@@ -46,28 +57,37 @@ void rms_norm_rows(const float* x, const float* w, float* out, int64_t rows, int
 
 // Non-interleaved RoPE: element i pairs with i + D/2. theta = position * inv_freq in float32, as
 // MLX computes it, so positions far into a long context round the same way.
+struct RopeTable {
+  RopeTable(const float* inv_freq, int64_t L, int64_t half, int64_t offset)
+      : half(half), cosine(size_t(L * half)), sine(size_t(L * half)) {
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t i = 0; i < half; ++i) {
+        const float theta = float(offset + l) * inv_freq[i];
+        cosine[l * half + i] = std::cos(theta);
+        sine[l * half + i] = std::sin(theta);
+      }
+  }
+
+  // One row of 2 * half elements at position offset + l.
+  void rotate(const float* in, float* o, int64_t l, float factor) const {
+    const float* c = cosine.data() + l * half;
+    const float* s = sine.data() + l * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = in[i] * factor, b = in[i + half] * factor;
+      o[i] = a * c[i] - b * s[i];
+      o[i + half] = a * s[i] + b * c[i];
+    }
+  }
+
+  int64_t half;
+  std::vector<float> cosine, sine;
+};
+
 void rope_rows(const float* x, const float* inv_freq, float* out, int64_t heads, int64_t L,
                int64_t D, int64_t offset, float factor) {
-  const int64_t half = D / 2;
-  std::vector<float> cosine(size_t(L * half)), sine(size_t(L * half));
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t i = 0; i < half; ++i) {
-      const float theta = float(offset + l) * inv_freq[i];
-      cosine[l * half + i] = std::cos(theta);
-      sine[l * half + i] = std::sin(theta);
-    }
+  const RopeTable table(inv_freq, L, D / 2, offset);
   for (int64_t h = 0; h < heads; ++h)
-    for (int64_t l = 0; l < L; ++l) {
-      const float* in = x + (h * L + l) * D;
-      float* o = out + (h * L + l) * D;
-      const float* c = cosine.data() + l * half;
-      const float* s = sine.data() + l * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = in[i] * factor, b = in[i + half] * factor;
-        o[i] = a * c[i] - b * s[i];
-        o[i + half] = a * s[i] + b * c[i];
-      }
-    }
+    for (int64_t l = 0; l < L; ++l) table.rotate(x + (h * L + l) * D, out + (h * L + l) * D, l, factor);
 }
 
 void swiglu_scalar(const float* gate, const float* up, float* out, int64_t count) {
@@ -116,46 +136,61 @@ NATIVE_AVX2 void swiglu_avx2(const float* gate, const float* up, float* out, int
 // ---------------------------------------------------------------------------------------------
 // The primitives: each runs its kernel on the stream's thread (too little work to share)
 
-// An op whose output is float32 with the shape of its first input.
-class FloatOp : public mx::UnaryPrimitive {
+// Every input's data in row-major order (copies of strided views live as long as the object).
+struct DenseInputs {
+  explicit DenseInputs(const std::vector<mx::array>& inputs) : scratch(inputs.size()) {
+    for (size_t i = 0; i < inputs.size(); ++i) data.push_back(row_major(inputs[i], scratch[i]));
+  }
+  std::vector<std::vector<float>> scratch;
+  std::vector<const float*> data;
+};
+
+// An op with float32 outputs, computed on the stream's thread (too little work to share).
+class FloatOps : public mx::Primitive {
  public:
-  using mx::UnaryPrimitive::UnaryPrimitive;
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+  using mx::Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("decode ops: CPU only");
   }
 
  protected:
-  // Allocate out, register the arrays with the stream's encoder and queue body(inputs, out).
+  // Allocate the outputs, register the arrays with the stream's encoder and queue
+  // body(inputs' data in row-major order, the inputs, the outputs).
   template <typename Body>
-  void run(const std::vector<mx::array>& inputs, mx::array& out, Body body) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+  void run(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, Body body) {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& input : inputs) encoder.set_input_array(input);
-    encoder.set_output_array(out);
-    std::vector<mx::array> held;
+    std::vector<mx::array> held, targets;
+    for (auto& out : outputs) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      encoder.set_output_array(out);
+      targets.push_back(mx::array::unsafe_weak_copy(out));
+    }
     for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-    auto target = mx::array::unsafe_weak_copy(out);
     encoder.dispatch(
-        [held = std::move(held), target, body]() mutable {
+        [held = std::move(held), targets = std::move(targets), body]() mutable {
           const ClearVectorState clear;
-          body(held, target);
+          const DenseInputs in(held);
+          body(in.data, held, targets);
         });
   }
 };
 
-class RmsNorm : public FloatOp {
+using Data = std::vector<const float*>;
+using Arrays = std::vector<mx::array>;
+
+class RmsNorm : public FloatOps {
  public:
-  RmsNorm(mx::Stream stream, float eps) : FloatOp(stream), eps_(eps) {}
+  RmsNorm(mx::Stream stream, float eps) : FloatOps(stream), eps_(eps) {}
   const char* name() const override { return "Qwen3RmsNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return eps_ == static_cast<const RmsNorm&>(other).eps_;
   }
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override {
     const float eps = eps_;
-    run(inputs, out, [eps](const std::vector<mx::array>& in, mx::array& o) {
-      const int64_t D = in[0].shape(-1);
-      rms_norm_rows(in[0].data<float>(), in[1].data<float>(), o.data<float>(), in[0].size() / D,
-                    D, eps);
+    run(inputs, outputs, [eps](const Data& in, const Arrays& arrays, Arrays& out) {
+      const int64_t D = arrays[0].shape(-1);
+      rms_norm_rows(in[0], in[1], out[0].data<float>(), arrays[0].size() / D, D, eps);
     });
   }
 
@@ -163,22 +198,44 @@ class RmsNorm : public FloatOp {
   float eps_;
 };
 
-class Rope : public FloatOp {
+// h = x + delta (x's residual stream plus a sublayer's output) and rms_norm(h): two outputs.
+class AddRmsNorm : public FloatOps {
+ public:
+  AddRmsNorm(mx::Stream stream, float eps) : FloatOps(stream), eps_(eps) {}
+  const char* name() const override { return "Qwen3AddRmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const AddRmsNorm&>(other).eps_;
+  }
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override {
+    const float eps = eps_;
+    run(inputs, outputs, [eps](const Data& in, const Arrays& arrays, Arrays& out) {
+      const int64_t D = arrays[0].shape(-1), count = int64_t(arrays[0].size());
+      float* h = out[0].data<float>();
+      for (int64_t i = 0; i < count; ++i) h[i] = in[0][i] + in[1][i];
+      rms_norm_rows(h, in[2], out[1].data<float>(), count / D, D, eps);
+    });
+  }
+
+ private:
+  float eps_;
+};
+
+class Rope : public FloatOps {
  public:
   Rope(mx::Stream stream, int64_t offset, float factor)
-      : FloatOp(stream), offset_(offset), factor_(factor) {}
+      : FloatOps(stream), offset_(offset), factor_(factor) {}
   const char* name() const override { return "Qwen3Rope"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Rope&>(other);
     return offset_ == o.offset_ && factor_ == o.factor_;
   }
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override {
     const int64_t offset = offset_;
     const float factor = factor_;
-    run(inputs, out, [offset, factor](const std::vector<mx::array>& in, mx::array& o) {
-      const auto& x = in[0];
+    run(inputs, outputs, [offset, factor](const Data& in, const Arrays& arrays, Arrays& out) {
+      const auto& x = arrays[0];
       const int64_t D = x.shape(-1), L = x.shape(-2), heads = x.size() / (D * L);
-      rope_rows(x.data<float>(), in[1].data<float>(), o.data<float>(), heads, L, D, offset, factor);
+      rope_rows(in[0], in[1], out[0].data<float>(), heads, L, D, offset, factor);
     });
   }
 
@@ -187,20 +244,57 @@ class Rope : public FloatOp {
   float factor_;
 };
 
-class SwiGlu : public FloatOp {
+// q [B, L, Hq * D] and k [B, L, Hk * D] (the projections' outputs) to rope(rms_norm(head)) per
+// head, written as [B, H, L, D]: what rms_norm, the transpose and rope compute, in one pass.
+class QkNormRope : public FloatOps {
  public:
-  using FloatOp::FloatOp;
+  QkNormRope(mx::Stream stream, float eps, int64_t offset, float factor)
+      : FloatOps(stream), eps_(eps), offset_(offset), factor_(factor) {}
+  const char* name() const override { return "Qwen3QkNormRope"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QkNormRope&>(other);
+    return eps_ == o.eps_ && offset_ == o.offset_ && factor_ == o.factor_;
+  }
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override {
+    const float eps = eps_, factor = factor_;
+    const int64_t offset = offset_;
+    run(inputs, outputs, [=](const Data& in, const Arrays&, Arrays& out) {
+      for (int which = 0; which < 2; ++which) {  // q (inputs 0, 2), then k (1, 3)
+        auto& o = out[which];
+        const int64_t B = o.shape(0), H = o.shape(1), L = o.shape(2), D = o.shape(3);
+        const RopeTable table(in[4], L, D / 2, offset);
+        std::vector<float> normed(static_cast<size_t>(D));
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t l = 0; l < L; ++l) {
+              rms_norm_rows(in[which] + ((b * L + l) * H + h) * D, in[2 + which], normed.data(), 1,
+                            D, eps);
+              table.rotate(normed.data(), o.data<float>() + ((b * H + h) * L + l) * D, l, factor);
+            }
+      }
+    });
+  }
+
+ private:
+  float eps_;
+  int64_t offset_;
+  float factor_;
+};
+
+class SwiGlu : public FloatOps {
+ public:
+  using FloatOps::FloatOps;
   const char* name() const override { return "Qwen3SwiGlu"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override {
     const Isa isa = chosen_isa();
-    run(inputs, out, [isa](const std::vector<mx::array>& in, mx::array& o) {
-      const float *gate = in[0].data<float>(), *up = in[1].data<float>();
+    run(inputs, outputs, [isa](const Data& in, const Arrays&, Arrays& out) {
+      float* o = out[0].data<float>();
 #ifdef NATIVE_X86
-      if (isa != SCALAR) return swiglu_avx2(gate, up, o.data<float>(), o.size());
+      if (isa != SCALAR) return swiglu_avx2(in[0], in[1], o, out[0].size());
 #endif
       (void)isa;
-      swiglu_scalar(gate, up, o.data<float>(), o.size());
+      swiglu_scalar(in[0], in[1], o, out[0].size());
     });
   }
 };
@@ -224,9 +318,22 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
   require_float32(weight, "weight");
   if (x.ndim() == 0 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
     throw std::invalid_argument("decode ops: rms_norm's weight must be [x.shape[-1]]");
-  auto stream = cpu_stream(s);
-  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps),
-                   {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)});
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(cpu_stream(s), eps),
+                   {x, weight});
+}
+
+std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& delta,
+                                    const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  require_float32(x, "x");
+  require_float32(delta, "delta");
+  require_float32(weight, "weight");
+  if (x.shape() != delta.shape())
+    throw std::invalid_argument("decode ops: add_rms_norm's x and delta must have one shape");
+  if (x.ndim() == 0 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
+    throw std::invalid_argument("decode ops: add_rms_norm's weight must be [x.shape[-1]]");
+  return mx::array::make_arrays({x.shape(), x.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<AddRmsNorm>(cpu_stream(s), eps),
+                                {x, delta, weight});
 }
 
 mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, float factor,
@@ -238,9 +345,33 @@ mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, fl
     throw std::invalid_argument(
         "decode ops: rope needs x [..., L, D] with D even and inv_freq [D/2]");
   if (offset < 0) throw std::invalid_argument("decode ops: rope's offset must be >= 0");
-  auto stream = cpu_stream(s);
-  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream, offset, factor),
-                   {mx::contiguous(x, false, stream), mx::contiguous(inv_freq, false, stream)});
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<Rope>(cpu_stream(s), offset, factor), {x, inv_freq});
+}
+
+std::vector<mx::array> qk_norm_rope(const mx::array& q, const mx::array& k,
+                                    const mx::array& q_weight, const mx::array& k_weight,
+                                    const mx::array& inv_freq, float eps, int64_t offset,
+                                    float factor, mx::StreamOrDevice s) {
+  for (const auto& [a, what] : {std::pair{&q, "q"}, {&k, "k"}, {&q_weight, "q_weight"},
+                                {&k_weight, "k_weight"}, {&inv_freq, "inv_freq"}})
+    require_float32(*a, what);
+  const int64_t D = q_weight.ndim() == 1 ? q_weight.shape(0) : 0;
+  if (D == 0 || D % 2 || k_weight.shape() != q_weight.shape() || inv_freq.ndim() != 1 ||
+      inv_freq.shape(0) * 2 != D)
+    throw std::invalid_argument(
+        "decode ops: qk_norm_rope needs weights [D] with D even and inv_freq [D/2]");
+  if (q.ndim() != 3 || k.ndim() != 3 || q.shape(0) != k.shape(0) || q.shape(1) != k.shape(1) ||
+      q.shape(2) % D || k.shape(2) % D)
+    throw std::invalid_argument(
+        "decode ops: qk_norm_rope needs q [B, L, Hq * D] and k [B, L, Hk * D]");
+  if (offset < 0) throw std::invalid_argument("decode ops: qk_norm_rope's offset must be >= 0");
+  const int B = q.shape(0), L = q.shape(1);
+  const int Hq = int(q.shape(2) / D), Hk = int(k.shape(2) / D);
+  return mx::array::make_arrays({{B, Hq, L, int(D)}, {B, Hk, L, int(D)}},
+                                {mx::float32, mx::float32},
+                                std::make_shared<QkNormRope>(cpu_stream(s), eps, offset, factor),
+                                {q, k, q_weight, k_weight, inv_freq});
 }
 
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
@@ -248,9 +379,8 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice 
   require_float32(up, "up");
   if (gate.shape() != up.shape())
     throw std::invalid_argument("decode ops: gate and up must have one shape");
-  auto stream = cpu_stream(s);
-  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGlu>(stream),
-                   {mx::contiguous(gate, false, stream), mx::contiguous(up, false, stream)});
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGlu>(cpu_stream(s)),
+                   {gate, up});
 }
 
 }  // namespace native

@@ -23,6 +23,7 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 #include "attention.h"
+#include "strided.h"
 #include "isa.h"
 #include "ops.h"
 #include "pool.h"
@@ -327,7 +328,9 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       std::fill(o, o + count, 0.0f);
       return;
     }
-    std::vector<float> qs(q.data<float>(), q.data<float>() + count);
+    std::vector<float> qs;
+    const float* query = row_major(q, qs);  // q may be a strided view (no Contiguous node for it)
+    if (query != qs.data()) qs.assign(query, query + count);
     for (float& x : qs) x *= scale;
     const std::vector<float> partials = job.allocate();
     job.q = qs.data();
@@ -356,7 +359,7 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
     throw std::invalid_argument("decode attention: CPU streams only");
   return mx::array(q.shape(), mx::float32,
                    std::make_shared<DecodeAttention>(stream, scale, threads),
-                   {mx::contiguous(q, false, stream), k, v});
+                   {q, k, v});
 }
 
 }  // namespace native

@@ -37,10 +37,18 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
 mx::array prefill_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                             float scale, int threads, mx::StreamOrDevice s);
 
-// decode_ops.cpp: float32 RMSNorm, non-interleaved RoPE and SwiGLU, one pass each.
+// decode_ops.cpp: float32 RMSNorm, non-interleaved RoPE and SwiGLU, one pass each; and fused for
+// a decoder layer: the residual add with the next norm ([h, rms_norm(h)]), and q's and k's
+// per-head norms with RoPE ([q, k] as [B, H, L, D]).
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s);
+std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& delta,
+                                    const mx::array& weight, float eps, mx::StreamOrDevice s);
 mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, float factor,
                mx::StreamOrDevice s);
+std::vector<mx::array> qk_norm_rope(const mx::array& q, const mx::array& k,
+                                    const mx::array& q_weight, const mx::array& k_weight,
+                                    const mx::array& inv_freq, float eps, int64_t offset,
+                                    float factor, mx::StreamOrDevice s);
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
 
 // dense_matmul.cpp: x @ widen(w).T for float32 x and bf16 weights [N, K] read in place, for every
