@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,9 @@ from test_server_support import API_KEY, running_server
 
 from qwen3_mlx.cache import common_prefix_length
 from qwen3_mlx.engine import render_prompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tiny_model"))
+from tiny_data import TOOLS  # noqa: E402  (the tiny model's own tool definitions)
 
 WORDS = ["moon", "river", "apple", "lake", "star", "tree", "fish", "snow"]
 
@@ -212,3 +217,53 @@ def test_qwen_agent_default_mode_completes(server):
     assert responses and responses[-1]["role"] == "assistant"
     assert responses[-1]["content"] or any(m.get("function_call") for m in responses)
     assert len(state.metrics.recent) > before
+
+
+def _tiny_lookup_tool():
+    """The tiny model's own lookup tool (tiny_data.TOOLS), which Qwen-Agent's Nous prompt renders
+    exactly as the chat template renders `tools`."""
+    from qwen_agent.tools.base import BaseTool, register_tool
+
+    function = TOOLS["lookup"]["function"]
+
+    @register_tool("lookup", allow_overwrite=True)
+    class TinyLookup(BaseTool):
+        description = function["description"]
+        parameters = function["parameters"]
+        calls: list = []
+
+        def call(self, params, **kwargs):
+            TinyLookup.calls.append(self._verify_json_format_args(params))
+            return "castle"
+
+    return TinyLookup
+
+
+@pytest.mark.parametrize("where", ["per request", "--reasoning-field content"])
+def test_qwen_agent_thought_in_content_tool_loop(server, where):
+    """thought_in_content: Qwen-Agent's Nous mode reads `<think>…</think>` from the content (left
+    there by reasoning_format "none" or --reasoning-field content), parses the call after it and
+    sends the thought back in the content, which the template renders as the model wrote it."""
+    url, state = server
+    tool = _tiny_lookup_tool()
+    tool.calls.clear()
+    extra: dict = {"thought_in_content": True}
+    field = state.reasoning_field
+    if where == "per request":
+        extra["extra_body"] = {"reasoning_format": "none"}
+    else:
+        state.reasoning_field = "content"
+    before = len(state.metrics.recent)
+    try:
+        responses = _run_agent(url, False, extra)
+    finally:
+        state.reasoning_field = field
+    assert tool.calls == [{"key": "apple"}]
+    thought, call, result, answer = responses
+    assert thought["content"].startswith("<think>\nThe user wants the secret word for apple")
+    assert call["function_call"]["name"] == "lookup" and result["role"] == "function"
+    assert answer["content"].startswith("<think>\n")
+    assert answer["content"].endswith("</think>\n\nThe secret word for apple is castle.")
+    first, second = list(state.metrics.recent)[before:]
+    # The history holds the thought and the call exactly as generated: all of it is cached.
+    assert second["cached_tokens"] >= first["prompt_tokens"] + first["generated_tokens"] - 1
