@@ -102,30 +102,12 @@ void widen_panel(const DenseMatrix& m, int64_t K, int64_t n0, int cols, int64_t 
   }
 }
 
+// Output columns [p0 * NR, p1 * NR) of one bf16 matrix for every row of x (gemm_simd.h's loop).
 template <class S>
 void dense_panels(const GemmRows& x, const DenseMatrix& m, int64_t p0, int64_t p1) {
-  constexpr int MR = S::MR, NR = 2 * S::L;
-  alignas(64) float b[GEMM_KC * NR];
-  const int tiles = (x.M + MR - 1) / MR;
-  const int64_t padded = int64_t(tiles) * MR;
-  constexpr int block_tiles = MC / MR;
-  for (int t0 = 0; t0 < tiles; t0 += block_tiles) {
-    const int t1 = t0 + block_tiles < tiles ? t0 + block_tiles : tiles;
-    for (int64_t k0 = 0; k0 < x.K; k0 += GEMM_KC) {
-      const int kc = int(x.K - k0 < GEMM_KC ? x.K - k0 : GEMM_KC);
-      const float* block = x.packed + k0 * padded;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * NR;
-        const int cols = int(m.N - n0 < NR ? m.N - n0 : NR);
-        widen_panel<S>(m, x.K, n0, cols, k0, kc, b);
-        for (int t = t0; t < t1; ++t) {
-          const int rows = x.M - t * MR < MR ? x.M - t * MR : MR;
-          multiply_tile<S, MR>(block + int64_t(t) * MR * kc, MR, b, NR, kc,
-                               m.out + t * MR * m.N + n0, m.N, rows, cols, k0 > 0);
-        }
-      }
-    }
-  }
+  panel_loop<S>(x, m.N, m.out, p0, p1, [&](int64_t n0, int cols, int64_t k0, int kc, float* b) {
+    widen_panel<S>(m, x.K, n0, cols, k0, kc, b);
+  });
 }
 
 template <class S>

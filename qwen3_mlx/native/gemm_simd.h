@@ -102,9 +102,11 @@ void dequantize_panel(const GemmMatrix& m, int64_t K, int group, int64_t n0, int
   }
 }
 
-// Output columns [p0 * NR, p1 * NR) of one matrix for every row of x.
-template <class S>
-void gemm_panels(const GemmRows& x, const GemmMatrix& m, int64_t p0, int64_t p1) {
+// Output columns [p0 * NR, p1 * NR) of an N-column output for every row of x: each panel of
+// weights is made a float32 tile b by fill(n0, cols, k0, kc, b) (a 4-bit dequantize here, a bf16
+// widen in dense_simd.h), then multiplied by every row tile of the block while it sits in L1.
+template <class S, class Fill>
+void panel_loop(const GemmRows& x, int64_t N, float* out, int64_t p0, int64_t p1, Fill fill) {
   constexpr int MR = S::MR, NR = 2 * S::L;
   alignas(64) float b[GEMM_KC * NR];
   const int tiles = (x.M + MR - 1) / MR;
@@ -117,16 +119,24 @@ void gemm_panels(const GemmRows& x, const GemmMatrix& m, int64_t p0, int64_t p1)
       const float* block = x.packed + k0 * padded;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * NR;
-        const int cols = int(m.N - n0 < NR ? m.N - n0 : NR);
-        dequantize_panel<S>(m, x.K, x.group_size, n0, cols, k0, kc, b);
+        const int cols = int(N - n0 < NR ? N - n0 : NR);
+        fill(n0, cols, k0, kc, b);
         for (int t = t0; t < t1; ++t) {
           const int rows = x.M - t * MR < MR ? x.M - t * MR : MR;
           multiply_tile<S, MR>(block + int64_t(t) * MR * kc, MR, b, NR, kc,
-                               m.out + t * MR * m.N + n0, m.N, rows, cols, k0 > 0);
+                               out + t * MR * N + n0, N, rows, cols, k0 > 0);
         }
       }
     }
   }
+}
+
+// Output columns [p0 * NR, p1 * NR) of one 4-bit matrix for every row of x.
+template <class S>
+void gemm_panels(const GemmRows& x, const GemmMatrix& m, int64_t p0, int64_t p1) {
+  panel_loop<S>(x, m.N, m.out, p0, p1, [&](int64_t n0, int cols, int64_t k0, int kc, float* b) {
+    dequantize_panel<S>(m, x.K, x.group_size, n0, cols, k0, kc, b);
+  });
 }
 
 template <class S>
