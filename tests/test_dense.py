@@ -64,6 +64,7 @@ def test_strided_3d_x_and_several_weights():
     x, weight = random_case(6, 128, 40, 1)
     check(x.reshape(2, 3, 128), weight)
     check(mx.random.normal((128, 12)).T, weight)  # a transposed (non-contiguous) x
+    check(mx.random.normal((128, 3)).T, weight)  # the same for the mat-vec's few rows
     other = random_case(1, 128, 24, 2)[1]
     parts = NATIVE.dense_matmuls(x, [weight, other], 2)
     np.testing.assert_array_equal(np.array(parts[0]), np.array(NATIVE.dense_matmul(x, weight, 2)))

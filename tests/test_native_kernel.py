@@ -114,6 +114,20 @@ def test_strided_and_3d_x():
     check(wide[:, ::2, ::2], layer, 64)  # non-contiguous rows and columns
     check(mx.random.normal((4, 512)).T.T[:, None, :], layer, 64)  # [4, 1, 512]
     check(mx.random.normal((2, 3, 512)).astype(mx.bfloat16), layer, 64)  # bf16 x
+    check(mx.random.normal((2, 24, 1024))[:, ::2, ::2], layer, 64)  # 24 strided rows: the matmul
+
+
+@NATIVE_SKIP
+def test_float32_x_goes_in_without_a_contiguous_node():
+    """The kernel copies a strided float32 x itself, so a decode step's graph holds no
+    Contiguous node per projection (each node costs more to build and run than its copy)."""
+    import io
+
+    layer = random_layer(64, 512)
+    for x in (mx.random.normal((1, 512)), mx.random.normal((3, 1024))[:, ::2]):
+        dot = io.StringIO()
+        mx.export_to_dot(dot, quantized_matmul(x, *layer, 64, 2))
+        assert "Contiguous" not in dot.getvalue() and "QuantizedMatvecs" in dot.getvalue()
 
 
 @NATIVE_SKIP

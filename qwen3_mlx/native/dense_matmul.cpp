@@ -15,6 +15,7 @@
 #include "mlx/primitives.h"
 #include "ops.h"
 #include "pool.h"
+#include "strided.h"
 
 namespace native {
 namespace {
@@ -127,14 +128,16 @@ class DenseMatmuls : public mx::Primitive {
       const ClearVectorState clear;
       const int64_t K = held[0].shape(-1);
       const int M = int(held[0].size() / K);
+      std::vector<float> scratch;
+      const float* x = row_major(held[0], scratch);  // x may be a strided view
       std::vector<DenseMatrix> matrices;
       for (size_t i = 0; i < outs.size(); ++i)
         matrices.push_back(DenseMatrix{held[1 + i].data<uint16_t>(), held[1 + i].shape(0),
                                        outs[i].data<float>()});
       if (M > DENSE_MATVEC_ROWS) {
-        run_panels(held[0].data<float>(), M, K, threads, matrices);
+        run_panels(x, M, K, threads, matrices);
       } else {
-        run_rows(held[0].data<float>(), M, K, threads, bf16, matrices);
+        run_rows(x, M, K, threads, bf16, matrices);
       }
     });
   }
@@ -166,7 +169,7 @@ std::vector<mx::array> dense_matmuls(const mx::array& x, const std::vector<mx::a
   if (x.dtype() != mx::float32 || x.ndim() == 0 || x.shape(-1) == 0)
     throw std::invalid_argument("dense_matmul: x must be float32 with a last axis");
   if (ws.empty()) throw std::invalid_argument("dense_matmul: give one or more weights");
-  std::vector<mx::array> inputs{mx::contiguous(x, false, stream)};
+  std::vector<mx::array> inputs{x};  // as it is: the kernel copies a strided view (row_major)
   std::vector<mx::Shape> shapes;
   for (const auto& w : ws) {
     if (w.dtype() != mx::bfloat16 || w.ndim() != 2 || w.shape(1) != x.shape(-1))

@@ -41,6 +41,7 @@
 #include "matvec_kernels.h"
 #include "ops.h"
 #include "pool.h"
+#include "strided.h"
 
 namespace mx = mlx::core;
 
@@ -61,11 +62,13 @@ void convert_rows(const In* in, float* out, int64_t count) {
   for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
 }
 
-// x as float32 [count] (a copy: the kernels lay it out their own way).
+// x as float32 [count] (a copy: the kernels lay it out their own way). A float32 x may be a
+// strided view (the graph holds no Contiguous node for it); half-precision x is contiguous.
 std::vector<float> float_rows(const mx::array& x, size_t count) {
   std::vector<float> plain(count);
+  std::vector<float> scratch;
   switch (x.dtype()) {
-    case mx::float32: std::memcpy(plain.data(), x.data<float>(), plain.size() * 4); break;
+    case mx::float32: std::memcpy(plain.data(), row_major(x, scratch), plain.size() * 4); break;
     case mx::bfloat16: convert_rows(x.data<mx::bfloat16_t>(), plain.data(), plain.size()); break;
     case mx::float16: convert_rows(x.data<mx::float16_t>(), plain.data(), plain.size()); break;
     default: throw std::invalid_argument("quantized_matmul: x must be float32, bfloat16 or float16");
@@ -177,7 +180,7 @@ void run_prefill(const mx::array& x, int M, int64_t K, bool int8, int threads, i
   std::vector<GemmMatrix> jobs;
   for (const auto& m : matrices) jobs.push_back(GemmMatrix{m.w, m.s, m.b, int(m.type), m.N, m.out});
   std::vector<float> copy;
-  if (x.dtype() != mx::float32) copy = float_rows(x, size_t(M) * K);
+  if (x.dtype() != mx::float32 || !x.flags().row_contiguous) copy = float_rows(x, size_t(M) * K);
   const float* rows = copy.empty() ? x.data<float>() : copy.data();
   run_gemm(rows, M, K, chosen_isa(), int8, threads, group_size, jobs);
 }
@@ -312,7 +315,9 @@ std::vector<mx::array> quantized_matmuls(const mx::array& x, const std::vector<m
   if (ws.empty() || ws.size() != scales.size() || ws.size() != biases.size())
     throw std::invalid_argument("quantized_matmul: give one or more matrices, each with scales and biases");
   auto stream = cpu_stream_of(s);
-  std::vector<mx::array> inputs{mx::contiguous(x, false, stream)};
+  // A float32 x goes in as it is, strided or not (float_rows copies a view): a decode step's
+  // graph then has no Contiguous node per call. Half-precision x is made contiguous here.
+  std::vector<mx::array> inputs{x.dtype() == mx::float32 ? x : mx::contiguous(x, false, stream)};
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
   for (size_t i = 0; i < ws.size(); ++i) {
