@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from qwen3_mlx.batching import BatchDecoder, BatchRow
 from qwen3_mlx.cache import make_cache
 from qwen3_mlx.cache_ops import cache_ops
+from qwen3_mlx.cpu.dense import native_dense
 from qwen3_mlx.generate import generate_tokens
 from qwen3_mlx.generate import greedy as argmax
 from qwen3_mlx.loading import load_model
@@ -141,7 +143,15 @@ def compare(checkpoint: Path, group) -> dict:
     difference = mx.abs(logits - reference).max().item()
     tokens = greedy(shard, group)
     tokens_kv8 = greedy(shard, group, kv_bits=8) if kv8 else []  # followers quantize theirs too
+    weight_dtypes = {
+        name: str(array.dtype)
+        for name, array in tree_flatten(shard.parameters())
+        if name.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))
+        and array.dtype != mx.uint32
+    }
     return {
+        "weight_dtypes": sorted(set(weight_dtypes.values())),
+        "logits_dtype": str(logits.dtype),
         "batched_expected": batched_expected,
         "batched": batched(shard, group),
         "max_logit_diff": difference,
@@ -180,6 +190,7 @@ def main() -> None:
     out, three_heads = Path(sys.argv[1]), Path(sys.argv[2])
     checkpoints = [Path(p) for p in sys.argv[3:]]
     results = {path.name: compare(path, group) for path in checkpoints}
+    results["native_dense"] = native_dense() is not None
     results["three_heads_error"] = load_error(three_heads, group)
     results["different_files_error"] = load_error(checkpoints[group.rank()], group)
     results["prompt_exit"], results["prompt_printed"] = run_prompt()

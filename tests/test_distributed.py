@@ -173,6 +173,19 @@ def test_sharded_logits_equal_single_process(parity: dict[str, Any], name: str) 
     assert parity[name]["max_logit_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2"])
+def test_a_rank_keeps_bf16_matrices_bf16_under_float32_compute(
+    parity: dict[str, Any], name: str
+) -> None:
+    # As a single process: the native kernel reads them in place (half the bytes of a float32
+    # copy), while the model computes in float32 (the vocabulary shard widens its lookups).
+    if parity["native_dense"]:
+        assert parity[name]["weight_dtypes"] == ["mlx.core.bfloat16"]
+    else:
+        assert parity[name]["weight_dtypes"] == ["mlx.core.float32"]
+    assert parity[name]["logits_dtype"] == "mlx.core.float32"
+
+
 @pytest.mark.parametrize("name", ["dense-kv1", "dense-kv2", "4bit-kv1", "4bit-kv2"])
 def test_32_greedy_tokens_identical(parity: dict[str, Any], name: str) -> None:
     result = parity[name]

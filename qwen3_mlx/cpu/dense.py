@@ -80,6 +80,18 @@ def _matmul(x: mx.array, weight: mx.array) -> mx.array | None:
     return None if module is None else module.dense_matmul(x, weight, THREADS, bf16_requested())
 
 
+def matmul(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T: the native kernel for float32 x and a bf16 weight read in place, else MLX's."""
+    out = _matmul(x, weight)
+    return x @ weight.T if out is None else out
+
+
+def reads_in_place(weight_dtype: mx.Dtype, compute_dtype: mx.Dtype | None) -> bool:
+    """Whether a 2-D weight stored in weight_dtype stays so under compute_dtype (the native kernel
+    widens it per use), so that a loader need not cast it."""
+    return _reads_in_place(mx.zeros((1, 1), dtype=weight_dtype), compute_dtype)
+
+
 def project(x: mx.array, *layers: nn.Module) -> list[mx.array]:
     """layer(x) for each layer: a layer's q/k/v (or gate/up) in one native call where every layer
     is a bf16 CpuDenseLinear without a bias (x laid out once, the pool woken once; bit for bit the

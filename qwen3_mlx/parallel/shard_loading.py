@@ -4,7 +4,8 @@ The model is built with lazy (never evaluated) parameters, quantized to the chec
 and split by the shard plan; then every tensor is read straight from the file, a slice at a time:
 output rows are one contiguous byte range, input columns a strided view of a memory map. Each
 slice is cast to the compute dtype as soon as it is read, so a rank's peak memory is its share of
-the model plus one tensor, about 1/N of the model.
+the model plus one tensor, about 1/N of the model. bf16 matrices the native kernel reads in place
+(float32 compute on the CPU) are not cast: they stay bf16, as in a single process.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from qwen3_mlx.checkpoint_check import array_tensors, check_sizes, check_tensors, model_tensors
 from qwen3_mlx.config import ModelArgs, read_config
+from qwen3_mlx.cpu.dense import reads_in_place, use_dense_kernels
 from qwen3_mlx.cpu.quantized import use_cpu_kernels
 from qwen3_mlx.errors import CheckpointError, QuantizationError
 from qwen3_mlx.fp8 import fp8_block_size
 from qwen3_mlx.model import Model
-from qwen3_mlx.parallel.sharding import Slice, part_bounds, shard_model
+from qwen3_mlx.parallel.sharding import Slice, VocabShard, part_bounds, shard_model
 from qwen3_mlx.quant import apply_checkpoint_quantization, read_quantization
 from qwen3_mlx.safetensors_check import read_header, weight_files
 
@@ -61,9 +64,14 @@ def read_slice(path: Path, data_start: int, info: dict[str, Any], piece: Slice |
 
 
 def read_rank_weights(
-    files: list[Path], plan: dict[str, Slice], dtype: mx.Dtype | None, keep: set[str]
+    files: list[Path],
+    plan: dict[str, Slice],
+    dtype: mx.Dtype | None,
+    keep: set[str],
+    in_place: set[str] = frozenset(),
 ) -> dict[str, mx.array]:
-    """The tensors named in keep, each sliced by its module's plan entry and cast to dtype now."""
+    """The tensors named in keep, each sliced by its module's plan entry and cast to dtype now
+    (except those named in in_place, which the native kernel reads as they are stored)."""
     weights: dict[str, mx.array] = {}
     for path in files:
         header = read_header(path)
@@ -74,11 +82,34 @@ def read_rank_weights(
                 continue
             piece = plan.get(name.rsplit(".", 1)[0])
             array = read_slice(path, data_start, info, piece, name)
-            if dtype is not None and mx.issubdtype(array.dtype, mx.floating):
+            if (
+                dtype is not None
+                and name not in in_place
+                and mx.issubdtype(array.dtype, mx.floating)
+            ):
                 array = array.astype(dtype)
             mx.eval(array)  # frees the raw copy before the next tensor is read
             weights[name] = array
     return weights
+
+
+def dense_in_place(
+    model: Model, headers: dict[str, Any], compute_dtype: mx.Dtype | None
+) -> set[str]:
+    """Names of the bf16 weights this rank keeps bf16 (plain linear layers, embeddings and
+    unquantized vocabulary shards) because the native kernel reads them in place under
+    compute_dtype: a float32 rank then holds half the bytes, as a single process does."""
+    if not reads_in_place(mx.bfloat16, compute_dtype):
+        return set()
+    names = set()
+    for path, module in model.named_modules():
+        dense = type(module) in (nn.Linear, nn.Embedding) or (
+            isinstance(module, VocabShard) and "scales" not in module
+        )
+        info = headers.get(f"{path}.weight")
+        if dense and info is not None and info["dtype"] == "BF16":
+            names.add(f"{path}.weight")
+    return names
 
 
 def load_rank_model(
@@ -109,13 +140,19 @@ def load_rank_model(
     if block is not None:
         apply_checkpoint_quantization(model, block, names)
     plan = shard_model(model, group, split_vocabulary)
-    weights = read_rank_weights(files, plan, compute_dtype, names)
+    in_place = dense_in_place(model, headers, compute_dtype)
+    weights = read_rank_weights(files, plan, compute_dtype, names, in_place)
     check_tensors(model_tensors(model), array_tensors(weights), Path(model_dir))
     model.load_weights(list(weights.items()), strict=True)
+    del weights
     if compute_dtype is not None:
         from qwen3_mlx.quant import cast_floating
 
-        cast_floating(model, compute_dtype)  # the norms, built whole from the config
+        cast_floating(model, compute_dtype, keep=in_place)  # the norms, built whole
+    use_dense_kernels(model, compute_dtype)
+    for path, module in model.named_modules():
+        if isinstance(module, VocabShard) and f"{path}.weight" in in_place:
+            module.compute_dtype = compute_dtype
     use_cpu_kernels(model)
     mx.eval(model.parameters())
     model.eval()

@@ -122,7 +122,9 @@ def gather_last_axis(x: mx.array, group: Any) -> mx.array:
 def _matmul(layer: nn.Module, x: mx.array) -> mx.array:
     """x @ W.T for a dense or quantized layer (the CPU kernels of cpu_quantized on the CPU)."""
     if "scales" not in layer:
-        return x @ layer["weight"].T
+        from qwen3_mlx.cpu.dense import matmul  # a bf16 weight read in place for float32 x
+
+        return matmul(x, layer["weight"])
     if mx.default_device() == mx.cpu:
         from qwen3_mlx.cpu.quantized import quantized_matmul
 
@@ -139,8 +141,12 @@ def _matmul(layer: nn.Module, x: mx.array) -> mx.array:
     )
 
 
-class _VocabShard(nn.Module):
+class VocabShard(nn.Module):
     """Rows [start, start + rows) of a (possibly quantized) [vocab, hidden] matrix."""
+
+    # The model's compute dtype where a bf16 table stays bf16 (the loader's choice): lookups are
+    # widened to it.
+    compute_dtype: mx.Dtype | None = None
 
     def __init__(self, layer: nn.Module, piece: Slice, group: Any, what: str):
         super().__init__()
@@ -158,7 +164,7 @@ class _VocabShard(nn.Module):
         return gather_last_axis(_matmul(self, x), self.group)
 
 
-class ShardedEmbedding(_VocabShard):
+class ShardedEmbedding(VocabShard):
     """An embedding split by vocabulary rows: lookup + all_sum; as_linear = local logits + gather."""
 
     def __call__(self, ids: mx.array) -> mx.array:
@@ -176,6 +182,8 @@ class ShardedEmbedding(_VocabShard):
             )
         else:
             rows = self["weight"][local]
+            if self.compute_dtype is not None:
+                rows = rows.astype(self.compute_dtype)
         # Exactly one rank holds each id, so the sum adds zeros to the one real row: exact.
         return all_sum(mx.where(inside[..., None], rows, 0), self.group)
 
@@ -184,7 +192,7 @@ class ShardedEmbedding(_VocabShard):
         return self._logits(x)
 
 
-class ShardedHead(_VocabShard):
+class ShardedHead(VocabShard):
     """An untied output head split by vocabulary rows: local logits, then a gather."""
 
     def __call__(self, x: mx.array) -> mx.array:
