@@ -315,22 +315,33 @@ def test_int8_variant_logits_within_the_4bit_tolerance(make_checkpoint, monkeypa
 
 
 @NATIVE_SKIP
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_each_row_of_x_is_bit_for_bit_its_one_row_result(monkeypatch, int8):
-    """Every tile the mat-vec uses (8 rows of w for one row of x, 4 for more in blocks of 1-3
-    rows of x, one at a time for the rows a chunk leaves over) gives each row of x exactly what a
-    one-row call gives it: a speculative verify pass relies on it."""
+@pytest.mark.parametrize("kernel", ["avx512", "avx512-int8", "avx2"])
+def test_each_row_of_x_is_bit_for_bit_its_one_row_result(monkeypatch, kernel):
+    """Every tile the mat-vec uses (AVX-512: 8 rows of w for one row of x, 4 for more; AVX2: 4;
+    both in blocks of 1-3 rows of x, and one row of w at a time for the matrix's last rows) gives
+    each row of x exactly what a one-row call gives it, for every scale dtype and group size: a
+    speculative verify pass relies on it."""
+    isa, _, int8 = kernel.partition("-")
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)
     if int8:
         int8_or_skip(monkeypatch)
     else:
         monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
-    layer = random_layer(333, 640, mx.bfloat16, seed=3)  # 333 rows: chunks end mid-tile
     x = mx.random.normal((8, 640), key=mx.random.key(4))
-    together = np.array(quantized_matmul(x, *layer, 64, 2))
-    alone = [np.array(quantized_matmul(x[i : i + 1], *layer, 64, 2)) for i in range(8)]
-    assert np.array_equal(np.concatenate(alone), together)
-    for rows in range(2, 8):
-        assert np.array_equal(np.array(quantized_matmul(x[:rows], *layer, 64, 1)), together[:rows])
+    for dtype in (mx.float32, mx.bfloat16, mx.float16):
+        for group_size in (32, 64, 128):
+            # 333 rows: chunks end mid-tile; 6 rows: less than one AVX-512 tile, 4 + 2 for AVX2
+            for rows_of_w in (333, 6):
+                layer = random_layer(rows_of_w, 640, dtype, group_size, seed=3)
+                together = np.array(quantized_matmul(x, *layer, group_size, 2))
+                alone = [
+                    np.array(quantized_matmul(x[i : i + 1], *layer, group_size, 2))
+                    for i in range(8)
+                ]
+                assert np.array_equal(np.concatenate(alone), together)
+                for rows in range(2, 8):
+                    part = quantized_matmul(x[:rows], *layer, group_size, 1)
+                    assert np.array_equal(np.array(part), together[:rows])
 
 
 def test_fallback_reasons(monkeypatch):

@@ -118,18 +118,10 @@ NATIVE_AVX512 void tile_avx512(const Job& job, int64_t n0, int m0) {
       job.out[(m0 + m) * job.N + n0 + n] = _mm512_reduce_add_ps(total[n][m]);
 }
 
-// NB rows of w times every row of x, in tiles of at most 3 rows of x (4 as 2 + 2).
+// NB rows of w times every row of x, in tiles of at most 3 rows of x (x_blocks).
 template <int T, int GS, int NB>
 NATIVE_AVX512 void tile_rows_avx512(const Job& job, int64_t n0) {
-  int m = 0;
-  if (job.M == 4) {
-    tile_avx512<T, GS, NB, 2>(job, n0, 0);
-    tile_avx512<T, GS, NB, 2>(job, n0, 2);
-    return;
-  }
-  for (; m + 3 <= job.M; m += 3) tile_avx512<T, GS, NB, 3>(job, n0, m);
-  if (job.M - m == 2) tile_avx512<T, GS, NB, 2>(job, n0, m);
-  if (job.M - m == 1) tile_avx512<T, GS, NB, 1>(job, n0, m);
+  x_blocks(job.M, [&](auto rows, int m) { tile_avx512<T, GS, NB, decltype(rows)::value>(job, n0, m); });
 }
 
 // Rows [r0, r1) of w: 8 at a time for one row of x (decode: bound by reading w), 4 for more

@@ -162,7 +162,7 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
     jobs.push_back(Job{m.w, m.s, m.b, m.N, K, M, group_size, xp.data(), xs.data(), m.out,
                        isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data()});
     fns.push_back(int8 ? pick_int8(m.type, group_size) : pick(isa, m.type, group_size));
-    // A multiple of 8 rows: the AVX-512 kernel's decode tile (matvec_kernels.h).
+    // A multiple of 8 rows: the AVX-512 kernel's decode tile, two of the AVX2 kernel's tiles.
     per.push_back((std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)) + 7) / 8 * 8);
     first.push_back(chunks);
     chunks += (m.N + per.back() - 1) / per.back();
