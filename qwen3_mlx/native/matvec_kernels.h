@@ -119,15 +119,16 @@ NATIVE_AVX2 inline __m256 scales8(const void* p) {
     const float* f = static_cast<const float*>(p);
     if constexpr (G == 1) return _mm256_broadcast_ss(f);
     v = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f)));
+  } else if constexpr (T == BF16) {
+    // bfloat16 is float32's top half: widened in a general register, then moved over once
+    const uint16_t* h = static_cast<const uint16_t*>(p);
+    if constexpr (G == 1) return _mm256_castsi256_ps(_mm256_set1_epi32(int(uint32_t(h[0]) << 16)));
+    const uint64_t pair = uint64_t(h[0]) << 16 | uint64_t(h[1]) << 48;
+    v = _mm_castsi128_ps(_mm_cvtsi64_si128(int64_t(pair)));
   } else {
     const uint16_t* h = static_cast<const uint16_t*>(p);
     uint32_t raw = G == 1 ? h[0] : (uint32_t(h[0]) | uint32_t(h[1]) << 16);
-    __m128i bits = _mm_cvtsi32_si128(int(raw));
-    if constexpr (T == BF16) {
-      v = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
-    } else {
-      v = _mm_cvtph_ps(bits);
-    }
+    v = _mm_cvtph_ps(_mm_cvtsi32_si128(int(raw)));
     if constexpr (G == 1) return _mm256_set1_ps(_mm_cvtss_f32(v));
   }
   const __m256i index = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
