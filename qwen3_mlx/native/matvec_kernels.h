@@ -74,7 +74,12 @@ struct Job {
   // word's block scale.
   const int8_t* xq = nullptr;  // [M][K]
   const float* xd = nullptr;   // [M][K/8]
+  // The AVX2 kernel only: each group's sum of x, per row of x padded with zeros to a multiple of
+  // 8 groups (group_sums_stride).
+  const float* xg = nullptr;  // [M][group_sums_stride(K / group_size)]
 };
+
+inline int64_t group_sums_stride(int64_t groups) { return (groups + 7) / 8 * 8; }
 
 // ---------------------------------------------------------------------------------------------
 // Portable kernel: plain x, group by group
@@ -135,6 +140,17 @@ NATIVE_AVX2 inline __m256 scales8(const void* p) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), index);
 }
 
+// The biases of 8 groups from p as float32 (of the last `left` groups, zeros past them).
+template <int T>
+NATIVE_AVX2 inline __m256 biases8(const char* p, int64_t left) {
+  alignas(32) char tail[32] = {};
+  if (left < 8) p = static_cast<const char*>(std::memcpy(tail, p, left * (T == F32 ? 4 : 2)));
+  if constexpr (T == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (T == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  return _mm256_cvtph_ps(bits);
+}
+
 NATIVE_AVX2 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -147,7 +163,9 @@ NATIVE_AVX2 inline float hsum8(__m256 v) {
 // linear run (its NB rows are contiguous), one line per row every other step.
 // Every (row of w, row of x) pair has its own sums, added in one order whatever NB and MB are, as
 // in tile_avx512: per step acc = q_0 x_0 + ... + q_7 x_7 (a product, then 7 FMAs), then
-// total += acc * scale; total += bias * word sums of x; the 8 lanes summed at the end by hsum8.
+// total += acc * scale; after the last step, per 8 groups total += biases * group sums of x
+// (Job::xg; one FMA per 8 groups, where a bias per step cost one per step); the 8 lanes summed
+// at the end by hsum8.
 // So each row of x gets, bit for bit, the result a one-row call gives it (speculative verify).
 template <int T, int GS, int NB, int MB>
 NATIVE_AVX2 void tile_avx2(const Job& job, int64_t n0, int m0) {
@@ -158,7 +176,6 @@ NATIVE_AVX2 void tile_avx2(const Job& job, int64_t n0, int m0) {
   const char* scales = static_cast<const char*>(job.scales) + n0 * groups * esize;
   const char* biases = static_cast<const char*>(job.biases) + n0 * groups * esize;
   const float* x = job.xp + m0 * K;
-  const float* xs = job.xs + m0 * words;
   __m256 total[NB][MB];
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
@@ -194,12 +211,20 @@ NATIVE_AVX2 void tile_avx2(const Job& job, int64_t n0, int m0) {
 #pragma GCC unroll 8
     for (int n = 0; n < NB; ++n) {
       const __m256 sv = scales8<T, G>(scales + (n * groups + g) * esize);
-      const __m256 bv = scales8<T, G>(biases + (n * groups + g) * esize);
 #pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) {
-        total[n][m] = _mm256_fmadd_ps(acc[n][m], sv, total[n][m]);
-        total[n][m] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xs + m * words + c * 8), total[n][m]);
-      }
+      for (int m = 0; m < MB; ++m) total[n][m] = _mm256_fmadd_ps(acc[n][m], sv, total[n][m]);
+    }
+  }
+  // The bias term, 8 groups at a time: sum_g bias_g * (group g's sum of x).
+  const int64_t stride = group_sums_stride(groups);
+  const float* xg = job.xg + m0 * stride;
+  for (int64_t g = 0; g < groups; g += 8) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      const __m256 bv = biases8<T>(biases + (n * groups + g) * esize, groups - g);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+        total[n][m] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xg + m * stride + g), total[n][m]);
     }
   }
 #pragma GCC unroll 8

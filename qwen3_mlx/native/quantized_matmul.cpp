@@ -76,8 +76,8 @@ std::vector<float> float_rows(const mx::array& x, size_t count) {
   return plain;
 }
 
-void prepare_x(const mx::array& x, int M, int64_t K, Isa isa, std::vector<float>& xp,
-               std::vector<float>& xs) {
+void prepare_x(const mx::array& x, int M, int64_t K, Isa isa, int group_size,
+               std::vector<float>& xp, std::vector<float>& xs, std::vector<float>& xg) {
   std::vector<float> plain = float_rows(x, size_t(M) * K);
   xs.assign(size_t(M) * (K / 8), 0.0f);
   for (int m = 0; m < M; ++m)
@@ -85,6 +85,16 @@ void prepare_x(const mx::array& x, int M, int64_t K, Isa isa, std::vector<float>
       float sum = 0.0f;
       for (int s = 0; s < 8; ++s) sum += plain[m * K + i * 8 + s];
       xs[m * (K / 8) + i] = sum;
+    }
+  // Group sums (the AVX2 kernel's bias term), from the word sums in order: one row's alone.
+  const int64_t groups = K / group_size, stride = group_sums_stride(groups);
+  const int words_per_group = group_size / 8;
+  xg.assign(size_t(M) * stride, 0.0f);
+  for (int m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.0f;
+      for (int i = 0; i < words_per_group; ++i) sum += xs[m * (K / 8) + g * words_per_group + i];
+      xg[m * stride + g] = sum;
     }
   if (isa == SCALAR) {
     xp = std::move(plain);
@@ -150,9 +160,9 @@ struct Matrix {
 // >= 16 rows, about 8 per thread per matrix, so a late thread finds work left or none.
 void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, int group_size,
                   bool int8, std::vector<Matrix>& matrices) {
-  std::vector<float> xp, xs, xd;
+  std::vector<float> xp, xs, xg, xd;
   std::vector<int8_t> xq;
-  prepare_x(x, M, K, int8 ? SCALAR : isa, xp, xs);  // SCALAR: plain x, quantized below
+  prepare_x(x, M, K, int8 ? SCALAR : isa, group_size, xp, xs, xg);  // SCALAR: plain x, quantized below
   if (int8) quantize_x(xp, M, K, xq, xd);
   std::vector<Job> jobs;
   std::vector<RowsFn> fns;
@@ -160,7 +170,7 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
   int64_t chunks = 0;
   for (const auto& m : matrices) {
     jobs.push_back(Job{m.w, m.s, m.b, m.N, K, M, group_size, xp.data(), xs.data(), m.out,
-                       isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data()});
+                       isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data(), xg.data()});
     fns.push_back(int8 ? pick_int8(m.type, group_size) : pick(isa, m.type, group_size));
     // A multiple of 8 rows: the AVX-512 kernel's decode tile, two of the AVX2 kernel's tiles.
     per.push_back((std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)) + 7) / 8 * 8);
