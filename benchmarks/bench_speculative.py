@@ -3,6 +3,7 @@
     python -m benchmarks.bench_speculative                 # everything (builds 4B/0.6B once)
     python -m benchmarks.bench_speculative --skip-shapes   # only the tiny-model measurements
     python -m benchmarks.bench_speculative --skip-tiny --cpu-time   # parts 1, 2, 4 on a loaded machine
+    python -m benchmarks.bench_speculative --skip-tiny --isa avx2   # as an AVX2-only CPU runs it
 
 1. Verify cost (random 4-bit weights at the Qwen3-4B shape): one target pass over 1..8 positions
    after a 128-token context, against one decode step (1 position). The native mat-vec takes up
@@ -243,6 +244,11 @@ def main() -> None:
         "--int8", action="store_true", help="the native kernel's int8-x variant (AVX-512 VNNI)"
     )
     parser.add_argument(
+        "--isa",
+        choices=["avx512", "avx2", "scalar"],
+        help="force the native kernels' instruction set (an AVX2-only CPU: --isa avx2)",
+    )
+    parser.add_argument(
         "--cpu-time",
         action="store_true",
         help="kernels on one thread, timed in CPU time (a loaded machine deschedules wall time)",
@@ -254,6 +260,9 @@ def main() -> None:
 
         quantized.THREADS, clock = 1, time.process_time
         print("one thread, CPU time", flush=True)
+    if args.isa:
+        os.environ["QWEN3_MLX_NATIVE_ISA"] = args.isa  # read per call by the extension
+        print(f"native kernels: {args.isa} (QWEN3_MLX_NATIVE_ISA)", flush=True)
     if args.int8:
         os.environ["QWEN3_MLX_NATIVE_INT8"] = "1"  # read per call by qwen3_mlx.cpu.native
         print("native kernel: int8 x (QWEN3_MLX_NATIVE_INT8=1)", flush=True)
