@@ -2,6 +2,12 @@
 
     python -m benchmarks.bench_attention                 # 0.6B and 4B heads, 64/1,024/4,096 tokens
     python -m benchmarks.bench_attention --rounds 15 --contexts 64,1024
+    python -m benchmarks.bench_attention --prefill 512 --contexts 512,4096,16384 --rounds 2 --calls 1
+
+With --prefill N it times the causal attention of an N-token prompt chunk instead (the queries at
+the end of the context, as a chunked prefill runs them): the native prefill kernel, and mx.fast's
+masked path only up to 1,024 tokens (on a fresh install it runs through MLX's reference BLAS and
+takes minutes beyond).
 
 One layer's attention for one query position (head_dim 128, float32) over a cache of T tokens
 held as mlx-lm's KVCache holds it: a view of a larger allocation, sliced along T. Each round
@@ -14,6 +20,7 @@ the peer is `mx.fast.scaled_dot_product_attention`. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -24,8 +31,14 @@ HEAD_DIM = 128
 GROWTH = 256  # mlx-lm's KVCache grows its allocation in steps of this many tokens
 
 
-def paths(query_heads: int, kv_heads: int, context: int) -> dict[str, Callable[[], object]]:
-    """The two attention calls over one random cache of `context` tokens."""
+PEER_LIMIT = 1024  # the longest context mx.fast's masked prefill path is timed at
+
+
+def paths(
+    query_heads: int, kv_heads: int, context: int, queries_count: int = 1
+) -> dict[str, Callable[[], object]]:
+    """The two attention calls over one random cache of `context` tokens (the last
+    `queries_count` of them the queries: causal when more than one)."""
     import mlx.core as mx
 
     from qwen3_mlx.cpu.kv_attention import float_attention
@@ -33,14 +46,20 @@ def paths(query_heads: int, kv_heads: int, context: int) -> dict[str, Callable[[
     capacity = (context // GROWTH + 1) * GROWTH
     keys = mx.random.normal((1, kv_heads, capacity, HEAD_DIM))
     values = mx.random.normal((1, kv_heads, capacity, HEAD_DIM))
-    queries = mx.random.normal((1, query_heads, 1, HEAD_DIM))
+    queries = mx.random.normal((1, query_heads, queries_count, HEAD_DIM))
     mx.eval(keys, values, queries)
     k, v = keys[..., :context, :], values[..., :context, :]
     scale = HEAD_DIM**-0.5
-    return {
-        "native": lambda: float_attention(queries, k, v, scale, None),
-        "mx.fast": lambda: mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale),
+    mask = "causal" if queries_count > 1 else None
+    calls = {
+        "native": lambda: float_attention(queries, k, v, scale, mask),
+        "mx.fast": lambda: mx.fast.scaled_dot_product_attention(
+            queries, k, v, scale=scale, mask=mask
+        ),
     }
+    if queries_count > 1 and context > PEER_LIMIT:
+        del calls["mx.fast"]
+    return calls
 
 
 def best_microseconds(calls: dict[str, Callable[[], object]], rounds: int, count: int) -> dict:
@@ -64,23 +83,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", default="64,1024,4096")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--prefill", type=int, default=0, help="a causal chunk of N queries")
     options = parser.parse_args(argv)
 
     from qwen3_mlx.cpu.kv_attention import THREADS, native_float_attention
 
     module = native_float_attention()
     where = f"ISA {module.isa()}, {THREADS} thread(s)" if module else "native kernel unavailable"
-    print(f"float32 decode attention, one layer, {where}")
+    what = f"causal {options.prefill}-token chunk" if options.prefill else "decode"
+    print(f"float32 {what} attention, one layer, {where}, load average {os.getloadavg()[0]:.1f}")
     print("| shape | tokens | native us | mx.fast us | mx.fast / native |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for shape, (query_heads, kv_heads) in SHAPES.items():
         for context in map(int, options.contexts.split(",")):
-            calls = paths(query_heads, kv_heads, context)
+            calls = paths(query_heads, kv_heads, context, max(1, options.prefill))
             best = best_microseconds(calls, options.rounds, options.calls)
-            ratio = best["mx.fast"] / best["native"]
+            peer = best.get("mx.fast")
+            ratio = "" if peer is None else f"{peer / best['native']:.1f}x"
             print(
-                f"| {shape} | {context:,} | {best['native']:.0f} | {best['mx.fast']:.0f} "
-                f"| {ratio:.1f}x |",
+                f"| {shape} | {context:,} | {best['native']:.0f} "
+                f"| {'not run' if peer is None else f'{peer:.0f}'} | {ratio} |",
                 flush=True,
             )
 

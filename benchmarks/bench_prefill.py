@@ -12,7 +12,8 @@ its own `llama-bench` (built from source: only a benchmark tool, never a depende
 prefill and `-n` for decode, with the same thread count.
 
 Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long; --int8 adds
-ours with the opt-in int8 prefill matmul, QWEN3_MLX_NATIVE_INT8_PREFILL=1, as a second line;
+ours with the int8 opt-ins, QWEN3_MLX_NATIVE_INT8_PREFILL=1 and QWEN3_MLX_NATIVE_INT8=1 (the
+prefill matmul and the decode mat-vec), as a second line;
 --prefill-only leaves out decode), decode tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
 for prefill the FLOP/s of the matmuls and attention against the measured FMA peak, for decode
 the GB/s of weights read against the measured read bandwidth; and the peak memory of our load
@@ -37,7 +38,7 @@ from benchmarks.run import ROOT, machine, run_worker
 
 THREADS = min(os.cpu_count() or 1, 8)
 AGENT_PROMPT = 1500
-INT8_PREFILL = "QWEN3_MLX_NATIVE_INT8_PREFILL"
+INT8_SWITCHES = ("QWEN3_MLX_NATIVE_INT8_PREFILL", "QWEN3_MLX_NATIVE_INT8")  # the int8 opt-ins
 
 
 def limits(threads: int) -> dict[str, float]:
@@ -73,17 +74,19 @@ def flops_per_token(config: dict[str, Any], prompt: int) -> float:
 
 def ours(path: Path, task: str, int8: bool = False, **spec: Any) -> dict[str, Any]:
     """One measurement of ours in a fresh process, as a fresh install runs (no system OpenBLAS);
-    int8: with the opt-in int8 prefill matmul (QWEN3_MLX_NATIVE_INT8_PREFILL=1)."""
+    int8: with the opt-in int8 prefill matmul and mat-vec (QWEN3_MLX_NATIVE_INT8_PREFILL=1 and
+    QWEN3_MLX_NATIVE_INT8=1)."""
     full = {"engine": "ours", "path": str(path), "dtype": "auto", "task": task, "openblas": False}
-    before = os.environ.pop(INT8_PREFILL, None)
+    before = {name: os.environ.pop(name, None) for name in INT8_SWITCHES}
     if int8:
-        os.environ[INT8_PREFILL] = "1"
+        os.environ.update(dict.fromkeys(INT8_SWITCHES, "1"))
     try:
         return run_worker({**full, **spec}, timeout=1800)
     finally:
-        os.environ.pop(INT8_PREFILL, None)
-        if before is not None:
-            os.environ[INT8_PREFILL] = before
+        for name, value in before.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def llama(binary: Path, gguf: Path, prompt: int, tokens: int, threads: int) -> dict[str, Any]:
@@ -136,10 +139,10 @@ def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, dict[s
             engines["ours int8"] = lambda prompt=prompt: ours(path, "prefill", True, prompt=prompt)
         engines["llama.cpp"] = lambda prompt=prompt: llama(binary, gguf, prompt, 0, threads)
         rows.append((f"prefill {prompt}", engines))
-    decode = {
-        "ours": lambda: ours(path, "decode", tokens=24),
-        "llama.cpp": lambda: llama(binary, gguf, 0, 32, threads),
-    }
+    decode = {"ours": lambda: ours(path, "decode", tokens=24)}
+    if args.int8 and args.weights != "bf16":
+        decode["ours int8"] = lambda: ours(path, "decode", True, tokens=24)
+    decode["llama.cpp"] = lambda: llama(binary, gguf, 0, 32, threads)
     if not args.prefill_only:
         rows.append(("decode", decode))
     return rows
@@ -237,7 +240,9 @@ def main() -> None:
         "--weights", choices=["4bit", "bf16"], default="4bit", help="the checkpoints to compare"
     )
     parser.add_argument(
-        "--int8", action="store_true", help="also ours with the opt-in int8 prefill matmul"
+        "--int8",
+        action="store_true",
+        help="also ours with the int8 opt-ins (prefill matmul and decode mat-vec)",
     )
     parser.add_argument("--prefill-only", action="store_true", help="leave out the decode rows")
     parser.add_argument("--repeats", type=int, default=1, help="passes (the best is shown)")

@@ -113,6 +113,14 @@ def print_shapes(repeats: int) -> dict[int, float]:
             f"k={k} {projected_speedup(acceptance, k, target, draft):.2f}x" for k in (2, 3, 4, 5)
         )
         print(f"  acceptance {acceptance}: {row}; best k={best}", flush=True)
+    # The ceiling the draft's cost alone leaves: every verify pass as cheap as one decode step.
+    free = {rows: step for rows in range(1, 10)}
+    ceiling = max(projected_speedup(0.7, k, free, draft) for k in range(1, 8))
+    print(
+        f"  ceiling at acceptance 0.7 if verifying cost one step at any N: {ceiling:.2f}x "
+        f"(the draft step alone is {draft / step:.2f} of the target's)",
+        flush=True,
+    )
     print("Projected 4B with n-gram lookup (drafts cost nothing; assumed acceptance):", flush=True)
     for acceptance in (0.5, 0.7, 0.9):
         row = ", ".join(

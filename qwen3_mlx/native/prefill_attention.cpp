@@ -28,6 +28,22 @@ AttentionKernels attention_kernels(Isa isa) {
                                                                    : attention_scalar_kernels();
 }
 
+// KV head bh's keys [T][D] (row stride `stride`) as tiles [tiles][D][MR], zeros past T.
+void pack_keys(const float* keys, int64_t stride, int64_t T, int D, int MR, int64_t tiles,
+               float* out) {
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int j = 0; j < MR; ++j) {
+      const int64_t key = t * MR + j;
+      float* column = out + t * D * MR + j;
+      if (key < T) {
+        const float* row = keys + key * stride;
+        for (int d = 0; d < D; ++d) column[d * MR] = row[d];
+      } else {
+        for (int d = 0; d < D; ++d) column[d * MR] = 0.0f;
+      }
+    }
+}
+
 class CausalAttention : public mx::UnaryPrimitive {
  public:
   CausalAttention(mx::Stream stream, float scale, int threads)
@@ -76,6 +92,15 @@ void CausalAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     job.k = k.data<float>();
     job.v = v.data<float>();
     job.out = out.data<float>();
+    const int MR = kernels.key_rows;
+    job.tiles = (job.T + MR - 1) / MR;
+    const int64_t heads = job.B * job.Hkv, per_head = job.tiles * job.D * MR;
+    std::vector<float> tiles(size_t(heads * per_head));  // one layer's keys, for this call
+    pool().run(threads, heads, [&](int64_t bh) {
+      const float* keys = job.k + (bh / job.Hkv) * job.k_stride[0] + (bh % job.Hkv) * job.k_stride[1];
+      pack_keys(keys, job.k_stride[2], job.T, job.D, MR, job.tiles, tiles.data() + bh * per_head);
+    });
+    job.k_tiles = tiles.data();
     const int64_t items = job.B * job.Hkv * ((job.L + kernels.QB - 1) / kernels.QB);
     const int64_t scratch = kernels.scratch(job);
     pool().run(threads, items, [&](int64_t item) {

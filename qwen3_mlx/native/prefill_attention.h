@@ -16,6 +16,11 @@ struct PrefillAttention {
   const float* q;
   const float* k;
   const float* v;
+  // The keys once more, packed per KV head into tiles of `key_rows` keys as the scores' product
+  // reads them, [B][Hkv][tiles][D][key_rows], zeros past T (pack_keys). Packed once per call:
+  // every block of queries of a head reads the same tiles (before, each block copied them).
+  const float* k_tiles;
+  int64_t tiles;  // tiles per KV head: ceil(T / key_rows)
   int64_t k_stride[3], v_stride[3];
   float* out;
   int64_t B, Hq, Hkv, L, T;
@@ -28,8 +33,9 @@ struct PrefillAttention {
 using PrefillAttentionFn = void (*)(const PrefillAttention& job, int64_t item, float* scratch);
 
 struct AttentionKernels {
-  int QB;       // query positions per work item
-  int columns;  // D must be a multiple of this
+  int QB;        // query positions per work item
+  int columns;   // D must be a multiple of this
+  int key_rows;  // keys per packed tile (the product's MR)
   PrefillAttentionFn run;
   int64_t (*scratch)(const PrefillAttention& job);  // floats of scratch per item
 };

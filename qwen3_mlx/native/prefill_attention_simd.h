@@ -4,7 +4,8 @@
 // each block's scores and weighted values as two register-tiled products, the softmax kept as a
 // running max and sum per query. Scores are computed transposed, keys x queries, so the softmax
 // runs down columns with every lane its own query, and the probabilities are already the
-// k-major operand the values' product reads: nothing is transposed but one key block per pass.
+// k-major operand the values' product reads. The keys come packed in [D][MR] tiles, once per
+// call (prefill_attention.cpp's pack_keys), for every block of queries to read.
 // Float32 throughout (exponential within 2 ulp), so results are within float32 rounding of a
 // float64 reference.
 
@@ -14,8 +15,8 @@ struct AttentionShape {
   int64_t R, RQ, padded;  // query heads per KV head, query columns (R * QB), rows of O
   explicit AttentionShape(const PrefillAttention& job)
       : R(job.Hq / job.Hkv), RQ(R * QB), padded((R * QB + MR - 1) / MR * MR) {}
-  // Q^T [D][RQ] in NR-column panels, scores [KB][RQ] (+ MR), K tiles [KB/MR][D][MR], O, m, l.
-  int64_t scratch(int D) const { return D * RQ + KB * RQ + MR + KB * D + padded * D + 2 * RQ; }
+  // Q^T [D][RQ] in NR-column panels, scores [KB][RQ] (+ MR), O, m, l.
+  int64_t scratch(int D) const { return D * RQ + KB * RQ + MR + padded * D + 2 * RQ; }
 };
 
 template <class S>
@@ -39,8 +40,7 @@ void attention_item(const PrefillAttention& job, int64_t item, float* scratch) {
   const int rows = int(job.L - i0 < QB ? job.L - i0 : QB);
   float* qt = scratch;        // [D][RQ] as panels [RQ / NR][D][NR]
   float* st = qt + D * RQ;    // [KB][RQ] (+ MR slack: the last tile reads past RQ)
-  float* kt = st + KB * RQ + MR;  // [KB / MR][D][MR]
-  float* o = kt + KB * D;     // [padded][D]
+  float* o = st + KB * RQ + MR;  // [padded][D]
   float* top = o + shape.padded * D;
   float* total = top + RQ;
   for (int64_t c = 0; c < RQ; ++c) {
@@ -53,17 +53,13 @@ void attention_item(const PrefillAttention& job, int64_t item, float* scratch) {
   }
   for (int64_t i = 0; i < shape.padded * D; ++i) o[i] = 0.0f;
   for (int j = 0; j < MR; ++j) st[KB * RQ + j] = 0.0f;
-  const float* keys = job.k + b * job.k_stride[0] + h * job.k_stride[1];
+  const float* key_tiles = job.k_tiles + bh * job.tiles * D * MR;  // [tiles][D][MR]
   const float* values = job.v + b * job.v_stride[0] + h * job.v_stride[1];
   const int64_t first = job.T - job.L + i0;  // position of the block's first query
   const int64_t last = first + rows - 1;      // the last key any of its queries sees
   for (int64_t j0 = 0; j0 <= last; j0 += KB) {
     const int n = int(last + 1 - j0 < KB ? last + 1 - j0 : KB);
-    for (int j = 0; j < KB; ++j) {  // the block's keys as [D][MR] tiles, zeros past n
-      const float* row = keys + (j0 + j) * job.k_stride[2];
-      float* tile = kt + (j / MR) * D * MR + j % MR;
-      for (int d = 0; d < D; ++d) tile[d * MR] = j < n ? row[d] : 0.0f;
-    }
+    const float* kt = key_tiles + (j0 / MR) * D * MR;  // the block's keys (KB is a multiple of MR)
     for (int t = 0; t * MR < n; ++t)
       for (int64_t p = 0; p < RQ / NR; ++p)
         multiply_tile<S, MR>(kt + t * D * MR, MR, qt + p * D * NR, NR, D, st + t * MR * RQ + p * NR,
@@ -109,5 +105,5 @@ void attention_item(const PrefillAttention& job, int64_t item, float* scratch) {
 
 template <class S>
 AttentionKernels attention_kernels_for() {
-  return {AttentionShape<S>::QB, 2 * S::L, attention_item<S>, attention_scratch<S>};
+  return {AttentionShape<S>::QB, 2 * S::L, S::MR, attention_item<S>, attention_scratch<S>};
 }
