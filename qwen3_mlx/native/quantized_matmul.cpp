@@ -9,7 +9,7 @@
 // once per call so that the V elements for nibble s sit together, and pre-scaled by 16^-s, so a
 // nibble is decoded with one AND (w & 0xF<<4s is q * 16^s, exact in float32) and one int->float
 // convert; the power-of-two scaling makes every product exactly q * x. The bias term uses per-lane
-// sums of x. Products and sums are float32 throughout, so results are within float32 rounding of
+// sums of x (AVX-512), or each group's sum of x (AVX2). Products and sums are float32 throughout, so results are within float32 rounding of
 // a float64 reference whatever the scale dtype.
 //
 // The ISA is chosen at run time (AVX-512, AVX2+FMA, portable C++) with per-function target
