@@ -74,12 +74,12 @@ struct Job {
   // word's block scale.
   const int8_t* xq = nullptr;  // [M][K]
   const float* xd = nullptr;   // [M][K/8]
-  // The AVX2 kernel only: each group's sum of x, per row of x padded with zeros to a multiple of
-  // 8 groups (group_sums_stride).
+  // The float vector kernels: each group's sum of x, per row of x padded with zeros to a
+  // multiple of 16 groups (group_sums_stride: whole vectors for AVX2 and AVX-512).
   const float* xg = nullptr;  // [M][group_sums_stride(K / group_size)]
 };
 
-inline int64_t group_sums_stride(int64_t groups) { return (groups + 7) / 8 * 8; }
+inline int64_t group_sums_stride(int64_t groups) { return (groups + 15) / 16 * 16; }
 
 // ---------------------------------------------------------------------------------------------
 // Portable kernel: plain x, group by group
@@ -183,6 +183,8 @@ NATIVE_AVX2 void tile_avx2(const Job& job, int64_t n0, int m0) {
   const char* scales = static_cast<const char*>(job.scales) + n0 * groups * esize;
   const char* biases = static_cast<const char*>(job.biases) + n0 * groups * esize;
   const float* x = job.xp + m0 * K;
+  // The tile's biases are read after its last step: fetched now, they arrive during the steps.
+  for (int64_t byte = 0; byte < NB * groups * esize; byte += 64) _mm_prefetch(biases + byte, _MM_HINT_T0);
   __m256 total[NB][MB];
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
