@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_matvec_rows                  # this checkout's build, best ISA
     python -m benchmarks.bench_matvec_rows --isa avx2 --builds /tmp/before.so qwen3_mlx/_native_mlx_*.so
+    python -m benchmarks.bench_matvec_rows --int8     # the opt-in int8 mat-vec (AVX-512 VNNI)
 
 CPU time per call of one Qwen3-4B matrix (q by default) on one thread, for 1-8 rows of x (decode
 and a speculative verify pass), cycling over copies larger than the L3 so the words come from
@@ -23,6 +24,8 @@ import time
 from benchmarks.bench_cpu_kernel import COLD_BYTES, MATRICES, _layer
 from benchmarks.run import ROOT
 
+INT8_SWITCH = "QWEN3_MLX_NATIVE_INT8"
+
 
 def worker(build: str, matrix: str, rows: list[int], cold_bytes: float, passes: int) -> None:
     """In a fresh process: print {rows: best CPU seconds per call} for one build as JSON."""
@@ -39,13 +42,14 @@ def worker(build: str, matrix: str, rows: list[int], cold_bytes: float, passes: 
         _layer(height, width, mx.bfloat16, seed) for seed in range(int(cold_bytes // size) + 2)
     ]
     result = {}
+    int8 = os.environ.get(INT8_SWITCH) == "1"  # set by --int8
     for count in rows:
         x = mx.random.normal((count, width), key=mx.random.key(count))
-        mx.eval([module.quantized_matmul(x, *layer, 64, 1) for layer in layers[:2]])  # warm up
+        mx.eval([module.quantized_matmul(x, *layer, 64, 1, int8) for layer in layers[:2]])  # warm
         best = float("inf")
         for _ in range(passes):
             start = time.process_time()
-            mx.eval([module.quantized_matmul(x, *layer, 64, 1) for layer in layers])
+            mx.eval([module.quantized_matmul(x, *layer, 64, 1, int8) for layer in layers])
             best = min(best, (time.process_time() - start) / len(layers))
         result[count] = best
     print(json.dumps(result), flush=True)
@@ -62,10 +66,13 @@ def main() -> None:
     parser.add_argument("--matrix", choices=list(MATRICES), default="q")
     parser.add_argument("--rows", default="1,2,3,5,8", help="rows of x, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="the opt-in int8 mat-vec")
     parser.add_argument("--cold-mb", type=float, default=COLD_BYTES / 1e6, help="MB of copies")
     args = parser.parse_args()
     if args.isa:
         os.environ["QWEN3_MLX_NATIVE_ISA"] = args.isa  # read per call by the extension
+    if args.int8:
+        os.environ[INT8_SWITCH] = "1"  # read by the workers
     spec = [args.matrix, args.rows, str(args.cold_mb * 1e6)]
     best: list[dict[str, float]] = [{} for _ in args.builds]
     for _ in range(args.rounds):
@@ -79,7 +86,7 @@ def main() -> None:
     width, height = MATRICES[args.matrix]
     print(
         f"{args.matrix} {width}->{height}, bf16 scales, one thread, CPU time per call, "
-        f"ISA {args.isa or 'best'}; load average {os.getloadavg()[0]:.2f}"
+        f"ISA {args.isa or 'best'}{', int8 x' if args.int8 else ''}; load average {os.getloadavg()[0]:.2f}"
     )
     for index, build in enumerate(args.builds):
         cells = [

@@ -162,8 +162,9 @@ NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
 // AVX-512 VNNI, int8 x (opt-in): 16 words per step. `w & 0x0f0f0f0f` holds a word's even
 // nibbles as bytes and `(w >> 4) & 0x0f0f0f0f` its odd ones, so two vpdpbusd (u8 weights times
 // s8 x) give each word's 8 products summed in its int32 lane, then scaled by the lane's group
-// scale times its x block scale. The bias term uses the exact float sums of x, so the only
-// error is x's int8 rounding (half a block step per element), as llama.cpp's Q8_0 activations.
+// scale times its x block scale. The bias term uses the exact float group sums of x (once per 16
+// groups, after the steps), so the only error is x's int8 rounding (half a block step per
+// element), as llama.cpp's Q8_0 activations.
 
 
 // NB rows of w times MB rows of x, tiled as the float kernel's (tile_avx512); integer sums are
@@ -175,6 +176,7 @@ NATIVE_VNNI void tile_vnni(const Job& job, int64_t n0, int m0) {
   const uint32_t* w = job.w + n0 * words;
   const char* scales = static_cast<const char*>(job.scales) + n0 * groups * esize;
   const char* biases = static_cast<const char*>(job.biases) + n0 * groups * esize;
+  for (int64_t byte = 0; byte < NB * groups * esize; byte += 64) _mm_prefetch(biases + byte, _MM_HINT_T0);
   __m512 total[NB][MB], totalb[NB][MB];
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
@@ -190,7 +192,6 @@ NATIVE_VNNI void tile_vnni(const Job& job, int64_t n0, int m0) {
       const __m512i even = _mm512_and_si512(packed, nibble);
       const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(packed, 4), nibble);
       const __m512 step_scales = scales16<T, G>(scales + (n * groups + c * G) * esize);
-      const __m512 step_biases = scales16<T, G>(biases + (n * groups + c * G) * esize);
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) {
         const int8_t* xq = job.xq + (m0 + m) * K + c * 128;
@@ -199,8 +200,19 @@ NATIVE_VNNI void tile_vnni(const Job& job, int64_t n0, int m0) {
         const int64_t word = (m0 + m) * words + c * 16;
         const __m512 step = _mm512_mul_ps(step_scales, _mm512_loadu_ps(job.xd + word));
         total[n][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, total[n][m]);
-        totalb[n][m] = _mm512_fmadd_ps(step_biases, _mm512_loadu_ps(job.xs + word), totalb[n][m]);
       }
+    }
+  }
+  // The bias term as the float kernel's: per 16 groups, biases times the exact group sums of x.
+  const int64_t stride = group_sums_stride(groups);
+  const float* xg = job.xg + m0 * stride;
+  for (int64_t g = 0; g < groups; g += 16) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      const __m512 bv = biases16<T>(biases + (n * groups + g) * esize, groups - g);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+        totalb[n][m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xg + m * stride + g), totalb[n][m]);
     }
   }
 #pragma GCC unroll 8
