@@ -77,7 +77,7 @@ class Pool {
     while (true) {
       // Spin briefly (ops come back to back within one token), then sleep.
       for (int i = 0; i < 2000 && generation_.load(std::memory_order_acquire) == seen; ++i) {
-#ifdef NATIVE_X86
+#if defined(__x86_64__) || defined(_M_X64)
         _mm_pause();
 #endif
       }
