@@ -65,6 +65,25 @@ NATIVE_AVX512 inline __m512 biases16(const char* p, int64_t left) {
   return _mm512_cvtph_ps(bits);
 }
 
+// sums[n][m] += the bias term of NB rows of w (`biases`: the first row's) for MB rows of x from
+// m0: per 16 groups, the biases times the exact group sums of x (Job::xg), after the last step.
+template <int T, int NB, int MB>
+NATIVE_AVX512 inline void add_bias_terms(const Job& job, const char* biases, int64_t groups, int m0,
+                                         __m512 (&sums)[NB][MB]) {
+  constexpr int64_t esize = T == F32 ? 4 : 2;
+  const int64_t stride = group_sums_stride(groups);
+  const float* xg = job.xg + m0 * stride;
+  for (int64_t g = 0; g < groups; g += 16) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      const __m512 bv = biases16<T>(biases + (n * groups + g) * esize, groups - g);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+        sums[n][m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xg + m * stride + g), sums[n][m]);
+    }
+  }
+}
+
 // NB rows of w (n0..) times MB rows of x (m0..). Each 16-word step unpacks the NB rows' words
 // once for all MB rows of x, and loads each x vector once for all NB rows of w; the next tile's
 // words are prefetched as one linear run (its NB rows are contiguous), one line per row and step.
@@ -121,17 +140,7 @@ NATIVE_AVX512 void tile_avx512(const Job& job, int64_t n0, int m0) {
       for (int m = 0; m < MB; ++m) total[n][m] = _mm512_fmadd_ps(acc[n][m], sv, total[n][m]);
     }
   }
-  const int64_t stride = group_sums_stride(groups);
-  const float* xg = job.xg + m0 * stride;
-  for (int64_t g = 0; g < groups; g += 16) {
-#pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) {
-      const __m512 bv = biases16<T>(biases + (n * groups + g) * esize, groups - g);
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m)
-        total[n][m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xg + m * stride + g), total[n][m]);
-    }
-  }
+  add_bias_terms<T, NB, MB>(job, biases, groups, m0, total);
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
 #pragma GCC unroll 8
@@ -203,18 +212,7 @@ NATIVE_VNNI void tile_vnni(const Job& job, int64_t n0, int m0) {
       }
     }
   }
-  // The bias term as the float kernel's: per 16 groups, biases times the exact group sums of x.
-  const int64_t stride = group_sums_stride(groups);
-  const float* xg = job.xg + m0 * stride;
-  for (int64_t g = 0; g < groups; g += 16) {
-#pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) {
-      const __m512 bv = biases16<T>(biases + (n * groups + g) * esize, groups - g);
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m)
-        totalb[n][m] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xg + m * stride + g), totalb[n][m]);
-    }
-  }
+  add_bias_terms<T, NB, MB>(job, biases, groups, m0, totalb);  // as the float kernel's
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
 #pragma GCC unroll 8
