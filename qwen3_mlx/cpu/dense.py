@@ -63,15 +63,15 @@ def bf16_requested() -> bool:
     return os.environ.get(BF16_ENV) == "1"
 
 
+def keeps_bf16(compute_dtype: mx.Dtype | None) -> bool:
+    """Whether 2-D bf16 weights stay bf16 under compute_dtype (the native kernel widens them per
+    use), so that a loader need not cast them."""
+    return compute_dtype is not None and compute_dtype == mx.float32 and native_dense() is not None
+
+
 def _reads_in_place(weight: mx.array, compute_dtype: mx.Dtype | None) -> bool:
     """Whether the native kernel computes a layer with this weight under compute_dtype."""
-    return (
-        compute_dtype is not None
-        and compute_dtype == mx.float32
-        and weight.dtype == mx.bfloat16
-        and weight.ndim == 2
-        and native_dense() is not None
-    )
+    return weight.dtype == mx.bfloat16 and weight.ndim == 2 and keeps_bf16(compute_dtype)
 
 
 def _matmul(x: mx.array, weight: mx.array) -> mx.array | None:
@@ -84,12 +84,6 @@ def matmul(x: mx.array, weight: mx.array) -> mx.array:
     """x @ weight.T: the native kernel for float32 x and a bf16 weight read in place, else MLX's."""
     out = _matmul(x, weight)
     return x @ weight.T if out is None else out
-
-
-def reads_in_place(weight_dtype: mx.Dtype, compute_dtype: mx.Dtype | None) -> bool:
-    """Whether a 2-D weight stored in weight_dtype stays so under compute_dtype (the native kernel
-    widens it per use), so that a loader need not cast it."""
-    return _reads_in_place(mx.zeros((1, 1), dtype=weight_dtype), compute_dtype)
 
 
 def project(x: mx.array, *layers: nn.Module) -> list[mx.array]:

@@ -9,6 +9,8 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__)
 #include <immintrin.h>
+
+#include "simd_float.h"
 #define DENSE_SIMD 1
 #endif
 
@@ -17,23 +19,7 @@ namespace native {
 #ifdef DENSE_SIMD
 namespace {
 
-struct Avx512 {
-  static constexpr int L = 16, MR = 12;
-  using V = __m512;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static float sum(V v) {
-    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+struct Avx512 : FloatAvx512 {
   static void widen(const uint16_t* p, V& even, V& odd) {
     const __m512i v = _mm512_loadu_si512(p);
     even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));

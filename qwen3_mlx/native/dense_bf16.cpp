@@ -11,6 +11,8 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "simd_float.h"
 #define DENSE_BF16 1
 #endif
 
@@ -18,15 +20,6 @@ namespace native {
 
 #ifdef DENSE_BF16
 namespace {
-
-float lanes_sum(__m512 v) {
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int M, int R>
 void dots(const uint16_t* x, int64_t K, const DenseMatrix& m, int64_t n) {
@@ -46,7 +39,7 @@ void dots(const uint16_t* x, int64_t K, const DenseMatrix& m, int64_t n) {
     }
   }
   for (int i = 0; i < M; ++i)
-    for (int r = 0; r < R; ++r) m.out[i * m.N + n + r] = lanes_sum(acc[i][r]);
+    for (int r = 0; r < R; ++r) m.out[i * m.N + n + r] = FloatAvx512::sum(acc[i][r]);
 }
 
 template <int M>

@@ -10,6 +10,8 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
+
+#include "simd_float.h"
 #define GEMM_SIMD 1
 #endif
 
@@ -18,16 +20,8 @@ namespace native {
 #ifdef GEMM_SIMD
 namespace {
 
-struct Avx2 {
-  static constexpr int L = 8, MR = 6;
-  using V = __m256;
+struct Avx2 : FloatAvx2 {
   using IV = __m256i;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }

@@ -10,6 +10,8 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
+
+#include "simd_float.h"
 #define GEMM_SIMD 1
 #endif
 
@@ -18,16 +20,8 @@ namespace native {
 #ifdef GEMM_SIMD
 namespace {
 
-struct Avx512 {
-  static constexpr int L = 16, MR = 12;
-  using V = __m512;
+struct Avx512 : FloatAvx512 {
   using IV = __m512i;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }

@@ -19,7 +19,7 @@ import numpy as np
 
 from qwen3_mlx.checkpoint_check import array_tensors, check_sizes, check_tensors, model_tensors
 from qwen3_mlx.config import ModelArgs, read_config
-from qwen3_mlx.cpu.dense import reads_in_place, use_dense_kernels
+from qwen3_mlx.cpu.dense import keeps_bf16, use_dense_kernels
 from qwen3_mlx.cpu.quantized import use_cpu_kernels
 from qwen3_mlx.errors import CheckpointError, QuantizationError
 from qwen3_mlx.fp8 import fp8_block_size
@@ -99,7 +99,7 @@ def dense_in_place(
     """Names of the bf16 weights this rank keeps bf16 (plain linear layers, embeddings and
     unquantized vocabulary shards) because the native kernel reads them in place under
     compute_dtype: a float32 rank then holds half the bytes, as a single process does."""
-    if not reads_in_place(mx.bfloat16, compute_dtype):
+    if not keeps_bf16(compute_dtype):
         return set()
     names = set()
     for path, module in model.named_modules():
