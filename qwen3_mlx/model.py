@@ -9,6 +9,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from qwen3_mlx.config import ModelArgs
+from qwen3_mlx.cpu import layer as cpu_layer
 from qwen3_mlx.cpu import ops as cpu_ops
 from qwen3_mlx.cpu.dense import project
 from qwen3_mlx.cpu.kv_attention import float_attention, quantized_attention
@@ -141,6 +142,10 @@ class Qwen3Model(nn.Module):
             cache = [None] * len(self.layers)
         mask = causal_mask(h.shape[1], cache[0])
         normed = self.layers[0].input_layernorm(h) if self.layers else h
+        # One token of one row: one native node per layer on the CPU where it applies.
+        fused = cpu_layer.decode_step(self.layers, self.norm, h, normed, cache)
+        if fused is not None:
+            return fused
         for index, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             h, delta = layer.sublayers(h, normed, mask, layer_cache)
             # Each block's residual add comes with the next norm (one native op on the CPU).

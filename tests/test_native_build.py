@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import qwen3_mlx.cpu.native as native_kernel
-from qwen3_mlx.cpu import dense, kv_attention, ops
+from qwen3_mlx.cpu import dense, kv_attention, layer, ops
 
 BUILT_HERE = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
 WANTED = BUILT_HERE and os.environ.get(native_kernel.ENV) != "0"
@@ -26,6 +26,7 @@ def test_the_extension_is_built_and_every_op_passed_its_self_test():
         "decode_attention": kv_attention.native_float_attention,
         "prefill_attention": kv_attention.native_prefill_attention,
         "dense_matmul": dense.native_dense,
+        "decode_rest": layer.native_layer,
     }
     for function, check in checks.items():
         assert check() is not None, native_kernel.checked_reason(function)

@@ -80,10 +80,18 @@ def _native_for(*arrays: mx.array) -> ModuleType | None:
     return native_ops() if mx.default_device() == mx.cpu else None
 
 
+def fused_ops() -> ModuleType | None:
+    """The extension when its decode ops and the fused ones (add_rms_norm, qk_norm_rope) passed
+    their self-tests, else None."""
+    if native_ops() is None:
+        return None
+    return native_kernel.checked("qk_norm_rope", _fused_self_test)
+
+
 def _fused_for(*arrays: mx.array) -> ModuleType | None:
     """As _native_for, for the fused decoder-layer ops (add_rms_norm, qk_norm_rope)."""
     module = _native_for(*arrays)
-    if module is None or native_kernel.checked("qk_norm_rope", _fused_self_test) is None:
+    if module is None or fused_ops() is None:
         return None
     return module
 

@@ -30,6 +30,7 @@
 #include "mlx/primitives.h"
 #include "strided.h"
 #include "isa.h"
+#include "layer_parts.h"
 #include "ops.h"
 
 namespace mx = mlx::core;
@@ -209,10 +210,8 @@ class AddRmsNorm : public FloatOps {
   void eval_cpu(const Arrays& inputs, Arrays& outputs) override {
     const float eps = eps_;
     run(inputs, outputs, [eps](const Data& in, const Arrays& arrays, Arrays& out) {
-      const int64_t D = arrays[0].shape(-1), count = int64_t(arrays[0].size());
-      float* h = out[0].data<float>();
-      for (int64_t i = 0; i < count; ++i) h[i] = in[0][i] + in[1][i];
-      rms_norm_rows(h, in[2], out[1].data<float>(), count / D, D, eps);
+      add_rms_norm_rows(in[0], in[1], in[2], out[0].data<float>(), out[1].data<float>(),
+                        int64_t(arrays[0].size()), arrays[0].shape(-1), eps);
     });
   }
 
@@ -259,19 +258,10 @@ class QkNormRope : public FloatOps {
     const float eps = eps_, factor = factor_;
     const int64_t offset = offset_;
     run(inputs, outputs, [=](const Data& in, const Arrays&, Arrays& out) {
-      for (int which = 0; which < 2; ++which) {  // q (inputs 0, 2), then k (1, 3)
-        auto& o = out[which];
-        const int64_t B = o.shape(0), H = o.shape(1), L = o.shape(2), D = o.shape(3);
-        const RopeTable table(in[4], L, D / 2, offset);
-        std::vector<float> normed(static_cast<size_t>(D));
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t l = 0; l < L; ++l) {
-              rms_norm_rows(in[which] + ((b * L + l) * H + h) * D, in[2 + which], normed.data(), 1,
-                            D, eps);
-              table.rotate(normed.data(), o.data<float>() + ((b * H + h) * L + l) * D, l, factor);
-            }
-      }
+      auto &q = out[0], &k = out[1];
+      qk_norm_rope_rows(in[0], in[1], in[2], in[3], in[4], eps, offset, factor, q.shape(0),
+                        q.shape(2), q.shape(1), k.shape(1), q.shape(3), q.data<float>(),
+                        k.data<float>());
     });
   }
 
@@ -287,14 +277,8 @@ class SwiGlu : public FloatOps {
   const char* name() const override { return "Qwen3SwiGlu"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
   void eval_cpu(const Arrays& inputs, Arrays& outputs) override {
-    const Isa isa = chosen_isa();
-    run(inputs, outputs, [isa](const Data& in, const Arrays&, Arrays& out) {
-      float* o = out[0].data<float>();
-#ifdef NATIVE_X86
-      if (isa != SCALAR) return swiglu_avx2(in[0], in[1], o, out[0].size());
-#endif
-      (void)isa;
-      swiglu_scalar(in[0], in[1], o, out[0].size());
+    run(inputs, outputs, [](const Data& in, const Arrays&, Arrays& out) {
+      swiglu_rows(in[0], in[1], out[0].data<float>(), out[0].size());
     });
   }
 };
@@ -312,6 +296,41 @@ void require_float32(const mx::array& a, const char* what) {
 }
 
 }  // namespace
+
+void add_rms_norm_rows(const float* x, const float* delta, const float* w, float* h, float* normed,
+                       int64_t count, int64_t D, float eps) {
+  for (int64_t i = 0; i < count; ++i) h[i] = x[i] + delta[i];
+  rms_norm_rows(h, w, normed, count / D, D, eps);
+}
+
+void qk_norm_rope_rows(const float* q, const float* k, const float* q_weight,
+                       const float* k_weight, const float* inv_freq, float eps, int64_t offset,
+                       float factor, int64_t B, int64_t L, int64_t Hq, int64_t Hk, int64_t D,
+                       float* q_out, float* k_out) {
+  const RopeTable table(inv_freq, L, D / 2, offset);
+  std::vector<float> normed(static_cast<size_t>(D));
+  const float* in[2] = {q, k};
+  const float* weight[2] = {q_weight, k_weight};
+  float* out[2] = {q_out, k_out};
+  const int64_t heads[2] = {Hq, Hk};
+  for (int which = 0; which < 2; ++which) {  // q, then k
+    const int64_t H = heads[which];
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t l = 0; l < L; ++l) {
+          rms_norm_rows(in[which] + ((b * L + l) * H + h) * D, weight[which], normed.data(), 1, D,
+                        eps);
+          table.rotate(normed.data(), out[which] + ((b * H + h) * L + l) * D, l, factor);
+        }
+  }
+}
+
+void swiglu_rows(const float* gate, const float* up, float* out, int64_t count) {
+#ifdef NATIVE_X86
+  if (chosen_isa() != SCALAR) return swiglu_avx2(gate, up, out, count);
+#endif
+  swiglu_scalar(gate, up, out, count);
+}
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
   require_float32(x, "x");

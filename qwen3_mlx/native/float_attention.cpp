@@ -25,6 +25,7 @@
 #include "attention.h"
 #include "strided.h"
 #include "isa.h"
+#include "layer_parts.h"
 #include "ops.h"
 #include "pool.h"
 
@@ -272,12 +273,6 @@ void run_chunk(const Job& job, int64_t item, Kernels kernels) {
   kernels.values(job.v.span(bi, h, t0, n), score.data(), R, D, acc);
 }
 
-Rows rows_of(const mx::array& a) {
-  Rows out{a.data<float>(), {}};
-  for (int axis = 0; axis < 4; ++axis) out.stride[axis] = a.strides()[axis];
-  return out;
-}
-
 class DecodeAttention : public mx::UnaryPrimitive {
  public:
   DecodeAttention(mx::Stream stream, float scale, int threads)
@@ -311,37 +306,49 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   job.T = k.shape(2);
   job.R = int(q.shape(1) / job.H);
   job.D = int(q.shape(3));
-  job.chunks = chunks_for(job.T);
-  const bool unit_step = k.strides()[3] == 1 && inputs[2].strides()[3] == 1;
-  const Kernels kernels = kernels_for(chosen_isa(), job.D, unit_step);
   const float scale = scale_;
   const int threads = threads_;
 
-  encoder.dispatch([job, kernels, scale, threads, q = mx::array::unsafe_weak_copy(q),
+  encoder.dispatch([job, scale, threads, q = mx::array::unsafe_weak_copy(q),
                     k = mx::array::unsafe_weak_copy(k),
                     v = mx::array::unsafe_weak_copy(inputs[2]),
                     out = mx::array::unsafe_weak_copy(out)]() mutable {
     const ClearVectorState clear;
-    float* o = out.data<float>();
-    const int64_t count = job.B * job.H * job.R * job.D;
-    if (job.T == 0) {  // nothing to attend to: zeros, as a softmax over no keys has no value
-      std::fill(o, o + count, 0.0f);
-      return;
-    }
     std::vector<float> qs;
     const float* query = row_major(q, qs);  // q may be a strided view (no Contiguous node for it)
-    if (query != qs.data()) qs.assign(query, query + count);
-    for (float& x : qs) x *= scale;
-    const std::vector<float> partials = job.allocate();
-    job.q = qs.data();
-    job.k = rows_of(k);
-    job.v = rows_of(v);
-    pool().run(threads, job.items(), [&](int64_t item) { run_chunk(job, item, kernels); });
-    merge(job, o);
+    float_decode_attention(query, k.data<float>(), k.strides().data(), v.data<float>(),
+                           v.strides().data(), job.B, job.H, job.T, job.R, job.D, scale, threads,
+                           out.data<float>());
   });
 }
 
 }  // namespace
+
+void float_decode_attention(const float* q, const float* k, const int64_t* k_strides,
+                            const float* v, const int64_t* v_strides, int64_t B, int64_t Hkv,
+                            int64_t T, int R, int D, float scale, int threads, float* out) {
+  const int64_t count = B * Hkv * R * D;
+  if (T == 0) {  // nothing to attend to: zeros, as a softmax over no keys has no value
+    std::fill(out, out + count, 0.0f);
+    return;
+  }
+  Job job{};
+  job.B = B;
+  job.H = Hkv;
+  job.T = T;
+  job.R = R;
+  job.D = D;
+  job.chunks = chunks_for(T);
+  const Kernels kernels = kernels_for(chosen_isa(), D, k_strides[3] == 1 && v_strides[3] == 1);
+  std::vector<float> qs(q, q + count);
+  for (float& x : qs) x *= scale;
+  const std::vector<float> partials = job.allocate();
+  job.q = qs.data();
+  job.k = Rows{k, {k_strides[0], k_strides[1], k_strides[2], k_strides[3]}};
+  job.v = Rows{v, {v_strides[0], v_strides[1], v_strides[2], v_strides[3]}};
+  pool().run(threads, job.items(), [&](int64_t item) { run_chunk(job, item, kernels); });
+  merge(job, out);
+}
 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                            float scale, int threads, mx::StreamOrDevice s) {

@@ -51,6 +51,23 @@ std::vector<mx::array> qk_norm_rope(const mx::array& q, const mx::array& k,
                                     float factor, mx::StreamOrDevice s);
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
 
+// decode_layer.cpp: a decoder layer of a one-token step (B = 1) in two nodes, bit for bit the ops
+// above. decode_qkv: [q, k, v] as [1, H, 1, D] from normed = input_layernorm(h), the (w, scales,
+// biases) of q, k, v, the q and k norms' weights and RoPE at `offset`. decode_rest, after the
+// caller wrote k and v at row `offset` of the float32 cache [1, Hkv, capacity, D]: [h', normed']
+// from the attention over rows 0..offset, o, the post-attention norm, the MLP (gate, up, down)
+// and the next norm.
+std::vector<mx::array> decode_qkv(const mx::array& normed, const std::vector<mx::array>& weights,
+                                  const mx::array& q_weight, const mx::array& k_weight,
+                                  const mx::array& inv_freq, int64_t kv_heads, int64_t offset,
+                                  float factor, float eps, int group_size, int threads, bool int8,
+                                  mx::StreamOrDevice s);
+std::vector<mx::array> decode_rest(const mx::array& h, const mx::array& q, const mx::array& keys,
+                                   const mx::array& values, const std::vector<mx::array>& weights,
+                                   const mx::array& post_weight, const mx::array& next_weight,
+                                   int64_t offset, float scale, float eps, float next_eps,
+                                   int group_size, int threads, bool int8, mx::StreamOrDevice s);
+
 // dense_matmul.cpp: x @ widen(w).T for float32 x and bf16 weights [N, K] read in place, for every
 // weight with one x: the mat-vec kernels up to 8 rows of x (x rounded to bf16 for a bf16 dot where
 // asked and supported), the tiled matmul above (dense.h).

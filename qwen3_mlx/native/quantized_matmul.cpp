@@ -38,6 +38,7 @@
 #include "mlx/primitives.h"
 #include "gemm.h"
 #include "isa.h"
+#include "layer_parts.h"
 #include "matvec_kernels.h"
 #include "ops.h"
 #include "pool.h"
@@ -76,9 +77,8 @@ std::vector<float> float_rows(const mx::array& x, size_t count) {
   return plain;
 }
 
-void prepare_x(const mx::array& x, int M, int64_t K, Isa isa, int group_size,
+void prepare_x(std::vector<float> plain, int M, int64_t K, Isa isa, int group_size,
                std::vector<float>& xp, std::vector<float>& xs, std::vector<float>& xg) {
-  std::vector<float> plain = float_rows(x, size_t(M) * K);
   xs.assign(size_t(M) * (K / 8), 0.0f);
   for (int m = 0; m < M; ++m)
     for (int64_t i = 0; i < K / 8; ++i) {
@@ -147,31 +147,24 @@ void store(const float* in, Out* out, int64_t count) {
 // ---------------------------------------------------------------------------------------------
 // The primitive
 
-// The matrices of one call: each its own weights, scales and biases and float32 result rows.
-struct Matrix {
-  const uint32_t* w;
-  const void *s, *b;
-  ScaleType type;
-  int64_t N;
-  float* out;  // [M][N]
-};
-
 // Every matrix times the same x (prepared once), rows of all of them in one pool run: chunks of
 // >= 16 rows, about 8 per thread per matrix, so a late thread finds work left or none.
-void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, int group_size,
-                  bool int8, std::vector<Matrix>& matrices) {
+void run_matrices(std::vector<float> plain, int M, int64_t K, Isa isa, int threads,
+                  int group_size, bool int8, const std::vector<Matrix>& matrices) {
   std::vector<float> xp, xs, xg, xd;
   std::vector<int8_t> xq;
-  prepare_x(x, M, K, int8 ? SCALAR : isa, group_size, xp, xs, xg);  // SCALAR: plain x, quantized below
+  // SCALAR: plain x, quantized below
+  prepare_x(std::move(plain), M, K, int8 ? SCALAR : isa, group_size, xp, xs, xg);
   if (int8) quantize_x(xp, M, K, xq, xd);
   std::vector<Job> jobs;
   std::vector<RowsFn> fns;
   std::vector<int64_t> per, first;  // rows per chunk and first chunk index, per matrix
   int64_t chunks = 0;
   for (const auto& m : matrices) {
+    const auto type = ScaleType(m.type);
     jobs.push_back(Job{m.w, m.s, m.b, m.N, K, M, group_size, xp.data(), xs.data(), m.out,
                        isa == SCALAR ? 0 : prefetch_bytes() / 4, xq.data(), xd.data(), xg.data()});
-    fns.push_back(int8 ? pick_int8(m.type, group_size) : pick(isa, m.type, group_size));
+    fns.push_back(int8 ? pick_int8(type, group_size) : pick(isa, type, group_size));
     // A multiple of 8 rows: the AVX-512 kernel's decode tile, two of the AVX2 kernel's tiles.
     per.push_back((std::max<int64_t>(16, m.N / (int64_t(std::max(threads, 1)) * 8)) + 7) / 8 * 8);
     first.push_back(chunks);
@@ -182,6 +175,21 @@ void run_matrices(const mx::array& x, int M, int64_t K, Isa isa, int threads, in
     const int64_t r0 = (c - first[i]) * per[i], r1 = std::min(matrices[i].N, r0 + per[i]);
     fns[i](jobs[i], r0, r1);
   });
+}
+
+// The mat-vec kernels' ISA for rows of K: AVX-512 steps take 128 weights, AVX2's 64.
+Isa matvec_isa(int64_t K) {
+  Isa isa = chosen_isa();
+  if (isa == AVX512 && K % 128) isa = AVX2;
+  if (isa == AVX2 && K % 64) isa = SCALAR;
+  return isa;
+}
+
+void quantized_matvecs(const float* x, int64_t K, int group_size, int threads, bool int8,
+                       const std::vector<Matrix>& matrices) {
+  const Isa isa = matvec_isa(K);
+  run_matrices(std::vector<float>(x, x + K), 1, K, isa, threads, group_size,
+               int8 && int8_supported() && isa == AVX512, matrices);
 }
 
 // More rows than the mat-vec kernels take (prefill): the tiled matmul (gemm.h) on float32 x.
@@ -229,9 +237,7 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
   const auto& x = inputs[0];
   const int64_t K = x.shape(-1);
   const int M = int(x.size() / K);
-  Isa isa = chosen_isa();
-  if (isa == AVX512 && K % 128) isa = AVX2;
-  if (isa == AVX2 && K % 64) isa = SCALAR;
+  const Isa isa = matvec_isa(K);
   // int8: the mat-vec's needs K % 128 (AVX-512); the prefill matmul's any K it takes.
   const bool int8 = int8_asked && int8_supported() && (M > MATVEC_ROWS || isa == AVX512);
   std::vector<mx::array> held, outs;
@@ -256,7 +262,8 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
     if (M > MATVEC_ROWS) {
       run_prefill(held[0], M, K, int8, threads, group_size, matrices);
     } else {
-      run_matrices(held[0], M, K, isa, threads, group_size, int8, matrices);
+      run_matrices(float_rows(held[0], size_t(M) * K), M, K, isa, threads, group_size, int8,
+                   matrices);
     }
     for (size_t i = 0; i < outs.size(); ++i)
       if (!results[i].empty()) store_out(results[i], outs[i]);
@@ -288,14 +295,21 @@ class QuantizedMatvecs : public mx::Primitive {
 };
 
 // Refuses, with a message, a matrix whose shapes or dtypes the kernels cannot take.
+void check_matrix(int64_t K, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                  int group_size);
+
 void check_matrix(const mx::array& x, const mx::array& w, const mx::array& scales,
                   const mx::array& biases, int group_size) {
+  if (x.ndim() == 0) throw std::invalid_argument("quantized_matmul: x must have at least one axis");
+  check_matrix(x.shape(-1), w, scales, biases, group_size);
+}
+
+void check_matrix(int64_t K, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                  int group_size) {
   if (group_size != 32 && group_size != 64 && group_size != 128)
     throw std::invalid_argument("quantized_matmul: group_size must be 32, 64 or 128");
   if (w.dtype() != mx::uint32 || w.ndim() != 2)
     throw std::invalid_argument("quantized_matmul: w must be a 2-D uint32 array of 4-bit words");
-  if (x.ndim() == 0) throw std::invalid_argument("quantized_matmul: x must have at least one axis");
-  const int K = x.shape(-1);
   if (K == 0 || K % group_size || w.shape(1) * 8 != K)
     throw std::invalid_argument("quantized_matmul: x's last axis must be w's width * 8, a multiple of the group");
   if (scales.dtype() != biases.dtype() ||

@@ -1,0 +1,43 @@
+// The kernels a decoder layer's decode step runs, as plain functions on float32 rows: each op of
+// ops.h runs one of them as its own graph node, and decode_layer.cpp runs them all in one node.
+// Sharing them keeps the fused layer bit for bit the separate ops.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace native {
+
+// quantized_matmul.cpp: one matrix of a mat-vec call (4-bit affine w [N, K / 8], scales and
+// biases [N, K / group] of ScaleType `type`) and where its float32 result row goes.
+struct Matrix {
+  const uint32_t* w;
+  const void *s, *b;
+  int type;  // ScaleType: F32, BF16 or F16
+  int64_t N;
+  float* out;  // [M][N]
+};
+
+// out = x @ dequantize(w).T for one row x [K] and every matrix, one pool run for all of them
+// (int8 x where asked and the CPU has AVX-512 VNNI).
+void quantized_matvecs(const float* x, int64_t K, int group_size, int threads, bool int8,
+                       const std::vector<Matrix>& matrices);
+
+// decode_ops.cpp: h = x + delta and normed = rms_norm(h) * w over rows of D.
+void add_rms_norm_rows(const float* x, const float* delta, const float* w, float* h, float* normed,
+                       int64_t count, int64_t D, float eps);
+// q [B, L, Hq * D] and k [B, L, Hk * D] to rope(rms_norm(head)) as [B, H, L, D].
+void qk_norm_rope_rows(const float* q, const float* k, const float* q_weight,
+                       const float* k_weight, const float* inv_freq, float eps, int64_t offset,
+                       float factor, int64_t B, int64_t L, int64_t Hq, int64_t Hk, int64_t D,
+                       float* q_out, float* k_out);
+// out = silu(gate) * up.
+void swiglu_rows(const float* gate, const float* up, float* out, int64_t count);
+
+// float_attention.cpp: one query position q [B, Hq, 1, D] (not yet scaled) over keys and values
+// [B, Hkv, T, D] with element strides k_strides / v_strides; out [B, Hq, 1, D].
+void float_decode_attention(const float* q, const float* k, const int64_t* k_strides,
+                            const float* v, const int64_t* v_strides, int64_t B, int64_t Hkv,
+                            int64_t T, int R, int D, float scale, int threads, float* out);
+
+}  // namespace native
