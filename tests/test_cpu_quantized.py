@@ -232,3 +232,47 @@ def test_checkpoint_keys_are_kept(make_checkpoint):
     assert names == dense_names
     if ON_CPU:
         assert type(model.layers[1].self_attn.o_proj) is CpuQuantizedLinear
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("scales_dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_the_native_embedding_lookup_is_mlxs_dequantize_bit_for_bit(
+    monkeypatch, scales_dtype, group_size
+):
+    """One node per lookup (a decode step's first), whatever the ids' shape, dtype and strides."""
+    table = mx.random.normal((300, 256), key=mx.random.key(3)).astype(scales_dtype)
+    embedding = CpuQuantizedEmbedding.from_quantized(
+        nn.QuantizedEmbedding.from_embedding(_embedding(table), group_size=group_size, bits=4)
+    )
+    embedding.compute_dtype = mx.float32
+    ids = [
+        mx.array([[7]], dtype=mx.uint32),
+        mx.array([[0, 299, 5, 5]]),  # int32: cast first
+        mx.array([[1, 2], [3, 4]], dtype=mx.uint32).T,  # a strided view
+    ]
+    native_rows = [embedding(i) for i in ids]
+    assert "Qwen3EmbeddingRows" in _primitives(native_rows[0])
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_quantized, "_native_rows", lambda layer: None)
+        for index, rows in zip(ids, native_rows, strict=True):
+            assert mx.array_equal(rows, embedding(index)).item()
+    past = native_kernel.native().embedding_rows(
+        mx.array([300], dtype=mx.uint32), *(embedding[k] for k in ("weight", "scales", "biases")),
+        group_size,
+    )  # fmt: skip
+    assert not mx.any(past).item()  # no row there: zeros, never memory past the table
+
+
+def _embedding(table: mx.array) -> nn.Embedding:
+    layer = nn.Embedding(*table.shape)
+    layer.weight = table
+    return layer
+
+
+def _primitives(output: mx.array) -> str:
+    import io
+
+    dot = io.StringIO()
+    mx.export_to_dot(dot, output)
+    return dot.getvalue()

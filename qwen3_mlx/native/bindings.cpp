@@ -79,6 +79,10 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         "[B, L, Hk * D], as [B, H, L, D], float32.");
   m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), nb::kw_only(),
         nb::arg("stream") = nb::none(), "silu(gate) * up, float32.");
+  m.def("embedding_rows", &embedding_rows, nb::arg("ids"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("group_size"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "Rows ids of a 4-bit affine quantized table as float32 [*ids.shape, D], as "
+        "mx.dequantize computes them (an id past the table gives zeros).");
   m.def("decode_qkv", &decode_qkv, nb::arg("normed"), nb::arg("weights"), nb::arg("q_weight"),
         nb::arg("k_weight"), nb::arg("inv_freq"), nb::arg("kv_heads"), nb::arg("offset"),
         nb::arg("factor"), nb::arg("eps"), nb::arg("group_size"), nb::arg("threads") = 1,

@@ -68,6 +68,11 @@ std::vector<mx::array> decode_rest(const mx::array& h, const mx::array& q, const
                                    int64_t offset, float scale, float eps, float next_eps,
                                    int group_size, int threads, bool int8, mx::StreamOrDevice s);
 
+// embedding.cpp: rows ids of a 4-bit affine quantized table (w, scales, biases) as float32
+// [*ids.shape, D], computed as MLX's dequantize computes them (an id past the table: zeros).
+mx::array embedding_rows(const mx::array& ids, const mx::array& w, const mx::array& scales,
+                         const mx::array& biases, int group_size, mx::StreamOrDevice s);
+
 // dense_matmul.cpp: x @ widen(w).T for float32 x and bf16 weights [N, K] read in place, for every
 // weight with one x: the mat-vec kernels up to 8 rows of x (x rounded to bf16 for a bf16 dot where
 // asked and supported), the tiled matmul above (dense.h).
