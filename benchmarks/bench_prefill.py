@@ -14,7 +14,7 @@ prefill and `-n` for decode, with the same thread count.
 Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long; --int8 adds
 ours with the int8 opt-ins, QWEN3_MLX_NATIVE_INT8_PREFILL=1 and QWEN3_MLX_NATIVE_INT8=1 (the
 prefill matmul and the decode mat-vec), as a second line;
---prefill-only leaves out decode), decode tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
+--prefill-only leaves out decode, --decode-only the prefill rows), decode tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
 for prefill the FLOP/s of the matmuls and attention against the measured FMA peak, for decode
 the GB/s of weights read against the measured read bandwidth; and the peak memory of our load
 (for bf16: the checkpoint's bytes, no float32 copy). --agent adds the time to first
@@ -133,7 +133,7 @@ def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, dict[s
     if args.agent and shape == "4b":
         prompts.append(AGENT_PROMPT)
     rows = []
-    for prompt in prompts:
+    for prompt in [] if args.decode_only else prompts:
         engines = {"ours": lambda prompt=prompt: ours(path, "prefill", prompt=prompt)}
         if args.int8:
             engines["ours int8"] = lambda prompt=prompt: ours(path, "prefill", True, prompt=prompt)
@@ -245,6 +245,7 @@ def main() -> None:
         help="also ours with the int8 opt-ins (prefill matmul and decode mat-vec)",
     )
     parser.add_argument("--prefill-only", action="store_true", help="leave out the decode rows")
+    parser.add_argument("--decode-only", action="store_true", help="leave out the prefill rows")
     parser.add_argument("--repeats", type=int, default=1, help="passes (the best is shown)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prefill")
     args = parser.parse_args()
