@@ -204,7 +204,8 @@ def _native_rows(layer: nn.Module):
     """The extension for the native lookup of a 4-bit table computed in float32 on the CPU, else
     None."""
     if (
-        layer.compute_dtype != mx.float32
+        layer.compute_dtype is None  # the checkpoint's dtype: MLX's lookup, as mlx-lm's
+        or layer.compute_dtype != mx.float32
         or layer.bits != native_kernel.BITS
         or layer.mode != "affine"
         or layer.group_size not in native_kernel.GROUP_SIZES
