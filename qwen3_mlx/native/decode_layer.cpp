@@ -26,9 +26,9 @@
 #include <string>
 #include <vector>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "dispatch.h"
 #include "isa.h"
 #include "layer_parts.h"
 #include "matvec_kernels.h"
@@ -121,19 +121,9 @@ class DecodePart : public mx::Primitive {
       : mx::Primitive(stream), p_(params), name_(name) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) encoder.set_input_array(input);
-    for (auto& out : outputs) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-      encoder.set_output_array(out);
-    }
-    std::vector<mx::array> held, outs;
-    for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-    for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
-    encoder.dispatch([held = std::move(held), outs = std::move(outs), p = p_]() mutable {
-      const ClearVectorState clear;
-      body(p, held, outs);
-    });
+    dispatch_on_stream(stream(), inputs, outputs,
+                       [p = p_](const std::vector<mx::array>& held,
+                                std::vector<mx::array>& outs) { body(p, held, outs); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("decode layer: CPU only");

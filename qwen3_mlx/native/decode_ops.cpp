@@ -25,9 +25,9 @@
 #include <vector>
 
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "dispatch.h"
 #include "strided.h"
 #include "isa.h"
 #include "layer_parts.h"
@@ -159,21 +159,11 @@ class FloatOps : public mx::Primitive {
   // body(inputs' data in row-major order, the inputs, the outputs).
   template <typename Body>
   void run(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, Body body) {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) encoder.set_input_array(input);
-    std::vector<mx::array> held, targets;
-    for (auto& out : outputs) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-      encoder.set_output_array(out);
-      targets.push_back(mx::array::unsafe_weak_copy(out));
-    }
-    for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-    encoder.dispatch(
-        [held = std::move(held), targets = std::move(targets), body]() mutable {
-          const ClearVectorState clear;
-          const DenseInputs in(held);
-          body(in.data, held, targets);
-        });
+    dispatch_on_stream(stream(), inputs, outputs,
+                       [body](const std::vector<mx::array>& held, std::vector<mx::array>& targets) {
+                         const DenseInputs in(held);
+                         body(in.data, held, targets);
+                       });
   }
 };
 

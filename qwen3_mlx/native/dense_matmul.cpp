@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "dense.h"
+#include "dispatch.h"
 #include "isa.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 #include "ops.h"
 #include "pool.h"
@@ -114,18 +114,9 @@ class DenseMatmuls : public mx::Primitive {
       : mx::Primitive(stream), threads_(threads), bf16_(bf16) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) encoder.set_input_array(input);
-    for (auto& out : outputs) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-      encoder.set_output_array(out);
-    }
-    std::vector<mx::array> held, outs;
-    for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-    for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
-    encoder.dispatch([held = std::move(held), outs = std::move(outs), threads = threads_,
-                      bf16 = bf16_]() mutable {
-      const ClearVectorState clear;
+    dispatch_on_stream(stream(), inputs, outputs, [threads = threads_, bf16 = bf16_](
+                                                      const std::vector<mx::array>& held,
+                                                      std::vector<mx::array>& outs) {
       const int64_t K = held[0].shape(-1);
       const int M = int(held[0].size() / K);
       std::vector<float> scratch;

@@ -33,9 +33,9 @@
 
 
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "dispatch.h"
 #include "gemm.h"
 #include "isa.h"
 #include "layer_parts.h"
@@ -228,24 +228,15 @@ constexpr int MATVEC_ROWS = 8;
 // inputs: x, then (w, scales, biases) per matrix; one output per matrix.
 void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
                   std::vector<mx::array>& outputs, int group_size, int threads, bool int8_asked) {
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (const auto& input : inputs) encoder.set_input_array(input);
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
-  }
   const auto& x = inputs[0];
   const int64_t K = x.shape(-1);
   const int M = int(x.size() / K);
   const Isa isa = matvec_isa(K);
   // int8: the mat-vec's needs K % 128 (AVX-512); the prefill matmul's any K it takes.
   const bool int8 = int8_asked && int8_supported() && (M > MATVEC_ROWS || isa == AVX512);
-  std::vector<mx::array> held, outs;
-  for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-  for (const auto& out : outputs) outs.push_back(mx::array::unsafe_weak_copy(out));
-  encoder.dispatch([held = std::move(held), outs = std::move(outs), K, M, isa, threads,
-                    group_size, int8]() mutable {
-    const ClearVectorState clear;
+  dispatch_on_stream(stream, inputs, outputs, [K, M, isa, threads, group_size, int8](
+                                                  const std::vector<mx::array>& held,
+                                                  std::vector<mx::array>& outs) {
     // float32 outputs (x float32, the CPU policy) take the results directly; others via a copy.
     std::vector<std::vector<float>> results(outs.size());
     std::vector<Matrix> matrices;
