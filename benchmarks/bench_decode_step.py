@@ -1,6 +1,7 @@
 """Where one CPU decode step's time goes: the mat-vecs, the small ops, Python and MLX's graph.
 
     QWEN3_MLX_OPENBLAS=0 python -m benchmarks.bench_decode_step [--shape 0.6b] [--steps 40]
+    QWEN3_MLX_OPENBLAS=0 python -m benchmarks.bench_decode_step --compare 10   # fused against separate
 
 Random 4-bit weights at the real shape (benchmarks/checkpoints.py), float32 compute, a 64-token
 context, greedy. It reports:
@@ -14,6 +15,11 @@ context, greedy. It reports:
 * the cost per graph node of a chain of 1,000 MLX adds and of 1,000 native RMSNorms (1,024
   floats each), which is nearly all dispatch.
 
+--compare N runs only the decode loop, N rounds alternating in one process: the step as it runs
+(two native nodes per decoder layer, qwen3_mlx/cpu/layer.py, and the native token lookup) against
+the separate ops it replaced, each round on a fresh cache; it prints the median and best wall time
+of each. Alternating in one process keeps a busy moment of a shared machine from favouring either.
+
 On 2 cores the mat-vec keeps both busy, so every CPU millisecond spent elsewhere, overlapped or
 not, costs about half a millisecond of the step: CPU time is the figure that adds up (and the
 one that stays readable on a shared, loaded machine). Timings are never asserted.
@@ -25,6 +31,7 @@ import argparse
 import io
 import os
 import re
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -147,11 +154,39 @@ def per_node(repeats: int = 5, length: int = 1000) -> dict[str, float]:
     return costs
 
 
+def fused_against_separate(model, rounds: int, steps: int) -> dict[str, list[dict[str, float]]]:
+    """The decode loop with the fused layers and native lookup, and with the separate ops,
+    alternating for `rounds` rounds: every round's figures per variant."""
+    from qwen3_mlx.cache import make_cache
+    from qwen3_mlx.cpu import layer, quantized
+
+    fused, rows = layer.decode_step, quantized._native_rows
+    variants = {
+        "fused": (fused, rows),
+        "separate ops": (lambda *args, **kwargs: None, lambda layer: None),
+    }
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, (step, lookup) in variants.items():
+                layer.decode_step, quantized._native_rows = step, lookup
+                cache = make_cache(model)
+                model(mx.arange(100, 100 + CONTEXT, dtype=mx.uint32)[None], cache=cache)
+                mx.eval([c.state for c in cache])
+                results[name].append(main_thread(model, cache, steps))
+    finally:
+        layer.decode_step, quantized._native_rows = fused, rows
+    return results
+
+
 def main() -> None:
     """Measure one shape and print the breakdown."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="0.6b", choices=["0.6b", "4b"])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--compare", type=int, default=0, metavar="N", help="fused against separate ops, N rounds"
+    )
     args = parser.parse_args()
     os.environ.setdefault("QWEN3_MLX_OPENBLAS", "0")
     from benchmarks.checkpoints import checkpoint
@@ -164,6 +199,15 @@ def main() -> None:
     model(mx.arange(100, 100 + CONTEXT, dtype=mx.uint32)[None], cache=cache)
     mx.eval([c.state for c in cache])
     print(f"{args.shape}, load average {os.getloadavg()[0]:.1f}")
+    if args.compare:
+        for name, runs in fused_against_separate(model, args.compare, args.steps).items():
+            wall = [run["wall"] for run in runs]
+            print(
+                f"{name}: {statistics.median(wall):.2f} ms a step (median of {len(runs)}), best "
+                f"{min(wall):.2f}; main thread {statistics.median([r['build'] + r['encode'] for r in runs]):.2f} ms CPU"
+            )
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        return
     nodes = graph_nodes(greedy(model(mx.array([[5]], dtype=mx.uint32), cache=cache)[:, -1, :]))
     for c in cache:
         c.offset = CONTEXT
