@@ -97,6 +97,16 @@ def test_a_random_model_with_wide_rows_decodes_bit_for_bit(make_checkpoint, monk
 
 
 @needs_native
+def test_yarn_rope_decodes_bit_for_bit(make_checkpoint, monkeypatch):
+    """YaRN's frequencies and attention factor go into the fused node as into the separate ops."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    folder = make_checkpoint(num_hidden_layers=2, rope_scaling=yarn)
+    model, _ = load_model(folder, quantize_on_load=4, compute_dtype="float32")
+    assert model.layers[0].self_attn.rope.attention_factor != 1.0
+    assert_same_decode(model, monkeypatch, 8)
+
+
+@needs_native
 def test_the_cache_is_written_in_place_only_when_no_one_else_holds_it():
     model, _ = load_model(REPO / "models" / "qwen3-tiny-chat-4bit", compute_dtype="float32")
     cache = make_cache(model)
