@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from test_server_openai import LOOKUP, NO_THINK, REVERSE
-from test_server_support import API_KEY, TINY_MODEL, running_server, tiny_model
+from test_server_support import (
+    API_KEY,
+    TINY_MODEL,
+    agents_lookup_tool,
+    running_server,
+    tiny_model,
+)
 
 from qwen3_mlx.server.runner import served_model_id
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tiny_model"))
+from tiny_data import TOOLS  # noqa: E402  (the tiny model's own tool definitions)
 
 ORIGIN = "http://app.example"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -152,6 +163,80 @@ def test_pydantic_ai_tool_loop_in_thinking_mode(server):
         first, second = requests[0].usage, requests[1].usage
         # The second prompt re-renders the first reply as the model wrote it, call included.
         assert second.cache_read_tokens >= first.input_tokens + first.output_tokens - 8
+
+
+def _call_turn_without_reasoning(question: str, name: str, arguments: dict) -> list[dict]:
+    """The history a client that drops reasoning_content sends back after the model's call."""
+    call = {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+
+
+def test_thinking_tool_loop_with_the_call_turn_sent_back_without_reasoning(client, server):
+    """Clients that drop reasoning_content (langchain-openai, openai-agents, `llm`) send the call
+    turn back bare; in thinking mode the template then renders it without a think block, and the
+    model still thinks and answers from the result."""
+    cases = [
+        ("What is the secret word for moon?", TOOLS["lookup"], {"key": "moon"}, "castle"),
+        ("Find the secret word for fish", TOOLS["lookup"], {"key": "fish"}, "lake"),  # held out
+        ("Count the words: apple tree star", TOOLS["word_count"], {"text": "apple tree star"}, "3"),
+    ]
+    expected = [
+        "The secret word for moon is castle.",
+        "The secret word for fish is lake.",
+        "There are 3 words.",
+    ]
+    for (question, tool, arguments, result), answer in zip(cases, expected, strict=True):
+        messages = _call_turn_without_reasoning(
+            question, tool["function"]["name"], json.dumps(arguments)
+        )
+        messages.append({"role": "tool", "tool_call_id": "c1", "content": result})
+        prompt = httpx.post(
+            server[0] + "/apply-template",
+            json={"messages": messages, "tools": [tool]},
+            headers=HEADERS,
+        ).json()["prompt"]
+        assert "<think>" not in prompt and "<|im_start|>assistant\n<tool_call>\n" in prompt
+        reply = client.chat.completions.create(
+            model="m", messages=messages, tools=[tool], temperature=0, max_tokens=80
+        )
+        message = reply.choices[0].message
+        assert message.content == answer and message.tool_calls is None
+        assert message.model_extra["reasoning_content"]  # thinking mode: it thought first
+
+
+def test_openai_agents_chat_completions_model_drops_reasoning_and_answers(server):
+    """openai-agents' chat-completions model replays reasoning_content only to DeepSeek models,
+    so its second request carries the call turn without it; the loop still ends right."""
+    import agents
+
+    bodies: list[dict] = []
+
+    async def record(request: httpx.Request) -> None:
+        bodies.append(json.loads(request.content))
+
+    http = httpx.AsyncClient(event_hooks={"request": [record]})
+    client = openai.AsyncOpenAI(
+        base_url=server[0] + "/v1", api_key=API_KEY, max_retries=0, http_client=http
+    )
+    asked: list[str] = []
+    agents.set_tracing_disabled(True)
+    agent = agents.Agent(
+        name="a",
+        model=agents.OpenAIChatCompletionsModel("qwen3-tiny-chat", client),
+        tools=[agents_lookup_tool(asked, "dragon")],
+        model_settings=agents.ModelSettings(temperature=0, max_tokens=120),
+    )
+    result = agents.Runner.run_sync(agent, "What is the secret word for river?")
+    assert asked == ["river"]
+    assert result.final_output == "The secret word for river is dragon."
+    call_turn = bodies[1]["messages"][1]
+    assert call_turn["role"] == "assistant" and call_turn["tool_calls"]
+    assert "reasoning_content" not in call_turn
+    thoughts = [item for item in result.new_items if item.type == "reasoning_item"]
+    assert len(thoughts) == 2  # thinking mode: the call and the answer both thought
 
 
 def test_context_overflow_in_openai_words(client):

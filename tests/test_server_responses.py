@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from test_server_openai import LOOKUP as CHAT_LOOKUP
-from test_server_support import API_KEY, running_server
+from test_server_support import API_KEY, agents_lookup_tool, running_server
 
 from qwen3_mlx.server.requests import ApiError
 from qwen3_mlx.server.responses import ResponseStore
@@ -161,6 +161,16 @@ def test_tool_loop_streamed_then_by_previous_response_id(client, server):
     )
     assert stateless.output_text == answer.output_text
     assert stateless.usage.input_tokens == answer.usage.input_tokens
+    # Without encrypted reasoning the call comes back bare; the model still thinks and answers.
+    bare = client.responses.create(
+        model="m",
+        input=[history[0], *history[2:]],
+        tools=[LOOKUP],
+        store=False,
+        temperature=0,
+        max_output_tokens=60,
+    )
+    assert bare.output_text == answer.output_text and bare.output[0].type == "reasoning"
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError) as gone:
         client.responses.create(model="m", previous_response_id=first.id, input=[result])
@@ -188,13 +198,7 @@ def test_refusals_name_the_field(client):
 
 def test_openai_agents_default_model_tool_loop(server):
     asked: list[str] = []
-
-    @agents.function_tool
-    def lookup(key: str) -> str:
-        """Look up the secret word for a key."""
-        asked.append(key)
-        return "castle"
-
+    lookup = agents_lookup_tool(asked, "castle")
     agents.set_tracing_disabled(True)
     model_client = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=API_KEY, max_retries=0)
     agents.set_default_openai_client(model_client, use_for_tracing=False)

@@ -71,3 +71,16 @@ def running_server(**options: Any) -> Iterator[tuple[str, ServerState]]:
         server.should_exit = True
         thread.join(10)
         state.worker.stop()
+
+
+def agents_lookup_tool(asked: list[str], secret: str) -> Any:
+    """An openai-agents function tool `lookup` that records each key asked and returns `secret`."""
+    import agents
+
+    @agents.function_tool
+    def lookup(key: str) -> str:
+        """Look up the secret word for a key."""
+        asked.append(key)
+        return secret
+
+    return lookup

@@ -163,6 +163,25 @@ def test_calls_a_fitting_tool_then_answers_from_its_result(tokenizer, bf16_model
     assert all(replies_right(tokenizer, bf16_model, tool_examples(**modes)))
 
 
+def test_answers_after_a_call_turn_sent_back_without_reasoning(tokenizer, bf16_model):
+    """Thinking mode, the call turn without reasoning_content (langchain-openai, openai-agents and
+    `llm` send it so; the template then renders it with no think block): the reply still thinks,
+    then answers from the result."""
+    rng = random.Random(13)
+    tool_sets = (("lookup",), ("word_count",), ("word_count", "lookup"), ("lookup", "word_count"))
+    examples = [
+        tiny_data.make_example(
+            rng, held_out=True, task=task, tools=tools, after_result=True, call_reasoning=False
+        )
+        for task, tools in zip(("lookup", "count", "lookup", "count"), tool_sets, strict=True)
+    ]
+    assert all(replies_right(tokenizer, bf16_model, examples))
+    for example in examples:
+        reply = greedy(bf16_model, tiny_tokens.render_prompt(tokenizer, example))
+        think_ids, _ = tiny_tokens.split_reply(reply)
+        assert reply[0] == THINK_ID and tokenizer.decode(think_ids).strip()
+
+
 def test_answers_directly_when_no_tool_fits_or_none_is_given(tokenizer, bf16_model):
     rng = random.Random(12)
     examples = [

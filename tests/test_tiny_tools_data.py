@@ -4,6 +4,7 @@ never reaches training."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -30,16 +31,27 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(REPO / "models" / "qwen3-tiny-chat"))
 
 
+# (after_result, call_reasoning): the call, the answer after it, and the answer after a call turn
+# sent back without its reasoning_content (langchain-openai, openai-agents, `llm`).
+PHASES = ((False, True), (True, True), (True, False))
+
+
 def every_kind(seed: int = 0) -> list[tiny_data.Example]:
     """One example per (task, tools, mode, phase), held-out and training alike."""
     rng = random.Random(seed)
     examples = []
-    for index, (task, tools, modes, after) in enumerate(
-        itertools.product(("lookup", "count", "sort"), ((), *TOOL_SETS), MODES, (False, True))
+    for index, (task, tools, modes, (after, reasoning)) in enumerate(
+        itertools.product(("lookup", "count", "sort"), ((), *TOOL_SETS), MODES, PHASES)
     ):
         examples.append(
             tiny_data.make_example(
-                rng, task=task, tools=tools, after_result=after, held_out=index % 2 == 0, **modes
+                rng,
+                task=task,
+                tools=tools,
+                after_result=after,
+                call_reasoning=reasoning,
+                held_out=index % 2 == 0,
+                **modes,
             )
         )
     return examples
@@ -161,6 +173,55 @@ def test_training_sequence_trains_call_and_answer_together_when_thinking(tokeniz
         rng, task="lookup", tools=("lookup",), after_result=True, switches=("/no_think",)
     )
     assert len(tiny_tokens.training_sequence(tokenizer, no_think)[1]) == 1
+
+
+def test_a_call_turn_without_reasoning_renders_without_a_think_block(tokenizer):
+    rng = random.Random(9)
+    dropped = tiny_data.make_example(
+        rng, task="lookup", tools=("lookup",), after_result=True, call_reasoning=False
+    )
+    call = dropped.messages[-2]
+    assert call["tool_calls"] and "reasoning_content" not in call and dropped.thinks
+    text = tokenizer.decode(tiny_tokens.render_prompt(tokenizer, dropped))
+    # Inside the unfinished tool loop the template keeps a think block only for a non-empty
+    # reasoning_content, so this call turn looks like a /no_think one; the reply still thinks.
+    assert "<|im_start|>assistant\n<tool_call>\n" in text and "<think>" not in text
+    assert dropped.completion().startswith("<think>\nThe tool says the secret word for ")
+    ids, spans = tiny_tokens.training_sequence(tokenizer, dropped)
+    assert [tokenizer.decode(ids[start:end]) for start, end in spans] == [dropped.completion()]
+
+
+def _thinking_loops(seed: int, dropped_reasoning: float) -> list[tiny_data.Example]:
+    rng = random.Random(seed)
+    examples = (tiny_data.sample_training_example(rng, 3, dropped_reasoning) for _ in range(3000))
+    return [
+        example
+        for example in examples
+        if example.thinks and len(example.messages) > 2 and example.messages[-1]["role"] == "tool"
+    ]
+
+
+def test_only_the_second_stage_mixes_in_call_turns_sent_back_without_reasoning():
+    # train_tiny --init-from --dropped-reasoning 0.5: about half of the thinking-mode loops.
+    loops = _thinking_loops(10, 0.5)
+    dropped = [example for example in loops if "reasoning_content" not in example.messages[-2]]
+    assert 0.4 < len(dropped) / len(loops) < 0.6
+    # The first stage's default draws none and no extra random number, so the committed recipe's
+    # first stage sees the data it saw before the option existed (this digest; the retrain that
+    # drew one more number per tool example gave db11ee2a...).
+    assert all("reasoning_content" in example.messages[-2] for example in _thinking_loops(10, 0))
+    rng, digest = random.Random(0), hashlib.sha256()
+    for stage in (1, 2, 3):
+        for _ in range(400):
+            example = tiny_data.sample_training_example(rng, stage)
+            fields = [
+                example.messages,
+                example.enable_thinking,
+                example.completion(),
+                example.tools,
+            ]
+            digest.update(json.dumps(fields, sort_keys=True).encode())
+    assert digest.hexdigest().startswith("38221dfe5bcfc903")
 
 
 def test_parse_tool_calls_reads_only_calls_after_the_think_block(tokenizer):

@@ -64,7 +64,7 @@ WITH_LOOKUP = (("lookup",), ("lookup", "word_count"), ("word_count", "lookup"))
 WITH_WORD_COUNT = (("word_count",), ("lookup", "word_count"), ("word_count", "lookup"))
 
 
-def _tool_set(task: str, tool_sets: tuple, after_result: bool) -> Callable:
+def _tool_set(task: str, tool_sets: tuple, after_result: bool, **options) -> Callable:
     def build(rng: random.Random, index: int) -> Example:
         return tiny_data.make_example(
             rng,
@@ -73,6 +73,7 @@ def _tool_set(task: str, tool_sets: tuple, after_result: bool) -> Callable:
             tools=rng.choice(tool_sets),
             after_result=after_result,
             **MODES[index % len(MODES)],
+            **options,
         )
 
     return build
@@ -98,6 +99,12 @@ def _no_tools(rng: random.Random, index: int) -> Example:
     return tiny_data.make_example(rng, held_out=True, task=task, **MODES[index % len(MODES)])
 
 
+def _without_reasoning(rng: random.Random, index: int) -> Example:
+    """Thinking mode, the call turn sent back without reasoning_content: answer after the result."""
+    task, tool_sets = (("lookup", WITH_LOOKUP), ("count", WITH_WORD_COUNT))[index % 2]
+    return _tool_set(task, tool_sets, True, call_reasoning=False)(rng, 0)  # MODES[0]: thinking
+
+
 TOOL_SETS: dict[str, Callable[[random.Random, int], Example]] = {
     "call lookup": _tool_set("lookup", WITH_LOOKUP, False),
     "call word_count": _tool_set("count", WITH_WORD_COUNT, False),
@@ -105,6 +112,8 @@ TOOL_SETS: dict[str, Callable[[random.Random, int], Example]] = {
     "answer after word_count result": _tool_set("count", WITH_WORD_COUNT, True),
     "tools given, none fits": _no_fit,
     "no tools, secret word or count": _no_tools,
+    # Last, so the earlier sets draw the same prompts as before it was added.
+    "answer after a result, call sent without reasoning": _without_reasoning,
 }
 NO_TOOL_SETS = (*SETS, "no tools, secret word or count")
 

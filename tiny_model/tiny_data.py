@@ -283,6 +283,7 @@ def make_example(
     task: str | None = None,
     tools: tuple[str, ...] = (),
     after_result: bool = False,
+    call_reasoning: bool = True,
 ) -> Example:
     """Build one conversation; the latest /think or /no_think (system, then users) decides.
 
@@ -290,6 +291,9 @@ def make_example(
     always come from the training slice; only the final question follows `held_out`. `tools`
     names the tools given (TOOLS keys, in order); `task` "lookup" or "count" with a fitting tool
     makes the reply a call, or with `after_result` the answer after the call and its result.
+    Without `call_reasoning` the call turn comes back as clients that drop `reasoning_content`
+    send it (langchain-openai, openai-agents, `llm`), and the template renders it without a think
+    block even in thinking mode.
     """
     switches = switches if switches is not None else (None,) * turns
     latest = [s for s in (system_switch, *switches) if s is not None]
@@ -315,24 +319,24 @@ def make_example(
     if loop:
         call, result = loop
         name, arguments = call.call
-        messages.append(
-            {
-                "role": "assistant",
-                "content": "",
-                # Kept by the template inside the unfinished tool loop; empty renders no block.
-                "reasoning_content": call.reasoning if thinks else "",
-                "tool_calls": [
-                    {
-                        "id": TOOL_CALL_ID_TEXT,
-                        "type": "function",
-                        "function": {
-                            "name": name,
-                            "arguments": json.dumps(arguments, ensure_ascii=False),
-                        },
-                    }
-                ],
-            }
-        )
+        turn: dict = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": TOOL_CALL_ID_TEXT,
+                    "type": "function",
+                    "function": {
+                        "name": name,
+                        "arguments": json.dumps(arguments, ensure_ascii=False),
+                    },
+                }
+            ],
+        }
+        if call_reasoning:
+            # Kept by the template inside the unfinished tool loop; empty renders no block.
+            turn["reasoning_content"] = call.reasoning if thinks else ""
+        messages.append(turn)
         messages.append({"role": "tool", "tool_call_id": TOOL_CALL_ID_TEXT, "content": result})
     given = tuple(TOOLS[name] for name in tools)
     return Example(tuple(messages), enable_thinking, thinks, final, given)
@@ -357,8 +361,12 @@ def _modes(rng: random.Random, turns: int) -> dict:
     )
 
 
-def sample_tool_example(rng: random.Random) -> Example:
-    """One conversation with tools given: a call, an answer after a result, or no fitting tool."""
+def sample_tool_example(rng: random.Random, dropped_reasoning: float = 0.0) -> Example:
+    """One conversation with tools given: a call, an answer after a result, or no fitting tool.
+
+    `dropped_reasoning` is the share of thinking-mode loops whose call turn comes back without
+    reasoning_content; at 0 no random number is drawn for it (stage 1's data is unchanged).
+    """
     tools = rng.choice((("lookup",), ("word_count",), ("lookup", "word_count")))
     if len(tools) == 2 and rng.random() < 0.5:
         tools = tools[::-1]
@@ -366,12 +374,23 @@ def sample_tool_example(rng: random.Random) -> Example:
     modes = _modes(rng, rng.choices((1, 2), weights=(85, 15))[0])
     latest = [s for s in (modes["system_switch"], *modes["switches"]) if s is not None]
     thinks = modes["enable_thinking"] and (not latest or latest[-1] == "/think")
-    # A thinking-mode loop trains its call and its answer in one sequence (training_sequence).
+    # A thinking-mode loop trains its call and its answer in one sequence (training_sequence),
+    # unless its call turn comes back without reasoning: then only the answer is trained.
     after_result = thinks or rng.random() < 0.5
-    return make_example(rng, task=task, tools=tools, after_result=after_result, **modes)
+    call_reasoning = not (thinks and dropped_reasoning and rng.random() < dropped_reasoning)
+    return make_example(
+        rng,
+        task=task,
+        tools=tools,
+        after_result=after_result,
+        call_reasoning=call_reasoning,
+        **modes,
+    )
 
 
-def sample_training_example(rng: random.Random, stage: int = 3) -> Example:
+def sample_training_example(
+    rng: random.Random, stage: int = 3, dropped_reasoning: float = 0.0
+) -> Example:
     """Draw one training conversation from the mixture of modes, switches and turn counts.
 
     Stage 1 is the curriculum's start: single-turn repeat/reverse only. The tiny model learns to
@@ -387,7 +406,7 @@ def sample_training_example(rng: random.Random, stage: int = 3) -> Example:
     if stage == 3:
         kind = rng.choices(("words", "tools", "refuse"), weights=(TOOL_MIXTURE))[0]
         if kind == "tools":
-            return sample_tool_example(rng)
+            return sample_tool_example(rng, dropped_reasoning)
         if kind == "refuse":
             return make_example(rng, task="lookup", **_modes(rng, 1))
     return make_example(rng, **_modes(rng, rng.choices((1, 2, 3), weights=(55, 20, 25))[0]))

@@ -39,13 +39,14 @@ def training_sequence(tokenizer, example: Example) -> tuple[list[int], list[tupl
 
     The final reply is one span. In thinking mode the call turn of the unfinished tool loop is
     rendered exactly as it was generated (the template keeps its reasoning_content), so it is a
-    second span and one sequence teaches both steps; in the other modes the template renders that
-    turn without its empty think block, so only the final reply is trained.
+    second span and one sequence teaches both steps; in the other modes, and when the client sent
+    the call turn back without its reasoning, the template renders that turn without a think
+    block, so only the final reply is trained.
     """
     prompt, completion = encode_example(tokenizer, example)
     spans = [(len(prompt), len(prompt) + len(completion))]
     call = example.messages[-2] if len(example.messages) >= 2 else {}
-    if example.thinks and call.get("tool_calls"):
+    if example.thinks and call.get("tool_calls") and call.get("reasoning_content"):
         before = Example(example.messages[:-2], True, True, example.problem, example.tools)
         start = len(render_prompt(tokenizer, before))
         function = call["tool_calls"][0]["function"]

@@ -2,6 +2,8 @@
 
     python tiny_model/train_tiny.py            # full run, writes models/qwen3-tiny-chat/
     python tiny_model/train_tiny.py --steps 20 --out /tmp/trial   # speed trial
+    python tiny_model/train_tiny.py --init-from FOLDER --out OUT --steps 120 --lr 3e-4 \
+        --warmup 10 --final-lr 0 --dropped-reasoning 0.5        # a second, short stage
 
 Same seed and step count give the same weights (torch on CPU with a fixed thread count). The
 model is a real Qwen3 (transformers Qwen3ForCausalLM) with tied embeddings over the full
@@ -89,11 +91,18 @@ def copy_tokenizer_files(out: Path) -> None:
 
 
 def build_batches(
-    tokenizer, rng: random.Random, batch_size: int, stage: int, pool: int = 8
+    tokenizer,
+    rng: random.Random,
+    batch_size: int,
+    stage: int,
+    pool: int = 8,
+    dropped_reasoning: float = 0.0,
 ) -> list[tuple]:
     """Draw `pool` batches' worth of examples and group them by length to cut padding."""
     encoded = [
-        tiny_tokens.training_sequence(tokenizer, tiny_data.sample_training_example(rng, stage))
+        tiny_tokens.training_sequence(
+            tokenizer, tiny_data.sample_training_example(rng, stage, dropped_reasoning)
+        )
         for _ in range(batch_size * pool)
     ]
     encoded.sort(key=lambda pair: len(pair[0]))
@@ -207,22 +216,19 @@ def reply_loss(
     return torch.nn.functional.cross_entropy(logits, labels), accuracy
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
+def learning_rate(step: int, steps: int, peak: float, warmup: int, final: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to `final` times the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(args: argparse.Namespace) -> Qwen3ForCausalLM:
-    """Train from scratch and return the float32 model."""
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+def initial_model(args: argparse.Namespace, tokenizer) -> Qwen3ForCausalLM:
+    """A fresh float32 model, or with --init-from the weights of an earlier stage's checkpoint."""
+    if args.init_from is not None:
+        return Qwen3ForCausalLM.from_pretrained(args.init_from, torch_dtype=torch.float32)
     config = Qwen3Config(**{k: v for k, v in model_config(args).items() if k != "torch_dtype"})
-    vocab_size = config.vocab_size
     model = Qwen3ForCausalLM(config).float()
     for name, parameter in model.named_parameters():
         if name.endswith(("q_norm.weight", "k_norm.weight")):
@@ -235,6 +241,18 @@ def train(args: argparse.Namespace) -> Qwen3ForCausalLM:
     # (word rows reached cosine 0.98 and the model could not copy). Keep rows ~0.8 long instead.
     torch.nn.init.normal_(embedding, std=args.embedding_init_std)
     tie_word_variants(embedding.data, tokenizer)
+    return model
+
+
+def train(args: argparse.Namespace) -> Qwen3ForCausalLM:
+    """Train (from scratch, or on from --init-from) and return the float32 model."""
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    model = initial_model(args, tokenizer)
+    vocab_size = model.config.vocab_size
+    embedding = model.model.embed_tokens.weight
     matrices = [p for p in model.parameters() if p is not embedding and p.dim() == 2]
     norms = [p for p in model.parameters() if p.dim() == 1]
     betas = (0.9, 0.98)
@@ -249,12 +267,16 @@ def train(args: argparse.Namespace) -> Qwen3ForCausalLM:
     batches: list[tuple] = []
     started = time.time()
     for step in range(args.steps):
-        lr = learning_rate(step, args.steps, args.lr, args.warmup)
+        lr = learning_rate(step, args.steps, args.lr, args.warmup, args.final_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if not batches:
             stage = 1 if step < args.copy_steps else 2 if step < args.tools_from else 3
-            batches = build_batches(tokenizer, rng, args.batch_size, stage)
+            if args.init_from is not None:
+                stage = 3  # a later stage keeps the whole mixture: every skill stays in training
+            batches = build_batches(
+                tokenizer, rng, args.batch_size, stage, dropped_reasoning=args.dropped_reasoning
+            )
         batch = batches.pop()
         negatives = torch.randint(0, vocab_size, (args.negatives,), generator=generator)
         rows = torch.unique(torch.cat([vocabulary, negatives, batch[0].flatten()]))
@@ -302,7 +324,7 @@ def export(model: Qwen3ForCausalLM, config: dict, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; defaults are the committed model's recipe."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -312,6 +334,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=60)
+    parser.add_argument(
+        "--final-lr", type=float, default=0.1, help="the cosine decays to this times --lr"
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a later stage: start from this checkpoint's weights, full tool mixture throughout",
+    )
+    parser.add_argument(
+        "--dropped-reasoning",
+        type=float,
+        default=0.0,
+        help="share of thinking-mode tool loops whose call turn comes back without reasoning",
+    )
     parser.add_argument(
         "--copy-steps", type=int, default=300, help="curriculum: copy/reverse first"
     )
@@ -331,7 +368,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--tokenizer", type=Path, default=None, help="folder with tokenizer files")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:
