@@ -142,7 +142,7 @@ class Qwen3Model(nn.Module):
             cache = [None] * len(self.layers)
         mask = causal_mask(h.shape[1], cache[0])
         normed = self.layers[0].input_layernorm(h) if self.layers else h
-        # One token of one row: one native node per layer on the CPU where it applies.
+        # One token of one row on the CPU: two native nodes per layer where they apply.
         fused = cpu_layer.decode_step(self.layers, self.norm, h, normed, cache)
         if fused is not None:
             return fused
