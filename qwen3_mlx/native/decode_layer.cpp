@@ -31,17 +31,12 @@
 #include "dispatch.h"
 #include "isa.h"
 #include "layer_parts.h"
-#include "matvec_kernels.h"
 #include "ops.h"
 #include "strided.h"
 
 namespace mx = mlx::core;
 
 namespace native {
-
-// quantized_matmul.cpp: refuses a matrix for rows of K that the mat-vec kernels cannot take.
-void check_matrix(int64_t K, const mx::array& w, const mx::array& scales, const mx::array& biases,
-                  int group_size);
 
 namespace {
 
@@ -58,14 +53,9 @@ struct Params {
   }
 };
 
-ScaleType scale_type(const mx::array& scales) {
-  return scales.dtype() == mx::float32 ? F32 : scales.dtype() == mx::bfloat16 ? BF16 : F16;
-}
-
 // The matrix whose (w, scales, biases) are inputs first .. first + 2.
 Matrix matrix(const std::vector<mx::array>& in, int first, float* out) {
-  const auto &w = in[first], &s = in[first + 1], &b = in[first + 2];
-  return Matrix{w.data<uint32_t>(), s.data<void>(), b.data<void>(), scale_type(s), w.shape(0), out};
+  return matrix_of(in[first], in[first + 1], in[first + 2], out);
 }
 
 // inputs: normed, (w, scales, biases) of q, k, v, q_norm's and k_norm's weights, inverse

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "mlx/mlx.h"
+
 namespace native {
 
 // quantized_matmul.cpp: one matrix of a mat-vec call (4-bit affine w [N, K / 8], scales and
@@ -17,6 +19,13 @@ struct Matrix {
   int64_t N;
   float* out;  // [M][N]
 };
+
+// The Matrix for evaluated (w, scales, biases), its result rows at out.
+Matrix matrix_of(const mlx::core::array& w, const mlx::core::array& scales,
+                 const mlx::core::array& biases, float* out);
+// Refuses, with a message, a matrix for rows of K that the kernels cannot take.
+void check_matrix(int64_t K, const mlx::core::array& w, const mlx::core::array& scales,
+                  const mlx::core::array& biases, int group_size);
 
 // out = x @ dequantize(w).T for one row x [K] and every matrix, one pool run for all of them
 // (int8 x where asked and the CPU has AVX-512 VNNI).

@@ -212,8 +212,11 @@ void run_prefill(const mx::array& x, int M, int64_t K, bool int8, int threads, i
   run_gemm(rows, M, K, chosen_isa(), int8, threads, group_size, jobs);
 }
 
-ScaleType scale_type_of(const mx::array& scales) {
-  return scales.dtype() == mx::float32 ? F32 : scales.dtype() == mx::bfloat16 ? BF16 : F16;
+Matrix matrix_of(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                 float* out) {
+  const ScaleType type =
+      scales.dtype() == mx::float32 ? F32 : scales.dtype() == mx::bfloat16 ? BF16 : F16;
+  return Matrix{w.data<uint32_t>(), scales.data<void>(), biases.data<void>(), type, w.shape(0), out};
 }
 
 // Float32 results into a half-precision `out`.
@@ -256,8 +259,7 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
         results[i].resize(size_t(M) * w.shape(0));
         target = results[i].data();
       }
-      matrices.push_back(Matrix{w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
-                                scale_type_of(scales), w.shape(0), target});
+      matrices.push_back(matrix_of(w, scales, biases, target));
     }
     if (M > MATVEC_ROWS) {
       run_prefill(held[0], M, K, int8, threads, group_size, matrices);
@@ -293,10 +295,6 @@ class QuantizedMatvecs : public mx::Primitive {
   int group_size_, threads_;
   bool int8_;
 };
-
-// Refuses, with a message, a matrix whose shapes or dtypes the kernels cannot take.
-void check_matrix(int64_t K, const mx::array& w, const mx::array& scales, const mx::array& biases,
-                  int group_size);
 
 void check_matrix(const mx::array& x, const mx::array& w, const mx::array& scales,
                   const mx::array& biases, int group_size) {
