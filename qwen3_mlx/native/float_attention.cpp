@@ -299,26 +299,17 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   for (const auto& input : inputs) encoder.set_input_array(input);
   encoder.set_output_array(out);
 
-  const auto &q = inputs[0], &k = inputs[1];
-  Job job{};
-  job.B = q.shape(0);
-  job.H = k.shape(1);
-  job.T = k.shape(2);
-  job.R = int(q.shape(1) / job.H);
-  job.D = int(q.shape(3));
-  const float scale = scale_;
-  const int threads = threads_;
-
-  encoder.dispatch([job, scale, threads, q = mx::array::unsafe_weak_copy(q),
-                    k = mx::array::unsafe_weak_copy(k),
+  encoder.dispatch([scale = scale_, threads = threads_, q = mx::array::unsafe_weak_copy(inputs[0]),
+                    k = mx::array::unsafe_weak_copy(inputs[1]),
                     v = mx::array::unsafe_weak_copy(inputs[2]),
                     out = mx::array::unsafe_weak_copy(out)]() mutable {
     const ClearVectorState clear;
     std::vector<float> qs;
     const float* query = row_major(q, qs);  // q may be a strided view (no Contiguous node for it)
+    const int64_t H = k.shape(1);
     float_decode_attention(query, k.data<float>(), k.strides().data(), v.data<float>(),
-                           v.strides().data(), job.B, job.H, job.T, job.R, job.D, scale, threads,
-                           out.data<float>());
+                           v.strides().data(), q.shape(0), H, k.shape(2), int(q.shape(1) / H),
+                           int(q.shape(3)), scale, threads, out.data<float>());
   });
 }
 
