@@ -11,9 +11,10 @@ QWEN3_MLX_OPENBLAS=0 (MLX's reference BLAS), the native extension on. llama.cpp 
 its own `llama-bench` (built from source: only a benchmark tool, never a dependency), `-p` for
 prefill and `-n` for decode, with the same thread count.
 
-Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long; --int8 adds
-ours with the int8 opt-ins, QWEN3_MLX_NATIVE_INT8_PREFILL=1 and QWEN3_MLX_NATIVE_INT8=1 (the
-prefill matmul and the decode mat-vec), as a second line;
+Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long), as a
+fresh install runs it: the prefill matmul rounds x to int8 where AVX-512 VNNI runs. --float32 adds
+ours with the prefill matmul in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0) as a second line; --int8
+adds ours with the decode mat-vec's int8 opt-in too (QWEN3_MLX_NATIVE_INT8=1);
 --prefill-only leaves out decode, --decode-only the prefill rows), decode tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
 for prefill the FLOP/s of the matmuls and attention against the measured FMA peak, for decode
 the GB/s of weights read against the measured read bandwidth; and the peak memory of our load
@@ -38,7 +39,12 @@ from benchmarks.run import ROOT, machine, run_worker
 
 THREADS = min(os.cpu_count() or 1, 8)
 AGENT_PROMPT = 1500
-INT8_SWITCHES = ("QWEN3_MLX_NATIVE_INT8_PREFILL", "QWEN3_MLX_NATIVE_INT8")  # the int8 opt-ins
+INT8_SWITCHES = ("QWEN3_MLX_NATIVE_INT8_PREFILL", "QWEN3_MLX_NATIVE_INT8")
+VARIANTS = {  # our engines: the switches each sets (unset: a fresh install's defaults)
+    "ours": {},
+    "ours float32": {"QWEN3_MLX_NATIVE_INT8_PREFILL": "0"},  # the exact prefill matmul
+    "ours int8": {"QWEN3_MLX_NATIVE_INT8": "1"},  # and the decode mat-vec's int8 opt-in
+}
 
 
 def limits(threads: int) -> dict[str, float]:
@@ -72,14 +78,12 @@ def flops_per_token(config: dict[str, Any], prompt: int) -> float:
     return layers * (2 * weights + attention)
 
 
-def ours(path: Path, task: str, int8: bool = False, **spec: Any) -> dict[str, Any]:
-    """One measurement of ours in a fresh process, as a fresh install runs (no system OpenBLAS);
-    int8: with the opt-in int8 prefill matmul and mat-vec (QWEN3_MLX_NATIVE_INT8_PREFILL=1 and
-    QWEN3_MLX_NATIVE_INT8=1)."""
+def ours(path: Path, task: str, variant: str = "ours", **spec: Any) -> dict[str, Any]:
+    """One measurement of ours in a fresh process, as a fresh install runs (no system OpenBLAS),
+    with the switches of `variant` (VARIANTS)."""
     full = {"engine": "ours", "path": str(path), "dtype": "auto", "task": task, "openblas": False}
     before = {name: os.environ.pop(name, None) for name in INT8_SWITCHES}
-    if int8:
-        os.environ.update(dict.fromkeys(INT8_SWITCHES, "1"))
+    os.environ.update(VARIANTS[variant])
     try:
         return run_worker({**full, **spec}, timeout=1800)
     finally:
@@ -126,22 +130,24 @@ def step_gb(path: Path) -> float:
 
 
 def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """(measure, {engine: callable}) for one shape: ours, ours with int8 prefill (--int8), llama.cpp."""
+    """(measure, {engine: callable}) for one shape: ours (and its --float32 / --int8 variants),
+    llama.cpp."""
     path, gguf = weights_of(shape, args)
     binary, threads = args.llama_bench, THREADS
     prompts = [512, 4096] if args.long else [512]
     if args.agent and shape == "4b":
         prompts.append(AGENT_PROMPT)
+    variants = ["ours"] + ["ours float32"] * (args.float32 and args.weights != "bf16")
     rows = []
     for prompt in [] if args.decode_only else prompts:
-        engines = {"ours": lambda prompt=prompt: ours(path, "prefill", prompt=prompt)}
-        if args.int8:
-            engines["ours int8"] = lambda prompt=prompt: ours(path, "prefill", True, prompt=prompt)
+        engines = {}
+        for variant in variants:
+            engines[variant] = lambda v=variant, p=prompt: ours(path, "prefill", v, prompt=p)
         engines["llama.cpp"] = lambda prompt=prompt: llama(binary, gguf, prompt, 0, threads)
         rows.append((f"prefill {prompt}", engines))
     decode = {"ours": lambda: ours(path, "decode", tokens=24)}
     if args.int8 and args.weights != "bf16":
-        decode["ours int8"] = lambda: ours(path, "decode", True, tokens=24)
+        decode["ours int8"] = lambda: ours(path, "decode", "ours int8", tokens=24)
     decode["llama.cpp"] = lambda: llama(binary, gguf, 0, 32, threads)
     if not args.prefill_only:
         rows.append(("decode", decode))
@@ -199,7 +205,7 @@ def report(results: dict[str, Any]) -> None:
         f"  {'shape':5} {'measure':14} {'ours':>9} {'llama.cpp':>9} {'ratio':>6} {'ours of limit':>13} {'llama of limit':>14}"
     )
     for row in results["rows"]:
-        for engine in ("ours", "ours int8"):
+        for engine in VARIANTS:
             if engine in row or engine == "ours":
                 report_row(results, row, engine)
         if "ours load peak GB" in row:
@@ -242,7 +248,12 @@ def main() -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also ours with the int8 opt-ins (prefill matmul and decode mat-vec)",
+        help="also ours decoding with the mat-vec's int8 opt-in (QWEN3_MLX_NATIVE_INT8=1)",
+    )
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="also ours prefilling in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0)",
     )
     parser.add_argument("--prefill-only", action="store_true", help="leave out the decode rows")
     parser.add_argument("--decode-only", action="store_true", help="leave out the prefill rows")

@@ -52,6 +52,7 @@ class ModelFacts:
     weights_bytes_on_disk: int
     weights_bytes_in_memory: int
     compute_dtype: str
+    cpu_kernels: str | None  # what computes the 4-bit layers in float32 on the CPU, else None
     context_length: int
     context_length_yarn: int | None  # with YaRN at yarn_factor; None when it adds nothing
     yarn_factor: float | None
@@ -273,6 +274,7 @@ def _describe_folder(
         weights_bytes_on_disk=disk,
         weights_bytes_in_memory=memory,
         compute_dtype=dtype_name or "checkpoint",
+        cpu_kernels=_cpu_kernels(config, dtype_name),
         context_length=args.context_length,
         context_length_yarn=yarn,
         yarn_factor=rope_factor if yarn else None,
@@ -280,6 +282,16 @@ def _describe_folder(
         kv_tokens_in_free_memory=_tokens_in_free_memory(kv, memory),
         **_template_facts(model_dir, config),
     )
+
+
+def _cpu_kernels(config: dict[str, Any], dtype_name: str | None) -> str | None:
+    """native.kernels_text() for a 4-bit checkpoint computed in float32, else None."""
+    block = config.get("quantization") or config.get("quantization_config") or {}
+    if dtype_name != "float32" or block.get("bits") != 4:
+        return None
+    from qwen3_mlx.cpu import native as native_kernel
+
+    return native_kernel.kernels_text()
 
 
 def _checkpoint_float(config: dict[str, Any]) -> str:

@@ -50,3 +50,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _starts_processes(Path(item.path)):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def float32_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill matmul in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0): for tests that hold the
+    native kernels to float32 rounding of MLX's. The int8 default has its own (test_gemm_int8.py)."""
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_INT8_PREFILL", "0")

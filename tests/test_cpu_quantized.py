@@ -29,6 +29,8 @@ ON_CPU = mx.default_device() == mx.cpu
 OPENBLAS = "/usr/lib/libopenblas.so.0"  # a stand-in name: only whether one is active matters
 
 
+pytestmark = pytest.mark.usefixtures("float32_prefill")  # float32 parity; int8: test_gemm_int8.py
+
 NATIVE = native_kernel.native() is not None
 
 
@@ -142,6 +144,14 @@ def test_loaded_model_gives_the_same_logits(make_checkpoint, monkeypatch, gemm, 
 def test_tiny_model_greedy_tokens_with_and_without_the_native_prefill(monkeypatch):
     """The shipped tiny model, 4-bit: a prompt of more than 8 tokens takes the native prefill
     matmul; greedy tokens equal those with the extension off (MLX's kernels throughout)."""
+    with_native, logits, without, expected = tiny_greedy_native_and_off(monkeypatch)
+    assert with_native == without
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def tiny_greedy_native_and_off(monkeypatch) -> tuple[list[int], np.ndarray, list[int], np.ndarray]:
+    """Greedy tokens and logits of the shipped tiny model, 4-bit, with the native kernels (its
+    prompt checked to take the prefill matmul) and then with the extension off."""
     from pathlib import Path
 
     from greedy import greedy_decode
@@ -162,8 +172,7 @@ def test_tiny_model_greedy_tokens_with_and_without_the_native_prefill(monkeypatc
     assert max(rows) > 8  # the prompt went through the prefill matmul
     native_off(monkeypatch)
     without, expected = greedy_decode(model, tokenizer, None, repeats=3, steps=12)
-    assert with_native == without
-    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    return with_native, logits, without, expected
 
 
 def _plain_modules(model: nn.Module) -> list:

@@ -63,22 +63,63 @@ def test_int8_prefill_is_x_rounded_per_block_of_32(monkeypatch, case):
         assert np.all(np.abs(actual - expected) <= bound), np.max(np.abs(actual - expected) / bound)
 
 
+def vnni_or_skip() -> None:
+    """Skip where the CPU has no AVX-512 VNNI (the prefill matmul then stays float32)."""
+    if not native_kernel.native().int8_supported():
+        pytest.skip("the int8 prefill matmul needs AVX-512 VNNI")
+
+
 @NATIVE_SKIP
-def test_int8_prefill_is_off_by_default_and_only_for_the_matmul(monkeypatch):
-    """Unset, or for 8 rows or fewer (the mat-vec, which QWEN3_MLX_NATIVE_INT8 rules), the float32
-    kernels run; set, more rows differ from them."""
+def test_int8_prefill_is_the_default_and_only_for_the_matmul(monkeypatch):
+    """Unset, more than 8 rows (the prefill matmul) round x to int8; 8 rows or fewer (the mat-vec,
+    which QWEN3_MLX_NATIVE_INT8 rules) and QWEN3_MLX_NATIVE_INT8_PREFILL=0 keep float32."""
+    vnni_or_skip()
     layer = random_layer(64, 512)
     module = native_kernel.native()
-    monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
     monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
     for rows in (3, 20):
         x = mx.random.normal((rows, 512), key=mx.random.key(rows))
         float_kernel = module.quantized_matmul(x, *layer, 64, 1, False)
-        assert mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
-        int8_prefill_or_skip(monkeypatch)
+        monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
         same = mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
         assert same == (rows <= native_kernel.MATVEC_ROWS)
-        monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV)
+        assert native_kernel.int8_prefill_reason() is None
+        monkeypatch.setenv(native_kernel.INT8_PREFILL_ENV, "0")
+        assert mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
+        assert native_kernel.int8_prefill_reason() == "QWEN3_MLX_NATIVE_INT8_PREFILL=0"
+
+
+@NATIVE_SKIP
+def test_int8_prefill_that_fails_its_self_test_keeps_float32(monkeypatch):
+    """The int8 default is self-tested once, like every op: a failure keeps the float32 matmul
+    and says why."""
+    vnni_or_skip()
+    monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
+    real_self_test = native_kernel._int8_prefill_self_test
+    monkeypatch.setattr(native_kernel, "_checked", {})
+    monkeypatch.setattr(native_kernel, "_int8_prefill_self_test", lambda module: "it drifted")
+    layer = random_layer(64, 512)
+    x = mx.random.normal((20, 512))
+    float_kernel = native_kernel.native().quantized_matmul(x, *layer, 64, 1, False)
+    assert mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
+    assert native_kernel.int8_prefill_reason() == "it drifted"
+    assert real_self_test(native_kernel.native()) is None  # and the real one passes here
+
+
+@NATIVE_SKIP
+def test_default_prefill_keeps_the_tiny_models_greedy_tokens(monkeypatch):
+    """The shipped tiny model, 4-bit, prompts longer than 8 tokens: with the int8 prefill (the
+    default) greedy tokens equal those of MLX's kernels throughout, and logits stay within the
+    4-bit tolerance (float32 is held to 1e-4 of them in test_cpu_quantized.py)."""
+    from test_cpu_quantized import tiny_greedy_native_and_off
+
+    vnni_or_skip()
+    monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
+    assert native_kernel.int8_prefill_reason() is None
+    with_int8, logits, without, expected = tiny_greedy_native_and_off(monkeypatch)
+    assert with_int8 == without
+    scale = np.abs(expected).max()
+    assert 0 < np.abs(logits - expected).max() < INT8_RELATIVE_TOLERANCE * scale
 
 
 @NATIVE_SKIP
@@ -115,3 +156,19 @@ def test_int8_prefill_logits_within_the_4bit_tolerance(make_checkpoint, monkeypa
     print(f"\n[int8 prefill] vs float32: {diff:.3g} (scale {scale:.3g}), top-1 agree {agree:.2f}")
     assert 0 < diff < INT8_RELATIVE_TOLERANCE * scale
     assert agree >= 0.9
+
+
+@NATIVE_SKIP
+def test_info_says_how_prefill_rounds_x(monkeypatch):
+    """`info`'s CPU kernels row for a 4-bit checkpoint in float32 names the prefill's precision;
+    other checkpoints and compute dtypes have no such row."""
+    from qwen3_mlx.model_facts import _cpu_kernels
+
+    vnni_or_skip()
+    four_bit = {"quantization": {"bits": 4, "group_size": 64}}
+    monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
+    text = _cpu_kernels(four_bit, "float32")
+    assert text == "native, avx512: prefill x rounded to int8 (VNNI), decode float32"
+    monkeypatch.setenv(native_kernel.INT8_PREFILL_ENV, "0")
+    assert "prefill float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0)" in _cpu_kernels(four_bit, "float32")
+    assert _cpu_kernels(four_bit, None) is None and _cpu_kernels({}, "float32") is None

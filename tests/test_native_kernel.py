@@ -14,6 +14,8 @@ import pytest
 import qwen3_mlx.cpu.native as native_kernel
 from qwen3_mlx.cpu.native import quantized_matmul
 
+pytestmark = pytest.mark.usefixtures("float32_prefill")  # float32 parity; int8: test_gemm_int8.py
+
 NATIVE_SKIP = pytest.mark.skipif(
     native_kernel.native() is None,
     reason=f"native kernel not in use: {native_kernel.fallback_reason()}",

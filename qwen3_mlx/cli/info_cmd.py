@@ -86,6 +86,7 @@ def info_lines(facts: ModelFacts, extra: list[tuple[str, str]] | None = None) ->
             f"{format_size(facts.weights_bytes_on_disk)} on disk, "
             f"{format_size(facts.weights_bytes_in_memory)} in memory as {facts.compute_dtype}",
         ),
+        *([("CPU kernels", facts.cpu_kernels)] if facts.cpu_kernels else []),
         ("context", context),
         ("KV cache", _kv_text(facts)),
         (

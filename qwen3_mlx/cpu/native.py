@@ -8,10 +8,12 @@ and a prefill's many); each other op has its own self-test (`checked`). Otherwis
 QWEN3_MLX_NATIVE_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
 QWEN3_MLX_NATIVE_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for the mat-vec's
 VNNI dot products, as llama.cpp does: at most ~1.1-1.2x faster decode here, and logits drift as
-far as bf16 compute does (docs/benchmarks.md, "CPU 4-bit kernel"). QWEN3_MLX_NATIVE_INT8_PREFILL=1
-(off by default; AVX-512 VNNI only) does the same for the prefill matmul (more than 8 rows of x),
-2.4-2.9x its float32 speed per core, logits within the 4-bit tolerance (docs/benchmarks.md,
-"CPU prefill, second pass"). The extension was called qmv: QWEN3_MLX_QMV_ISA and
+far as bf16 compute does (docs/benchmarks.md, "CPU 4-bit kernel"). The prefill matmul (more than 8
+rows of x) rounds x to int8 by default where AVX-512 VNNI runs and its self-test passes: 2.4-2.9x
+its float32 speed per core, logits within the 4-bit tolerance the tests hold bf16 compute to
+(docs/benchmarks.md, "CPU prefill, second pass" and "Fifth session").
+QWEN3_MLX_NATIVE_INT8_PREFILL=0 keeps it in float32, within float32 rounding of MLX's kernel.
+The extension was called qmv: QWEN3_MLX_QMV_ISA and
 QWEN3_MLX_QMV_INT8 still work.
 
 Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
@@ -185,14 +187,61 @@ def int8_requested() -> bool:
 
 
 def int8_prefill_requested() -> bool:
-    """Whether QWEN3_MLX_NATIVE_INT8_PREFILL=1 asks for the int8 prefill matmul (read per call)."""
-    return os.environ.get(INT8_PREFILL_ENV) == "1"
+    """Whether the prefill matmul may round x to int8: unless QWEN3_MLX_NATIVE_INT8_PREFILL=0
+    (read per call, for tests)."""
+    return os.environ.get(INT8_PREFILL_ENV) != "0"
+
+
+def _int8_prefill_self_test(module: ModuleType) -> str | None:
+    """None if the int8 prefill matmul of 13 rows stays within its rounding of x (a step of
+    max|x| / 127 per block of 32) of the float32 kernel, else what failed."""
+    w, scales, biases = mx.quantize(mx.arange(128 * 40, dtype=mx.float32).reshape(40, 128) % 7)
+    x = mx.linspace(-1, 1, 128 * 13).reshape(13, 128)
+    exact = module.quantized_matmul(x, w, scales, biases, 64, 1, False)
+    rounded = module.quantized_matmul(x, w, scales, biases, 64, 1, True)
+    # Each x moves by at most half a step; the weights here are at most 6 (plus rounding).
+    bound = 0.5 * mx.abs(x).max() / 127 * 6.01 * 128
+    error = mx.abs(rounded - exact).max().item()
+    if not 0 < error <= bound.item():
+        return f"its int8 prefill self-test was off by {error:.3g} (bound {bound.item():.3g})"
+    return None
+
+
+def int8_prefill_reason() -> str | None:
+    """Why the prefill matmul keeps float32 x, or None when it rounds x to int8."""
+    if not int8_prefill_requested():
+        return f"{INT8_PREFILL_ENV}=0"
+    module = native()
+    if module is None:
+        return fallback_reason()
+    if not module.int8_supported():  # asked each time: tests force a narrower ISA
+        return "the int8 kernel needs AVX-512 VNNI"
+    if checked("int8_supported", _int8_prefill_self_test) is None:
+        return checked_reason("int8_supported")
+    return None
 
 
 def _int8_for(x: mx.array) -> bool:
-    """The extension's int8 flag for x: the mat-vec's opt-in up to 8 rows, the matmul's above."""
+    """The extension's int8 flag for x: the mat-vec's opt-in up to 8 rows, the matmul's default
+    above."""
     rows = x.size // x.shape[-1] if x.ndim else 1
-    return int8_prefill_requested() if rows > MATVEC_ROWS else int8_requested()
+    return int8_prefill_reason() is None if rows > MATVEC_ROWS else int8_requested()
+
+
+def kernels_text() -> str | None:
+    """What computes float32 4-bit layers here, for `info`: the native kernels with their
+    instruction set and the precision of x in prefill and decode, MLX's where the extension is
+    not in use on Linux x86-64, None elsewhere (the GPU, or a platform it is not built for)."""
+    if mx.default_device() != mx.cpu:
+        return None
+    module = native()
+    if module is None:
+        built_here = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
+        return f"MLX's ({fallback_reason()})" if built_here else None
+    reason = int8_prefill_reason()
+    prefill = "x rounded to int8 (VNNI)" if reason is None else f"float32 ({reason})"
+    decode = "x rounded to int8" if int8_requested() and module.int8_supported() else "float32"
+    return f"native, {module.isa()}: prefill {prefill}, decode {decode}"
 
 
 def isa() -> str | None:

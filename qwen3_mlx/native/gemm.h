@@ -60,9 +60,10 @@ void pack_rows(const float* x, int M, int64_t K, int MR, int t0, int t1, float* 
 // All of x's row tiles, on the calling thread.
 void pack_rows(const float* x, int M, int64_t K, int MR, float* packed);
 
-// The opt-in int8 variant (gemm_vnni.cpp): x rounded to int8 per block of 32 and packed like the
-// float kernels' x, a quad of bytes per row and 4 columns, with each block's step
-// [K / 32][rows] and each group's float32 sum [K / group][rows] (rows padded to tiles of MR).
+// The int8 variant (gemm_vnni.cpp; the Python face asks for it by default): x rounded to int8
+// per block of 32 and packed like the float kernels' x, a quad of bytes per row and 4 columns,
+// with each block's step [K / 32][rows] and each group's float32 sum [K / group][rows] (rows
+// padded to tiles of MR).
 struct GemmInt8Rows {
   const int8_t* packed;
   const float* steps;

@@ -1,7 +1,7 @@
-// The opt-in int8 prefill matmul (gemm.h, "int8") in AVX-512 VNNI: x rounded to int8 per block of
-// 32 (step max|x| / 127, as llama.cpp's Q8_0 and the int8 mat-vec), the 4-bit weights taken as
-// unsigned bytes, products summed exactly in int32 by vpdpbusd (64 per instruction, 4 times the
-// float32 FMA's 16), then scaled in float32.
+// The int8 prefill matmul (gemm.h, "int8"; the default where it runs) in AVX-512 VNNI: x rounded
+// to int8 per block of 32 (step max|x| / 127, as llama.cpp's Q8_0 and the int8 mat-vec), the 4-bit
+// weights taken as unsigned bytes, products summed exactly in int32 by vpdpbusd (64 per
+// instruction, 4 times the float32 FMA's 16), then scaled in float32.
 //
 // Per group g of a weight row n: sum_k x_k (s q_k + b) = s sum_blocks step * dot(xq, q) + b sum(x)
 // with the bias term over the exact float32 sums of x, so rounding x is the only error.
