@@ -12,9 +12,9 @@ its own `llama-bench` (built from source: only a benchmark tool, never a depende
 prefill and `-n` for decode, with the same thread count.
 
 Per shape (0.6B and 4B) it reports tok/s of a 512-token prefill (and 4,096 with --long), as a
-fresh install runs it: the prefill matmul rounds x to int8 where AVX-512 VNNI runs. --float32 adds
-ours with the prefill matmul in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0) as a second line; --int8
-adds ours with the decode mat-vec's int8 opt-in too (QWEN3_MLX_NATIVE_INT8=1);
+fresh install runs it: where AVX-512 VNNI runs, the 4-bit kernels round x to int8. --float32 adds
+ours with float32 x (QWEN3_MLX_NATIVE_INT8_PREFILL=0 and QWEN3_MLX_NATIVE_INT8=0) as a second
+line;
 --prefill-only leaves out decode, --decode-only the prefill rows), decode tok/s after a short prompt, the ratio ours / llama.cpp, and the fraction of the machine's limit:
 for prefill the FLOP/s of the matmuls and attention against the measured FMA peak, for decode
 the GB/s of weights read against the measured read bandwidth; and the peak memory of our load
@@ -42,8 +42,7 @@ AGENT_PROMPT = 1500
 INT8_SWITCHES = ("QWEN3_MLX_NATIVE_INT8_PREFILL", "QWEN3_MLX_NATIVE_INT8")
 VARIANTS = {  # our engines: the switches each sets (unset: a fresh install's defaults)
     "ours": {},
-    "ours float32": {"QWEN3_MLX_NATIVE_INT8_PREFILL": "0"},  # the exact prefill matmul
-    "ours int8": {"QWEN3_MLX_NATIVE_INT8": "1"},  # and the decode mat-vec's int8 opt-in
+    "ours float32": dict.fromkeys(INT8_SWITCHES, "0"),  # float32 x: within float32 rounding
 }
 
 
@@ -130,7 +129,7 @@ def step_gb(path: Path) -> float:
 
 
 def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """(measure, {engine: callable}) for one shape: ours (and its --float32 / --int8 variants),
+    """(measure, {engine: callable}) for one shape: ours (and its --float32 variant),
     llama.cpp."""
     path, gguf = weights_of(shape, args)
     binary, threads = args.llama_bench, THREADS
@@ -145,9 +144,9 @@ def measurements(shape: str, args: argparse.Namespace) -> list[tuple[str, dict[s
             engines[variant] = lambda v=variant, p=prompt: ours(path, "prefill", v, prompt=p)
         engines["llama.cpp"] = lambda prompt=prompt: llama(binary, gguf, prompt, 0, threads)
         rows.append((f"prefill {prompt}", engines))
-    decode = {"ours": lambda: ours(path, "decode", tokens=24)}
-    if args.int8 and args.weights != "bf16":
-        decode["ours int8"] = lambda: ours(path, "decode", "ours int8", tokens=24)
+    decode = {}
+    for variant in variants:
+        decode[variant] = lambda v=variant: ours(path, "decode", v, tokens=24)
     decode["llama.cpp"] = lambda: llama(binary, gguf, 0, 32, threads)
     if not args.prefill_only:
         rows.append(("decode", decode))
@@ -246,14 +245,9 @@ def main() -> None:
         "--weights", choices=["4bit", "bf16"], default="4bit", help="the checkpoints to compare"
     )
     parser.add_argument(
-        "--int8",
-        action="store_true",
-        help="also ours decoding with the mat-vec's int8 opt-in (QWEN3_MLX_NATIVE_INT8=1)",
-    )
-    parser.add_argument(
         "--float32",
         action="store_true",
-        help="also ours prefilling in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0)",
+        help="also ours with float32 x (QWEN3_MLX_NATIVE_INT8_PREFILL=0, QWEN3_MLX_NATIVE_INT8=0)",
     )
     parser.add_argument("--prefill-only", action="store_true", help="leave out the decode rows")
     parser.add_argument("--decode-only", action="store_true", help="leave out the prefill rows")

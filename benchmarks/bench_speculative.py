@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--skip-shapes", action="store_true", help="only the tiny-model part")
     parser.add_argument("--skip-tiny", action="store_true", help="only the 4B/0.6B part")
     parser.add_argument(
-        "--int8", action="store_true", help="the native kernel's int8-x variant (AVX-512 VNNI)"
+        "--float32", action="store_true", help="the native mat-vec with float32 x, not int8"
     )
     parser.add_argument(
         "--isa",
@@ -271,9 +271,9 @@ def main() -> None:
     if args.isa:
         os.environ["QWEN3_MLX_NATIVE_ISA"] = args.isa  # read per call by the extension
         print(f"native kernels: {args.isa} (QWEN3_MLX_NATIVE_ISA)", flush=True)
-    if args.int8:
-        os.environ["QWEN3_MLX_NATIVE_INT8"] = "1"  # read per call by qwen3_mlx.cpu.native
-        print("native kernel: int8 x (QWEN3_MLX_NATIVE_INT8=1)", flush=True)
+    if args.float32:
+        os.environ["QWEN3_MLX_NATIVE_INT8"] = "0"  # read per call by qwen3_mlx.cpu.native
+        print("native kernel: float32 x (QWEN3_MLX_NATIVE_INT8=0)", flush=True)
     verify = None if args.skip_shapes else print_shapes(args.repeats)
     if not args.skip_tiny:
         print_tiny(min(args.repeats, 3))

@@ -53,7 +53,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-def float32_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The prefill matmul in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0): for tests that hold the
-    native kernels to float32 rounding of MLX's. The int8 default has its own (test_gemm_int8.py)."""
+def float32_x(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native kernels with float32 x (QWEN3_MLX_NATIVE_INT8=0, QWEN3_MLX_NATIVE_INT8_PREFILL=0):
+    for tests that hold them to float32 rounding of MLX's. The int8 default has its own tests
+    (test_gemm_int8.py, and the int8 ones in test_native_kernel.py)."""
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_INT8", "0")
     monkeypatch.setenv("QWEN3_MLX_NATIVE_INT8_PREFILL", "0")

@@ -29,7 +29,7 @@ ON_CPU = mx.default_device() == mx.cpu
 OPENBLAS = "/usr/lib/libopenblas.so.0"  # a stand-in name: only whether one is active matters
 
 
-pytestmark = pytest.mark.usefixtures("float32_prefill")  # float32 parity; int8: test_gemm_int8.py
+pytestmark = pytest.mark.usefixtures("float32_x")  # float32 parity; int8 tests set theirs
 
 NATIVE = native_kernel.native() is not None
 

@@ -1,8 +1,8 @@
 """The fused decode layer (qwen3_mlx/cpu/layer.py, native/decode_layer.cpp): a one-token step with
 two native nodes per decoder layer gives bit for bit the logits and KV cache of the separate ops,
-across the cache's growth, on both mat-vec instruction paths and with the int8 opt-in; it writes
-the cache in place only where no one else holds it; and what it does not take keeps the
-separate ops."""
+across the cache's growth, on both mat-vec instruction paths, with int8 x (the default) and
+float32 x; it writes the cache in place only where no one else holds it; and what it does not
+take keeps the separate ops."""
 
 from __future__ import annotations
 
@@ -86,8 +86,7 @@ def test_a_random_model_with_wide_rows_decodes_bit_for_bit(make_checkpoint, monk
     """Rows of 256 take the AVX-512 mat-vec (128 weights a step) where the CPU has it; GQA 8/2."""
     if isa:
         monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)
-    if int8:
-        monkeypatch.setenv(native_kernel.INT8_ENV, "1")
+    monkeypatch.setenv(native_kernel.INT8_ENV, "1" if int8 else "0")
     folder = make_checkpoint(
         hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
         head_dim=64, num_hidden_layers=3,

@@ -70,52 +70,62 @@ def vnni_or_skip() -> None:
 
 
 @NATIVE_SKIP
-def test_int8_prefill_is_the_default_and_only_for_the_matmul(monkeypatch):
-    """Unset, more than 8 rows (the prefill matmul) round x to int8; 8 rows or fewer (the mat-vec,
-    which QWEN3_MLX_NATIVE_INT8 rules) and QWEN3_MLX_NATIVE_INT8_PREFILL=0 keep float32."""
+@pytest.mark.parametrize("rows", [3, 20])
+def test_int8_is_the_default_and_each_switch_rules_its_rows(monkeypatch, rows):
+    """Unset, x is rounded to int8 for the mat-vec (8 rows or fewer) and the prefill matmul
+    (more); QWEN3_MLX_NATIVE_INT8=0 keeps the mat-vec's x float32, QWEN3_MLX_NATIVE_INT8_PREFILL=0
+    the matmul's, and each leaves the other's rows alone."""
     vnni_or_skip()
     layer = random_layer(64, 512)
-    module = native_kernel.native()
-    monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
-    for rows in (3, 20):
-        x = mx.random.normal((rows, 512), key=mx.random.key(rows))
-        float_kernel = module.quantized_matmul(x, *layer, 64, 1, False)
-        monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
-        same = mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
-        assert same == (rows <= native_kernel.MATVEC_ROWS)
-        assert native_kernel.int8_prefill_reason() is None
-        monkeypatch.setenv(native_kernel.INT8_PREFILL_ENV, "0")
-        assert mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
-        assert native_kernel.int8_prefill_reason() == "QWEN3_MLX_NATIVE_INT8_PREFILL=0"
+    x = mx.random.normal((rows, 512), key=mx.random.key(rows))
+    float_kernel = native_kernel.native().quantized_matmul(x, *layer, 64, 1, False)
+    matvec = rows <= native_kernel.MATVEC_ROWS
+    own, other = (
+        (native_kernel.INT8_ENV, native_kernel.INT8_PREFILL_ENV)
+        if matvec
+        else (native_kernel.INT8_PREFILL_ENV, native_kernel.INT8_ENV)
+    )
+    for name in (own, other):
+        monkeypatch.delenv(name, raising=False)
+    assert not mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
+    monkeypatch.setenv(other, "0")
+    assert not mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
+    monkeypatch.setenv(own, "0")
+    assert mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
+    reason = native_kernel.int8_decode_reason() if matvec else native_kernel.int8_prefill_reason()
+    assert reason == f"{own}=0"
 
 
 @NATIVE_SKIP
-def test_int8_prefill_that_fails_its_self_test_keeps_float32(monkeypatch):
-    """The int8 default is self-tested once, like every op: a failure keeps the float32 matmul
-    and says why."""
+def test_int8_that_fails_its_self_test_keeps_float32(monkeypatch):
+    """The int8 default is self-tested once, like every op: a failure keeps float32 x for the
+    matmul and the mat-vec, and says why."""
     vnni_or_skip()
     monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
-    real_self_test = native_kernel._int8_prefill_self_test
+    real_self_test = native_kernel._int8_self_test
     monkeypatch.setattr(native_kernel, "_checked", {})
-    monkeypatch.setattr(native_kernel, "_int8_prefill_self_test", lambda module: "it drifted")
+    monkeypatch.setattr(native_kernel, "_int8_self_test", lambda module: "it drifted")
     layer = random_layer(64, 512)
     x = mx.random.normal((20, 512))
     float_kernel = native_kernel.native().quantized_matmul(x, *layer, 64, 1, False)
     assert mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()
-    assert native_kernel.int8_prefill_reason() == "it drifted"
+    assert native_kernel.int8_prefill_reason() == native_kernel.int8_decode_reason() == "it drifted"
     assert real_self_test(native_kernel.native()) is None  # and the real one passes here
 
 
 @NATIVE_SKIP
-def test_default_prefill_keeps_the_tiny_models_greedy_tokens(monkeypatch):
-    """The shipped tiny model, 4-bit, prompts longer than 8 tokens: with the int8 prefill (the
-    default) greedy tokens equal those of MLX's kernels throughout, and logits stay within the
-    4-bit tolerance (float32 is held to 1e-4 of them in test_cpu_quantized.py)."""
+def test_int8_default_keeps_the_tiny_models_greedy_tokens(monkeypatch):
+    """The shipped tiny model, 4-bit, prompts longer than 8 tokens: with int8 x in prefill and
+    decode (the default) greedy tokens equal those of MLX's kernels throughout, and logits stay
+    within the 4-bit tolerance (float32 x is held to 1e-4 of them in test_cpu_quantized.py)."""
     from test_cpu_quantized import tiny_greedy_native_and_off
 
     vnni_or_skip()
     monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
-    assert native_kernel.int8_prefill_reason() is None
+    monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
+    assert (
+        native_kernel.int8_prefill_reason() is None and native_kernel.int8_decode_reason() is None
+    )
     with_int8, logits, without, expected = tiny_greedy_native_and_off(monkeypatch)
     assert with_int8 == without
     scale = np.abs(expected).max()
@@ -159,16 +169,23 @@ def test_int8_prefill_logits_within_the_4bit_tolerance(make_checkpoint, monkeypa
 
 
 @NATIVE_SKIP
-def test_info_says_how_prefill_rounds_x(monkeypatch):
-    """`info`'s CPU kernels row for a 4-bit checkpoint in float32 names the prefill's precision;
-    other checkpoints and compute dtypes have no such row."""
+def test_info_says_how_x_is_rounded(monkeypatch):
+    """`info`'s CPU kernels row for a 4-bit checkpoint in float32 names the precision of x in
+    prefill and decode; other checkpoints and compute dtypes have no such row."""
     from qwen3_mlx.model_facts import _cpu_kernels
 
     vnni_or_skip()
     four_bit = {"quantization": {"bits": 4, "group_size": 64}}
     monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
+    monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
     text = _cpu_kernels(four_bit, "float32")
-    assert text == "native, avx512: prefill x rounded to int8 (VNNI), decode float32"
+    assert (
+        text == "native, avx512: prefill x rounded to int8 (VNNI), decode x rounded to int8 (VNNI)"
+    )
     monkeypatch.setenv(native_kernel.INT8_PREFILL_ENV, "0")
-    assert "prefill float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0)" in _cpu_kernels(four_bit, "float32")
+    monkeypatch.setenv(native_kernel.INT8_ENV, "0")
+    assert _cpu_kernels(four_bit, "float32") == (
+        "native, avx512: prefill x in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0), "
+        "decode x in float32 (QWEN3_MLX_NATIVE_INT8=0)"
+    )
     assert _cpu_kernels(four_bit, None) is None and _cpu_kernels({}, "float32") is None

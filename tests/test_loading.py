@@ -67,7 +67,7 @@ def test_mlx_lm_4bit_checkpoint_equals_our_in_memory_quantization(make_checkpoin
         np.testing.assert_array_equal(logits(from_disk), logits(in_memory))
 
 
-def test_mlx_lm_mixed_bits_checkpoint_equals_mlx_lm(make_checkpoint, tmp_path, float32_prefill):
+def test_mlx_lm_mixed_bits_checkpoint_equals_mlx_lm(make_checkpoint, tmp_path, float32_x):
     """Per-module overrides in the quantization block (here v_proj at 8 bits) are honoured: our
     logits equal mlx-lm's own load of the folder (both in float32, so summation order is the only
     difference), and differ clearly from the uniform 4-bit model's."""

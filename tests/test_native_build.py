@@ -42,5 +42,5 @@ def test_the_old_qmv_settings_still_work(monkeypatch):
     monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", "avx2")  # the new name wins
     assert module.isa() == ("avx2" if module.detected_isa() != "scalar" else "scalar")
     monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
-    monkeypatch.setenv("QWEN3_MLX_QMV_INT8", "1")
-    assert native_kernel.int8_requested()
+    monkeypatch.setenv("QWEN3_MLX_QMV_INT8", "0")
+    assert not native_kernel.int8_requested()

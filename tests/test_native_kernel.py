@@ -14,7 +14,7 @@ import pytest
 import qwen3_mlx.cpu.native as native_kernel
 from qwen3_mlx.cpu.native import quantized_matmul
 
-pytestmark = pytest.mark.usefixtures("float32_prefill")  # float32 parity; int8: test_gemm_int8.py
+pytestmark = pytest.mark.usefixtures("float32_x")  # float32 parity; int8 tests set theirs
 
 NATIVE_SKIP = pytest.mark.skipif(
     native_kernel.native() is None,
@@ -259,11 +259,9 @@ def int8_or_skip(monkeypatch) -> None:
 
 
 @NATIVE_SKIP
-def test_int8_variant_is_off_by_default_and_in_the_self_test(monkeypatch):
-    monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
-    assert not native_kernel.int8_requested()
+def test_load_self_test_runs_the_float_kernel_whatever_int8_says(monkeypatch):
     int8_or_skip(monkeypatch)
-    assert native_kernel._self_test(native_kernel.native()) is None  # it runs the float kernel
+    assert native_kernel._self_test(native_kernel.native()) is None
     layer, x = random_layer(64, 512), mx.random.normal((1, 512))
     float_kernel = native_kernel.native().quantized_matmul(x, *layer, 64, 1)
     assert not mx.array_equal(quantized_matmul(x, *layer, 64, 1), float_kernel).item()

@@ -144,7 +144,7 @@ def decode_step(
     found = [_layer_parts(layer) for layer in layers]
     if any(parts is None for parts in found):
         return None
-    int8 = native_kernel.int8_requested()
+    int8 = native_kernel.int8_decode_reason() is None
     norm_weights = [layer.post_attention_layernorm["weight"] for layer in layers]
     following = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
     if any(w.dtype != mx.float32 for w in norm_weights):

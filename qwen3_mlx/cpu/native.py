@@ -6,15 +6,14 @@ imports, and passes a small self-test of its 4-bit matmul against mx.quantized_m
 and a prefill's many); each other op has its own self-test (`checked`). Otherwise
 `fallback_reason()` says why and callers keep MLX's ops. QWEN3_MLX_NATIVE=0 turns it off;
 QWEN3_MLX_NATIVE_ISA=avx512|avx2|scalar forces a narrower instruction set (for tests).
-QWEN3_MLX_NATIVE_INT8=1 (off by default; AVX-512 VNNI only) rounds x to int8 for the mat-vec's
-VNNI dot products, as llama.cpp does: at most ~1.1-1.2x faster decode here, and logits drift as
-far as bf16 compute does (docs/benchmarks.md, "CPU 4-bit kernel"). The prefill matmul (more than 8
-rows of x) rounds x to int8 by default where AVX-512 VNNI runs and its self-test passes: 2.4-2.9x
-its float32 speed per core, logits within the 4-bit tolerance the tests hold bf16 compute to
-(docs/benchmarks.md, "CPU prefill, second pass" and "Fifth session").
-QWEN3_MLX_NATIVE_INT8_PREFILL=0 keeps it in float32, within float32 rounding of MLX's kernel.
-The extension was called qmv: QWEN3_MLX_QMV_ISA and
-QWEN3_MLX_QMV_INT8 still work.
+Where AVX-512 VNNI runs and the int8 self-test passes, the 4-bit kernels round x to int8 per
+block of 32 and sum its products with the weights exactly in int32 (VNNI), as llama.cpp does:
+the mat-vec (decode, a speculative verify pass: 8 rows of x or fewer) and the prefill matmul
+(more rows). Logits stay within the 4-bit tolerance the tests hold bf16 compute to
+(docs/benchmarks.md, "CPU 4-bit kernel", "CPU prefill, second pass" and "Fifth session").
+QWEN3_MLX_NATIVE_INT8=0 keeps the mat-vec's x float32 and QWEN3_MLX_NATIVE_INT8_PREFILL=0 the
+matmul's: both set, every product is within float32 rounding of MLX's kernel. The extension was
+called qmv: QWEN3_MLX_QMV_ISA and QWEN3_MLX_QMV_INT8 still work.
 
 Only float32 x takes it (the CPU default, `compute_dtype="auto"`), with scales and biases in
 float32, bfloat16 or float16: half-precision x keeps MLX's kernel, so "checkpoint" compute stays
@@ -180,10 +179,10 @@ def quantized_matmuls(
 
 
 def int8_requested() -> bool:
-    """Whether QWEN3_MLX_NATIVE_INT8=1 (or its old name) asks for the int8 mat-vec (read per
-    call, for tests)."""
+    """Whether the mat-vec (8 rows of x or fewer) may round x to int8: unless
+    QWEN3_MLX_NATIVE_INT8=0 (or its old name; read per call, for tests)."""
     value = os.environ.get(INT8_ENV) or os.environ.get(INT8_ENV_ALIAS)
-    return value == "1"
+    return value != "0"
 
 
 def int8_prefill_requested() -> bool:
@@ -192,40 +191,52 @@ def int8_prefill_requested() -> bool:
     return os.environ.get(INT8_PREFILL_ENV) != "0"
 
 
-def _int8_prefill_self_test(module: ModuleType) -> str | None:
-    """None if the int8 prefill matmul of 13 rows stays within its rounding of x (a step of
-    max|x| / 127 per block of 32) of the float32 kernel, else what failed."""
+def _int8_self_test(module: ModuleType) -> str | None:
+    """None if the int8 kernels, the mat-vec (1 row) and the prefill matmul (13 rows), stay
+    within their rounding of x (a step of max|x| / 127 per block of 32) of the float32 ones,
+    else what failed."""
     w, scales, biases = mx.quantize(mx.arange(128 * 40, dtype=mx.float32).reshape(40, 128) % 7)
-    x = mx.linspace(-1, 1, 128 * 13).reshape(13, 128)
-    exact = module.quantized_matmul(x, w, scales, biases, 64, 1, False)
-    rounded = module.quantized_matmul(x, w, scales, biases, 64, 1, True)
-    # Each x moves by at most half a step; the weights here are at most 6 (plus rounding).
-    bound = 0.5 * mx.abs(x).max() / 127 * 6.01 * 128
-    error = mx.abs(rounded - exact).max().item()
-    if not 0 < error <= bound.item():
-        return f"its int8 prefill self-test was off by {error:.3g} (bound {bound.item():.3g})"
+    for rows in (1, 13):
+        x = mx.linspace(-1, 1, 128 * rows).reshape(rows, 128)
+        exact = module.quantized_matmul(x, w, scales, biases, 64, 1, False)
+        rounded = module.quantized_matmul(x, w, scales, biases, 64, 1, True)
+        # Each x moves by at most half a step; the weights here are at most 6 (plus rounding).
+        bound = (0.5 * mx.abs(x).max() / 127 * 6.01 * 128).item()
+        error = mx.abs(rounded - exact).max().item()
+        if not 0 < error <= bound:
+            return f"its int8 self-test of {rows} row(s) was off by {error:.3g} (bound {bound:.3g})"
     return None
 
 
-def int8_prefill_reason() -> str | None:
-    """Why the prefill matmul keeps float32 x, or None when it rounds x to int8."""
-    if not int8_prefill_requested():
-        return f"{INT8_PREFILL_ENV}=0"
+def _int8_reason(requested: bool, switch: str) -> str | None:
+    """Why x stays float32 where `switch` rules, or None when it is rounded to int8."""
+    if not requested:
+        return f"{switch}=0"
     module = native()
     if module is None:
         return fallback_reason()
     if not module.int8_supported():  # asked each time: tests force a narrower ISA
-        return "the int8 kernel needs AVX-512 VNNI"
-    if checked("int8_supported", _int8_prefill_self_test) is None:
+        return "the int8 kernels need AVX-512 VNNI"
+    if checked("int8_supported", _int8_self_test) is None:
         return checked_reason("int8_supported")
     return None
 
 
+def int8_decode_reason() -> str | None:
+    """Why the mat-vec (decode, a verify pass) keeps float32 x, or None when it rounds x to int8."""
+    return _int8_reason(int8_requested(), INT8_ENV)
+
+
+def int8_prefill_reason() -> str | None:
+    """Why the prefill matmul keeps float32 x, or None when it rounds x to int8."""
+    return _int8_reason(int8_prefill_requested(), INT8_PREFILL_ENV)
+
+
 def _int8_for(x: mx.array) -> bool:
-    """The extension's int8 flag for x: the mat-vec's opt-in up to 8 rows, the matmul's default
-    above."""
+    """The extension's int8 flag for x: the mat-vec's up to 8 rows, the prefill matmul's above."""
     rows = x.size // x.shape[-1] if x.ndim else 1
-    return int8_prefill_reason() is None if rows > MATVEC_ROWS else int8_requested()
+    reason = int8_prefill_reason() if rows > MATVEC_ROWS else int8_decode_reason()
+    return reason is None
 
 
 def kernels_text() -> str | None:
@@ -238,10 +249,12 @@ def kernels_text() -> str | None:
     if module is None:
         built_here = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
         return f"MLX's ({fallback_reason()})" if built_here else None
-    reason = int8_prefill_reason()
-    prefill = "x rounded to int8 (VNNI)" if reason is None else f"float32 ({reason})"
-    decode = "x rounded to int8" if int8_requested() and module.int8_supported() else "float32"
-    return f"native, {module.isa()}: prefill {prefill}, decode {decode}"
+    texts = []
+    for name, reason in (("prefill", int8_prefill_reason()), ("decode", int8_decode_reason())):
+        texts.append(
+            f"{name} x {'rounded to int8 (VNNI)' if reason is None else f'in float32 ({reason})'}"
+        )
+    return f"native, {module.isa()}: {', '.join(texts)}"
 
 
 def isa() -> str | None:

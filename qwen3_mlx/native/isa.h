@@ -43,7 +43,8 @@ Isa detected_isa();
 // name QWEN3_MLX_QMV_ISA) = avx512|avx2|scalar asks (never above the CPU's). Read per call.
 Isa chosen_isa();
 const char* isa_name(Isa isa);
-// Whether the opt-in int8 mat-vec (block_vnni) can run: AVX-512 VNNI, AVX-512 chosen.
+// Whether the int8 kernels (block_vnni, gemm_vnni; the default where they run) can run: AVX-512
+// VNNI, AVX-512 chosen.
 bool int8_supported();
 // The environment variable `name`, else its old name `alias` (the extension was called qmv),
 // else nullptr; empty values count as unset.

@@ -69,8 +69,8 @@ struct Job {
   const float* xs;  // [M][K/8] sums of each word's 8 elements of x
   float* out;       // [M][N] float32
   int64_t prefetch_words;
-  // The int8 variant (QWEN3_MLX_NATIVE_INT8=1) only: x quantized to int8 per block of 32 and laid
-  // out per step of 16 words as [the 4 even elements of each word][the 4 odd ones], and each
+  // The int8 variant (unless QWEN3_MLX_NATIVE_INT8=0) only: x quantized to int8 per block of 32
+  // and laid out per step of 16 words as [the 4 even elements of each word][the 4 odd ones], and each
   // word's block scale.
   const int8_t* xq = nullptr;  // [M][K]
   const float* xd = nullptr;   // [M][K/8]
