@@ -2,6 +2,7 @@
 
     QWEN3_MLX_OPENBLAS=0 python -m benchmarks.bench_decode_step [--shape 0.6b] [--steps 40]
     QWEN3_MLX_OPENBLAS=0 python -m benchmarks.bench_decode_step --compare 10   # fused against separate
+    QWEN3_MLX_OPENBLAS=0 python -m benchmarks.bench_decode_step --compare-int8 8   # int8 x against float32
 
 Random 4-bit weights at the real shape (benchmarks/checkpoints.py), float32 compute, a 64-token
 context, greedy. It reports:
@@ -18,7 +19,9 @@ context, greedy. It reports:
 --compare N runs only the decode loop, N rounds alternating in one process: the step as it runs
 (two native nodes per decoder layer, qwen3_mlx/cpu/layer.py, and the native token lookup) against
 the separate ops it replaced, each round on a fresh cache; it prints the median and best wall time
-of each. Alternating in one process keeps a busy moment of a shared machine from favouring either.
+of each. --compare-int8 N does the same for int8 x in the mat-vecs (the default where AVX-512
+VNNI runs) against float32 x (QWEN3_MLX_NATIVE_INT8=0). Alternating in one process keeps a busy
+moment of a shared machine from favouring either.
 
 On 2 cores the mat-vec keeps both busy, so every CPU millisecond spent elsewhere, overlapped or
 not, costs about half a millisecond of the step: CPU time is the figure that adds up (and the
@@ -154,29 +157,60 @@ def per_node(repeats: int = 5, length: int = 1000) -> dict[str, float]:
     return costs
 
 
-def fused_against_separate(model, rounds: int, steps: int) -> dict[str, list[dict[str, float]]]:
-    """The decode loop with the fused layers and native lookup, and with the separate ops,
-    alternating for `rounds` rounds: every round's figures per variant."""
+def alternating(
+    model, setups: dict[str, Callable[[], None]], rounds: int, steps: int
+) -> dict[str, list[dict[str, float]]]:
+    """The decode loop after each setup in turn, for `rounds` rounds, each on a fresh cache:
+    every round's figures per setup."""
     from qwen3_mlx.cache import make_cache
+
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, setup in setups.items():
+            setup()
+            cache = make_cache(model)
+            model(mx.arange(100, 100 + CONTEXT, dtype=mx.uint32)[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            results[name].append(main_thread(model, cache, steps))
+    return results
+
+
+def fused_against_separate(model, rounds: int, steps: int) -> dict[str, list[dict[str, float]]]:
+    """The decode loop with the fused layers and native lookup, and with the separate ops."""
     from qwen3_mlx.cpu import layer, quantized
 
     fused, rows = layer.decode_step, quantized._native_rows
-    variants = {
-        "fused": (fused, rows),
-        "separate ops": (lambda *args, **kwargs: None, lambda layer: None),
+
+    def use(step, lookup) -> Callable[[], None]:
+        def setup() -> None:
+            layer.decode_step, quantized._native_rows = step, lookup
+
+        return setup
+
+    setups = {
+        "fused": use(fused, rows),
+        "separate ops": use(lambda *args, **kwargs: None, lambda layer: None),
     }
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     try:
-        for _ in range(rounds):
-            for name, (step, lookup) in variants.items():
-                layer.decode_step, quantized._native_rows = step, lookup
-                cache = make_cache(model)
-                model(mx.arange(100, 100 + CONTEXT, dtype=mx.uint32)[None], cache=cache)
-                mx.eval([c.state for c in cache])
-                results[name].append(main_thread(model, cache, steps))
+        return alternating(model, setups, rounds, steps)
     finally:
         layer.decode_step, quantized._native_rows = fused, rows
-    return results
+
+
+def int8_against_float32(model, rounds: int, steps: int) -> dict[str, list[dict[str, float]]]:
+    """The decode loop with int8 x in the mat-vecs (the default where VNNI runs) and with float32
+    x (QWEN3_MLX_NATIVE_INT8=0, read per step)."""
+    before = os.environ.get("QWEN3_MLX_NATIVE_INT8")
+    setups = {
+        f"{name} x": lambda value=value: os.environ.__setitem__("QWEN3_MLX_NATIVE_INT8", value)
+        for name, value in (("int8", "1"), ("float32", "0"))
+    }
+    try:
+        return alternating(model, setups, rounds, steps)
+    finally:
+        os.environ.pop("QWEN3_MLX_NATIVE_INT8", None)
+        if before is not None:
+            os.environ["QWEN3_MLX_NATIVE_INT8"] = before
 
 
 def main() -> None:
@@ -186,6 +220,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument(
         "--compare", type=int, default=0, metavar="N", help="fused against separate ops, N rounds"
+    )
+    parser.add_argument(
+        "--compare-int8",
+        type=int,
+        default=0,
+        metavar="N",
+        help="int8 against float32 x in the mat-vecs, N rounds",
     )
     args = parser.parse_args()
     os.environ.setdefault("QWEN3_MLX_OPENBLAS", "0")
@@ -199,8 +240,13 @@ def main() -> None:
     model(mx.arange(100, 100 + CONTEXT, dtype=mx.uint32)[None], cache=cache)
     mx.eval([c.state for c in cache])
     print(f"{args.shape}, load average {os.getloadavg()[0]:.1f}")
-    if args.compare:
-        for name, runs in fused_against_separate(model, args.compare, args.steps).items():
+    if args.compare or args.compare_int8:
+        pairs = (
+            fused_against_separate(model, args.compare, args.steps)
+            if args.compare
+            else int8_against_float32(model, args.compare_int8, args.steps)
+        )
+        for name, runs in pairs.items():
             wall = [run["wall"] for run in runs]
             print(
                 f"{name}: {statistics.median(wall):.2f} ms a step (median of {len(runs)}), best "
