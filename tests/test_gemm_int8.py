@@ -64,9 +64,9 @@ def test_int8_prefill_is_x_rounded_per_block_of_32(monkeypatch, case):
 
 
 def vnni_or_skip() -> None:
-    """Skip where the CPU has no AVX-512 VNNI (the prefill matmul then stays float32)."""
+    """Skip where the CPU has no AVX-512 VNNI (x then stays float32)."""
     if not native_kernel.native().int8_supported():
-        pytest.skip("the int8 prefill matmul needs AVX-512 VNNI")
+        pytest.skip("the int8 kernels need AVX-512 VNNI")
 
 
 @NATIVE_SKIP

@@ -171,9 +171,9 @@ NATIVE_AVX512 void rows_avx512(const Job& job, int64_t r0, int64_t r1) {
 // AVX-512 VNNI, int8 x (the default where it runs): 16 words per step. `w & 0x0f0f0f0f` holds
 // a word's even nibbles as bytes and `(w >> 4) & 0x0f0f0f0f` its odd ones, so two vpdpbusd (u8
 // weights times s8 x) give each word's 8 products summed in its int32 lane, then scaled by the
-// lane's group scale times its x block scale. The bias term uses the exact float group sums of x (once per 16
-// groups, after the steps), so the only error is x's int8 rounding (half a block step per
-// element), as llama.cpp's Q8_0 activations.
+// lane's group scale times its x block scale. The bias term uses the exact float group sums of x
+// (once per 16 groups, after the steps), so the only error is x's int8 rounding (half a block
+// step per element), as llama.cpp's Q8_0 activations.
 
 
 // NB rows of w times MB rows of x, tiled as the float kernel's (tile_avx512); integer sums are

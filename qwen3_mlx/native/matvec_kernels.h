@@ -70,8 +70,8 @@ struct Job {
   float* out;       // [M][N] float32
   int64_t prefetch_words;
   // The int8 variant (unless QWEN3_MLX_NATIVE_INT8=0) only: x quantized to int8 per block of 32
-  // and laid out per step of 16 words as [the 4 even elements of each word][the 4 odd ones], and each
-  // word's block scale.
+  // and laid out per step of 16 words as [the 4 even elements of each word][the 4 odd ones], and
+  // each word's block scale.
   const int8_t* xq = nullptr;  // [M][K]
   const float* xd = nullptr;   // [M][K/8]
   // The float vector kernels: each group's sum of x, per row of x padded with zeros to a
