@@ -7,8 +7,8 @@
 In one run it prints:
 1. the machine's read bandwidth (AVX2 loads on 1 and 2 threads, numpy sum): the limit;
 2. GB/s of weight bytes (packed words + scales + biases) per Qwen3-4B matrix, for the native
-   kernel (and its opt-in int8 variant where the CPU has AVX-512 VNNI) and mx.quantized_matmul
-   with float32 and bfloat16 scales. The native kernel cycles over more than 1.2 GB of copies so
+   kernel (float32 x, and its int8 variant, the default where the CPU has AVX-512 VNNI) and
+   mx.quantized_matmul with float32 and bfloat16 scales. The native kernel cycles over more than 1.2 GB of copies so
    every read comes from DRAM, not the (large) L3;
 3. decode tok/s of random-weight 0.6B and 4B 4-bit checkpoints (benchmarks/checkpoints.py):
    ours (native kernel, float and int8 x; and with QWEN3_MLX_NATIVE=0, the default before it),
@@ -45,7 +45,7 @@ MATRICES = {
 }
 COLD_BYTES = 1.2e9  # more than the L3 (480 MiB on the study's machine), so reads come from DRAM
 THREADS = min(os.cpu_count() or 1, 8)
-INT8_ENV = "QWEN3_MLX_NATIVE_INT8"  # the native kernel's opt-in int8 variant
+INT8_ENV = "QWEN3_MLX_NATIVE_INT8"  # "0" or "1": the native mat-vec's x float32 or int8
 
 
 def bandwidth() -> dict[str, float]:
@@ -119,7 +119,7 @@ def matrices() -> list[dict[str, Any]]:
                 row["native"] = _gbps(layers, ours, 3)
                 # The same matrix over and over: cache-resident when it fits (the compute ceiling)
                 row["native_hot"] = _gbps([layers[0]] * 8, ours, 3)
-                if module.int8_supported():  # the opt-in int8 variant, right after
+                if module.int8_supported():  # the int8 variant, right after
                     row["int8"] = _gbps(layers, int8, 3)
                     row["int8_hot"] = _gbps([layers[0]] * 8, int8, 3)
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_matvec_rows                  # this checkout's build, best ISA
     python -m benchmarks.bench_matvec_rows --isa avx2 --builds /tmp/before.so qwen3_mlx/_native_mlx_*.so
-    python -m benchmarks.bench_matvec_rows --int8     # the opt-in int8 mat-vec (AVX-512 VNNI)
+    python -m benchmarks.bench_matvec_rows --int8     # int8 x (AVX-512 VNNI; without it, float32 x)
 
 CPU time per call of one Qwen3-4B matrix (q by default) on one thread, for 1-8 rows of x (decode
 and a speculative verify pass), cycling over copies larger than the L3 so the words come from
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--matrix", choices=list(MATRICES), default="q")
     parser.add_argument("--rows", default="1,2,3,5,8", help="rows of x, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--int8", action="store_true", help="the opt-in int8 mat-vec")
+    parser.add_argument("--int8", action="store_true", help="int8 x (without it: float32 x)")
     parser.add_argument("--cold-mb", type=float, default=COLD_BYTES / 1e6, help="MB of copies")
     args = parser.parse_args()
     if args.isa:
