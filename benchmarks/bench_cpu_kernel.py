@@ -8,8 +8,8 @@ In one run it prints:
 1. the machine's read bandwidth (AVX2 loads on 1 and 2 threads, numpy sum): the limit;
 2. GB/s of weight bytes (packed words + scales + biases) per Qwen3-4B matrix, for the native
    kernel (float32 x, and its int8 variant, the default where the CPU has AVX-512 VNNI) and
-   mx.quantized_matmul with float32 and bfloat16 scales. The native kernel cycles over more than 1.2 GB of copies so
-   every read comes from DRAM, not the (large) L3;
+   mx.quantized_matmul with float32 and bfloat16 scales. The native kernel cycles over more than
+   1.2 GB of copies so every read comes from DRAM, not the (large) L3;
 3. decode tok/s of random-weight 0.6B and 4B 4-bit checkpoints (benchmarks/checkpoints.py):
    ours (native kernel, float and int8 x; and with QWEN3_MLX_NATIVE=0, the default before it),
    mlx-lm (checkpoint bf16, and cast to float32) and llama.cpp (llama-cpp-python, GGUF Q4_0 of the same

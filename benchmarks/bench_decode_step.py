@@ -202,7 +202,7 @@ def int8_against_float32(model, rounds: int, steps: int) -> dict[str, list[dict[
     x (QWEN3_MLX_NATIVE_INT8=0, read per step)."""
     before = os.environ.get("QWEN3_MLX_NATIVE_INT8")
     setups = {
-        f"{name} x": lambda value=value: os.environ.__setitem__("QWEN3_MLX_NATIVE_INT8", value)
+        f"{name} x": lambda value=value: os.environ.update(QWEN3_MLX_NATIVE_INT8=value)
         for name, value in (("int8", "1"), ("float32", "0"))
     }
     try:

@@ -258,6 +258,7 @@ def _describe_folder(
     disk, memory = weight_bytes(entries, dtype_name, kept)
     yarn = _yarn_context(args, rope_factor)
     kv = _kv_bytes(args, dtype_name or _checkpoint_float(config))
+    quantization = quantization_summary(config, source)
     return ModelFacts(
         model=name,
         path=path,
@@ -270,11 +271,11 @@ def _describe_folder(
         parameters=parameters,
         tied_embeddings=args.tie_word_embeddings,
         checkpoint_dtype=config.get("torch_dtype") or config.get("dtype"),
-        quantization=quantization_summary(config, source),
+        quantization=quantization,
         weights_bytes_on_disk=disk,
         weights_bytes_in_memory=memory,
         compute_dtype=dtype_name or "checkpoint",
-        cpu_kernels=_cpu_kernels(config, dtype_name),
+        cpu_kernels=_cpu_kernels(quantization, dtype_name),
         context_length=args.context_length,
         context_length_yarn=yarn,
         yarn_factor=rope_factor if yarn else None,
@@ -284,10 +285,10 @@ def _describe_folder(
     )
 
 
-def _cpu_kernels(config: dict[str, Any], dtype_name: str | None) -> str | None:
-    """native.kernels_text() for a 4-bit checkpoint computed in float32, else None."""
-    block = config.get("quantization") or config.get("quantization_config") or {}
-    if dtype_name != "float32" or block.get("bits") != 4:
+def _cpu_kernels(quantization: dict[str, Any] | None, dtype_name: str | None) -> str | None:
+    """native.kernels_text() for a 4-bit checkpoint (quantization_summary) computed in float32,
+    else None."""
+    if dtype_name != "float32" or (quantization or {}).get("bits") != 4:
         return None
     from qwen3_mlx.cpu import native as native_kernel
 

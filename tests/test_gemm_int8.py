@@ -175,7 +175,7 @@ def test_info_says_how_x_is_rounded(monkeypatch):
     from qwen3_mlx.model_facts import _cpu_kernels
 
     vnni_or_skip()
-    four_bit = {"quantization": {"bits": 4, "group_size": 64}}
+    four_bit = {"method": "mlx-affine", "bits": 4, "group_size": 64, "overrides": 0}
     monkeypatch.delenv(native_kernel.INT8_PREFILL_ENV, raising=False)
     monkeypatch.delenv(native_kernel.INT8_ENV, raising=False)
     text = _cpu_kernels(four_bit, "float32")
@@ -188,4 +188,4 @@ def test_info_says_how_x_is_rounded(monkeypatch):
         "native, avx512: prefill x in float32 (QWEN3_MLX_NATIVE_INT8_PREFILL=0), "
         "decode x in float32 (QWEN3_MLX_NATIVE_INT8=0)"
     )
-    assert _cpu_kernels(four_bit, None) is None and _cpu_kernels({}, "float32") is None
+    assert _cpu_kernels(four_bit, None) is None and _cpu_kernels(None, "float32") is None

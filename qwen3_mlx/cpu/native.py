@@ -52,12 +52,19 @@ def module_name() -> str:
     return "_native_mlx_" + re.sub(r"\W", "_", mx.__version__)
 
 
+def _self_test_inputs() -> tuple[tuple[mx.array, mx.array, mx.array], list[mx.array]]:
+    """The self-tests' small 4-bit layer (weights 0-6, 128 -> 40) and x of 1 row (the mat-vec)
+    and 13 (the prefill matmul)."""
+    layer = mx.quantize(mx.arange(128 * 40, dtype=mx.float32).reshape(40, 128) % 7)
+    return layer, [mx.linspace(-1, 1, 128 * rows).reshape(rows, 128) for rows in (1, 13)]
+
+
 def _self_test(module: ModuleType) -> str | None:
     """None if a small product, by one row (mat-vec) and by 13 (the prefill matmul), matches
     mx.quantized_matmul to float32 rounding, else what failed."""
-    w, scales, biases = mx.quantize(mx.arange(128 * 40, dtype=mx.float32).reshape(40, 128) % 7)
-    for rows in (1, 13):
-        x = mx.linspace(-1, 1, 128 * rows).reshape(rows, 128)
+    (w, scales, biases), xs = _self_test_inputs()
+    for x in xs:
+        rows = x.shape[0]
         expected = mx.quantized_matmul(
             x, w, scales, biases, transpose=True, group_size=64, bits=BITS
         )
@@ -195,9 +202,9 @@ def _int8_self_test(module: ModuleType) -> str | None:
     """None if the int8 kernels, the mat-vec (1 row) and the prefill matmul (13 rows), stay
     within their rounding of x (a step of max|x| / 127 per block of 32) of the float32 ones,
     else what failed."""
-    w, scales, biases = mx.quantize(mx.arange(128 * 40, dtype=mx.float32).reshape(40, 128) % 7)
-    for rows in (1, 13):
-        x = mx.linspace(-1, 1, 128 * rows).reshape(rows, 128)
+    (w, scales, biases), xs = _self_test_inputs()
+    for x in xs:
+        rows = x.shape[0]
         exact = module.quantized_matmul(x, w, scales, biases, 64, 1, False)
         rounded = module.quantized_matmul(x, w, scales, biases, 64, 1, True)
         # Each x moves by at most half a step; the weights here are at most 6 (plus rounding).
