@@ -104,6 +104,8 @@ def test_bad_inputs_are_refused_with_a_message() -> None:
         native.quantized_decode_attention(q, *keys, *values, 1.0, 64, 2, 1)
     with pytest.raises(ValueError, match="q must be float32"):
         native.quantized_decode_attention(q[:, :, :0], *keys, *values, 1.0, 64, 8, 1)
+    with pytest.raises(ValueError, match="L <= the keys' T"):
+        native.quantized_decode_attention(mx.zeros((1, 4, 9, 64)), *keys, *values, 1.0, 64, 8, 1)
     with pytest.raises(ValueError, match="keys and values"):
         native.quantized_decode_attention(q, *keys, *values, 1.0, 64, 4, 1)  # packed at 8 bits
     mixed = (values[0], values[1].astype(mx.float32), values[2])
@@ -117,10 +119,12 @@ def test_masked_and_non_float32_calls_take_mlx_lms_path(monkeypatch) -> None:
     monkeypatch.setattr(
         kv_attention, "_reference", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
     )
-    keys, values = packed_cache((1, 2, 16, 64), 8, 64, mx.bfloat16, 16)
+    few = kv_attention.DECODE_POSITIONS
+    keys, values = packed_cache((1, 2, few + 4, 64), 8, 64, mx.bfloat16, few + 4)
     for q, mask in (
-        (mx.zeros((1, 4, 3, 64)), "causal"),
-        (mx.zeros((1, 4, 1, 64)), mx.ones((1, 16))),
+        (mx.zeros((1, 4, 3, 64)), "causal"),  # a verify pass: the native decode attention
+        (mx.zeros((1, 4, few + 1, 64)), "causal"),  # a prefill chunk
+        (mx.zeros((1, 4, 1, 64)), mx.ones((1, few + 4))),
         (mx.zeros((1, 4, 2, 64), dtype=mx.bfloat16), "causal"),
     ):
         out = kv_attention.quantized_attention(q, keys, values, 0.125, mask, 64, 8)
@@ -129,7 +133,11 @@ def test_masked_and_non_float32_calls_take_mlx_lms_path(monkeypatch) -> None:
     # (test_prefill_attention checks its values) and falls back only without the extension.
     native_prefill = kv_attention.native_prefill_attention() is not None
     expected = [(1, 4, 1, 64), (1, 4, 2, 64)]
-    assert calls == (expected if native_prefill else [(1, 4, 3, 64), *expected])
+    if not native_prefill:
+        expected.insert(0, (1, 4, few + 1, 64))
+    if native is None:
+        expected.insert(0, (1, 4, 3, 64))
+    assert calls == expected
 
 
 @needs_native
@@ -231,10 +239,12 @@ def test_the_native_float_kernel_gives_zeros_for_an_empty_cache() -> None:
 def test_bad_float_inputs_are_refused_with_a_message() -> None:
     k = v = mx.zeros((1, 2, 8, 64))
     q = mx.zeros((1, 4, 1, 64))
-    with pytest.raises(ValueError, match=r"q must be float32 \[B, Hq, 1, D\]"):
+    with pytest.raises(ValueError, match=r"q must be float32 \[B, Hq, L, D\]"):
         native_float.decode_attention(q.astype(mx.bfloat16), k, v, 1.0, 1)
+    with pytest.raises(ValueError, match="L <= the keys' T"):
+        native_float.decode_attention(mx.zeros((1, 4, 9, 64)), k, v, 1.0, 1)
     with pytest.raises(ValueError, match="q must be float32"):
-        native_float.decode_attention(mx.zeros((1, 4, 2, 64)), k, v, 1.0, 1)
+        native_float.decode_attention(q[:, :, :0], k, v, 1.0, 1)
     with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
         native_float.decode_attention(mx.zeros((1, 5, 1, 64)), k, v, 1.0, 1)
     with pytest.raises(ValueError, match=r"keys and values must be float32 \[B, Hkv, T, D\]"):
@@ -265,22 +275,104 @@ def test_float_attention_takes_mx_fast_for_what_the_kernel_does_not(monkeypatch)
     )
     cache = mx.ones((1, 2, 16, 64))
     decode = mx.ones((1, 4, 1, 64))
+    few = kv_attention.DECODE_POSITIONS
     for q, keys, mask in (
         (decode, cache, None),
-        (mx.ones((1, 4, 3, 64)), mx.ones((1, 2, 18, 64)), "causal"),  # a prefill chunk
-        (decode, cache, mx.ones((1, 16), dtype=mx.bool_)),  # a masked (padded) batch row
-        (decode.astype(mx.bfloat16), cache.astype(mx.bfloat16), None),
+        (mx.ones((1, 4, 3, 64)), mx.ones((1, 2, 18, 64)), "causal"),  # a verify pass
         (mx.ones((1, 4, 3, 48)), mx.ones((1, 2, 18, 48)), "causal"),  # D no multiple of 32
+        (mx.ones((1, 4, few, 64)), mx.ones((1, 2, few, 64)), "causal"),  # no cache before it
+        (mx.ones((1, 4, few + 1, 64)), mx.ones((1, 2, 40, 64)), "causal"),  # a prefill chunk
+        (decode, cache, mx.ones((1, 16), dtype=mx.bool_)),  # a masked (padded) batch row
+        (mx.ones((1, 4, 3, 64)), mx.ones((1, 2, 18, 64)), None),  # no mask: not causal
+        (decode.astype(mx.bfloat16), cache.astype(mx.bfloat16), None),
+        (mx.ones((1, 4, few + 1, 48)), mx.ones((1, 2, 40, 48)), "causal"),  # D % 32, long
     ):
         out = kv_attention.float_attention(q, keys, keys, 0.125, mask)
         assert out.shape == q.shape
     assert taken == [
         ("native", 1, mx.float32),
-        ("native prefill", 3, mx.float32),
+        ("native", 3, mx.float32),
+        ("native", 3, mx.float32),
+        ("native", few, mx.float32),
+        ("native prefill", few + 1, mx.float32),
         ("fast", 1, mx.float32),
-        ("fast", 1, mx.bfloat16),
         ("fast", 3, mx.float32),
+        ("fast", 1, mx.bfloat16),
+        ("fast", few + 1, mx.float32),
     ]
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_few_positions_over_a_quantized_cache_are_each_their_own_step(bits, isa, monkeypatch):
+    """As the float cache's test below: each position of a verify pass is bit for bit its own
+    one-position call (here with the second chunk masked whole for the first position), and
+    within float32 rounding of the dequantized cache's causal attention."""
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)  # never above what the CPU has
+    B, Hq, Hkv, T, L, D = 1, 32, 8, 257, 5, 128
+    mx.random.seed(bits)
+    keys, values = packed_cache((B, Hkv, T, D), bits, 64, mx.bfloat16, T + 40)
+    q = mx.random.normal((B, Hq, L, D))
+    scale = D**-0.5
+    ours = native.quantized_decode_attention(q, *keys, *values, scale, 64, bits, 2)
+    for position in range(L):
+        seen = T - L + position + 1
+        alone = native.quantized_decode_attention(
+            q[:, :, position : position + 1],
+            *(part[..., :seen, :] for part in keys),
+            *(part[..., :seen, :] for part in values),
+            scale,
+            64,
+            bits,
+            2,
+        )
+        assert mx.array_equal(ours[:, :, position : position + 1], alone).item(), position
+
+    def dense(packed):
+        w, s, b = packed
+        return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=bits)
+
+    fast = mx.fast.scaled_dot_product_attention(
+        q, dense(keys), dense(values), scale=scale, mask="causal"
+    )
+    np.testing.assert_allclose(ours, fast, rtol=1e-4, atol=2e-5)
+
+
+VERIFY_CASES = [
+    # (B, Hq, Hkv, T, L, D): the last L of T positions, causal
+    (1, 32, 8, 133, 5, 128),  # Qwen3-4B heads, a verify pass of 5 after 128 tokens
+    (1, 16, 8, 257, 2, 128),  # the first position sees 256 keys: the second chunk masked whole
+    (2, 12, 4, 700, 8, 64),  # a batch, 3 query heads per KV head, three chunks
+    (1, 4, 2, 16, 16, 48),  # every position new (T = L); D not a multiple of 32
+    (1, 4, 2, 40, 3, 24),  # D not a multiple of 16: the portable kernels
+]
+
+
+@needs_native_float
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("case", VERIFY_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_a_few_positions_are_each_their_own_one_position_step(case, isa, monkeypatch) -> None:
+    """A speculative verify pass's attention: position l of the last L sees keys [0, T - L + l],
+    bit for bit what the one-position call that would decode it gives, and within float32
+    rounding of mx.fast's causal attention."""
+    monkeypatch.setenv("QWEN3_MLX_NATIVE_ISA", isa)  # never above what the CPU has
+    B, Hq, Hkv, T, L, D = case
+    mx.random.seed(sum(case))
+    k = (mx.random.normal((B, Hkv, T + 9, D)) * 2)[..., :T, :]  # a view strided along T
+    v = mx.random.normal((B, Hkv, T + 9, D))[..., :T, :]
+    q = mx.random.normal((B, Hq, L, D))
+    scale = D**-0.5
+    ours = native_float.decode_attention(q, k, v, scale, 2)
+    assert ours.shape == q.shape
+    for position in range(L):
+        seen = T - L + position + 1
+        alone = native_float.decode_attention(
+            q[:, :, position : position + 1], k[..., :seen, :], v[..., :seen, :], scale, 2
+        )
+        assert mx.array_equal(ours[:, :, position : position + 1], alone).item(), position
+    fast = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+    np.testing.assert_allclose(ours, fast, rtol=1e-5, atol=2e-6)
 
 
 @needs_native_float

@@ -420,6 +420,31 @@ def test_native_kernel_rows_equal_single_rows_bit_for_bit() -> None:
     assert np.array_equal(np.concatenate(alone, axis=1), together)
 
 
+@pytest.mark.parametrize("kv_bits", [None, 8])
+@pytest.mark.parametrize("positions", [2, 5, 8])
+def test_a_verify_pass_gives_each_position_its_decode_steps_logits(loaded, positions, kv_bits):
+    """On the CPU path a pass over k+1 positions computes each as the decode step that would
+    produce it: the mat-vec's rows and the attention's positions (each masked to the keys its
+    step sees) are bit for bit, so the logits are equal, not merely close; with a float or an
+    8-bit KV cache."""
+    from qwen3_mlx.cpu import native
+
+    if native.native() is None or mx.default_device() != mx.cpu:
+        pytest.skip("the native CPU kernels are not built on this platform")
+    model, tokenizer, _ = loaded
+    prompt = tokenizer.encode("Copy: moon river star lake apple banana")
+    new = tokenizer.encode(" moon river star lake apple banana moon river star")[:positions]
+    stepwise = make_cache(model, kv_bits)
+    prefill(model, prompt, stepwise)
+    steps = [model(mx.array([[token]], dtype=mx.uint32), cache=stepwise)[0, -1] for token in new]
+    together = make_cache(model, kv_bits)
+    prefill(model, prompt, together)
+    verify = model(mx.array([new], dtype=mx.uint32), cache=together)[0]
+    assert len(new) == positions
+    for position, step in enumerate(steps):
+        assert mx.array_equal(verify[position], step).item(), position
+
+
 class OracleDrafter:
     """Proposes the tokens a plain reply went on with: every draft is accepted whole."""
 

@@ -1,5 +1,6 @@
 // Decode attention over a quantized KV cache (MLX affine, 8 or 4 bits) for MLX's CPU backend:
-// one query position, every query head of a KV head at once, the cache read in place.
+// one query position, or the last few with the causal mask (a speculative verify pass; see
+// float_attention.cpp), every query head of a KV head at once, the cache read in place.
 //
 // Why not MLX's ops: mlx-lm's quantized attention is two `quantized_matmul`s and a softmax. On the
 // CPU backend those run one row at a time, and with bf16 scales a scalar loop, so a quantized
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -109,7 +111,24 @@ void run_chunk(const Job& job, int64_t item) {
   job.scales(job.k, bi, h, t0, n, work.scale, work.bias);
   kernels.scores(job.k.rows(bi, h, t0, n), {work.scale, work.bias}, job.q + bh * R * D,
                  job.shape(), work.score);
-  kernels.softmax(work.score, n, R, job.part_max + item * R, job.part_sum + item * R);
+  if (job.L == 1) {
+    kernels.softmax(work.score, n, R, job.part_max + item * R, job.part_sum + item * R);
+  } else {
+    // Each row's softmax over the keys its position sees, as its own one-position call takes it
+    // (the vector softmax's order depends on the count); weight 0 for the rest.
+    for (int r = 0; r < R; ++r) {
+      float* row = work.score + r * n;
+      const int64_t seen = visible_tokens(job, r, t0, n);
+      float *top = job.part_max + item * R + r, *sum = job.part_sum + item * R + r;
+      if (seen > 0) {
+        kernels.softmax(row, seen, 1, top, sum);
+      } else {  // none of this chunk: the merge weighs it e^(-inf) = 0
+        *top = -std::numeric_limits<float>::infinity();
+        *sum = 0.0f;
+      }
+      std::fill(row + seen, row + n, 0.0f);
+    }
+  }
   job.scales(job.v, bi, h, t0, n, work.scale, work.bias);
   kernels.values(job.v.rows(bi, h, t0, n), {work.scale, work.bias}, work.score, job.shape(),
                  work.acc);
@@ -179,7 +198,8 @@ void QuantizedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx
   job.B = q.shape(0);
   job.H = inputs[1].shape(1);
   job.T = inputs[1].shape(2);
-  job.R = int(q.shape(1) / job.H);
+  job.L = q.shape(2);
+  job.R = int(q.shape(1) / job.H * job.L);  // rows of a KV head: its query heads' positions
   job.D = int(q.shape(3));
   job.chunks = chunks_for(job.T);
   const float scale = scale_;
@@ -214,8 +234,10 @@ mx::array quantized_decode_attention(const mx::array& q, const mx::array& k, con
   if (bits != 4 && bits != 8) throw std::invalid_argument("quantized attention: bits must be 4 or 8");
   if (group_size != 32 && group_size != 64 && group_size != 128)
     throw std::invalid_argument("quantized attention: group_size must be 32, 64 or 128");
-  if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) != 1)
-    throw std::invalid_argument("quantized attention: q must be float32 [B, Hq, 1, D]");
+  if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) < 1 ||
+      (q.shape(2) > 1 && q.shape(2) > k.shape(2)))
+    throw std::invalid_argument(
+        "quantized attention: q must be float32 [B, Hq, L, D], 1 <= L <= the keys' T");
   const int D = q.shape(3);
   for (const auto* a : {&k, &v}) {
     if (a->dtype() != mx::uint32 || a->ndim() != 4 || a->shape(0) != q.shape(0) ||

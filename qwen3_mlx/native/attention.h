@@ -17,8 +17,11 @@ constexpr int64_t CHUNK = 256;  // context tokens per work item
 
 // Partial results of every work item (KV head (b, h), chunk c): item = (b * H + h) * chunks + c.
 struct Partials {
-  int R, D;  // query heads per KV head, head dimension
+  int R, D;  // query rows per KV head (its query heads times L), head dimension
   int64_t B, H, T, chunks;
+  // Query positions: row j of a KV head is position j % L, the last L of the T cached ones, and
+  // attends to keys [0, T - L + j % L] (causal). L = 1: one position, every key.
+  int64_t L = 1;
   float* part_acc;  // [B, H, chunks, R, D]: sum_t p_t v_t
   float* part_max;  // [B, H, chunks, R]: the chunk's max score
   float* part_sum;  // [B, H, chunks, R]: sum_t p_t
@@ -37,14 +40,34 @@ struct Partials {
 
 inline int64_t chunks_for(int64_t T) { return std::max<int64_t>(1, (T + CHUNK - 1) / CHUNK); }
 
-// Scores score[t * R + r] of n tokens to p_t = e^(s_t - m) in place; m and sum_t p_t per row.
+// How many of a chunk's tokens [t0, t0 + n) row r sees: with L > 1 (Partials::L) its position's
+// keys end at T - L + r % L; with L = 1 it sees them all.
+inline int64_t visible_tokens(const Partials& job, int r, int64_t t0, int64_t n) {
+  if (job.L == 1) return n;
+  return std::clamp<int64_t>(job.T - job.L + r % job.L + 1 - t0, 0, n);
+}
+
+// The scores of a chunk's tokens, row r's token t at score[t * R + r], set to -inf past what
+// row r sees.
+inline void mask_chunk(float* score, int64_t n, int R, int64_t t0, const Partials& job) {
+  if (job.L == 1) return;
+  for (int r = 0; r < R; ++r)
+    for (int64_t t = visible_tokens(job, r, t0, n); t < n; ++t)
+      score[t * R + r] = -std::numeric_limits<float>::infinity();
+}
+
+// Scores score[t * R + r] of n tokens to p_t = e^(s_t - m) in place; m and sum_t p_t per row. A
+// row whose scores are all masked (-inf) gets p_t = 0, m = -inf and sum 0, which the merge
+// weighs by e^(-inf) = 0: a position's result is then bit for bit the one a call over only the
+// keys it sees gives.
 inline void softmax_chunk(float* score, int64_t n, int R, float* top, float* sum) {
+  constexpr float none = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < R; ++r) {
-    float m = -std::numeric_limits<float>::infinity();
+    float m = none;
     for (int64_t t = 0; t < n; ++t) m = std::max(m, score[t * R + r]);
     float total = 0.0f;
     for (int64_t t = 0; t < n; ++t) {
-      const float p = std::exp(score[t * R + r] - m);
+      const float p = m == none ? 0.0f : std::exp(score[t * R + r] - m);
       score[t * R + r] = p;
       total += p;
     }

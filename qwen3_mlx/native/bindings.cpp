@@ -55,7 +55,8 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         "softmax(scale q K^T) V for one query position over an affine-quantized KV cache.");
   m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "softmax(scale q K^T) V for one query position over a float32 KV cache (any strides).");
+        "softmax(scale q K^T) V over a float32 KV cache (any strides) for one query position, or the "
+        "last L of T with the causal mask, each as its one-position call gives it.");
 
   m.def("prefill_attention", &prefill_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),

@@ -1,5 +1,6 @@
-// Decode attention over a float32 KV cache for MLX's CPU backend: one query position, every
-// query head of a KV head at once, the cache read in place.
+// Decode attention over a float32 KV cache for MLX's CPU backend: one query position, or the few
+// of a speculative verify pass, every query head (and position) of a KV head at once, the cache
+// read in place.
 //
 // Why not `mx.fast.scaled_dot_product_attention`: for one query position on the CPU backend it
 // runs as general matrix products through OpenBLAS, which packs the keys and values before
@@ -7,8 +8,13 @@
 // (docs/benchmarks.md). Here each key and value row is read once, for all R query heads that
 // share it, with the chunked (flash-decoding) softmax of attention.cpp.
 //
-// Layout: q [B, Hq, 1, D]; keys and values [B, Hkv, T, D] with any element strides (mlx-lm's
+// Layout: q [B, Hq, L, D]; keys and values [B, Hkv, T, D] with any element strides (mlx-lm's
 // cache hands back its allocation sliced along T). Query head h*R + r attends with KV head h.
+// With L > 1 the positions are the last L of T, causal: position l sees keys [0, T - L + l], its
+// later keys masked in the chunks (attention.h), so each gets bit for bit the result of the one-
+// position step that would decode it. (The prefill attention packs the keys into its tiles once
+// per call, which for a handful of positions cost 0.5 ms a layer at 128 tokens of context, seven
+// times this.)
 // The vector kernels (AVX2+FMA; AVX-512, about 13% faster single-threaded on the project's VM)
 // need a contiguous last axis and D a multiple of 16 (32 for AVX-512); anything else takes the
 // portable kernels, which follow every stride. Arithmetic is float32 throughout, so results are
@@ -267,6 +273,7 @@ void run_chunk(const Job& job, int64_t item, Kernels kernels) {
   const int R = job.R, D = job.D;
   std::vector<float> score(size_t(n) * R);
   kernels.scores(job.k.span(bi, h, t0, n), job.q + bh * R * D, R, D, score.data());
+  mask_chunk(score.data(), n, R, t0, job);
   softmax_chunk(score.data(), n, R, job.part_max + item * R, job.part_sum + item * R);
   float* acc = job.part_acc + item * R * D;
   std::fill(acc, acc + R * D, 0.0f);
@@ -309,7 +316,7 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     const int64_t H = k.shape(1);
     float_decode_attention(query, k.data<float>(), k.strides().data(), v.data<float>(),
                            v.strides().data(), q.shape(0), H, k.shape(2), int(q.shape(1) / H),
-                           int(q.shape(3)), scale, threads, out.data<float>());
+                           int(q.shape(3)), scale, threads, out.data<float>(), q.shape(2));
   });
 }
 
@@ -317,8 +324,9 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
 
 void float_decode_attention(const float* q, const float* k, const int64_t* k_strides,
                             const float* v, const int64_t* v_strides, int64_t B, int64_t Hkv,
-                            int64_t T, int R, int D, float scale, int threads, float* out) {
-  const int64_t count = B * Hkv * R * D;
+                            int64_t T, int R, int D, float scale, int threads, float* out,
+                            int64_t L) {
+  const int64_t count = B * Hkv * R * L * D;
   if (T == 0) {  // nothing to attend to: zeros, as a softmax over no keys has no value
     std::fill(out, out + count, 0.0f);
     return;
@@ -327,7 +335,8 @@ void float_decode_attention(const float* q, const float* k, const int64_t* k_str
   job.B = B;
   job.H = Hkv;
   job.T = T;
-  job.R = R;
+  job.R = int(R * L);  // rows of a KV head: its query heads' positions, [R][L] as in q
+  job.L = L;
   job.D = D;
   job.chunks = chunks_for(T);
   const Kernels kernels = kernels_for(chosen_isa(), D, k_strides[3] == 1 && v_strides[3] == 1);
@@ -343,8 +352,10 @@ void float_decode_attention(const float* q, const float* k, const int64_t* k_str
 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                            float scale, int threads, mx::StreamOrDevice s) {
-  if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) != 1)
-    throw std::invalid_argument("decode attention: q must be float32 [B, Hq, 1, D]");
+  if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) < 1 ||
+      (q.shape(2) > 1 && q.shape(2) > k.shape(2)))
+    throw std::invalid_argument(
+        "decode attention: q must be float32 [B, Hq, L, D], 1 <= L <= the keys' T");
   for (const auto* a : {&k, &v}) {
     if (a->dtype() != mx::float32 || a->ndim() != 4 || a->shape(0) != q.shape(0) ||
         a->shape(1) == 0 || q.shape(1) % a->shape(1) || a->shape(1) != k.shape(1) ||

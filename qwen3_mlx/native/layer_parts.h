@@ -43,10 +43,13 @@ void qk_norm_rope_rows(const float* q, const float* k, const float* q_weight,
 // out = silu(gate) * up.
 void swiglu_rows(const float* gate, const float* up, float* out, int64_t count);
 
-// float_attention.cpp: one query position q [B, Hq, 1, D] (not yet scaled) over keys and values
-// [B, Hkv, T, D] with element strides k_strides / v_strides; out [B, Hq, 1, D].
+// float_attention.cpp: the last L of T positions q [B, Hq, L, D] (not yet scaled; R = Hq / Hkv
+// query heads per KV head) over keys and values [B, Hkv, T, D] with element strides k_strides /
+// v_strides, causal; out [B, Hq, L, D]. Each position's result is bit for bit what a call with
+// L = 1 over the keys it sees gives.
 void float_decode_attention(const float* q, const float* k, const int64_t* k_strides,
                             const float* v, const int64_t* v_strides, int64_t B, int64_t Hkv,
-                            int64_t T, int R, int D, float scale, int threads, float* out);
+                            int64_t T, int R, int D, float scale, int threads, float* out,
+                            int64_t L = 1);
 
 }  // namespace native

@@ -28,7 +28,8 @@ mx::array quantized_decode_attention(const mx::array& q, const mx::array& k,
                                      const mx::array& v, const mx::array& v_scales,
                                      const mx::array& v_biases, float scale, int group_size,
                                      int bits, int threads, mx::StreamOrDevice s);
-// float_attention.cpp: one query position over a float32 KV cache (any strides).
+// float_attention.cpp: one query position, or the last few with the causal mask, over a float32
+// KV cache (any strides).
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                            float scale, int threads, mx::StreamOrDevice s);
 
