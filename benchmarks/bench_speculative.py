@@ -4,6 +4,7 @@
     python -m benchmarks.bench_speculative --skip-shapes   # only the tiny-model measurements
     python -m benchmarks.bench_speculative --skip-tiny --cpu-time   # parts 1, 2, 4 on a loaded machine
     python -m benchmarks.bench_speculative --skip-tiny --isa avx2   # as an AVX2-only CPU runs it
+    python -m benchmarks.bench_speculative --paired 15   # 4B verify of 3 and 5 positions, paired
 
 1. Verify cost (random 4-bit weights at the Qwen3-4B shape): one target pass over 1..8 positions
    after a 128-token context, against one decode step (1 position). The native mat-vec takes up
@@ -82,6 +83,42 @@ def verify_costs(shape: str, repeats: int, max_rows: int = 8) -> dict[int, float
     del model, cache
     mx.clear_cache()
     return costs
+
+
+def paired_verify_costs(rounds: int, positions: tuple[int, ...] = (3, 5)) -> None:
+    """--paired: at the 4B shape, each pass over N positions between two one-position passes,
+    `rounds` times; the median and quartiles of pass(N) / mean(the two steps around it). A busy
+    moment of a shared host then touches both sides of a ratio, where the best-of-repeats of
+    verify_costs can pair a quiet N with a busy step."""
+    import statistics
+
+    from qwen3_mlx.loading import load
+
+    model, _, _ = load(checkpoint("4b", 4))
+    cache = context_cache(model)
+    for rows in (1, *positions):
+        pass_seconds(model, cache, rows, 2)  # warm up
+    ratios: dict[int, list[float]] = {rows: [] for rows in positions}
+    steps = []
+    for _ in range(rounds):
+        for rows in positions:
+            before = pass_seconds(model, cache, 1, 1)
+            seconds = pass_seconds(model, cache, rows, 1)
+            after = pass_seconds(model, cache, 1, 1)
+            ratios[rows].append(seconds / ((before + after) / 2))
+            steps += [before, after]
+    print(
+        f"4B shape, paired passes ({rounds} rounds): one step median "
+        f"{1000 * statistics.median(steps):.1f} ms",
+        flush=True,
+    )
+    for rows, values in ratios.items():
+        low, _, high = statistics.quantiles(values, n=4)
+        print(
+            f"  N={rows}: median {statistics.median(values):.2f}x one step "
+            f"(quartiles {low:.2f}-{high:.2f})",
+            flush=True,
+        )
 
 
 def projected_speedup(acceptance: float, k: int, verify: dict[int, float], draft: float) -> float:
@@ -261,6 +298,12 @@ def main() -> None:
         action="store_true",
         help="kernels on one thread, timed in CPU time (a loaded machine deschedules wall time)",
     )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        metavar="ROUNDS",
+        help="only the 4B verify cost of 3 and 5 positions, each pass between two single steps",
+    )
     args = parser.parse_args()
     if args.cpu_time:
         global clock
@@ -274,6 +317,9 @@ def main() -> None:
     if args.float32:
         os.environ["QWEN3_MLX_NATIVE_INT8"] = "0"  # read per call by qwen3_mlx.cpu.native
         print("native kernel: float32 x (QWEN3_MLX_NATIVE_INT8=0)", flush=True)
+    if args.paired:
+        paired_verify_costs(args.paired)
+        return
     verify = None if args.skip_shapes else print_shapes(args.repeats)
     if not args.skip_tiny:
         print_tiny(min(args.repeats, 3))
