@@ -121,7 +121,8 @@ def quantized_attention(
     positions = q.shape[2]
     few = 1 < positions <= min(DECODE_POSITIONS, keys[0].shape[2]) and _is_causal(mask)
     one = mask is None and positions == 1
-    if (one or few) and q.dtype == mx.float32 and bits in (4, 8):
+    cpu = mx.default_device() == mx.cpu  # the native ops run on CPU streams only
+    if (one or few) and cpu and q.dtype == mx.float32 and bits in (4, 8):
         module = native_attention()
         if module is not None:
             return module.quantized_decode_attention(
