@@ -3,6 +3,13 @@
     python -m benchmarks.bench_attention                 # 0.6B and 4B heads, 64/1,024/4,096 tokens
     python -m benchmarks.bench_attention --rounds 15 --contexts 64,1024
     python -m benchmarks.bench_attention --prefill 512 --contexts 512,4096,16384 --rounds 2 --calls 1
+    python -m benchmarks.bench_attention --verify 5 --contexts 133,4096 --calls 5
+
+With --verify N it times a speculative verify pass's attention: N query positions, causal, at the
+end of the context. What the model runs (the decode kernels take up to
+`kv_attention.DECODE_POSITIONS` positions) beside the native prefill kernel, which took such
+chunks before; over a float32 cache and an 8-bit one (whose prefill path dequantizes the layer
+first).
 
 With --prefill N it times the causal attention of an N-token prompt chunk instead (the queries at
 the end of the context, as a chunked prefill runs them): the native prefill kernel, and mx.fast's
@@ -62,6 +69,51 @@ def paths(
     return calls
 
 
+def verify_paths(query_heads: int, kv_heads: int, context: int, positions: int) -> dict:
+    """A verify pass's attention over float32 and 8-bit caches: the model's path and the native
+    prefill kernel."""
+    import mlx.core as mx
+
+    from qwen3_mlx.cpu import kv_attention
+
+    prefill = kv_attention.native_prefill_attention()
+    keys = mx.random.normal((1, kv_heads, context, HEAD_DIM))
+    values = mx.random.normal((1, kv_heads, context, HEAD_DIM))
+    queries = mx.random.normal((1, query_heads, positions, HEAD_DIM))
+    packed = [mx.quantize(a, group_size=64, bits=8) for a in (keys, values)]
+    mx.eval(keys, values, queries, packed)
+    scale = HEAD_DIM**-0.5
+
+    def dequantized_prefill():
+        k, v = (kv_attention._dequantized(p, mx.float32, 64, 8) for p in packed)
+        return prefill.prefill_attention(queries, k, v, scale, kv_attention.THREADS)
+
+    return {
+        "float32": lambda: kv_attention.float_attention(queries, keys, values, scale, "causal"),
+        "float32, prefill kernel": lambda: prefill.prefill_attention(
+            queries, keys, values, scale, kv_attention.THREADS
+        ),
+        "8-bit": lambda: kv_attention.quantized_attention(queries, *packed, scale, "causal", 64, 8),
+        "8-bit, dequantized + prefill kernel": dequantized_prefill,
+    }
+
+
+def print_verify(options: argparse.Namespace) -> None:
+    """--verify N: the table of a verify pass's attention."""
+    print(
+        f"{options.verify}-position causal attention (a verify pass), one layer, "
+        f"load average {os.getloadavg()[0]:.1f}; microseconds per call, best of {options.rounds}"
+    )
+    print("| shape | tokens | float32 | its prefill kernel | 8-bit | dequantized + prefill |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for shape, (query_heads, kv_heads) in SHAPES.items():
+        for context in map(int, options.contexts.split(",")):
+            calls = verify_paths(query_heads, kv_heads, context, options.verify)
+            best = best_microseconds(calls, options.rounds, options.calls)
+            cells = " | ".join(f"{value:.0f}" for value in best.values())
+            print(f"| {shape} | {context:,} | {cells} |", flush=True)
+
+
 def best_microseconds(calls: dict[str, Callable[[], object]], rounds: int, count: int) -> dict:
     """Microseconds per call of each path, best of `rounds` alternating rounds."""
     import mlx.core as mx
@@ -84,7 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--prefill", type=int, default=0, help="a causal chunk of N queries")
+    parser.add_argument("--verify", type=int, default=0, help="a verify pass of N positions")
     options = parser.parse_args(argv)
+    if options.verify:
+        print_verify(options)
+        return
 
     from qwen3_mlx.cpu.kv_attention import THREADS, native_float_attention
 
