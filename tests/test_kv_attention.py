@@ -331,7 +331,9 @@ def test_a_few_positions_over_a_quantized_cache_are_each_their_own_step(bits, is
 
     def dense(packed):
         w, s, b = packed
-        return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=bits)
+        return mx.dequantize(
+            w, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=bits
+        )
 
     fast = mx.fast.scaled_dot_product_attention(
         q, dense(keys), dense(values), scale=scale, mask="causal"

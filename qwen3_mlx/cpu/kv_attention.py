@@ -163,7 +163,6 @@ def _dequantized(packed: Packed, dtype: mx.Dtype, group_size: int, bits: int) ->
     )
 
 
-
 def float_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx.array:
     """softmax(scale q K^T + mask) V over float keys and values [B, Hkv, T, D] (GQA by heads)."""
     float32_cpu = q.dtype == k.dtype == v.dtype == mx.float32 and mx.default_device() == mx.cpu

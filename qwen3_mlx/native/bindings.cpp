@@ -52,7 +52,8 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v"), nb::arg("v_scales"),
         nb::arg("v_biases"), nb::arg("scale"), nb::arg("group_size") = 64, nb::arg("bits") = 8,
         nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "softmax(scale q K^T) V for one query position over an affine-quantized KV cache.");
+        "softmax(scale q K^T) V over an affine-quantized KV cache for one query position, or the "
+        "last L of T with the causal mask, each as its one-position call gives it.");
   m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("scale"), nb::arg("threads") = 1, nb::kw_only(), nb::arg("stream") = nb::none(),
         "softmax(scale q K^T) V over a float32 KV cache (any strides) for one query position, or the "
