@@ -421,19 +421,28 @@ def test_native_kernel_rows_equal_single_rows_bit_for_bit() -> None:
 
 
 @pytest.mark.parametrize("kv_bits", [None, 8])
-@pytest.mark.parametrize("positions", [2, 5, 8])
-def test_a_verify_pass_gives_each_position_its_decode_steps_logits(loaded, positions, kv_bits):
+@pytest.mark.parametrize(
+    ("positions", "copies"),
+    [(2, 1), (5, 1), (8, 1), (5, 36)],
+    ids=["2", "5", "8", "5-across-a-chunk"],
+)
+def test_a_verify_pass_gives_each_position_its_decode_steps_logits(
+    loaded, positions, copies, kv_bits
+):
     """On the CPU path a pass over k+1 positions computes each as the decode step that would
     produce it: the mat-vec's rows and the attention's positions (each masked to the keys its
     step sees) are bit for bit, so the logits are equal, not merely close; with a float or an
-    8-bit KV cache."""
+    8-bit KV cache, and with the pass's positions on both sides of the attention's 256-token
+    chunk boundary (36 copies of the prompt)."""
     from qwen3_mlx.cpu import native
 
     if native.native() is None or mx.default_device() != mx.cpu:
         pytest.skip("the native CPU kernels are not built on this platform")
     model, tokenizer, _ = loaded
-    prompt = tokenizer.encode("Copy: moon river star lake apple banana")
+    prompt = tokenizer.encode("Copy: moon river star lake apple banana" * copies)
     new = tokenizer.encode(" moon river star lake apple banana moon river star")[:positions]
+    if copies > 1:  # the pass starts a few positions before the 256th key and ends after it
+        prompt = prompt[: 256 - 2]
     stepwise = make_cache(model, kv_bits)
     prefill(model, prompt, stepwise)
     steps = [model(mx.array([[token]], dtype=mx.uint32), cache=stepwise)[0, -1] for token in new]
