@@ -420,6 +420,14 @@ def test_native_kernel_rows_equal_single_rows_bit_for_bit() -> None:
     assert np.array_equal(np.concatenate(alone, axis=1), together)
 
 
+@pytest.fixture(scope="module")
+def tiny_4bit() -> Any:
+    from qwen3_mlx.loading import load
+
+    return load(TINY_4BIT)[0]
+
+
+@pytest.mark.parametrize("weights", ["bf16", "4bit"])
 @pytest.mark.parametrize("kv_bits", [None, 8])
 @pytest.mark.parametrize(
     ("positions", "copies"),
@@ -427,18 +435,19 @@ def test_native_kernel_rows_equal_single_rows_bit_for_bit() -> None:
     ids=["2", "5", "8", "5-across-a-chunk"],
 )
 def test_a_verify_pass_gives_each_position_its_decode_steps_logits(
-    loaded, positions, copies, kv_bits
+    loaded, tiny_4bit, positions, copies, kv_bits, weights
 ):
     """On the CPU path a pass over k+1 positions computes each as the decode step that would
-    produce it: the mat-vec's rows and the attention's positions (each masked to the keys its
-    step sees) are bit for bit, so the logits are equal, not merely close; with a float or an
-    8-bit KV cache, and with the pass's positions on both sides of the attention's 256-token
-    chunk boundary (36 copies of the prompt)."""
+    produce it: the mat-vec's rows (bf16 and 4-bit weights) and the attention's positions (each
+    masked to the keys its step sees) are bit for bit, so the logits are equal, not merely close;
+    with a float or an 8-bit KV cache, and with the pass's positions on both sides of the
+    attention's 256-token chunk boundary (36 copies of the prompt)."""
     from qwen3_mlx.cpu import native
 
     if native.native() is None or mx.default_device() != mx.cpu:
         pytest.skip("the native CPU kernels are not built on this platform")
-    model, tokenizer, _ = loaded
+    _, tokenizer, _ = loaded
+    model = loaded[0] if weights == "bf16" else tiny_4bit
     prompt = tokenizer.encode("Copy: moon river star lake apple banana" * copies)
     new = tokenizer.encode(" moon river star lake apple banana moon river star")[:positions]
     if copies > 1:  # the pass starts a few positions before the 256th key and ends after it
