@@ -118,11 +118,8 @@ def quantized_attention(
     bits: int,
 ) -> mx.array:
     """softmax(scale q K^T + mask) V over packed (weights, scales, biases) keys and values."""
-    positions = q.shape[2]
-    few = 1 < positions <= min(DECODE_POSITIONS, keys[0].shape[2]) and _is_causal(mask)
-    one = mask is None and positions == 1
     cpu = mx.default_device() == mx.cpu  # the native ops run on CPU streams only
-    if (one or few) and cpu and q.dtype == mx.float32 and bits in (4, 8):
+    if _decode_kernel_takes(q, keys[0], mask) and cpu and q.dtype == mx.float32 and bits in (4, 8):
         module = native_attention()
         if module is not None:
             return module.quantized_decode_attention(
@@ -141,6 +138,15 @@ def quantized_attention(
 
 def _is_causal(mask: Any) -> bool:
     return isinstance(mask, str) and mask == "causal"
+
+
+def _decode_kernel_takes(q: mx.array, keys: mx.array, mask: Any) -> bool:
+    """Whether the decode attention takes these queries over keys [B, Hkv, T, ...]: one position
+    without a mask, or up to DECODE_POSITIONS causal ones (the last of T)."""
+    positions = q.shape[2]
+    if positions == 1:
+        return mask is None
+    return positions <= min(DECODE_POSITIONS, keys.shape[2]) and _is_causal(mask)
 
 
 def _causal_float32_cpu(q: mx.array, mask: Any) -> bool:
@@ -166,9 +172,7 @@ def _dequantized(packed: Packed, dtype: mx.Dtype, group_size: int, bits: int) ->
 def float_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx.array:
     """softmax(scale q K^T + mask) V over float keys and values [B, Hkv, T, D] (GQA by heads)."""
     float32_cpu = q.dtype == k.dtype == v.dtype == mx.float32 and mx.default_device() == mx.cpu
-    positions = q.shape[2]
-    few = 1 < positions <= min(DECODE_POSITIONS, k.shape[2]) and _is_causal(mask)
-    if float32_cpu and ((mask is None and positions == 1) or few):
+    if float32_cpu and _decode_kernel_takes(q, k, mask):
         module = native_float_attention()
         if module is not None:
             return module.decode_attention(q, k, v, scale, THREADS)

@@ -61,17 +61,20 @@ inline void mask_chunk(float* score, int64_t n, int R, int64_t t0, const Partial
 // weighs by e^(-inf) = 0: a position's result is then bit for bit the one a call over only the
 // keys it sees gives.
 inline void softmax_chunk(float* score, int64_t n, int R, float* top, float* sum) {
-  constexpr float none = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < R; ++r) {
-    float m = none;
+    float m = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < n; ++t) m = std::max(m, score[t * R + r]);
-    float total = 0.0f;
-    for (int64_t t = 0; t < n; ++t) {
-      const float p = m == none ? 0.0f : std::exp(score[t * R + r] - m);
-      score[t * R + r] = p;
-      total += p;
-    }
     top[r] = m;
+    float total = 0.0f;
+    if (m == -std::numeric_limits<float>::infinity()) {  // every key masked
+      for (int64_t t = 0; t < n; ++t) score[t * R + r] = 0.0f;
+    } else {
+      for (int64_t t = 0; t < n; ++t) {
+        const float p = std::exp(score[t * R + r] - m);
+        score[t * R + r] = p;
+        total += p;
+      }
+    }
     sum[r] = total;
   }
 }
