@@ -2,7 +2,9 @@
 
 Rank 0 owns the terminal (or the HTTP socket) and everything a user sees. The other ranks load
 their shard, run the forward passes rank 0 announces and exit with rank 0's exit code when it
-stops; they ignore Ctrl-C, which on one machine the terminal sends to every rank.
+stops; they ignore Ctrl-C, which on one machine the terminal sends to every rank. Every rank
+watches its launcher (parallel/orphans.py): without it, rank 0 stops as on SIGTERM and a follower
+waits for that stop at most QWEN3_MLX_RANK_TIMEOUT seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import typer
 
 from qwen3_mlx.cli.guard import EXIT_RUNTIME, error_line, reported_errors
+from qwen3_mlx.errors import DistributedError
+from qwen3_mlx.parallel.watchdog import DEFAULT_RANK_TIMEOUT, RANK_TIMEOUT_ENV, rank_timeout
 
 LAST_WORDS_SECONDS = 1.0
 
@@ -30,7 +34,6 @@ def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
         if not launched():
             command(ctx=ctx, session=session, **values)
             return
-        from qwen3_mlx.errors import DistributedError
         from qwen3_mlx.parallel.distributed import join_group
 
         with reported_errors(ctx):
@@ -42,15 +45,28 @@ def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
             group = join_group()
         if group.size() == 1:
             command(ctx=ctx, session=session, **values)
-        elif group.rank() == 0:
+            return
+        from qwen3_mlx.parallel.orphans import stop_leader, watch_parent
+
+        if group.rank() == 0:
+            watch_parent(stop_leader)
             _lead(command, ctx, session, values)
         else:
+            watch_parent(functools.partial(end_orphaned_follower, group.rank()))
             with reported_errors(ctx):
                 code = _follow(session.spec(), group)
             if code:
                 raise typer.Exit(code)
 
     return run
+
+
+def _rank_timeout() -> float:
+    """QWEN3_MLX_RANK_TIMEOUT, or its default where the setting is wrong (said where it matters)."""
+    try:
+        return rank_timeout()
+    except DistributedError:
+        return DEFAULT_RANK_TIMEOUT
 
 
 def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str, Any]) -> None:
@@ -68,14 +84,9 @@ def _lead(command: Callable[..., None], ctx: Any, session: Any, values: dict[str
         code = done.code if isinstance(done.code, int) else EXIT_RUNTIME
         raise
     finally:
-        from qwen3_mlx.errors import DistributedError
-        from qwen3_mlx.parallel.watchdog import DEFAULT_RANK_TIMEOUT, StallWatchdog, rank_timeout
+        from qwen3_mlx.parallel.watchdog import StallWatchdog
 
-        try:
-            seconds = rank_timeout()
-        except DistributedError:  # (said already where it mattered; never hides the real error)
-            seconds = DEFAULT_RANK_TIMEOUT
-        watchdog = StallWatchdog(seconds, end_for_lost_rank)
+        watchdog = StallWatchdog(_rank_timeout(), end_for_lost_rank)
         try:
             with watchdog.watching("stopping them"):
                 stop_followers(code)
@@ -89,6 +100,21 @@ def end_for_lost_rank(error: Exception) -> None:
     time.sleep(LAST_WORDS_SECONDS)  # the failed requests' errors reach their clients
     error_line(str(error))
     os._exit(EXIT_RUNTIME)
+
+
+def end_orphaned_follower(rank: int) -> None:
+    """A follower whose launcher is gone: rank 0 stops the group within the rank timeout unless it
+    is gone too, and then this rank's collective would wait forever (called from the thread that
+    watches the launcher; rank 0's stop ends the process normally before this returns)."""
+    seconds = _rank_timeout()
+    time.sleep(seconds)
+    try:  # stderr was the launcher's pipe: it may be closed now
+        error_line(
+            f"rank {rank}: its launcher (mlx.launch) ended and rank 0 sent no stop within "
+            f"{seconds:g} s ({RANK_TIMEOUT_ENV})"
+        )
+    finally:
+        os._exit(EXIT_RUNTIME)
 
 
 def _follow(spec: Any, group: Any) -> int:

@@ -1,0 +1,114 @@
+"""A group never outlives its launcher (qwen3_mlx/parallel/orphans.py).
+
+mlx.launch ends at once on SIGTERM without passing it on, so `kill <launcher>` used to leave both
+ranks of `serve` running, rank 0 still holding its port. Each test starts its own 2-rank group of
+the tiny trained model under `mlx.launch -n 2 --backend ring` and ends its launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from distributed_ranks import TINY_CHAT
+from test_distributed import start_group
+from test_distributed_serve import wait_until_serving
+from test_server_support import API_KEY, free_port
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+ENDED_WITHIN = 30  # seconds for every rank to end once its launcher is gone
+
+
+def start_server(log: Path, extra_env: dict[str, str] | None = None) -> tuple[str, Any, list[Any]]:
+    """(URL, launcher, the two ranks) of a serving 2-rank group."""
+    port = free_port()
+    command = ["serve", "--model", str(TINY_CHAT), "--port", str(port), "--api-key", API_KEY]
+    with log.open("w") as output:
+        launcher = start_group([*command, "--context-length", "512"], output, output, extra_env)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_serving(url, launcher, log)
+    ranks = [
+        child
+        for child in psutil.Process(launcher.pid).children(recursive=True)
+        if "MLX_RANK" in child.environ()
+    ]
+    assert sorted(rank.environ()["MLX_RANK"] for rank in ranks) == ["0", "1"]
+    return url, launcher, ranks
+
+
+def rank(ranks: list[Any], number: int) -> Any:
+    return next(each for each in ranks if each.environ()["MLX_RANK"] == str(number))
+
+
+def stream_completion(
+    url: str, max_tokens: int, started: threading.Event, events: list[str]
+) -> None:
+    """A streamed completion's data lines into `events` (`started` set at the first)."""
+    body = {
+        "prompt": "Once upon a time",
+        "temperature": 2,  # random tokens: the reply runs to max_tokens
+        "seed": 1,
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", url + "/v1/completions", json=body, headers=HEADERS, timeout=120
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                started.set()
+
+
+def end_all(launcher: Any, ranks: list[Any]) -> None:
+    """Whatever is left of a group, killed (a failed test leaves nothing running)."""
+    for each in ranks:
+        if each.is_running():
+            each.kill()
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+
+def test_sigterm_to_the_launcher_drains_the_reply_in_flight_then_ends_every_rank(tmp_path):
+    url, launcher, ranks = start_server(tmp_path / "launch.log")
+    try:
+        started, events = threading.Event(), []
+        reader = threading.Thread(target=stream_completion, args=(url, 100, started, events))
+        reader.start()
+        assert started.wait(60)
+        launcher.send_signal(signal.SIGTERM)  # the launcher alone, as `kill <pid>` does
+        launcher.wait(10)
+        reader.join(60)
+        # The reply went on to its end on both ranks after the launcher was gone.
+        assert events[-1] == "[DONE]", events[-3:]
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        gone, alive = psutil.wait_procs(ranks, timeout=ENDED_WITHIN)
+        assert alive == []
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        end_all(launcher, ranks)
+
+
+def test_a_follower_left_without_launcher_and_leader_ends_after_the_rank_timeout(tmp_path):
+    url, launcher, ranks = start_server(tmp_path / "launch.log", {"QWEN3_MLX_RANK_TIMEOUT": "3"})
+    leader, follower = rank(ranks, 0), rank(ranks, 1)
+    try:
+        leader.suspend()  # a rank 0 that can never send the stop
+        began = time.monotonic()
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(10)
+        gone, alive = psutil.wait_procs([follower], timeout=ENDED_WITHIN)
+        assert alive == []
+        assert time.monotonic() - began >= 3  # it waited for rank 0's stop first
+    finally:
+        end_all(launcher, ranks)
