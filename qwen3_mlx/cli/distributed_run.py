@@ -2,9 +2,10 @@
 
 Rank 0 owns the terminal (or the HTTP socket) and everything a user sees. The other ranks load
 their shard, run the forward passes rank 0 announces and exit with rank 0's exit code when it
-stops; they ignore Ctrl-C, which on one machine the terminal sends to every rank. Every rank
-watches its launcher (parallel/orphans.py): without it, rank 0 stops as on SIGTERM and a follower
-waits for that stop at most QWEN3_MLX_RANK_TIMEOUT seconds.
+stops. They leave Ctrl-C, SIGTERM and SIGHUP to rank 0 (on one machine the terminal, systemd or a
+container stop sends them to every rank), and every rank watches its launcher
+(parallel/group_end.py): without it, rank 0 stops as on SIGTERM. A follower told to stop, or left
+by its launcher, waits for rank 0's stop at most QWEN3_MLX_RANK_TIMEOUT seconds.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ def distributed_command(command: Callable[..., None]) -> Callable[..., None]:
         if group.size() == 1:
             command(ctx=ctx, session=session, **values)
             return
-        from qwen3_mlx.parallel.orphans import stop_leader, watch_parent
+        from qwen3_mlx.parallel.group_end import stop_leader, watch_parent
 
         if group.rank() == 0:
             watch_parent(stop_leader)
             _lead(command, ctx, session, values)
         else:
-            watch_parent(functools.partial(end_orphaned_follower, group.rank()))
+            _hold_follower(group.rank())
             with reported_errors(ctx):
                 code = _follow(session.spec(), group)
             if code:
@@ -102,16 +103,25 @@ def end_for_lost_rank(error: Exception) -> None:
     os._exit(EXIT_RUNTIME)
 
 
-def end_orphaned_follower(rank: int) -> None:
-    """A follower whose launcher is gone: rank 0 stops the group within the rank timeout unless it
-    is gone too, and then this rank's collective would wait forever (called from the thread that
-    watches the launcher; rank 0's stop ends the process normally before this returns)."""
-    seconds = _rank_timeout()
-    time.sleep(seconds)
+def _hold_follower(rank: int) -> None:
+    """Leave the stop signals to rank 0, and bound the wait for its stop once this rank is told
+    to stop or its launcher is gone."""
+    import signal
+
+    from qwen3_mlx.parallel.group_end import FollowerDeadline, hold_stop_signals, watch_parent
+
+    deadline = FollowerDeadline(_rank_timeout(), functools.partial(end_follower, rank))
+    watch_parent(lambda: deadline.begin("its launcher (mlx.launch) ended"))
+    hold_stop_signals(lambda number: deadline.begin(f"it got {signal.Signals(number).name}"))
+
+
+def end_follower(rank: int, reason: str) -> None:
+    """End a follower whose wait for rank 0's stop ran out (from a timer thread: its main thread
+    is in a collective that cannot be interrupted)."""
     try:  # stderr was the launcher's pipe: it may be closed now
         error_line(
-            f"rank {rank}: its launcher (mlx.launch) ended and rank 0 sent no stop within "
-            f"{seconds:g} s ({RANK_TIMEOUT_ENV})"
+            f"rank {rank}: {reason}, and rank 0 sent no stop within {_rank_timeout():g} s "
+            f"({RANK_TIMEOUT_ENV})"
         )
     finally:
         os._exit(EXIT_RUNTIME)

@@ -1,8 +1,11 @@
-"""A group never outlives its launcher (qwen3_mlx/parallel/orphans.py).
+"""The ranks of a group end together, with no reply cut and no process left
+(qwen3_mlx/parallel/group_end.py).
 
-mlx.launch ends at once on SIGTERM without passing it on, so `kill <launcher>` used to leave both
-ranks of `serve` running, rank 0 still holding its port. Each test starts its own 2-rank group of
-the tiny trained model under `mlx.launch -n 2 --backend ring` and ends its launcher.
+Each test starts its own 2-rank `serve` group of the tiny trained model under
+`mlx.launch -n 2 --backend ring` and stops it as users and service managers do. Before: `kill
+<launcher>` left both ranks running (mlx.launch exits at SIGTERM without passing it on), and a
+SIGTERM to the whole group killed the follower at once, so the reply in flight failed at the drain
+bound and rank 0 hung in a collective for its watchdog's 120 s.
 """
 
 from __future__ import annotations
@@ -78,23 +81,46 @@ def end_all(launcher: Any, ranks: list[Any]) -> None:
         launcher.wait()
 
 
-def test_sigterm_to_the_launcher_drains_the_reply_in_flight_then_ends_every_rank(tmp_path):
+def reply_in_flight(url: str) -> tuple[threading.Thread, list[str]]:
+    """A streamed reply of 100 tokens, running (its first token arrived)."""
+    started, events = threading.Event(), []
+    reader = threading.Thread(target=stream_completion, args=(url, 100, started, events))
+    reader.start()
+    assert started.wait(60)
+    return reader, events
+
+
+def assert_ran_to_its_end(reader: threading.Thread, events: list[str]) -> None:
+    reader.join(60)
+    assert events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+
+
+def test_sigterm_to_the_launcher_alone_stops_the_group_after_its_reply(tmp_path):
     url, launcher, ranks = start_server(tmp_path / "launch.log")
     try:
-        started, events = threading.Event(), []
-        reader = threading.Thread(target=stream_completion, args=(url, 100, started, events))
-        reader.start()
-        assert started.wait(60)
+        reader, events = reply_in_flight(url)
         launcher.send_signal(signal.SIGTERM)  # the launcher alone, as `kill <pid>` does
         launcher.wait(10)
-        reader.join(60)
-        # The reply went on to its end on both ranks after the launcher was gone.
-        assert events[-1] == "[DONE]", events[-3:]
-        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert_ran_to_its_end(reader, events)  # on both ranks, with no launcher
         gone, alive = psutil.wait_procs(ranks, timeout=ENDED_WITHIN)
         assert alive == []
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/health", timeout=2)
+    finally:
+        end_all(launcher, ranks)
+
+
+def test_sigterm_to_the_whole_group_lets_the_reply_end_then_every_rank(tmp_path):
+    url, launcher, ranks = start_server(tmp_path / "launch.log")
+    try:
+        reader, events = reply_in_flight(url)
+        began = time.monotonic()
+        os.killpg(launcher.pid, signal.SIGTERM)  # as systemd or a container stop does
+        assert_ran_to_its_end(reader, events)
+        gone, alive = psutil.wait_procs(ranks, timeout=ENDED_WITHIN)
+        assert alive == []
+        assert time.monotonic() - began < ENDED_WITHIN
     finally:
         end_all(launcher, ranks)
 
