@@ -1,5 +1,6 @@
-"""The fused decode layer (qwen3_mlx/cpu/layer.py, native/decode_layer.cpp): a one-token step with
-two native nodes per decoder layer gives bit for bit the logits and KV cache of the separate ops,
+"""The fused decode layer (qwen3_mlx/cpu/layer.py, native/decode_layer.cpp): a step of one row and
+one to eight positions (a decode step, a speculative verify pass) with two native nodes per
+decoder layer gives bit for bit the logits and KV cache of the separate ops,
 across the cache's growth, on both mat-vec instruction paths, with int8 x (the default) and
 float32 x; it writes the cache in place only where no one else holds it; and what it does not
 take keeps the separate ops."""
@@ -105,6 +106,47 @@ def test_yarn_rope_decodes_bit_for_bit(make_checkpoint, monkeypatch):
     assert_same_decode(model, monkeypatch, 8)
 
 
+def verify_passes(model, passes: int, width: int) -> tuple[mx.array, list]:
+    """The logits of `passes` passes of `width` positions each (as a verify pass feeds them)."""
+    cache = make_cache(model)
+    model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
+    rows = []
+    for index in range(passes):
+        ids = mx.array([[(7 * index + j) % 500 + 9 for j in range(width)]])
+        rows.append(model(ids, cache=cache)[0])
+        mx.eval(rows[-1])
+    return mx.concatenate(rows), cache
+
+
+@needs_native
+@pytest.mark.parametrize("width", [2, 5, 8])
+def test_verify_passes_of_several_positions_are_bit_for_bit(monkeypatch, width):
+    model, _ = load_model(REPO / "models" / "qwen3-tiny-chat-4bit", compute_dtype="float32")
+    cache = make_cache(model)
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache), [c.state for c in cache])
+    primitives = graph_primitives(model(mx.arange(4, 4 + width)[None], cache=cache)).split()
+    assert primitives.count("Qwen3DecodeRest") == len(model.layers)
+    assert "PrefillAttention" not in primitives and "QuantizedMatvecs" in primitives
+    fused_logits, fused_cache = verify_passes(model, 40, width)  # crosses the growth at 256
+    with monkeypatch.context() as patch:
+        separate_ops(patch)
+        logits, cache = verify_passes(model, 40, width)
+    assert mx.array_equal(fused_logits, logits).item()
+    for mine, theirs in zip(fused_cache, cache, strict=True):
+        assert mine.offset == theirs.offset
+        for a, b in zip(mine.state, theirs.state, strict=True):
+            assert mx.array_equal(a, b).item()
+
+
+@needs_native
+def test_more_positions_than_the_mat_vec_takes_keep_the_separate_ops():
+    model, _ = load_model(REPO / "models" / "qwen3-tiny-chat-4bit", compute_dtype="float32")
+    cache = make_cache(model)
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache), [c.state for c in cache])
+    primitives = graph_primitives(model(mx.arange(4, 13)[None], cache=cache))  # 9 positions
+    assert "Qwen3DecodeRest" not in primitives and "PrefillAttention" in primitives
+
+
 @needs_native
 def test_the_cache_is_written_in_place_only_when_no_one_else_holds_it():
     model, _ = load_model(REPO / "models" / "qwen3-tiny-chat-4bit", compute_dtype="float32")
@@ -143,7 +185,10 @@ def test_what_the_fused_layer_does_not_take_keeps_the_separate_ops():
     model(mx.array([[1, 2, 3]]), cache=plain)
     step = cpu_layer.decode_step
     assert step(inner.layers, inner.norm, h, h, quantized) is None  # a quantized cache
-    assert step(inner.layers, inner.norm, mx.zeros((1, 2, 64)), h, plain) is None  # two positions
+    nine = mx.zeros((1, 9, 64))
+    assert step(inner.layers, inner.norm, nine, nine, plain) is None  # more than 8 positions
+    two_rows = mx.zeros((2, 1, 64))
+    assert step(inner.layers, inner.norm, two_rows, two_rows, plain) is None  # two rows
     assert step(inner.layers, inner.norm, h.astype(mx.bfloat16), h, plain) is None
     assert step(inner.layers, inner.norm, h, h, make_cache(model)) is None  # no buffer yet
     bf16, _ = load_model(REPO / "models" / "qwen3-tiny-chat", compute_dtype="float32")
@@ -184,12 +229,14 @@ def test_bad_inputs_are_refused_with_a_message():
         args.update(changes)
         return NATIVE.decode_qkv(**args)
 
-    with pytest.raises(ValueError, match="the cache has no row at offset"):
+    with pytest.raises(ValueError, match="the cache has no rows at offset"):
         rest(offset=keys.shape[2])
     with pytest.raises(ValueError, match=r"give \(w, scales, biases\) for o, gate, up and down"):
         rest(weights=arrays[9:-3])
     with pytest.raises(ValueError, match="h must be float32"):
         rest(h=h.astype(mx.bfloat16))
+    with pytest.raises(ValueError, match="L from 1 to 8"):
+        qkv(normed=mx.zeros((1, 9, model.args.hidden_size)))
     with pytest.raises(ValueError, match="Hq a multiple of the cache's heads"):
         rest(q=mx.zeros((1, 3, 1, attention.head_dim)))
     with pytest.raises(ValueError, match="whole heads"):

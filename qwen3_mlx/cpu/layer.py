@@ -1,4 +1,4 @@
-"""A one-token decode step with two native nodes per decoder layer (qwen3_mlx/native/decode_layer.cpp).
+"""A decode step with two native nodes per decoder layer (qwen3_mlx/native/decode_layer.cpp).
 
 The separate ops of a layer (three mat-vec calls and the o projection, the norms, RoPE, attention,
 SwiGLU, and the cache's slice update and slices) make about 17 graph nodes. At Qwen3-0.6B's shape
@@ -9,11 +9,12 @@ went to sleep between the mat-vecs, on the same two cores that stream 15 ms of w
 kernels in the same order on the same rows, so their outputs are bit for bit the separate ops'
 (their self-test checks that, and tests/test_decode_layer.py over whole models).
 
-It applies when every layer can take it: float32 compute on the CPU, one row and one position,
-4-bit native layers without biases, a plain float32 `KVCache` of mlx-lm with room for the token,
-no tensor-parallel group. Anything else (a prefill chunk, a speculative verify pass, a quantized
-or batched cache, the GPU, bf16 checkpoints) keeps the separate ops, as does the one step in 256
-where mlx-lm's cache grows its buffer.
+It applies to one row of one to eight positions (a decode step, a speculative verify pass)
+when every layer can take it: float32 compute on the CPU, 4-bit native layers without biases, a
+plain float32 `KVCache` of mlx-lm with room for the positions, no tensor-parallel group, and for
+several positions a head size the native causal attention takes (a multiple of 32). Anything
+else (a longer prefill chunk, a quantized or batched cache, the GPU, bf16 checkpoints) keeps the
+separate ops, as does the one step in 256 where mlx-lm's cache grows its buffer.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mlx_lm.models.cache import KVCache
 
 from qwen3_mlx.cpu import native as native_kernel
 from qwen3_mlx.cpu import ops as cpu_ops
-from qwen3_mlx.cpu.kv_attention import native_float_attention
+from qwen3_mlx.cpu.kv_attention import native_float_attention, native_prefill_attention
 from qwen3_mlx.cpu.quantized import THREADS, CpuQuantizedLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,55 +39,66 @@ def _separate(module: ModuleType, h, normed, parts, norms, inv_freq, keys, value
     """What the separate native ops give for one layer (the self-test's reference)."""
     (wq, wk, wv, wo, wg, wu, wd), group = parts, 64
     q_weight, k_weight, post, following = norms
+    L, heads = h.shape[1], keys.shape[1]
     q, k, v = module.quantized_matmuls(normed, *zip(wq, wk, wv, strict=True), group, 1, False)
     q, k = module.qk_norm_rope(q, k, q_weight, k_weight, inv_freq, 1e-6, offset, 1.0)
-    heads = keys.shape[1]
-    keys[..., offset : offset + 1, :] = k
-    values[..., offset : offset + 1, :] = v.reshape(1, heads, 1, -1)
-    attended = module.decode_attention(
-        q, keys[..., : offset + 1, :], values[..., : offset + 1, :], scale, 1
-    )
-    delta = module.quantized_matmul(attended.reshape(1, 1, -1), *wo, group, 1, False)
+    keys[..., offset : offset + L, :] = k
+    values[..., offset : offset + L, :] = v.reshape(1, L, heads, -1).transpose(0, 2, 1, 3)
+    keys, values = keys[..., : offset + L, :], values[..., : offset + L, :]
+    if L == 1:
+        attended = module.decode_attention(q, keys, values, scale, 1)
+    else:
+        attended = module.prefill_attention(q, keys, values, scale, 1)
+    attended = attended.transpose(0, 2, 1, 3).reshape(1, L, -1)
+    delta = module.quantized_matmul(attended, *wo, group, 1, False)
     h1, n1 = module.add_rms_norm(h, delta, post, 1e-6)
     gate, up = module.quantized_matmuls(n1, *zip(wg, wu, strict=True), group, 1, False)
     delta = module.quantized_matmul(module.swiglu(gate, up), *wd, group, 1, False)
-    return [*module.add_rms_norm(h1, delta, following, 1e-6), keys, values]
+    return module.add_rms_norm(h1, delta, following, 1e-6)
 
 
 def _self_test(module: ModuleType) -> str | None:
-    """None if a small layer's fused step equals the separate ops bit for bit, else what failed."""
+    """None if a small layer's fused step, for one position and for three, equals the separate
+    ops bit for bit, else what failed."""
     # The fused layer stands for the separate ops: each must have passed its own test first.
-    if cpu_ops.fused_ops() is None or native_float_attention() is None:
+    if (
+        cpu_ops.fused_ops() is None
+        or native_float_attention() is None
+        or native_prefill_attention() is None
+    ):
         return "the separate decode ops it replaces did not pass their self-tests"
-    D, inner, heads, kv_heads, head_dim, capacity, offset = 128, 256, 4, 2, 64, 8, 5
+    D, inner, heads, kv_heads, head_dim, capacity, offset = 128, 256, 4, 2, 64, 12, 5
     sizes = [(heads * head_dim, D), (kv_heads * head_dim, D), (kv_heads * head_dim, D)]
     sizes += [(D, heads * head_dim), (inner, D), (inner, D), (D, inner)]
     parts = [
         mx.quantize(mx.sin(mx.arange(n * k, dtype=mx.float32) * (0.37 + i)).reshape(n, k) * 0.1)
         for i, (n, k) in enumerate(sizes)
     ]
+    weights = [array for part in parts for array in part]
     norms = [mx.linspace(0.5, 1.5, n) for n in (head_dim, head_dim, D, D)]
     inv_freq = cpu_ops.default_inv_freq(head_dim, 10_000.0)
-    h = mx.cos(mx.arange(D, dtype=mx.float32) * 0.1).reshape(1, 1, D)
-    normed = module.rms_norm(h, norms[2], 1e-6)
     cache = mx.sin(mx.arange(kv_heads * capacity * head_dim, dtype=mx.float32) * 0.01)
     cache = cache.reshape(1, kv_heads, capacity, head_dim)
-    expected = _separate(
-        module, h, normed, parts, norms, inv_freq, mx.array(cache), mx.array(cache), offset, 0.125
-    )
-    weights = [array for part in parts for array in part]
-    keys, values = mx.array(cache), mx.array(cache + 0)
-    q, k, v = module.decode_qkv(
-        normed, weights[:9], norms[0], norms[1], inv_freq, kv_heads, offset, 1.0, 1e-6, 64, 1
-    )
-    keys[..., offset : offset + 1, :] = k
-    values[..., offset : offset + 1, :] = v
-    actual = module.decode_rest(
-        h, q, keys, values, weights[9:], norms[2], norms[3], offset, 0.125, 1e-6, 1e-6, 64, 1
-    )
-    actual += [keys, values]
-    if not all(mx.array_equal(a, e).item() for a, e in zip(actual, expected, strict=True)):
-        return "its decode_qkv / decode_rest self-test differed from the separate ops"
+    for L in (1, 3):
+        h = mx.cos(mx.arange(L * D, dtype=mx.float32) * 0.1).reshape(1, L, D)
+        normed = module.rms_norm(h, norms[2], 1e-6)
+        expected_keys, expected_values = mx.array(cache), mx.array(cache + 0)
+        expected = _separate(
+            module, h, normed, parts, norms, inv_freq, expected_keys, expected_values, offset, 0.125
+        )
+        keys, values = mx.array(cache), mx.array(cache + 0)
+        q, k, v = module.decode_qkv(
+            normed, weights[:9], norms[0], norms[1], inv_freq, kv_heads, offset, 1.0, 1e-6, 64, 1
+        )
+        keys[..., offset : offset + L, :] = k
+        values[..., offset : offset + L, :] = v
+        actual = module.decode_rest(
+            h, q, keys, values, weights[9:], norms[2], norms[3], offset, 0.125, 1e-6, 1e-6, 64, 1
+        )
+        pairs = [*zip(actual, expected, strict=True)]
+        pairs += [(keys, expected_keys), (values, expected_values)]
+        if not all(mx.array_equal(a, e).item() for a, e in pairs):
+            return "its decode_qkv / decode_rest self-test differed from the separate ops"
     return None
 
 
@@ -118,12 +130,12 @@ def _layer_parts(layer: nn.Module) -> tuple[list[mx.array], int] | None:
     return arrays, group_size
 
 
-def _room(layer_cache: Any) -> bool:
-    """Whether a layer's cache is a plain float32 KVCache with a row free for the token."""
+def _room(layer_cache: Any, positions: int) -> bool:
+    """Whether a layer's cache is a plain float32 KVCache with rows free for the positions."""
     return (
         type(layer_cache) is KVCache
         and layer_cache.keys is not None
-        and layer_cache.offset < layer_cache.keys.shape[2]
+        and layer_cache.offset + positions <= layer_cache.keys.shape[2]
         and layer_cache.keys.dtype == mx.float32
         and layer_cache.keys.shape[0] == 1
     )
@@ -132,15 +144,18 @@ def _room(layer_cache: Any) -> bool:
 def decode_step(
     layers: Sequence[nn.Module], final_norm: nn.Module, h: mx.array, normed: mx.array, cache: Any
 ) -> mx.array | None:
-    """The final norm's output after every layer, one native node each, for one token of one row;
-    None (nothing done) where the fused node does not apply."""
-    if h.shape[0] != 1 or h.shape[1] != 1 or h.dtype != mx.float32 or not layers:
+    """The final norm's output after every layer, two native nodes each, for one row of 1 to
+    MATVEC_ROWS positions; None (nothing done) where the fused nodes do not apply."""
+    B, L, _ = h.shape
+    if B != 1 or not 1 <= L <= native_kernel.MATVEC_ROWS or h.dtype != mx.float32 or not layers:
         return None
-    if cache is None or mx.default_device() != mx.cpu or not all(_room(c) for c in cache):
+    if cache is None or mx.default_device() != mx.cpu or not all(_room(c, L) for c in cache):
         return None
     module = native_layer()
     if module is None:
         return None
+    if L > 1 and (layers[0].self_attn.head_dim % 32 or native_prefill_attention() is None):
+        return None  # the separate ops would take MLX's attention: keep them
     found = [_layer_parts(layer) for layer in layers]
     if any(parts is None for parts in found):
         return None
@@ -167,9 +182,9 @@ def decode_step(
             THREADS,
             int8,
         )
-        layer_cache.keys[..., offset : offset + 1, :] = k
-        layer_cache.values[..., offset : offset + 1, :] = v
-        layer_cache.offset = offset + 1
+        layer_cache.keys[..., offset : offset + L, :] = k
+        layer_cache.values[..., offset : offset + L, :] = v
+        layer_cache.offset = offset + L
         h, normed = module.decode_rest(
             h,
             q,

@@ -89,16 +89,16 @@ NB_MODULE(NATIVE_MODULE_NAME, m) {
         nb::arg("k_weight"), nb::arg("inv_freq"), nb::arg("kv_heads"), nb::arg("offset"),
         nb::arg("factor"), nb::arg("eps"), nb::arg("group_size"), nb::arg("threads") = 1,
         nb::arg("int8") = false, nb::kw_only(), nb::arg("stream") = nb::none(),
-        "A one-token step's [q, k, v] as [1, H, 1, D]: the projections of normed, then RoPE of "
-        "q's and k's per-head norms at offset, bit for bit the separate ops.");
+        "A decode step's [q, k, v] as [1, H, L, D] (L from 1 to 8): the projections of normed, "
+        "then RoPE of q's and k's per-head norms from offset, bit for bit the separate ops.");
   m.def("decode_rest", &decode_rest, nb::arg("h"), nb::arg("q"), nb::arg("keys"),
         nb::arg("values"), nb::arg("weights"), nb::arg("post_weight"), nb::arg("next_weight"),
         nb::arg("offset"), nb::arg("scale"), nb::arg("eps"), nb::arg("next_eps"),
         nb::arg("group_size"), nb::arg("threads") = 1, nb::arg("int8") = false, nb::kw_only(),
         nb::arg("stream") = nb::none(),
-        "The rest of a one-token layer step, [h', normed']: attention over cache rows "
-        "0..offset, o, the post-attention norm, the MLP and the next norm, bit for bit the "
-        "separate ops.");
+        "The rest of a decode step's layer, [h', normed']: attention over cache rows "
+        "0..offset+L-1 (causal among the L), o, the post-attention norm, the MLP and the next "
+        "norm, bit for bit the separate ops.");
 
   m.def("isa", [] { return std::string(isa_name(chosen_isa())); },
         "The instruction set the kernels use (after QWEN3_MLX_NATIVE_ISA).");

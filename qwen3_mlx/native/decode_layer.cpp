@@ -1,5 +1,6 @@
-// A decoder layer of a one-token decode step (B = 1) as two graph nodes and the cache's two slice
-// updates, for a float32 KV cache of mlx-lm's layout ([1, Hkv, capacity, D]).
+// A decoder layer of a decode step (one row, B = 1; one position, or up to 8: a speculative
+// verify pass) as two graph nodes and the cache's two slice updates, for a float32 KV cache of
+// mlx-lm's layout ([1, Hkv, capacity, D]).
 //
 // The separate ops (ops.h) make a decode step of about 17 nodes per layer: each costs Python to
 // build, MLX to encode and the stream thread to dispatch, all on the two cores that run the
@@ -9,8 +10,9 @@
 // results are bit for bit those of the separate ops:
 //
 //   decode_qkv:   q, k, v = normed @ Wq, Wk, Wv (one pool run); q, k = rope(rms_norm(head))
-//   (the caller): keys[offset], values[offset] = k, v   (MLX's slice update)
-//   decode_rest:  a = attention(q, keys[:offset+1], values[:offset+1])
+//   (the caller): keys[offset:offset+L], values[offset:offset+L] = k, v   (MLX's slice update)
+//   decode_rest:  a = attention(q, keys[:offset+L], values[:offset+L]) (the decode attention for
+//                 one position, the causal one for several, as the separate ops choose)
 //                 h1, n1 = h + a @ Wo, rms_norm(h1) * post_attention_layernorm
 //                 h', normed' = h1 + (silu(n1 @ Wgate) * (n1 @ Wup)) @ Wdown, rms_norm(h') * next
 //
@@ -40,6 +42,8 @@ namespace native {
 
 namespace {
 
+constexpr int64_t MAX_POSITIONS = 8;  // the mat-vec's rows (quantized_matmul.cpp's MATVEC_ROWS)
+
 struct Params {
   int64_t offset;  // the token's position: the cache row it takes
   float scale, factor, eps, next_eps;
@@ -58,47 +62,67 @@ Matrix matrix(const std::vector<mx::array>& in, int first, float* out) {
   return matrix_of(in[first], in[first + 1], in[first + 2], out);
 }
 
-// inputs: normed, (w, scales, biases) of q, k, v, q_norm's and k_norm's weights, inverse
-// frequencies; outputs: q [1, Hq, 1, D], k and v [1, Hkv, 1, D].
+// inputs: normed [1, L, D], (w, scales, biases) of q, k, v, q_norm's and k_norm's weights,
+// inverse frequencies; outputs: q [1, Hq, L, Dh], k and v [1, Hkv, L, Dh].
 void run_qkv(const Params& p, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
   std::vector<float> scratch;
   const float* normed = row_major(in[0], scratch);
-  const int64_t NQ = in[1].shape(0), NK = in[4].shape(0), Dh = out[1].shape(3);
-  std::vector<float> qk(static_cast<size_t>(NQ + NK));
-  quantized_matvecs(normed, in[0].size(), p.group_size, p.threads, p.int8,
-                    {matrix(in, 1, qk.data()), matrix(in, 4, qk.data() + NQ),
-                     matrix(in, 7, out[2].data<float>())});
-  qk_norm_rope_rows(qk.data(), qk.data() + NQ, in[10].data<float>(), in[11].data<float>(),
-                    in[12].data<float>(), p.eps, p.offset, p.factor, 1, 1, NQ / Dh, NK / Dh, Dh,
+  const int L = int(in[0].shape(1));
+  const int64_t D = in[0].shape(2), NQ = in[1].shape(0), NK = in[4].shape(0);
+  const int64_t Hk = out[1].shape(1), Dh = out[1].shape(3);
+  std::vector<float> q(static_cast<size_t>(L * NQ)), k(static_cast<size_t>(L * NK));
+  std::vector<float> v(static_cast<size_t>(L * NK));
+  float* v_rows = L == 1 ? out[2].data<float>() : v.data();  // one position: the same layout
+  quantized_matvecs(normed, L, D, p.group_size, p.threads, p.int8,
+                    {matrix(in, 1, q.data()), matrix(in, 4, k.data()), matrix(in, 7, v_rows)});
+  qk_norm_rope_rows(q.data(), k.data(), in[10].data<float>(), in[11].data<float>(),
+                    in[12].data<float>(), p.eps, p.offset, p.factor, 1, L, NQ / Dh, Hk, Dh,
                     out[0].data<float>(), out[1].data<float>());
+  float* v_heads = out[2].data<float>();
+  for (int l = 0; l < L && L > 1; ++l)  // [L, Hkv, Dh] -> [Hkv, L, Dh]
+    for (int64_t h = 0; h < Hk; ++h)
+      std::memcpy(v_heads + (h * L + l) * Dh, v.data() + (l * Hk + h) * Dh, size_t(Dh) * 4);
 }
 
-// inputs: h, q, keys, values, (w, scales, biases) of o, gate, up, down, the post-attention norm's
-// and the next norm's weights; outputs: h' and normed' [1, 1, D].
+// inputs: h [1, L, D], q [1, Hq, L, Dh], keys, values, (w, scales, biases) of o, gate, up, down,
+// the post-attention norm's and the next norm's weights; outputs: h' and normed' [1, L, D]. One
+// position attends with the decode attention, several with the causal one, as the separate ops.
 void run_rest(const Params& p, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
   std::vector<float> h_scratch, q_scratch;
   const float* h = row_major(in[0], h_scratch);
   const float* q = row_major(in[1], q_scratch);
   const auto &keys = in[2], &values = in[3];
-  const int64_t D = in[0].size(), NQ = in[1].size(), I = in[7].shape(0);
-  const int64_t Hk = keys.shape(1), Dh = keys.shape(3);
-  std::vector<float> attended(static_cast<size_t>(NQ));
-  float_decode_attention(q, keys.data<float>(), keys.strides().data(), values.data<float>(),
-                         values.strides().data(), 1, Hk, p.offset + 1, int(NQ / (Hk * Dh)),
-                         int(Dh), p.scale, p.threads, attended.data());
-  const auto row = static_cast<size_t>(D);
-  std::vector<float> delta(row), h1(row), n1(row);
-  quantized_matvecs(attended.data(), NQ, p.group_size, p.threads, p.int8,
+  const int L = int(in[0].shape(1));
+  const int64_t D = in[0].shape(2), Hq = in[1].shape(1), I = in[7].shape(0);
+  const int64_t Hk = keys.shape(1), Dh = keys.shape(3), NQ = Hq * Dh;
+  std::vector<float> attended(static_cast<size_t>(L * NQ));
+  if (L == 1) {
+    float_decode_attention(q, keys.data<float>(), keys.strides().data(), values.data<float>(),
+                           values.strides().data(), 1, Hk, p.offset + 1, int(Hq / Hk), int(Dh),
+                           p.scale, p.threads, attended.data());
+  } else {
+    std::vector<float> heads(attended.size());
+    causal_attention(q, keys.data<float>(), keys.strides().data(), values.data<float>(),
+                     values.strides().data(), Hq, L, Dh, Hk, p.offset + L, p.scale, p.threads,
+                     heads.data());
+    for (int l = 0; l < L; ++l)  // [Hq, L, Dh] -> [L, Hq, Dh]
+      for (int64_t hq = 0; hq < Hq; ++hq)
+        std::memcpy(attended.data() + (l * Hq + hq) * Dh, heads.data() + (hq * L + l) * Dh,
+                    size_t(Dh) * 4);
+  }
+  const auto rows = static_cast<size_t>(L * D);
+  std::vector<float> delta(rows), h1(rows), n1(rows);
+  quantized_matvecs(attended.data(), L, NQ, p.group_size, p.threads, p.int8,
                     {matrix(in, 4, delta.data())});
-  add_rms_norm_rows(h, delta.data(), in[16].data<float>(), h1.data(), n1.data(), D, D, p.eps);
-  std::vector<float> gate_up(static_cast<size_t>(2 * I)), inner(static_cast<size_t>(I));
-  quantized_matvecs(n1.data(), D, p.group_size, p.threads, p.int8,
-                    {matrix(in, 7, gate_up.data()), matrix(in, 10, gate_up.data() + I)});
-  swiglu_rows(gate_up.data(), gate_up.data() + I, inner.data(), I);
-  quantized_matvecs(inner.data(), I, p.group_size, p.threads, p.int8,
+  add_rms_norm_rows(h, delta.data(), in[16].data<float>(), h1.data(), n1.data(), L * D, D, p.eps);
+  std::vector<float> gate(static_cast<size_t>(L * I)), up(gate.size()), inner(gate.size());
+  quantized_matvecs(n1.data(), L, D, p.group_size, p.threads, p.int8,
+                    {matrix(in, 7, gate.data()), matrix(in, 10, up.data())});
+  swiglu_rows(gate.data(), up.data(), inner.data(), L * I);
+  quantized_matvecs(inner.data(), L, I, p.group_size, p.threads, p.int8,
                     {matrix(in, 13, delta.data())});
   add_rms_norm_rows(h1.data(), delta.data(), in[17].data<float>(), out[0].data<float>(),
-                    out[1].data<float>(), D, D, p.next_eps);
+                    out[1].data<float>(), L * D, D, p.next_eps);
 }
 
 using Body = void (*)(const Params&, const std::vector<mx::array>&, std::vector<mx::array>&);
@@ -168,9 +192,9 @@ std::vector<mx::array> decode_qkv(const mx::array& normed, const std::vector<mx:
                                   mx::StreamOrDevice s) {
   auto stream = cpu_stream(s);
   require(normed.dtype() == mx::float32 && normed.ndim() == 3 && normed.shape(0) == 1 &&
-              normed.shape(1) == 1,
-          "normed must be float32 [1, 1, D]");
-  const int64_t D = normed.shape(2);
+              normed.shape(1) >= 1 && normed.shape(1) <= MAX_POSITIONS,
+          "normed must be float32 [1, L, D], L from 1 to 8");
+  const int64_t D = normed.shape(2), L = normed.shape(1);
   check_weights(weights, {D, D, D}, group_size);
   const int64_t Dh = q_weight.size(), NQ = weights[0].shape(0);
   require(Dh % 2 == 0 && kv_heads > 0 && NQ % Dh == 0 && (NQ / Dh) % kv_heads == 0 &&
@@ -183,9 +207,9 @@ std::vector<mx::array> decode_qkv(const mx::array& normed, const std::vector<mx:
   for (const auto& a : weights) add_dense(inputs, a, stream);
   for (const auto* a : {&q_weight, &k_weight, &inv_freq}) add_dense(inputs, *a, stream);
   const Params params{offset, 0.0f, factor, eps, 0.0f, group_size, threads, int8};
-  const mx::Shape kv{1, int(kv_heads), 1, int(Dh)};
+  const mx::Shape kv{1, int(kv_heads), int(L), int(Dh)};
   return mx::array::make_arrays(
-      {mx::Shape{1, int(NQ / Dh), 1, int(Dh)}, kv, kv}, {mx::float32, mx::float32, mx::float32},
+      {mx::Shape{1, int(NQ / Dh), int(L), int(Dh)}, kv, kv}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<DecodePart<run_qkv>>(stream, params, "Qwen3DecodeQkv"), inputs);
 }
 
@@ -195,19 +219,22 @@ std::vector<mx::array> decode_rest(const mx::array& h, const mx::array& q, const
                                    int64_t offset, float scale, float eps, float next_eps,
                                    int group_size, int threads, bool int8, mx::StreamOrDevice s) {
   auto stream = cpu_stream(s);
-  require(h.dtype() == mx::float32 && h.ndim() == 3 && h.shape(0) == 1 && h.shape(1) == 1,
-          "h must be float32 [1, 1, D]");
+  require(h.dtype() == mx::float32 && h.ndim() == 3 && h.shape(0) == 1 && h.shape(1) >= 1 &&
+              h.shape(1) <= MAX_POSITIONS,
+          "h must be float32 [1, L, D], L from 1 to 8");
   require(keys.ndim() == 4 && keys.shape() == values.shape() && keys.shape(0) == 1 &&
               keys.dtype() == mx::float32 && values.dtype() == mx::float32,
           "keys and values must be float32 [1, Hkv, capacity, head_dim]");
-  require(offset >= 0 && offset < keys.shape(2), "the cache has no row at offset");
-  const int64_t D = h.shape(2), Hk = keys.shape(1), Dh = keys.shape(3);
-  require(q.dtype() == mx::float32 && q.ndim() == 4 && q.shape(0) == 1 && q.shape(2) == 1 &&
+  const int64_t D = h.shape(2), L = h.shape(1), Hk = keys.shape(1), Dh = keys.shape(3);
+  require(offset >= 0 && offset + L <= keys.shape(2), "the cache has no rows at offset");
+  require(q.dtype() == mx::float32 && q.ndim() == 4 && q.shape(0) == 1 && q.shape(2) == L &&
               q.shape(3) == Dh && q.shape(1) % Hk == 0,
-          "q must be float32 [1, Hq, 1, head_dim], Hq a multiple of the cache's heads");
+          "q must be float32 [1, Hq, L, head_dim], Hq a multiple of the cache's heads");
+  require(L == 1 || (Dh % 32 == 0 && keys.strides()[3] == 1 && values.strides()[3] == 1),
+          "several positions need a head size that is a multiple of 32");
   require(weights.size() == 12, "give (w, scales, biases) for o, gate, up and down");
   const int64_t I = weights[3].shape(0);
-  check_weights(weights, {int64_t(q.size()), D, D, I}, group_size);
+  check_weights(weights, {q.shape(1) * Dh, D, D, I}, group_size);
   require(weights[0].shape(0) == D && weights[6].shape(0) == I && weights[9].shape(0) == D,
           "o and down must give D rows, gate and up the same number");
   require(float32_of(post_weight, D) && float32_of(next_weight, D),

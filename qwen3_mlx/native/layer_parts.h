@@ -27,9 +27,10 @@ Matrix matrix_of(const mlx::core::array& w, const mlx::core::array& scales,
 void check_matrix(int64_t K, const mlx::core::array& w, const mlx::core::array& scales,
                   const mlx::core::array& biases, int group_size);
 
-// out = x @ dequantize(w).T for one row x [K] and every matrix, one pool run for all of them
-// (int8 x where asked and the CPU has AVX-512 VNNI).
-void quantized_matvecs(const float* x, int64_t K, int group_size, int threads, bool int8,
+// out = x @ dequantize(w).T for M <= 8 rows x [M, K] and every matrix, one pool run for all of
+// them, each row bit for bit what a one-row call gives it (int8 x where asked and the CPU has
+// AVX-512 VNNI).
+void quantized_matvecs(const float* x, int M, int64_t K, int group_size, int threads, bool int8,
                        const std::vector<Matrix>& matrices);
 
 // decode_ops.cpp: h = x + delta and normed = rms_norm(h) * w over rows of D.
@@ -51,5 +52,12 @@ void float_decode_attention(const float* q, const float* k, const int64_t* k_str
                             const float* v, const int64_t* v_strides, int64_t B, int64_t Hkv,
                             int64_t T, int R, int D, float scale, int threads, float* out,
                             int64_t L = 1);
+
+// prefill_attention.cpp: the causal attention of L queries q [1, Hq, L, D] (the last L of T
+// positions) over keys and values [1, Hkv, T, D] with element strides for their first three axes
+// (unit last axis, D a multiple of 32); out [1, Hq, L, D].
+void causal_attention(const float* q, const float* k, const int64_t* k_strides, const float* v,
+                      const int64_t* v_strides, int64_t Hq, int64_t L, int64_t D, int64_t Hkv,
+                      int64_t T, float scale, int threads, float* out);
 
 }  // namespace native

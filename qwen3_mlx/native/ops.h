@@ -52,12 +52,12 @@ std::vector<mx::array> qk_norm_rope(const mx::array& q, const mx::array& k,
                                     float factor, mx::StreamOrDevice s);
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
 
-// decode_layer.cpp: a decoder layer of a one-token step (B = 1) in two nodes, bit for bit the ops
-// above. decode_qkv: [q, k, v] as [1, H, 1, D] from normed = input_layernorm(h), the (w, scales,
-// biases) of q, k, v, the q and k norms' weights and RoPE at `offset`. decode_rest, after the
-// caller wrote k and v at row `offset` of the float32 cache [1, Hkv, capacity, D]: [h', normed']
-// from the attention over rows 0..offset, o, the post-attention norm, the MLP (gate, up, down)
-// and the next norm.
+// decode_layer.cpp: a decoder layer of a decode step (B = 1, L from 1 to 8 positions) in two
+// nodes, bit for bit the ops above. decode_qkv: [q, k, v] as [1, H, L, D] from normed =
+// input_layernorm(h), the (w, scales, biases) of q, k, v, the q and k norms' weights and RoPE at
+// positions offset..offset+L-1. decode_rest, after the caller wrote k and v at rows offset.. of
+// the float32 cache [1, Hkv, capacity, D]: [h', normed'] from the attention over rows
+// 0..offset+L-1 (causal among the L), o, the post-attention norm, the MLP and the next norm.
 std::vector<mx::array> decode_qkv(const mx::array& normed, const std::vector<mx::array>& weights,
                                   const mx::array& q_weight, const mx::array& k_weight,
                                   const mx::array& inv_freq, int64_t kv_heads, int64_t offset,

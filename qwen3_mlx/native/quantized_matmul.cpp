@@ -194,10 +194,10 @@ Isa matvec_isa(int64_t K) {
   return isa;
 }
 
-void quantized_matvecs(const float* x, int64_t K, int group_size, int threads, bool int8,
+void quantized_matvecs(const float* x, int M, int64_t K, int group_size, int threads, bool int8,
                        const std::vector<Matrix>& matrices) {
   const Isa isa = matvec_isa(K);
-  run_matrices(std::vector<float>(x, x + K), 1, K, isa, threads, group_size,
+  run_matrices(std::vector<float>(x, x + M * K), M, K, isa, threads, group_size,
                int8 && int8_supported() && isa == AVX512, matrices);
 }
 
