@@ -52,11 +52,14 @@ def decode(model, steps: int, prompt=(1, 2, 3, 4, 5, 6, 7)) -> tuple[mx.array, l
     return mx.concatenate(rows), cache
 
 
-def assert_same_decode(model, monkeypatch, steps: int) -> None:
-    fused_logits, fused_cache = decode(model, steps)
+def assert_same_decode(model, monkeypatch, steps: int, run=None) -> None:
+    """run(model) -> (logits, cache) (default: `steps` one-token steps) gives the same logits and
+    caches with the fused nodes and with the separate ops."""
+    run = run or (lambda model: decode(model, steps))
+    fused_logits, fused_cache = run(model)
     with monkeypatch.context() as patch:
         separate_ops(patch)
-        logits, cache = decode(model, steps)
+        logits, cache = run(model)
     assert mx.array_equal(fused_logits, logits).item()
     for mine, theirs in zip(fused_cache, cache, strict=True):
         assert mine.offset == theirs.offset
@@ -127,15 +130,8 @@ def test_verify_passes_of_several_positions_are_bit_for_bit(monkeypatch, width):
     primitives = graph_primitives(model(mx.arange(4, 4 + width)[None], cache=cache)).split()
     assert primitives.count("Qwen3DecodeRest") == len(model.layers)
     assert "PrefillAttention" not in primitives and "QuantizedMatvecs" in primitives
-    fused_logits, fused_cache = verify_passes(model, 40, width)  # crosses the growth at 256
-    with monkeypatch.context() as patch:
-        separate_ops(patch)
-        logits, cache = verify_passes(model, 40, width)
-    assert mx.array_equal(fused_logits, logits).item()
-    for mine, theirs in zip(fused_cache, cache, strict=True):
-        assert mine.offset == theirs.offset
-        for a, b in zip(mine.state, theirs.state, strict=True):
-            assert mx.array_equal(a, b).item()
+    # 40 passes cross the cache's growth at 256 positions.
+    assert_same_decode(model, monkeypatch, 0, lambda model: verify_passes(model, 40, width))
 
 
 @needs_native
