@@ -129,7 +129,7 @@ def test_verify_passes_of_several_positions_are_bit_for_bit(monkeypatch, width):
     mx.eval(model(mx.array([[1, 2, 3]]), cache=cache), [c.state for c in cache])
     primitives = graph_primitives(model(mx.arange(4, 4 + width)[None], cache=cache)).split()
     assert primitives.count("Qwen3DecodeRest") == len(model.layers)
-    assert "PrefillAttention" not in primitives and "QuantizedMatvecs" in primitives
+    assert "PrefillAttention" not in primitives and "DecodeAttention" not in primitives
     # 40 passes cross the cache's growth at 256 positions.
     assert_same_decode(model, monkeypatch, 0, lambda model: verify_passes(model, 40, width))
 
@@ -140,7 +140,7 @@ def test_more_positions_than_the_mat_vec_takes_keep_the_separate_ops():
     cache = make_cache(model)
     mx.eval(model(mx.array([[1, 2, 3]]), cache=cache), [c.state for c in cache])
     primitives = graph_primitives(model(mx.arange(4, 13)[None], cache=cache))  # 9 positions
-    assert "Qwen3DecodeRest" not in primitives and "PrefillAttention" in primitives
+    assert "Qwen3DecodeRest" not in primitives and "DecodeAttention" in primitives
 
 
 @needs_native

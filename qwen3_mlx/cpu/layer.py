@@ -11,8 +11,7 @@ kernels in the same order on the same rows, so their outputs are bit for bit the
 
 It applies to one row of one to eight positions (a decode step, a speculative verify pass)
 when every layer can take it: float32 compute on the CPU, 4-bit native layers without biases, a
-plain float32 `KVCache` of mlx-lm with room for the positions, no tensor-parallel group, and for
-several positions a head size the native causal attention takes (a multiple of 32). Anything
+plain float32 `KVCache` of mlx-lm with room for the positions, no tensor-parallel group. Anything
 else (a longer prefill chunk, a quantized or batched cache, the GPU, bf16 checkpoints) keeps the
 separate ops, as does the one step in 256 where mlx-lm's cache grows its buffer.
 """
@@ -29,7 +28,7 @@ from mlx_lm.models.cache import KVCache
 
 from qwen3_mlx.cpu import native as native_kernel
 from qwen3_mlx.cpu import ops as cpu_ops
-from qwen3_mlx.cpu.kv_attention import native_float_attention, native_prefill_attention
+from qwen3_mlx.cpu.kv_attention import native_float_attention
 from qwen3_mlx.cpu.quantized import THREADS, CpuQuantizedLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,10 +44,7 @@ def _separate(module: ModuleType, h, normed, parts, norms, inv_freq, keys, value
     keys[..., offset : offset + L, :] = k
     values[..., offset : offset + L, :] = v.reshape(1, L, heads, -1).transpose(0, 2, 1, 3)
     keys, values = keys[..., : offset + L, :], values[..., : offset + L, :]
-    if L == 1:
-        attended = module.decode_attention(q, keys, values, scale, 1)
-    else:
-        attended = module.prefill_attention(q, keys, values, scale, 1)
+    attended = module.decode_attention(q, keys, values, scale, 1)
     attended = attended.transpose(0, 2, 1, 3).reshape(1, L, -1)
     delta = module.quantized_matmul(attended, *wo, group, 1, False)
     h1, n1 = module.add_rms_norm(h, delta, post, 1e-6)
@@ -61,11 +57,7 @@ def _self_test(module: ModuleType) -> str | None:
     """None if a small layer's fused step, for one position and for three, equals the separate
     ops bit for bit, else what failed."""
     # The fused layer stands for the separate ops: each must have passed its own test first.
-    if (
-        cpu_ops.fused_ops() is None
-        or native_float_attention() is None
-        or native_prefill_attention() is None
-    ):
+    if cpu_ops.fused_ops() is None or native_float_attention() is None:
         return "the separate decode ops it replaces did not pass their self-tests"
     D, inner, heads, kv_heads, head_dim, capacity, offset = 128, 256, 4, 2, 64, 12, 5
     sizes = [(heads * head_dim, D), (kv_heads * head_dim, D), (kv_heads * head_dim, D)]
@@ -154,8 +146,6 @@ def decode_step(
     module = native_layer()
     if module is None:
         return None
-    if L > 1 and (layers[0].self_attn.head_dim % 32 or native_prefill_attention() is None):
-        return None  # the separate ops would take MLX's attention: keep them
     found = [_layer_parts(layer) for layer in layers]
     if any(parts is None for parts in found):
         return None

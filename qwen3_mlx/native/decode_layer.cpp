@@ -11,8 +11,8 @@
 //
 //   decode_qkv:   q, k, v = normed @ Wq, Wk, Wv (one pool run); q, k = rope(rms_norm(head))
 //   (the caller): keys[offset:offset+L], values[offset:offset+L] = k, v   (MLX's slice update)
-//   decode_rest:  a = attention(q, keys[:offset+L], values[:offset+L]) (the decode attention for
-//                 one position, the causal one for several, as the separate ops choose)
+//   decode_rest:  a = attention(q, keys[:offset+L], values[:offset+L]) (the decode attention,
+//                 each position masking its later keys, as the separate ops)
 //                 h1, n1 = h + a @ Wo, rms_norm(h1) * post_attention_layernorm
 //                 h', normed' = h1 + (silu(n1 @ Wgate) * (n1 @ Wup)) @ Wdown, rms_norm(h') * next
 //
@@ -45,7 +45,7 @@ namespace {
 constexpr int64_t MAX_POSITIONS = 8;  // the mat-vec's rows (quantized_matmul.cpp's MATVEC_ROWS)
 
 struct Params {
-  int64_t offset;  // the token's position: the cache row it takes
+  int64_t offset;  // the first position: the cache row it takes
   float scale, factor, eps, next_eps;
   int group_size, threads;
   bool int8;
@@ -85,8 +85,7 @@ void run_qkv(const Params& p, const std::vector<mx::array>& in, std::vector<mx::
 }
 
 // inputs: h [1, L, D], q [1, Hq, L, Dh], keys, values, (w, scales, biases) of o, gate, up, down,
-// the post-attention norm's and the next norm's weights; outputs: h' and normed' [1, L, D]. One
-// position attends with the decode attention, several with the causal one, as the separate ops.
+// the post-attention norm's and the next norm's weights; outputs: h' and normed' [1, L, D].
 void run_rest(const Params& p, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
   std::vector<float> h_scratch, q_scratch;
   const float* h = row_major(in[0], h_scratch);
@@ -96,20 +95,16 @@ void run_rest(const Params& p, const std::vector<mx::array>& in, std::vector<mx:
   const int64_t D = in[0].shape(2), Hq = in[1].shape(1), I = in[7].shape(0);
   const int64_t Hk = keys.shape(1), Dh = keys.shape(3), NQ = Hq * Dh;
   std::vector<float> attended(static_cast<size_t>(L * NQ));
-  if (L == 1) {
-    float_decode_attention(q, keys.data<float>(), keys.strides().data(), values.data<float>(),
-                           values.strides().data(), 1, Hk, p.offset + 1, int(Hq / Hk), int(Dh),
-                           p.scale, p.threads, attended.data());
-  } else {
-    std::vector<float> heads(attended.size());
-    causal_attention(q, keys.data<float>(), keys.strides().data(), values.data<float>(),
-                     values.strides().data(), Hq, L, Dh, Hk, p.offset + L, p.scale, p.threads,
-                     heads.data());
-    for (int l = 0; l < L; ++l)  // [Hq, L, Dh] -> [L, Hq, Dh]
-      for (int64_t hq = 0; hq < Hq; ++hq)
-        std::memcpy(attended.data() + (l * Hq + hq) * Dh, heads.data() + (hq * L + l) * Dh,
-                    size_t(Dh) * 4);
-  }
+  // The decode attention gives [Hq, L, Dh]; the o projection takes [L, Hq * Dh] (the same
+  // layout for one position).
+  std::vector<float> heads(L > 1 ? attended.size() : 0);
+  float_decode_attention(q, keys.data<float>(), keys.strides().data(), values.data<float>(),
+                         values.strides().data(), 1, Hk, p.offset + L, int(Hq / Hk), int(Dh),
+                         p.scale, p.threads, L > 1 ? heads.data() : attended.data(), L);
+  for (int l = 0; l < L && L > 1; ++l)
+    for (int64_t hq = 0; hq < Hq; ++hq)
+      std::memcpy(attended.data() + (l * Hq + hq) * Dh, heads.data() + (hq * L + l) * Dh,
+                  size_t(Dh) * 4);
   const auto rows = static_cast<size_t>(L * D);
   std::vector<float> delta(rows), h1(rows), n1(rows);
   quantized_matvecs(attended.data(), L, NQ, p.group_size, p.threads, p.int8,
@@ -230,8 +225,6 @@ std::vector<mx::array> decode_rest(const mx::array& h, const mx::array& q, const
   require(q.dtype() == mx::float32 && q.ndim() == 4 && q.shape(0) == 1 && q.shape(2) == L &&
               q.shape(3) == Dh && q.shape(1) % Hk == 0,
           "q must be float32 [1, Hq, L, head_dim], Hq a multiple of the cache's heads");
-  require(L == 1 || (Dh % 32 == 0 && keys.strides()[3] == 1 && values.strides()[3] == 1),
-          "several positions need a head size that is a multiple of 32");
   require(weights.size() == 12, "give (w, scales, biases) for o, gate, up and down");
   const int64_t I = weights[3].shape(0);
   check_weights(weights, {q.shape(1) * Dh, D, D, I}, group_size);

@@ -53,11 +53,4 @@ void float_decode_attention(const float* q, const float* k, const int64_t* k_str
                             int64_t T, int R, int D, float scale, int threads, float* out,
                             int64_t L = 1);
 
-// prefill_attention.cpp: the causal attention of L queries q [1, Hq, L, D] (the last L of T
-// positions) over keys and values [1, Hkv, T, D] with element strides for their first three axes
-// (unit last axis, D a multiple of 32); out [1, Hq, L, D].
-void causal_attention(const float* q, const float* k, const int64_t* k_strides, const float* v,
-                      const int64_t* v_strides, int64_t Hq, int64_t L, int64_t D, int64_t Hkv,
-                      int64_t T, float scale, int threads, float* out);
-
 }  // namespace native

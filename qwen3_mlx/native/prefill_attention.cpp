@@ -16,7 +16,6 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 #include "isa.h"
-#include "layer_parts.h"
 #include "ops.h"
 #include "pool.h"
 #include "prefill_attention.h"
@@ -43,28 +42,6 @@ void pack_keys(const float* keys, int64_t stride, int64_t T, int D, int MR, int6
         for (int d = 0; d < D; ++d) column[d * MR] = 0.0f;
       }
     }
-}
-
-// The attention of job's L queries (the last L of T positions) on the pool: keys packed into the
-// kernels' tiles once per call, then blocks of queries per KV head.
-void run_causal(PrefillAttention& job, int threads) {
-  const AttentionKernels kernels = attention_kernels(chosen_isa());
-  const int MR = kernels.key_rows;
-  job.tiles = (job.T + MR - 1) / MR;
-  const int64_t heads = job.B * job.Hkv, per_head = job.tiles * job.D * MR;
-  std::vector<float> tiles(size_t(heads * per_head));  // one layer's keys, for this call
-  pool().run(threads, heads, [&](int64_t bh) {
-    const float* keys = job.k + (bh / job.Hkv) * job.k_stride[0] + (bh % job.Hkv) * job.k_stride[1];
-    pack_keys(keys, job.k_stride[2], job.T, job.D, MR, job.tiles, tiles.data() + bh * per_head);
-  });
-  job.k_tiles = tiles.data();
-  const int64_t items = job.B * job.Hkv * ((job.L + kernels.QB - 1) / kernels.QB);
-  const int64_t scratch = kernels.scratch(job);
-  pool().run(threads, items, [&](int64_t item) {
-    thread_local std::vector<float> buffer;  // a few hundred KB per thread, reused
-    if (int64_t(buffer.size()) < scratch) buffer.resize(size_t(scratch));
-    kernels.run(job, item, buffer.data());
-  });
 }
 
 class CausalAttention : public mx::UnaryPrimitive {
@@ -105,8 +82,9 @@ void CausalAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     job.k_stride[axis] = k.strides()[axis];
     job.v_stride[axis] = v.strides()[axis];
   }
+  const AttentionKernels kernels = attention_kernels(chosen_isa());
   const int threads = threads_;
-  encoder.dispatch([job, threads, q = mx::array::unsafe_weak_copy(q),
+  encoder.dispatch([job, kernels, threads, q = mx::array::unsafe_weak_copy(q),
                     k = mx::array::unsafe_weak_copy(k), v = mx::array::unsafe_weak_copy(v),
                     out = mx::array::unsafe_weak_copy(out)]() mutable {
     const ClearVectorState clear;
@@ -114,33 +92,26 @@ void CausalAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     job.k = k.data<float>();
     job.v = v.data<float>();
     job.out = out.data<float>();
-    run_causal(job, threads);
+    const int MR = kernels.key_rows;
+    job.tiles = (job.T + MR - 1) / MR;
+    const int64_t heads = job.B * job.Hkv, per_head = job.tiles * job.D * MR;
+    std::vector<float> tiles(size_t(heads * per_head));  // one layer's keys, for this call
+    pool().run(threads, heads, [&](int64_t bh) {
+      const float* keys = job.k + (bh / job.Hkv) * job.k_stride[0] + (bh % job.Hkv) * job.k_stride[1];
+      pack_keys(keys, job.k_stride[2], job.T, job.D, MR, job.tiles, tiles.data() + bh * per_head);
+    });
+    job.k_tiles = tiles.data();
+    const int64_t items = job.B * job.Hkv * ((job.L + kernels.QB - 1) / kernels.QB);
+    const int64_t scratch = kernels.scratch(job);
+    pool().run(threads, items, [&](int64_t item) {
+      thread_local std::vector<float> buffer;  // a few hundred KB per thread, reused
+      if (int64_t(buffer.size()) < scratch) buffer.resize(size_t(scratch));
+      kernels.run(job, item, buffer.data());
+    });
   });
 }
 
 }  // namespace
-
-void causal_attention(const float* q, const float* k, const int64_t* k_strides, const float* v,
-                      const int64_t* v_strides, int64_t Hq, int64_t L, int64_t D, int64_t Hkv,
-                      int64_t T, float scale, int threads, float* out) {
-  PrefillAttention job{};
-  job.B = 1;
-  job.Hq = Hq;
-  job.L = L;
-  job.D = D;
-  job.Hkv = Hkv;
-  job.T = T;
-  job.scale = scale;
-  for (int axis = 0; axis < 3; ++axis) {
-    job.k_stride[axis] = k_strides[axis];
-    job.v_stride[axis] = v_strides[axis];
-  }
-  job.q = q;
-  job.k = k;
-  job.v = v;
-  job.out = out;
-  run_causal(job, threads);
-}
 
 mx::array prefill_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                             float scale, int threads, mx::StreamOrDevice s) {
