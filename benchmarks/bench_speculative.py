@@ -4,7 +4,7 @@
     python -m benchmarks.bench_speculative --skip-shapes   # only the tiny-model measurements
     python -m benchmarks.bench_speculative --skip-tiny --cpu-time   # parts 1, 2, 4 on a loaded machine
     python -m benchmarks.bench_speculative --skip-tiny --isa avx2   # as an AVX2-only CPU runs it
-    python -m benchmarks.bench_speculative --paired 15   # 4B verify of 3 and 5 positions, paired
+    python -m benchmarks.bench_speculative --paired 15   # 4B verify of 2-5 positions and the draft, paired
 
 1. Verify cost (random 4-bit weights at the Qwen3-4B shape): one target pass over 1..8 positions
    after a 128-token context, against one decode step (1 position). The native mat-vec takes up
@@ -85,25 +85,31 @@ def verify_costs(shape: str, repeats: int, max_rows: int = 8) -> dict[int, float
     return costs
 
 
-def paired_verify_costs(rounds: int, positions: tuple[int, ...] = (3, 5)) -> None:
-    """--paired: at the 4B shape, each pass over N positions between two one-position passes,
-    `rounds` times; the median and quartiles of pass(N) / mean(the two steps around it). A busy
-    moment of a shared host then touches both sides of a ratio, where the best-of-repeats of
-    verify_costs can pair a quiet N with a busy step."""
+def paired_verify_costs(rounds: int, positions: tuple[int, ...] = (2, 3, 4, 5)) -> None:
+    """--paired: at the 4B shape, each pass over N positions, and one 0.6B decode step (the
+    draft), between two one-position 4B passes, `rounds` times; the median and quartiles of
+    cost / mean(the two steps around it), and the projection from those medians. A busy moment of
+    a shared host then touches both sides of a ratio, where the best-of-repeats of verify_costs
+    can pair a quiet N with a busy step."""
     import statistics
 
     from qwen3_mlx.loading import load
 
     model, _, _ = load(checkpoint("4b", 4))
-    cache = context_cache(model)
+    draft_model, _, _ = load(checkpoint("0.6b", 4))
+    cache, draft_cache = context_cache(model), context_cache(draft_model)
     for rows in (1, *positions):
         pass_seconds(model, cache, rows, 2)  # warm up
-    ratios: dict[int, list[float]] = {rows: [] for rows in positions}
+    pass_seconds(draft_model, draft_cache, 1, 2)
+    ratios: dict[int | str, list[float]] = {rows: [] for rows in (*positions, "draft")}
     steps = []
     for _ in range(rounds):
-        for rows in positions:
+        for rows in (*positions, "draft"):
             before = pass_seconds(model, cache, 1, 1)
-            seconds = pass_seconds(model, cache, rows, 1)
+            if rows == "draft":
+                seconds = pass_seconds(draft_model, draft_cache, 1, 1)
+            else:
+                seconds = pass_seconds(model, cache, rows, 1)
             after = pass_seconds(model, cache, 1, 1)
             ratios[rows].append(seconds / ((before + after) / 2))
             steps += [before, after]
@@ -114,11 +120,21 @@ def paired_verify_costs(rounds: int, positions: tuple[int, ...] = (3, 5)) -> Non
     )
     for rows, values in ratios.items():
         low, _, high = statistics.quantiles(values, n=4)
+        what = "the 0.6B step (the draft)" if rows == "draft" else f"N={rows}"
         print(
-            f"  N={rows}: median {statistics.median(values):.2f}x one step "
+            f"  {what}: median {statistics.median(values):.2f}x one 4B step "
             f"(quartiles {low:.2f}-{high:.2f})",
             flush=True,
         )
+    verify = {1: 1.0, **{rows: statistics.median(ratios[rows]) for rows in positions}}
+    draft = statistics.median(ratios["draft"])
+    print("Projected 4B drafted by 0.6B, from these medians (assumed acceptance):", flush=True)
+    for acceptance in (0.5, 0.7, 0.9):
+        row = ", ".join(
+            f"k={k} {projected_speedup(acceptance, k, verify, draft):.2f}x"
+            for k in range(1, max(positions))
+        )
+        print(f"  acceptance {acceptance}: {row}", flush=True)
 
 
 def projected_speedup(acceptance: float, k: int, verify: dict[int, float], draft: float) -> float:
@@ -302,7 +318,8 @@ def main() -> None:
         "--paired",
         type=int,
         metavar="ROUNDS",
-        help="only the 4B verify cost of 3 and 5 positions, each pass between two single steps",
+        help="only the 4B verify cost of 2 to 5 positions and the 0.6B step, each between two "
+        "4B steps, and the projection from their medians",
     )
     args = parser.parse_args()
     if args.cpu_time:
