@@ -142,7 +142,8 @@ class Qwen3Model(nn.Module):
             cache = [None] * len(self.layers)
         mask = causal_mask(h.shape[1], cache[0])
         normed = self.layers[0].input_layernorm(h) if self.layers else h
-        # One token of one row on the CPU: two native nodes per layer where they apply.
+        # One row of 1 to 8 positions on the CPU (a decode step, a speculative verify pass):
+        # two native nodes per layer where they apply (causal among the positions).
         fused = cpu_layer.decode_step(self.layers, self.norm, h, normed, cache)
         if fused is not None:
             return fused
