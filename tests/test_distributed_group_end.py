@@ -24,9 +24,9 @@ import pytest
 from distributed_ranks import TINY_CHAT
 from test_distributed import start_group
 from test_distributed_serve import wait_until_serving
+from test_server_limits import read_stream
 from test_server_support import API_KEY, free_port
 
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 ENDED_WITHIN = 30  # seconds for every rank to end once its launcher is gone
 
 
@@ -51,26 +51,6 @@ def rank(ranks: list[Any], number: int) -> Any:
     return next(each for each in ranks if each.environ()["MLX_RANK"] == str(number))
 
 
-def stream_completion(
-    url: str, max_tokens: int, started: threading.Event, events: list[str]
-) -> None:
-    """A streamed completion's data lines into `events` (`started` set at the first)."""
-    body = {
-        "prompt": "Once upon a time",
-        "temperature": 2,  # random tokens: the reply runs to max_tokens
-        "seed": 1,
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST", url + "/v1/completions", json=body, headers=HEADERS, timeout=120
-    ) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line.removeprefix("data: "))
-                started.set()
-
-
 def end_all(launcher: Any, ranks: list[Any]) -> None:
     """Whatever is left of a group, killed (a failed test leaves nothing running)."""
     for each in ranks:
@@ -84,7 +64,7 @@ def end_all(launcher: Any, ranks: list[Any]) -> None:
 def reply_in_flight(url: str) -> tuple[threading.Thread, list[str]]:
     """A streamed reply of 100 tokens, running (its first token arrived)."""
     started, events = threading.Event(), []
-    reader = threading.Thread(target=stream_completion, args=(url, 100, started, events))
+    reader = threading.Thread(target=read_stream, args=(url, 100, started, events))
     reader.start()
     assert started.wait(60)
     return reader, events

@@ -110,17 +110,18 @@ def _hold_follower(rank: int) -> None:
 
     from qwen3_mlx.parallel.group_end import FollowerDeadline, hold_stop_signals, watch_parent
 
-    deadline = FollowerDeadline(_rank_timeout(), functools.partial(end_follower, rank))
+    seconds = _rank_timeout()
+    deadline = FollowerDeadline(seconds, functools.partial(end_follower, rank, seconds))
     watch_parent(lambda: deadline.begin("its launcher (mlx.launch) ended"))
     hold_stop_signals(lambda number: deadline.begin(f"it got {signal.Signals(number).name}"))
 
 
-def end_follower(rank: int, reason: str) -> None:
+def end_follower(rank: int, seconds: float, reason: str) -> None:
     """End a follower whose wait for rank 0's stop ran out (from a timer thread: its main thread
     is in a collective that cannot be interrupted)."""
     try:  # stderr was the launcher's pipe: it may be closed now
         error_line(
-            f"rank {rank}: {reason}, and rank 0 sent no stop within {_rank_timeout():g} s "
+            f"rank {rank}: {reason}, and rank 0 sent no stop within {seconds:g} s "
             f"({RANK_TIMEOUT_ENV})"
         )
     finally:

@@ -62,6 +62,13 @@ Matrix matrix(const std::vector<mx::array>& in, int first, float* out) {
   return matrix_of(in[first], in[first + 1], in[first + 2], out);
 }
 
+// [A][B][Dh] from `from` as [B][A][Dh] at `to`: a head's positions together, or a position's heads.
+void swap_axes(const float* from, float* to, int64_t A, int64_t B, int64_t Dh) {
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(to + (b * A + a) * Dh, from + (a * B + b) * Dh, size_t(Dh) * 4);
+}
+
 // inputs: normed [1, L, D], (w, scales, biases) of q, k, v, q_norm's and k_norm's weights,
 // inverse frequencies; outputs: q [1, Hq, L, Dh], k and v [1, Hkv, L, Dh].
 void run_qkv(const Params& p, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
@@ -78,10 +85,7 @@ void run_qkv(const Params& p, const std::vector<mx::array>& in, std::vector<mx::
   qk_norm_rope_rows(q.data(), k.data(), in[10].data<float>(), in[11].data<float>(),
                     in[12].data<float>(), p.eps, p.offset, p.factor, 1, L, NQ / Dh, Hk, Dh,
                     out[0].data<float>(), out[1].data<float>());
-  float* v_heads = out[2].data<float>();
-  for (int l = 0; l < L && L > 1; ++l)  // [L, Hkv, Dh] -> [Hkv, L, Dh]
-    for (int64_t h = 0; h < Hk; ++h)
-      std::memcpy(v_heads + (h * L + l) * Dh, v.data() + (l * Hk + h) * Dh, size_t(Dh) * 4);
+  if (L > 1) swap_axes(v.data(), out[2].data<float>(), L, Hk, Dh);  // [L, Hkv, Dh] -> [Hkv, L, Dh]
 }
 
 // inputs: h [1, L, D], q [1, Hq, L, Dh], keys, values, (w, scales, biases) of o, gate, up, down,
@@ -101,10 +105,7 @@ void run_rest(const Params& p, const std::vector<mx::array>& in, std::vector<mx:
   float_decode_attention(q, keys.data<float>(), keys.strides().data(), values.data<float>(),
                          values.strides().data(), 1, Hk, p.offset + L, int(Hq / Hk), int(Dh),
                          p.scale, p.threads, L > 1 ? heads.data() : attended.data(), L);
-  for (int l = 0; l < L && L > 1; ++l)
-    for (int64_t hq = 0; hq < Hq; ++hq)
-      std::memcpy(attended.data() + (l * Hq + hq) * Dh, heads.data() + (hq * L + l) * Dh,
-                  size_t(Dh) * 4);
+  if (L > 1) swap_axes(heads.data(), attended.data(), Hq, L, Dh);
   const auto rows = static_cast<size_t>(L * D);
   std::vector<float> delta(rows), h1(rows), n1(rows);
   quantized_matvecs(attended.data(), L, NQ, p.group_size, p.threads, p.int8,

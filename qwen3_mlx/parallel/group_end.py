@@ -79,15 +79,13 @@ def hold_stop_signals(on_signal: Callable[[int], None]) -> None:
     stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         return
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    held = False
-    for number in STOP_SIGNALS:
-        if signal.getsignal(number) is not signal.SIG_IGN:
-            signal.signal(number, lambda *args: None)  # (runs once the collective returns)
-            held = True
+    held = [number for number in STOP_SIGNALS if signal.getsignal(number) is not signal.SIG_IGN]
     if not held:
         return
+    for number in held:
+        signal.signal(number, lambda *args: None)  # (runs once the collective returns)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
 
     def read() -> None:
