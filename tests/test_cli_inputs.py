@@ -153,10 +153,13 @@ def test_ctrl_c_lost_in_a_finalizer_during_start_up_still_exits_130(
     """Issue 27 (CLI audit): a real SIGINT that lands in a finalizer while the model loads is
     printed by Python as ignored; prompt used to go on and exit 0."""
     import signal
+    import threading
 
     class Finalized:
         def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGINT)
+            # To this thread: os.kill lets the kernel pick any thread, and on a busy host the
+            # handler could then run after this loop, outside the finalizer (seen once in CI).
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
             for _ in range(1000):  # the handler runs at the next bytecode check, still in here
                 pass
 

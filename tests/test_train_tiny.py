@@ -15,22 +15,36 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "tiny_model" / "train_tiny.py"
 
 
-def train(out: Path, seed: int) -> str:
-    """Run three training steps into `out`; return the sha256 of the weights."""
-    subprocess.run(
-        [sys.executable, str(TRAIN), "--steps", "3", "--seed", str(seed), "--out", str(out)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+def weights_hash(out: Path) -> str:
+    """The sha256 of a training run's exported weights."""
     return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_same_seed_same_weights_and_a_loadable_export(tmp_path):
-    pytest.importorskip("torch")
-    first = train(tmp_path / "a", seed=0)
-    assert train(tmp_path / "b", seed=0) == first
-    assert train(tmp_path / "c", seed=1) != first
+    """Three training steps: the script once as a user runs it, then twice in this process
+    (two interpreter starts and torch imports saved)."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(TRAIN.parent))
+    import train_tiny
+
+    def argv(out: Path, seed: int) -> list[str]:
+        return ["--steps", "3", "--seed", str(seed), "--out", str(out)]
+
+    subprocess.run(
+        [sys.executable, str(TRAIN), *argv(tmp_path / "a", 0)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    first = weights_hash(tmp_path / "a")
+    threads = torch.get_num_threads()
+    try:
+        train_tiny.main(argv(tmp_path / "b", 0))
+        train_tiny.main(argv(tmp_path / "c", 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert weights_hash(tmp_path / "b") == first
+    assert weights_hash(tmp_path / "c") != first
 
     from qwen3_mlx.loading import load
 

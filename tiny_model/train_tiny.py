@@ -371,9 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Train, then export to --out."""
-    args = parse_args()
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tokenizer is None:
         copy_tokenizer_files(args.out)
