@@ -77,7 +77,7 @@ std::vector<float> float_rows(const mx::array& x, size_t count) {
   return plain;
 }
 
-void prepare_x(std::vector<float> plain, int M, int64_t K, Isa isa, int group_size,
+void prepare_x(const float* plain, int M, int64_t K, Isa isa, int group_size,
                std::vector<float>& xp, std::vector<float>& xs, std::vector<float>& xg) {
   xs.assign(size_t(M) * (K / 8), 0.0f);
   for (int m = 0; m < M; ++m)
@@ -97,14 +97,14 @@ void prepare_x(std::vector<float> plain, int M, int64_t K, Isa isa, int group_si
       xg[m * stride + g] = sum;
     }
   if (isa == SCALAR) {
-    xp = std::move(plain);
+    xp.assign(plain, plain + size_t(M) * K);
     return;
   }
   // Step of V words (8V weights); element 8j+s of the step goes to s*V + j, times 16^-s (s < 7).
   const int V = isa == AVX512 ? 16 : 8;
-  xp.assign(plain.size(), 0.0f);
+  xp.assign(size_t(M) * K, 0.0f);
   for (int m = 0; m < M; ++m) {
-    const float* src = plain.data() + m * K;
+    const float* src = plain + m * K;
     float* dst = xp.data() + m * K;
     for (int64_t c = 0; c < K / (8 * V); ++c)
       for (int j = 0; j < V; ++j)
@@ -114,35 +114,6 @@ void prepare_x(std::vector<float> plain, int M, int64_t K, Isa isa, int group_si
         }
   }
   // The sums must follow the same per-step lane order as the words: they already do (word j).
-}
-
-// x (plain float32, [M][K]) to int8 per block of 32 with its scale per word, in block_vnni's
-// layout: per step of 16 words, the even elements of each word, then the odd ones.
-void quantize_x(const std::vector<float>& plain, int M, int64_t K, std::vector<int8_t>& xq,
-                std::vector<float>& xd) {
-  std::vector<int8_t> q(size_t(M) * K);
-  xq.assign(q.size(), 0);
-  xd.assign(size_t(M) * (K / 8), 0.0f);
-  for (int64_t block = 0; block < int64_t(q.size()) / 32; ++block) {
-    const float* src = plain.data() + block * 32;
-    float amax = 0.0f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(src[i]));
-    const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    // Round half to even as std::nearbyint does, by adding and taking away 1.5 * 2^23 (exact for
-    // |v| <= 127): baseline x86-64 has no rounding instruction, so nearbyint was a libm call per
-    // element (3 us of a 1,024-wide x, 1 us this way, the same bytes).
-    for (int i = 0; i < 32; ++i) {
-      const float v = src[i] * inverse;
-      q[block * 32 + i] = int8_t(int((v + 12582912.0f) - 12582912.0f));
-    }
-    for (int i = 0; i < 4; ++i) xd[block * 4 + i] = step;
-  }
-  for (int64_t c = 0; c < int64_t(q.size()) / 128; ++c)
-    for (int j = 0; j < 16; ++j)
-      for (int t = 0; t < 4; ++t) {
-        xq[c * 128 + j * 4 + t] = q[c * 128 + 8 * j + 2 * t];
-        xq[c * 128 + 64 + j * 4 + t] = q[c * 128 + 8 * j + 2 * t + 1];
-      }
 }
 
 template <typename Out>
@@ -155,13 +126,21 @@ void store(const float* in, Out* out, int64_t count) {
 
 // Every matrix times the same x (prepared once), rows of all of them in one pool run: chunks of
 // >= 16 rows, about 4 per thread per matrix, so a late thread finds work left or none.
-void run_matrices(std::vector<float> plain, int M, int64_t K, Isa isa, int threads,
-                  int group_size, bool int8, const std::vector<Matrix>& matrices) {
-  std::vector<float> xp, xs, xg, xd;
-  std::vector<int8_t> xq;
-  // SCALAR: plain x, quantized below
-  prepare_x(std::move(plain), M, K, int8 ? SCALAR : isa, group_size, xp, xs, xg);
-  if (int8) quantize_x(xp, M, K, xq, xd);
+void run_matrices(const float* plain, int M, int64_t K, Isa isa, int threads, int group_size,
+                  bool int8, const std::vector<Matrix>& matrices) {
+  // Per calling thread (MLX's stream thread), reused: a call sizes them and overwrites them whole.
+  thread_local std::vector<float> xp, xs, xg, xd;
+  thread_local std::vector<int8_t> xq;
+  if (int8) {
+    xq.resize(size_t(M) * K);
+    xd.resize(size_t(M) * (K / 8));
+    xg.resize(size_t(M) * group_sums_stride(K / group_size));
+#ifdef NATIVE_X86
+    quantize_rows_vnni(plain, M, K, group_size, xq.data(), xd.data(), xg.data());
+#endif
+  } else {
+    prepare_x(plain, M, K, isa, group_size, xp, xs, xg);
+  }
   std::vector<Job> jobs;
   std::vector<RowsFn> fns;
   std::vector<int64_t> per, first;  // rows per chunk and first chunk index, per matrix
@@ -197,8 +176,8 @@ Isa matvec_isa(int64_t K) {
 void quantized_matvecs(const float* x, int M, int64_t K, int group_size, int threads, bool int8,
                        const std::vector<Matrix>& matrices) {
   const Isa isa = matvec_isa(K);
-  run_matrices(std::vector<float>(x, x + M * K), M, K, isa, threads, group_size,
-               int8 && int8_supported() && isa == AVX512, matrices);
+  run_matrices(x, M, K, isa, threads, group_size, int8 && int8_supported() && isa == AVX512,
+               matrices);
 }
 
 // More rows than the mat-vec kernels take (prefill): the tiled matmul (gemm.h) on float32 x.
@@ -264,8 +243,8 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
     if (M > MATVEC_ROWS) {
       run_prefill(held[0], M, K, int8, threads, group_size, matrices);
     } else {
-      run_matrices(float_rows(held[0], size_t(M) * K), M, K, isa, threads, group_size, int8,
-                   matrices);
+      const std::vector<float> x = float_rows(held[0], size_t(M) * K);
+      run_matrices(x.data(), M, K, isa, threads, group_size, int8, matrices);
     }
     for (size_t i = 0; i < outs.size(); ++i)
       if (!results[i].empty()) store_out(results[i], outs[i]);
