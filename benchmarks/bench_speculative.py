@@ -9,7 +9,9 @@
 1. Verify cost (random 4-bit weights at the Qwen3-4B shape): one target pass over 1..8 positions
    after a 128-token context, against one decode step (1 position). The native mat-vec takes up
    to 8 rows, so k+1 positions read the weights once.
-2. Draft cost: one decode step at the Qwen3-0.6B shape.
+2. Draft cost at the Qwen3-0.6B shape: one decode step, and the cost per token of drafting k
+   tokens as DraftModel.propose does (each step computing while the next is built); the
+   projections take the latter.
 3. Measured on the shipped tiny model (real weights, real acceptance): its 4-bit copy as draft,
    and n-gram prompt lookup on repeat tasks and a tool loop: acceptance, tokens per target step,
    and speed against plain decoding (greedy, outputs checked equal).
@@ -86,11 +88,12 @@ def verify_costs(shape: str, repeats: int, max_rows: int = 8) -> dict[int, float
 
 
 def paired_verify_costs(rounds: int, positions: tuple[int, ...] = (2, 3, 4, 5)) -> None:
-    """--paired: at the 4B shape, each pass over N positions, and one 0.6B decode step (the
-    draft), between two one-position 4B passes, `rounds` times; the median and quartiles of
-    cost / mean(the two steps around it), and the projection from those medians. A busy moment of
-    a shared host then touches both sides of a ratio, where the best-of-repeats of verify_costs
-    can pair a quiet N with a busy step."""
+    """--paired: at the 4B shape, each pass over N positions, one 0.6B decode step, and 0.6B
+    drafting of 2 tokens (per token, as DraftModel.propose drafts), each between two one-position
+    4B passes, `rounds` times; the median and quartiles of cost / mean(the two steps around it),
+    and the projection from those medians (drafting's). A busy moment of a shared host then
+    touches both sides of a ratio, where the best-of-repeats of verify_costs can pair a quiet N
+    with a busy step."""
     import statistics
 
     from qwen3_mlx.loading import load
@@ -98,32 +101,37 @@ def paired_verify_costs(rounds: int, positions: tuple[int, ...] = (2, 3, 4, 5)) 
     model, _, _ = load(checkpoint("4b", 4))
     draft_model, _, _ = load(checkpoint("0.6b", 4))
     cache, draft_cache = context_cache(model), context_cache(draft_model)
+    drafter, context = drafter_at(draft_model)
     for rows in (1, *positions):
         pass_seconds(model, cache, rows, 2)  # warm up
     pass_seconds(draft_model, draft_cache, 1, 2)
-    ratios: dict[int | str, list[float]] = {rows: [] for rows in (*positions, "draft")}
+    propose_seconds(drafter, context, 2)
+    parts = (*positions, "step", "draft")
+    ratios: dict[int | str, list[float]] = {part: [] for part in parts}
     steps = []
     for _ in range(rounds):
-        for rows in (*positions, "draft"):
+        for part in parts:
             before = pass_seconds(model, cache, 1, 1)
-            if rows == "draft":
+            if part == "step":
                 seconds = pass_seconds(draft_model, draft_cache, 1, 1)
+            elif part == "draft":
+                seconds = propose_seconds(drafter, context, 2)
             else:
-                seconds = pass_seconds(model, cache, rows, 1)
+                seconds = pass_seconds(model, cache, part, 1)
             after = pass_seconds(model, cache, 1, 1)
-            ratios[rows].append(seconds / ((before + after) / 2))
+            ratios[part].append(seconds / ((before + after) / 2))
             steps += [before, after]
     print(
         f"4B shape, paired passes ({rounds} rounds): one step median "
         f"{1000 * statistics.median(steps):.1f} ms",
         flush=True,
     )
-    for rows, values in ratios.items():
+    names = {"step": "one 0.6B step", "draft": "0.6B drafting 2 tokens, per token"}
+    for part, values in ratios.items():
         low, _, high = statistics.quantiles(values, n=4)
-        what = "the 0.6B step (the draft)" if rows == "draft" else f"N={rows}"
         print(
-            f"  {what}: median {statistics.median(values):.2f}x one 4B step "
-            f"(quartiles {low:.2f}-{high:.2f})",
+            f"  {names.get(part, f'N={part}')}: median {statistics.median(values):.2f}x one 4B "
+            f"step (quartiles {low:.2f}-{high:.2f})",
             flush=True,
         )
     verify = {1: 1.0, **{rows: statistics.median(ratios[rows]) for rows in positions}}
@@ -137,11 +145,53 @@ def paired_verify_costs(rounds: int, positions: tuple[int, ...] = (2, 3, 4, 5)) 
         print(f"  acceptance {acceptance}: {row}", flush=True)
 
 
-def projected_speedup(acceptance: float, k: int, verify: dict[int, float], draft: float) -> float:
+def drafter_at(model: Any) -> tuple[Any, list[int]]:
+    """A DraftModel over `model` whose cache holds a CONTEXT-token context, and that context."""
+    from qwen3_mlx.drafting import DraftModel
+
+    drafter = DraftModel(model)
+    drafter.cache.cache = context_cache(model)
+    context = list(range(100, 101 + CONTEXT))
+    drafter.cache.tokens = context[:-1]
+    return drafter, context
+
+
+def propose_seconds(drafter: Any, context: list[int], k: int) -> float:
+    """Seconds per token of one DraftModel.propose of k tokens after context."""
+    start = clock()
+    drafter.propose(context, k)
+    return (clock() - start) / k
+
+
+def draft_costs(repeats: int, counts: range = range(1, 8)) -> tuple[float, dict[int, float]]:
+    """Part 2: the 0.6B decode step, and the seconds per token of drafting k tokens (best of
+    repeats, interleaved)."""
+    from qwen3_mlx.loading import load
+
+    model, _, _ = load(checkpoint("0.6b", 4))
+    cache = context_cache(model)
+    drafter, context = drafter_at(model)
+    pass_seconds(model, cache, 1, 2)  # warm up
+    propose_seconds(drafter, context, 2)
+    step, per_token = float("inf"), {k: float("inf") for k in counts}
+    for _ in range(repeats):
+        step = min(step, pass_seconds(model, cache, 1, 1))
+        for k in counts:
+            per_token[k] = min(per_token[k], propose_seconds(drafter, context, k))
+    del model, cache, drafter
+    mx.clear_cache()
+    return step, per_token
+
+
+def projected_speedup(
+    acceptance: float, k: int, verify: dict[int, float], draft: float | dict[int, float]
+) -> float:
     """Expected speed-up of draft-k speculation over plain decoding (Leviathan et al.'s formula):
-    tokens per round (1 - a^(k+1)) / (1 - a), at the cost of k draft steps and one verify pass."""
+    tokens per round (1 - a^(k+1)) / (1 - a), at the cost of k draft steps and one verify pass;
+    draft: seconds per drafted token, or those per k."""
+    per_token = draft[k] if isinstance(draft, dict) else draft
     tokens = (1 - acceptance ** (k + 1)) / (1 - acceptance)
-    return tokens * verify[1] / (k * draft + verify[k + 1])
+    return tokens * verify[1] / (k * per_token + verify[k + 1])
 
 
 def print_shapes(repeats: int) -> dict[int, float]:
@@ -154,11 +204,13 @@ def print_shapes(repeats: int) -> dict[int, float]:
             f"  N={rows}: {1000 * seconds:7.1f} ms   {seconds / step:4.2f}x one decode step",
             flush=True,
         )
-    draft = verify_costs("0.6b", repeats, max_rows=1)[1]
+    one_step, draft = draft_costs(repeats)
     print(
-        f"0.6B shape, 4-bit: one decode step {1000 * draft:.1f} ms ({draft / step:.2f}x 4B)",
+        f"0.6B shape, 4-bit: one decode step {1000 * one_step:.1f} ms ({one_step / step:.2f}x 4B)",
         flush=True,
     )
+    row = ", ".join(f"k={k} {draft[k] / step:.3f}x" for k in (1, 2, 3, 5))
+    print(f"  drafting k tokens (DraftModel.propose), per token: {row}", flush=True)
     print("Projected 4B drafted by 0.6B (measured costs above, assumed acceptance):", flush=True)
     for acceptance in (0.5, 0.7, 0.9):
         best = max(range(1, 8), key=lambda k: projected_speedup(acceptance, k, target, draft))
@@ -171,8 +223,12 @@ def print_shapes(repeats: int) -> dict[int, float]:
     ceiling = max(projected_speedup(0.7, k, free, draft) for k in range(1, 8))
     print(
         f"  ceiling at acceptance 0.7 if verifying cost one step at any N: {ceiling:.2f}x "
-        f"(the draft step alone is {draft / step:.2f} of the target's)",
+        f"(a drafted token costs {draft[2] / step:.3f} of a target step at k=2)",
         flush=True,
+    )
+    single = projected_speedup(0.7, 2, target, one_step)
+    print(
+        f"  at acceptance 0.7, k=2, from the one-step draft cost instead: {single:.2f}x", flush=True
     )
     print("Projected 4B with n-gram lookup (drafts cost nothing; assumed acceptance):", flush=True)
     for acceptance in (0.5, 0.7, 0.9):

@@ -147,9 +147,10 @@ class DraftModel:
         kept = self.cache.reuse(context)  # trims rejected drafts and anything that changed
         last = prefill(self.model, context[kept:], self.cache.cache)
         drafted = []
-        for _ in range(count):  # one lazy graph: evaluated once, no sync per token
+        for _ in range(count):  # no sync per token: each step computes while the next is built
             logits = self.model(last[None], cache=self.cache.cache)[:, -1, :]
             last = mx.argmax(logits, axis=-1).astype(mx.uint32)
+            mx.async_eval(last)
             drafted.append(last)
         tokens = mx.concatenate(drafted).tolist()
         self.cache.tokens = [*context, *tokens[:-1]]
