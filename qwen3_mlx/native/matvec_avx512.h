@@ -203,7 +203,7 @@ NATIVE_AVX512 inline void quantize_rows_vnni(const float* x, int M, int64_t K, i
         const float amax =
             _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[2 * b]), _mm512_abs_ps(v[2 * b + 1])));
         const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        // Round to nearest even: the default MXCSR mode, as the scalar rounding it replaces.
+        // Rounded half to even (the default MXCSR mode), as std::nearbyint rounds.
         _mm_store_si128(reinterpret_cast<__m128i*>(q + 32 * b),
                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v[2 * b], inverse))));
         _mm_store_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16),
