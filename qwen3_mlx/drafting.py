@@ -130,6 +130,11 @@ class NgramLookup:
         return draft
 
 
+# The most tokens the first draft step takes with it (a pass over 4 positions costs about 1.1
+# decode steps on the CPU path; benchmarks/bench_speculative.py).
+FIRST_PASS = 4
+
+
 class DraftModel:
     """A small model of the same family drafting greedily from its own KV cache."""
 
@@ -145,13 +150,20 @@ class DraftModel:
         if count <= 0:
             return []
         kept = self.cache.reuse(context)  # trims rejected drafts and anything that changed
-        last = prefill(self.model, context[kept:], self.cache.cache)
+        new = context[kept:]
+        # The last few tokens the cache lacks go with the first draft step, in one pass: after a
+        # round that kept every draft, the last draft and the model's next token, which cost two
+        # steps fed apart (the native mat-vec reads the weights once for up to 8 positions).
+        head, tail = new[:-FIRST_PASS], new[-FIRST_PASS:]
+        if head:
+            prefill(self.model, [*head, tail[0]], self.cache.cache)  # runs all of head
+        inputs = mx.array(tail, dtype=mx.uint32)
         drafted = []
         for _ in range(count):  # no sync per token: each step computes while the next is built
-            logits = self.model(last[None], cache=self.cache.cache)[:, -1, :]
-            last = mx.argmax(logits, axis=-1).astype(mx.uint32)
-            mx.async_eval(last)
-            drafted.append(last)
+            logits = self.model(inputs[None], cache=self.cache.cache)[:, -1, :]
+            inputs = mx.argmax(logits, axis=-1).astype(mx.uint32)
+            mx.async_eval(inputs)
+            drafted.append(inputs)
         tokens = mx.concatenate(drafted).tolist()
         self.cache.tokens = [*context, *tokens[:-1]]
         return tokens

@@ -290,6 +290,35 @@ def test_a_draft_model_drafts_from_its_trimmed_cache() -> None:
     assert cache_length(draft.cache.cache) == len(draft.cache.tokens)
 
 
+def test_after_a_round_that_kept_every_draft_the_next_one_costs_its_steps_only() -> None:
+    """The last draft, never fed, and the model's own next token go with the first draft step
+    in one pass: `count` forward passes, not count + 1, and the same drafts as a fresh cache."""
+    from qwen3_mlx.loading import load
+
+    model, tokenizer, _ = load(TINY_4BIT)
+
+    class Counting:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
+            self.calls.append(inputs.shape[1])
+            return model(inputs, cache=cache)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(model, name)
+
+    counting = Counting()
+    draft = DraftModel(counting)
+    context = tokenizer.encode("Copy this word: moon")
+    kept = draft.propose(context, 3)
+    counting.calls.clear()
+    following = [*context, *kept, tokenizer.encode(" river")[0]]  # every draft kept, then one
+    assert draft.propose(following, 3) == DraftModel(model).propose(following, 3)
+    assert counting.calls == [2, 1, 1]  # the last draft and the next token, then two steps
+    assert cache_length(draft.cache.cache) == len(draft.cache.tokens) == len(following) + 2
+
+
 def test_ngram_lookup_drafts_a_long_match_and_not_a_short_one() -> None:
     lookup = NgramLookup()
     copied = [10, 11, 12, 13, 14, 15, 16, 17, 18]
