@@ -5,6 +5,7 @@
     python -m benchmarks.bench_speculative --skip-tiny --cpu-time   # parts 1, 2, 4 on a loaded machine
     python -m benchmarks.bench_speculative --skip-tiny --isa avx2   # as an AVX2-only CPU runs it
     python -m benchmarks.bench_speculative --paired 15   # 4B verify of 2-5 positions and the draft, paired
+    python -m benchmarks.bench_speculative --loop 64     # the loop end to end, oracle drafts
 
 1. Verify cost (random 4-bit weights at the Qwen3-4B shape): one target pass over 1..8 positions
    after a 128-token context, against one decode step (1 position). The native mat-vec takes up
@@ -21,6 +22,11 @@
    call, a rewritten function, a quoted search result; benchmarks/agent_replay.py): acceptance
    and tokens per target step are exact for a target that writes those replies; the speed is
    projected from part 1's verify costs.
+6. (--loop only) The loop end to end at the 4B shape drafted by the 0.6B shape: the draft model
+   runs as it would, but its tokens are replaced by the target's known greedy reply, each wrong
+   with probability 1 - acceptance; time per token after the prompt against plain decoding of
+   the same reply. Measured costs at an assumed acceptance: what the projection leaves out (the
+   loop's own work, the draft catching up after a round) shows here.
 
 Timings on shared machines are noisy: best of --repeats, interleaved. Never asserted anywhere.
 """
@@ -239,6 +245,81 @@ def print_shapes(repeats: int) -> dict[int, float]:
     return target
 
 
+class OracleDraft:
+    """A real 0.6B DraftModel's cost with an oracle's tokens: each propose() runs the draft model
+    (its result dropped), then proposes the target's known greedy reply, each token wrong (so the
+    target stops there) with probability 1 - acceptance, as the projection's model assumes."""
+
+    def __init__(self, drafter: Any, reply: list[int], start: int, acceptance: float, seed: int):
+        self.drafter, self.reply, self.start = drafter, reply, start
+        self.acceptance, self.random = acceptance, random.Random(seed)
+
+    def begin(self, context: list[int]) -> None:
+        """Nothing to do: the draft model follows each context itself."""
+
+    def propose(self, context: list[int], count: int) -> list[int]:
+        """count tokens: the draft model's work, the oracle's tokens."""
+        self.drafter.propose(context, count)
+        done = len(context) - self.start
+        known = self.reply[done : done + count]
+        return [t if self.random.random() < self.acceptance else t ^ 1 for t in known]
+
+
+def measured_loop(tokens: int, draft_tokens: int = 2) -> None:
+    """--loop: the speculative loop end to end at the 4B shape drafted by the 0.6B shape, at
+    assumed acceptance (OracleDraft), against plain greedy decoding of the same reply; each
+    output checked equal to plain decoding's."""
+    from qwen3_mlx.cache import make_cache
+    from qwen3_mlx.generate import generate_tokens
+    from qwen3_mlx.loading import load
+    from qwen3_mlx.speculative import speculative_tokens
+
+    model, _, _ = load(checkpoint("4b", 4))
+    drafter, _ = drafter_at(load(checkpoint("0.6b", 4))[0])
+    prompt = list(range(100, 101 + CONTEXT))
+
+    def timed(run: Any) -> tuple[list[int], float]:
+        """The tokens of run(cache, on_prefill) and the seconds per token after the prefill."""
+        cache, start = make_cache(model), []
+
+        def prefilled(done: int, total: int) -> None:
+            if done == total:  # the prompt's prefill is the same either way: not timed
+                start.append(clock())
+
+        out = [token.token for token in run(cache, prefilled)]
+        return out, (clock() - start[-1]) / len(out)
+
+    def plain(cache: Any, prefilled: Any) -> Any:
+        return generate_tokens(model, prompt, cache, max_tokens=tokens, on_prefill=prefilled)
+
+    reply, _ = timed(plain)
+    print(
+        f"4B drafted by 0.6B, measured end to end ({tokens} tokens after a {len(prompt)}-token "
+        f"prompt, k={draft_tokens}, the draft model's tokens replaced by an oracle's):",
+        flush=True,
+    )
+    for acceptance in (0.5, 0.7, 0.9):
+        _, step = timed(plain)
+        oracle = OracleDraft(drafter, reply, len(prompt), acceptance, seed=1)
+        out, speculative = timed(
+            lambda cache, prefilled, oracle=oracle: speculative_tokens(
+                model,
+                prompt,
+                cache,
+                drafter=oracle,
+                draft_tokens=draft_tokens,
+                max_tokens=tokens,
+                on_prefill=prefilled,
+            )
+        )
+        assert out == reply, "speculation changed the output"
+        print(
+            f"  acceptance {acceptance}: {1000 * step:.1f} ms a token plain, "
+            f"{1000 * speculative:.1f} ms speculative: {step / speculative:.2f}x",
+            flush=True,
+        )
+
+
 TINY = Path(__file__).resolve().parents[1] / "models"
 TOOL_QUESTIONS = ("What is the secret word for moon?", "Look up the secret word for river.")
 
@@ -377,6 +458,13 @@ def main() -> None:
         help="only the 4B verify cost of 2 to 5 positions and the 0.6B step, each between two "
         "4B steps, and the projection from their medians",
     )
+    parser.add_argument(
+        "--loop",
+        type=int,
+        metavar="TOKENS",
+        help="only the speculative loop measured end to end at the 4B shape drafted by the 0.6B "
+        "shape, at assumed acceptance (an oracle's tokens at the draft model's cost)",
+    )
     args = parser.parse_args()
     if args.cpu_time:
         global clock
@@ -392,6 +480,9 @@ def main() -> None:
         print("native kernel: float32 x (QWEN3_MLX_NATIVE_INT8=0)", flush=True)
     if args.paired:
         paired_verify_costs(args.paired)
+        return
+    if args.loop:
+        measured_loop(args.loop)
         return
     verify = None if args.skip_shapes else print_shapes(args.repeats)
     if not args.skip_tiny:
