@@ -41,9 +41,9 @@ from qwen3_mlx.model import CausalLM
 # The native mat-vec takes up to 8 rows: k drafted tokens + the last one verify in one weight read.
 MAX_DRAFT_TOKENS = 7
 # The most tokens drafted per round unless told (DraftLength adapts below it). On the 2-core
-# CPU path a verify pass costs about 0.6-0.8 of a decode step per extra position
-# (benchmarks/bench_speculative.py), so long drafts pay only at high acceptance; on a GPU the
-# extra positions are nearly free and --draft-tokens 5-7 pays.
+# CPU path a verify pass over 2-4 positions costs 1.0-1.12 decode steps, over 5 about 1.3 and
+# over 8 about 1.85 (benchmarks/bench_speculative.py), so drafts of 2-3 pay best there; on a GPU
+# the extra positions are nearly free and --draft-tokens 5-7 pays.
 DEFAULT_DRAFT_TOKENS = {"model": 3, "ngram": 3}
 
 
