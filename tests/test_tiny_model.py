@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlx.core as mx
@@ -42,14 +43,19 @@ def bf16_model():
     return load(str(BF16))[0]
 
 
-def greedy(model, prompt: list[int], limit: int = 128) -> list[int]:
-    """Greedy reply ids up to and including the first stop token."""
+def first_reply(tokens: Iterable[int]) -> list[int]:
+    """The tokens up to and including the first stop token."""
     reply: list[int] = []
-    for token, _ in generate_step(mx.array(prompt), model, max_tokens=limit):
-        reply.append(int(token))
-        if reply[-1] in (IM_END_ID, tiny_data.ENDOFTEXT_ID):
+    for token in tokens:
+        reply.append(token)
+        if token in (IM_END_ID, tiny_data.ENDOFTEXT_ID):
             break
     return reply
+
+
+def greedy(model, prompt: list[int], limit: int = 128) -> list[int]:
+    """Greedy reply ids on mlx-lm's generator, up to and including the first stop token."""
+    return first_reply(int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=limit))
 
 
 def greedy_ours(model, prompt: list[int], limit: int = 128) -> list[int]:
@@ -57,12 +63,8 @@ def greedy_ours(model, prompt: list[int], limit: int = 128) -> list[int]:
     from qwen3_mlx.cache import make_cache
     from qwen3_mlx.generate import generate_tokens
 
-    reply: list[int] = []
-    for step in generate_tokens(model, prompt, make_cache(model), max_tokens=limit):
-        reply.append(step.token)
-        if reply[-1] in (IM_END_ID, tiny_data.ENDOFTEXT_ID):
-            break
-    return reply
+    steps = generate_tokens(model, prompt, make_cache(model), max_tokens=limit)
+    return first_reply(step.token for step in steps)
 
 
 def held_out(**kwargs) -> list[tiny_data.Example]:

@@ -63,18 +63,17 @@ void convert_rows(const In* in, float* out, int64_t count) {
   for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
 }
 
-// x as float32 [count] (a copy: the kernels lay it out their own way). A float32 x may be a
-// strided view (the graph holds no Contiguous node for it); half-precision x is contiguous.
-std::vector<float> float_rows(const mx::array& x, size_t count) {
-  std::vector<float> plain(count);
-  std::vector<float> scratch;
+// x as row-major float32 [count]: a float32 x's own data, or a copy in `copy` of a strided view
+// (the graph holds no Contiguous node for it) or of half-precision x (always contiguous).
+const float* float_rows(const mx::array& x, size_t count, std::vector<float>& copy) {
+  if (x.dtype() == mx::float32) return row_major(x, copy);
+  copy.resize(count);
   switch (x.dtype()) {
-    case mx::float32: std::memcpy(plain.data(), row_major(x, scratch), plain.size() * 4); break;
-    case mx::bfloat16: convert_rows(x.data<mx::bfloat16_t>(), plain.data(), plain.size()); break;
-    case mx::float16: convert_rows(x.data<mx::float16_t>(), plain.data(), plain.size()); break;
+    case mx::bfloat16: convert_rows(x.data<mx::bfloat16_t>(), copy.data(), count); break;
+    case mx::float16: convert_rows(x.data<mx::float16_t>(), copy.data(), count); break;
     default: throw std::invalid_argument("quantized_matmul: x must be float32, bfloat16 or float16");
   }
-  return plain;
+  return copy.data();
 }
 
 void prepare_x(const float* plain, int M, int64_t K, Isa isa, int group_size,
@@ -186,9 +185,7 @@ void run_prefill(const mx::array& x, int M, int64_t K, bool int8, int threads, i
   std::vector<GemmMatrix> jobs;
   for (const auto& m : matrices) jobs.push_back(GemmMatrix{m.w, m.s, m.b, int(m.type), m.N, m.out});
   std::vector<float> copy;
-  if (x.dtype() != mx::float32 || !x.flags().row_contiguous) copy = float_rows(x, size_t(M) * K);
-  const float* rows = copy.empty() ? x.data<float>() : copy.data();
-  run_gemm(rows, M, K, chosen_isa(), int8, threads, group_size, jobs);
+  run_gemm(float_rows(x, size_t(M) * K, copy), M, K, chosen_isa(), int8, threads, group_size, jobs);
 }
 
 Matrix matrix_of(const mx::array& w, const mx::array& scales, const mx::array& biases,
@@ -243,8 +240,9 @@ void eval_matvecs(mx::Stream stream, const std::vector<mx::array>& inputs,
     if (M > MATVEC_ROWS) {
       run_prefill(held[0], M, K, int8, threads, group_size, matrices);
     } else {
-      const std::vector<float> x = float_rows(held[0], size_t(M) * K);
-      run_matrices(x.data(), M, K, isa, threads, group_size, int8, matrices);
+      std::vector<float> copy;  // the kernels lay x out their own way: x itself stays as it is
+      run_matrices(float_rows(held[0], size_t(M) * K, copy), M, K, isa, threads, group_size, int8,
+                   matrices);
     }
     for (size_t i = 0; i < outs.size(); ++i)
       if (!results[i].empty()) store_out(results[i], outs[i]);
