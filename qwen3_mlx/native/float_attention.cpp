@@ -239,8 +239,9 @@ inline void prefetch_row(const Span& rows, int64_t t, int D) {
 // The keys KEYS_AHEAD rows on, and each value row as its key row is read: a KV head's keys and
 // values are short streams (64 KB each at 128 tokens), which the hardware prefetcher alone read
 // at 14-24 GB/s, under the mat-vecs' 30-40. Two streams in flight, plus the keys' head start, took
-// 0.61-0.73x the time at 129 tokens, 0.82-0.88x at 1,024 and 0.77-0.88x at 4,096 (28 layers of
-// Qwen3-0.6B's heads, two Zen 5 cores, medians of 30, alternating builds).
+// 0.63x / 0.89x / 0.75x the time at 129 / 1,024 / 4,096 tokens with Qwen3-0.6B's heads, and 0.75x
+// / 0.71x / 0.65x with Qwen3-4B's (two Zen 5 cores; `python -m benchmarks.bench_attention
+// --layers 28 --builds ...`, docs/benchmarks.md).
 constexpr int64_t KEYS_AHEAD = 8;
 
 template <class Simd>
