@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=1, help="cycle through N caches (cold)")
     parser.add_argument("--builds", nargs="+", default=[], help="extension .so files (decode)")
     options = parser.parse_args(argv)
+    if options.builds and (options.prefill or options.verify):
+        parser.error("--builds times the decode attention only (no --prefill or --verify)")
     if options.verify:
         print_verify(options)
         return
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     what = f"causal {options.prefill}-token chunk" if options.prefill else "decode"
     layers = "one layer" if options.layers == 1 else f"{options.layers} layers in turn (cold)"
     print(f"float32 {what} attention, {layers}, {where}, load average {os.getloadavg()[0]:.1f}")
-    builds = load_builds(options.builds) if options.builds and not options.prefill else None
+    builds = load_builds(options.builds) if options.builds else None
     natives = list(builds) if builds else ["native"]
     print(
         f"| shape | tokens | {' | '.join(f'{name} us' for name in natives)} | mx.fast us "
