@@ -40,7 +40,6 @@ is timed against the build before it in alternating rounds:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import os
 import time
@@ -98,14 +97,13 @@ def one_cache(
     k, v = keys[..., :context, :], values[..., :context, :]
     scale = HEAD_DIM**-0.5
     mask = "causal" if queries_count > 1 else None
-    calls: dict[str, Callable[[], object]] = {
-        "native": lambda: float_attention(queries, k, v, scale, mask),
-    }
     if builds:
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             name: lambda module=module: module.decode_attention(queries, k, v, scale, THREADS)
             for name, module in builds.items()
         }
+    else:
+        calls = {"native": lambda: float_attention(queries, k, v, scale, mask)}
     calls["mx.fast"] = lambda: mx.fast.scaled_dot_product_attention(
         queries, k, v, scale=scale, mask=mask
     )
@@ -183,15 +181,11 @@ def best_microseconds(
 
 def load_builds(paths: list[str]) -> dict[str, Any]:
     """Each extension build at `paths`, loaded as a module of its own: "build 1", "build 2", ..."""
-    from qwen3_mlx.cpu.native import module_name
+    from qwen3_mlx.cpu.native import load_build
 
     modules = {}
     for index, path in enumerate(paths, 1):
-        spec = importlib.util.spec_from_file_location(module_name(), path)
-        assert spec is not None and spec.loader is not None, path
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        modules[f"build {index}"] = module
+        modules[f"build {index}"] = load_build(path)
         print(f"build {index}: {path}")
     return modules
 

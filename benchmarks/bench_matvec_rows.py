@@ -14,7 +14,6 @@ to the first build. Timings are never asserted anywhere.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,11 +30,9 @@ def worker(build: str, matrix: str, rows: list[int], cold_bytes: float, passes: 
     """In a fresh process: print {rows: best CPU seconds per call} for one build as JSON."""
     import mlx.core as mx
 
-    from qwen3_mlx.cpu.native import module_name
+    from qwen3_mlx.cpu.native import load_build
 
-    spec = importlib.util.spec_from_file_location(module_name(), build)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_build(build)
     width, height = MATRICES[matrix]
     size = sum(a.nbytes for a in _layer(1, width, mx.bfloat16, 0)) * height
     layers = [

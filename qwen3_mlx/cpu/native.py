@@ -23,6 +23,7 @@ bit-identical to mlx-lm.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 import re
@@ -50,6 +51,17 @@ _checked: dict[str, tuple[ModuleType | None, str | None]] = {}
 def module_name() -> str:
     """The extension's module name for the running mlx: `_native_mlx_0_32_4`."""
     return "_native_mlx_" + re.sub(r"\W", "_", mx.__version__)
+
+
+def load_build(path: str | Path) -> ModuleType:
+    """Another build of the extension, from its .so at path, as a module of its own (benchmarks
+    time builds side by side; its symbols are hidden, so each runs its own kernels)."""
+    spec = importlib.util.spec_from_file_location(module_name(), path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _self_test_inputs() -> tuple[tuple[mx.array, mx.array, mx.array], list[mx.array]]:
